@@ -1,0 +1,259 @@
+"""Optimizer step time and memory: every Lion impl against torch's fused AdamW, in one run.
+
+Usage (CPU, the README table):
+    python scripts/bench_optimizer_step.py --device cpu --profiles minilm tiny base \
+        --out runs/bench_cpu
+GPU (an H200 in the README, when one is lent):
+    python scripts/bench_optimizer_step.py --device cuda --profiles minilm base large llama-1b \
+        --out runs/bench_cuda
+
+Each profile is the list of parameter shapes of a real model, built on the meta device (no
+weights are loaded). For every optimizer the script runs warm-up steps (which include
+torch.compile / Triton compilation, reported as "first step"), then times ``--steps`` steps
+and reports the median. Ratios are against ``torch.optim.AdamW(fused=True)`` measured in the
+same run. Effective bandwidth counts the bytes each algorithm must move per parameter:
+Lion fp32 reads p, g, m and writes p, m (20 B); AdamW reads p, g, m, v and writes p, m, v (28 B).
+On CUDA the script also measures a device-to-device copy as the bandwidth ceiling.
+Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lion_hf import Lion
+
+# name -> (config class name, config kwargs); shapes come from the transformers model classes.
+PROFILES: dict[str, tuple[str, dict]] = {
+    "tiny": ("BertConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)),
+    "minilm": ("BertConfig", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)),
+    "base": ("BertConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+    "large": ("BertConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)),
+    "llama-1b": (
+        "LlamaConfig",
+        dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=8192, vocab_size=32000),
+    ),
+}
+
+BYTES_PER_PARAM = {"lion": 20, "lion_bf16_state": 16, "adamw": 28}
+
+
+def profile_shapes(name: str) -> list[torch.Size]:
+    import transformers
+
+    config_name, kwargs = PROFILES[name]
+    config = getattr(transformers, config_name)(**kwargs)
+    model_cls = transformers.AutoModelForSequenceClassification if config_name == "BertConfig" else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = model_cls.from_config(config)
+    return [p.shape for p in model.parameters()]
+
+
+def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[str, Callable]]:
+    """name -> (bytes kind, factory(params) -> optimizer)."""
+    lr, wd = 1e-4, 0.1
+    table: dict[str, tuple[str, Callable]] = {
+        "adamw_fused": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)),
+        "adamw_foreach": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, foreach=True)),
+    }
+    if include_for_loop:
+        table["adamw_for_loop"] = ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, foreach=False))
+        table["lion_for_loop"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="for_loop"))
+    table["lion_foreach"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="foreach"))
+    table["lion_compiled"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled"))
+    table["lion_compiled_nocheck"] = (
+        "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", nonfinite_grad="propagate"))
+    table["lion_compiled_bf16_state"] = (
+        "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", state_dtype="bf16"))
+    if device == "cuda":
+        table["lion_triton"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton"))
+        table["lion_triton_nocheck"] = (
+            "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton", nonfinite_grad="propagate"))
+        table["lion_triton_bf16_state"] = (
+            "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton", state_dtype="bf16"))
+        try:
+            import bitsandbytes as bnb
+
+            table["bnb_lion32bit"] = ("lion", lambda ps: bnb.optim.Lion32bit(ps, lr=lr, weight_decay=wd))
+        except ImportError:
+            pass
+    try:
+        from lion_pytorch import Lion as LionPytorch
+
+        table["lion_pytorch"] = ("lion", lambda ps: LionPytorch(ps, lr=lr, weight_decay=wd))
+        if device == "cuda":
+            table["lion_pytorch_triton"] = ("lion", lambda ps: LionPytorch(ps, lr=lr, weight_decay=wd, use_triton=True))
+    except ImportError:
+        pass
+    return table
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(opt: torch.optim.Optimizer, device: str, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+
+
+def copy_bandwidth(device: str, numel: int) -> float:
+    """GB/s of dst.copy_(src) (read + write) on the device: the ceiling a pointwise kernel can hit."""
+    src = torch.empty(numel, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * numel * 4 / statistics.median(times) / 1e9
+
+
+def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None) -> dict:
+    shapes = profile_shapes(name)
+    numel = sum(s.numel() for s in shapes)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # One set of params/grads, cloned per optimizer so every optimizer sees the same data.
+    base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    result = {"profile": name, "tensors": len(shapes), "params": numel, "optimizers": {}}
+    for opt_name, (kind, factory) in optimizer_factories(device, include_for_loop).items():
+        if only and opt_name not in only and opt_name != "adamw_fused":
+            continue
+        params = [torch.nn.Parameter(b.to(device)) for b in base]
+        for p, g in zip(params, grads):
+            p.grad = g.to(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            opt = factory(params)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            first = time.perf_counter() - t0
+            for _ in range(warmup):
+                opt.step()
+            _sync(device)
+            times = time_steps(opt, device, steps)
+        except Exception as exc:  # one failing optimizer must not lose the rest of the table
+            result["optimizers"][opt_name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {opt_name:28s} failed: {exc}")
+            continue
+        median = statistics.median(times)
+        row = {
+            "ms_per_step": median * 1e3,
+            "first_step_s": first,
+            "gb_per_s": BYTES_PER_PARAM[kind] * numel / median / 1e9,
+            "state_bytes": state_bytes(opt),
+        }
+        if device == "cuda":
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        result["optimizers"][opt_name] = row
+        print(f"  {opt_name:28s} {row['ms_per_step']:9.2f} ms  first {first:6.2f} s  {row['gb_per_s']:6.1f} GB/s")
+        del opt, params
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    ref = result["optimizers"].get("adamw_fused", {}).get("ms_per_step")
+    for row in result["optimizers"].values():
+        if ref and "ms_per_step" in row:
+            row["ratio_to_adamw_fused"] = row["ms_per_step"] / ref
+    return result
+
+
+def to_markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        f"Machine: {env['machine']}; torch {env['torch']}; {env['threads']} threads; device {env['device']}"
+        + (f"; copy bandwidth {env['copy_gb_per_s']:.0f} GB/s" if env.get("copy_gb_per_s") else ""),
+        "",
+        "| profile | params (tensors) | optimizer | ms/step | x fused AdamW | GB/s | state MB | first step s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for prof in results["profiles"]:
+        for name, row in prof["optimizers"].items():
+            if "error" in row:
+                lines.append(f"| {prof['profile']} | | {name} | failed: {row['error'][:60]} | | | | |")
+                continue
+            lines.append(
+                f"| {prof['profile']} | {prof['params'] / 1e6:.1f}M ({prof['tensors']}) | {name} | "
+                f"{row['ms_per_step']:.2f} | {row.get('ratio_to_adamw_fused', float('nan')):.2f} | "
+                f"{row['gb_per_s']:.1f} | {row['state_bytes'] / 2**20:.0f} | {row['first_step_s']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--profiles", nargs="+", default=["minilm"], choices=list(PROFILES))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-for-loop", action="store_true", help="skip the slow per-tensor baselines")
+    parser.add_argument("--only", nargs="*", help="optimizer names to run (adamw_fused always runs)")
+    parser.add_argument("--out", default="runs/bench_optimizer_step", help="output path prefix (.json and .md)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+
+    env = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        if args.device == "cpu" else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if args.device == "cuda":
+        env["copy_gb_per_s"] = copy_bandwidth("cuda", 1 << 28)
+    results = {"environment": env, "profiles": []}
+    for name in args.profiles:
+        print(f"profile {name}")
+        results["profiles"].append(
+            bench_profile(name, args.device, args.steps, args.warmup, not args.no_for_loop, args.only)
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    markdown = to_markdown(results)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()
