@@ -508,7 +508,8 @@ class Lion(Optimizer):
               :attr:`skipped_steps` is incremented. Costs one extra read of the gradients and a
               host sync.
             * ``"raise"``: raise ``RuntimeError`` before anything is updated (same cost).
-            * ``"propagate"``: no check (the NaN reaches the weights); for benchmarking only.
+            * ``"propagate"``: no check: the NaN enters the momentum (and, depending on the kernel,
+              the weight); that element stops learning. For benchmarking the check's cost only.
         impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"compiled"`` or ``"triton"``.
             ``auto`` picks ``triton`` on CUDA when triton is installed; on CPU it picks
             ``compiled`` (torch.compile of the fused elementwise step: fastest per step, but the

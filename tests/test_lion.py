@@ -1,0 +1,376 @@
+"""Lion against the float64 reference, every impl; policies, validation, state, convergence.
+
+Tolerances (relative to the reference value, per storage dtype):
+  params  fp32 1e-6, fp16 2**-10, bf16 2**-7  (one ulp of round-to-nearest, plus fp32 arithmetic)
+  state   fp32 1e-6, bf16 2**-7              (one ulp: stochastic rounding moves to a neighbour)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lion_hf import Lion
+from lion_hf.optim import lion as lion_module
+from lion_hf.optim.lion import _stochastic_round_to_bf16, resolve_impl
+from lion_hf.optim.reference import lion_reference_step
+
+CPU_IMPLS = ["for_loop", "foreach", "compiled"]
+PARAM_RTOL = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+STATE_RTOL = {"fp32": 1e-6, "bf16": 2**-7}
+SHAPES = [(0,), (1,), (7,), (33, 5), (2, 3, 4), (300,)]
+
+
+def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    actual = actual.double()
+    # atol covers values that pass near zero, where a relative bound is meaningless.
+    atol = rtol * max(1e-3, float(expected.abs().max()) if expected.numel() else 0.0)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _run_against_reference(impl, param_dtype, state_dtype, steps=4, **flags):
+    """Two groups with different hyperparameters, one grad=None param, one frozen-then-unfrozen."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(param_dtype)) for s in SHAPES]
+    late = params[3]  # frozen for the first two steps (grad None), then trained
+    groups = [
+        {"params": params[:3], "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.99)},
+        {"params": params[3:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.95)},
+    ]
+    opt = Lion(groups, impl=impl, state_dtype=state_dtype, **flags)
+    for step in range(steps):
+        before = {p: (p.detach().clone(), opt.state[p]["exp_avg"].clone() if p in opt.state else None) for p in params}
+        for i, p in enumerate(params):
+            skip = (i == 2 and step == 1) or (p is late and step < 2)
+            p.grad = None if skip else (torch.randn(p.shape, generator=gen) * 0.1).to(param_dtype)
+        opt.step()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p0, m0 = before[p]
+                if p.grad is None:
+                    assert torch.equal(p.detach(), p0), "a param without grad moved"
+                    continue
+                m0 = torch.zeros_like(p, dtype=torch.float64) if m0 is None else m0
+                ref_p, ref_m = lion_reference_step(
+                    p0, p.grad, m0, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                    weight_decay=group["weight_decay"], maximize=flags.get("maximize", False),
+                    cautious=flags.get("cautious", False),
+                )
+                _assert_close_rel(p.detach(), ref_p, PARAM_RTOL[param_dtype], f"param {tuple(p.shape)} step {step}")
+                _assert_close_rel(opt.state[p]["exp_avg"], ref_m, STATE_RTOL[state_dtype], f"state {tuple(p.shape)}")
+                assert opt.state[p]["exp_avg"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
+    assert late in opt.state, "the unfrozen param never got state"
+    return opt
+
+
+@pytest.mark.parametrize("impl", ["for_loop", "foreach"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_eager_impls_match_reference(impl, param_dtype, state_dtype):
+    _run_against_reference(impl, param_dtype, state_dtype)
+
+
+# Each combination is a separate torch.compile (~10 s on 2 cores): the default run keeps three.
+@pytest.mark.parametrize(
+    "param_dtype,state_dtype",
+    [(torch.float32, "fp32"), (torch.bfloat16, "bf16"),
+     pytest.param(torch.float16, "fp32", marks=pytest.mark.slow),
+     pytest.param(torch.bfloat16, "fp32", marks=pytest.mark.slow),
+     pytest.param(torch.float32, "bf16", marks=pytest.mark.slow)],
+)
+def test_compiled_matches_reference(param_dtype, state_dtype):
+    _run_against_reference("compiled", param_dtype, state_dtype)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_maximize_and_cautious_match_reference(impl):
+    _run_against_reference(impl, torch.float32, "fp32", maximize=True, cautious=True)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_sign_of_zero_is_zero_and_decay_is_decoupled(impl):
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    opt = Lion([p], lr=0.1, weight_decay=0.5, impl=impl)
+    p.grad = torch.zeros(4)
+    opt.step()  # c = 0 everywhere: only the decay acts
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0, 0.5, 3.0]) * (1 - 0.1 * 0.5))
+    # The update is lr * sign: independent of the gradient's scale, and decay does not depend on g.
+    q = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Lion([q], lr=0.1, weight_decay=0.5, impl=impl)
+    q.grad = torch.tensor([1e-3, -1e3])
+    opt.step()
+    torch.testing.assert_close(q.detach(), torch.tensor([1.0 * 0.95 - 0.1, -2.0 * 0.95 + 0.1]))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_maximize_equals_minimizing_negated_grad(impl):
+    a = torch.nn.Parameter(torch.randn(50))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a = Lion([a], lr=1e-2, impl=impl, maximize=True)
+    opt_b = Lion([b], lr=1e-2, impl=impl)
+    for _ in range(3):
+        g = torch.randn(50)
+        a.grad, b.grad = g.clone(), -g
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_closure_is_evaluated_with_grad_and_loss_returned():
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = Lion([w], lr=0.5, impl="foreach")
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss.detach()) == 4.0
+    assert float(w) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_scheduler_sets_the_step_size(impl):
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = Lion([p], lr=1.0, impl=impl)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 * (s + 1))
+    for step in range(4):
+        before = p.detach().clone()
+        p.grad = torch.ones(8)
+        opt.step()
+        sched.step()
+        torch.testing.assert_close(before - p.detach(), torch.full((8,), 0.1 * (step + 1)))
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_does_not_recompile_for_lr_or_shapes():
+    # Warm the graph for fp32/fp32, then change lr every step and use new models of new shapes.
+    p = torch.nn.Parameter(torch.randn(10, 3))
+    opt = Lion([p], lr=1e-3, impl="compiled")
+    p.grad = torch.randn(10, 3)
+    opt.step()
+    graphs = _unique_graphs()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    for _ in range(5):
+        p.grad = torch.randn(10, 3)
+        opt.step()
+        sched.step()
+    for n_tensors in (3, 17, 40):
+        ps = [torch.nn.Parameter(torch.randn(2 + 13 * i % 97, 1 + i % 3)) for i in range(n_tensors)]
+        opt = Lion([{"params": ps[::2], "weight_decay": 0.1}, {"params": ps[1::2]}], lr=1e-3, impl="compiled")
+        for q in ps:
+            q.grad = torch.randn_like(q)
+        opt.step()
+    assert _unique_graphs() == graphs, "the compiled step recompiled for an lr or shape change"
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nonfinite_skip_elements_leaves_them_untouched(impl):
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = Lion([p], lr=0.1, weight_decay=0.1, impl=impl)
+    p.grad = torch.ones(6)
+    opt.step()
+    p0, m0 = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    p.grad = torch.tensor([1.0, float("nan"), -1.0, float("inf"), float("-inf"), 2.0])
+    opt.step()
+    bad = torch.tensor([False, True, False, True, True, False])
+    assert torch.equal(p.detach()[bad], p0[bad]) and torch.equal(opt.state[p]["exp_avg"][bad], m0[bad])
+    assert not torch.equal(p.detach()[~bad], p0[~bad])
+    assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["exp_avg"]).all()
+
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_nonfinite_skip_step_and_raise(impl):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    opt = Lion([{"params": [a]}, {"params": [b]}], lr=0.1, impl=impl, nonfinite_grad="skip_step")
+    a.grad, b.grad = torch.ones(5), torch.tensor([1.0, float("nan"), 1.0])
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    opt.step()
+    assert torch.equal(a, a0) and torch.equal(b, b0), "skip_step must leave every group untouched"
+    assert opt.skipped_steps == 1
+    b.grad = torch.ones(3)
+    opt.step()
+    assert not torch.equal(a, a0) and opt.skipped_steps == 1
+
+    opt = Lion([a], lr=0.1, impl=impl, nonfinite_grad="raise")
+    a.grad = torch.full((5,), float("inf"))
+    a1 = a.detach().clone()
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        opt.step()
+    assert torch.equal(a, a1)
+
+
+def test_nonfinite_propagate_does_not_check():
+    # What the default policy prevents: the NaN lands in the momentum, and that element then
+    # stops learning for good (torch.sign(nan) is nan or 0 depending on the kernel).
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Lion([p], lr=0.1, impl="foreach", nonfinite_grad="propagate")
+    p.grad = torch.tensor([float("nan"), 1.0, 1.0])
+    opt.step()
+    assert torch.isnan(opt.state[p]["exp_avg"][0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(betas=(1.0, 0.99)), "beta1"),
+        (dict(betas=(0.9, -0.1)), "beta2"),
+        (dict(betas=0.9), "betas"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(impl="cuda_magic"), "impl"),
+        (dict(state_dtype="fp8"), "state_dtype"),
+        (dict(nonfinite_grad="ignore"), "nonfinite_grad"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Lion([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_bad_params_and_grads():
+    with pytest.raises(ValueError, match="complex"):
+        Lion([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        Lion([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="lr"):
+        Lion([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": -3.0}])
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = Lion(emb.parameters(), impl="foreach")
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(lion_module, "_triton_importable", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], impl="triton")
+    monkeypatch.setattr(lion_module, "_triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], impl="triton")
+
+
+def test_auto_picks_by_device_and_size(monkeypatch):
+    assert resolve_impl("auto", torch.device("cpu"), numel=1000) == "foreach"
+    assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "compiled"
+    monkeypatch.setattr(lion_module, "_compile_available", lambda: False)
+    assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "foreach"
+    monkeypatch.setattr(lion_module, "_triton_importable", lambda: True)
+    assert resolve_impl("auto", torch.device("cuda"), numel=10) == "triton"
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)  # how HF Trainer loads optimizer.pt
+
+
+@pytest.mark.parametrize("src,dst", [("foreach", "compiled"), ("compiled", "for_loop"), ("for_loop", "foreach")])
+def test_state_dict_moves_between_impls(src, dst):
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in [(4, 5), (5,), (1,)]]
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(6)]
+
+    def make(impl):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        return ps, Lion([{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:]}], lr=1e-2, impl=impl)
+
+    straight, opt = make(src)
+    for g in grads:
+        for p, gi in zip(straight, g):
+            p.grad = gi.clone()
+        opt.step()
+
+    first, opt_a = make(src)
+    for g in grads[:3]:
+        for p, gi in zip(first, g):
+            p.grad = gi.clone()
+        opt_a.step()
+    saved = _roundtrip(opt_a.state_dict())
+    resumed, opt_b = make(dst)
+    with torch.no_grad():
+        for p, q in zip(resumed, first):
+            p.copy_(q)
+    opt_b.load_state_dict(saved)
+    assert opt_b.impl == dst
+    for g in grads[3:]:
+        for p, gi in zip(resumed, g):
+            p.grad = gi.clone()
+        opt_b.step()
+    for a, b in zip(straight, resumed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_load_keeps_fp32_state_of_bf16_params():
+    p = torch.nn.Parameter(torch.randn(10).bfloat16())
+    opt = Lion([p], lr=1e-2, impl="foreach")
+    p.grad = torch.randn(10).bfloat16()
+    opt.step()
+    exact = opt.state[p]["exp_avg"].clone()
+    assert exact.dtype == torch.float32
+    opt2 = Lion([p], lr=1e-2, impl="foreach")
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    assert opt2.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[p]["exp_avg"], exact), "torch's default cast would round this through bf16"
+
+
+def test_stochastic_rounding_is_unbiased():
+    # 1 + 2**-9 lies a quarter of the way from bf16 1.0 to its neighbour 1 + 2**-7.
+    x = torch.full((400_000,), 1.0 + 2**-9)
+    rounded = _stochastic_round_to_bf16(x, 12345).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    std_of_mean = 2**-7 * math.sqrt(0.25 * 0.75 / x.numel())
+    assert abs(float(rounded.mean()) - (1.0 + 2**-9)) < 5 * std_of_mean
+    negative = _stochastic_round_to_bf16(-x, 999).float()
+    assert abs(float(negative.mean()) + (1.0 + 2**-9)) < 5 * std_of_mean
+
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_bf16_momentum_tracks_fp32_where_round_to_nearest_freezes(impl):
+    # beta2 = 0.9999: each step moves m by 1e-4 * (g - m), far below half a bf16 ulp near 0.5.
+    n, steps, beta2 = 4096, 300, 0.9999
+    p = torch.nn.Parameter(torch.zeros(n))
+    opt = Lion([p], lr=0.0, betas=(0.9, beta2), impl=impl, state_dtype="bf16")
+    p.grad = torch.ones(n)
+    opt.step()
+    opt.state[p]["exp_avg"].fill_(0.5)
+    exact = torch.full((n,), 0.5, dtype=torch.float64)
+    nearest = torch.full((n,), 0.5, dtype=torch.bfloat16)
+    for _ in range(steps):
+        opt.step()
+        exact = beta2 * exact + (1 - beta2) * 1.0
+        nearest = (beta2 * nearest.float() + (1 - beta2)).bfloat16()
+    target = float(exact[0])
+    assert float(nearest.float().mean()) == 0.5, "round-to-nearest should freeze here (the reason for SR)"
+    assert abs(float(opt.state[p]["exp_avg"].float().mean()) - target) < 0.1 * (target - 0.5)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_converges_on_a_small_classification_problem(impl):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 10, generator=gen)
+    true_w = torch.randn(10, 3, generator=gen)
+    y = (x @ true_w).argmax(dim=1)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    opt = Lion(model.parameters(), lr=3e-3, weight_decay=0.01, impl=impl)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.2
+    assert float((model(x).argmax(1) == y).float().mean()) > 0.93
