@@ -1,0 +1,96 @@
+"""Lion in Hugging Face Trainer: a subclass, and factories for an unmodified ``Trainer``.
+
+Three ways in, from most to least integrated:
+
+* ``LionTrainer(model, args=LionTrainingArguments(...), ...)``: builds Lion in
+  ``create_optimizer``, which is the one hook HF calls on every path (DeepSpeed drops an
+  ``optimizers=`` instance and calls it; FSDP forbids ``optimizers=``).
+* ``Trainer(..., optimizers=lion_optimizers(model, args, num_training_steps))``.
+* ``Trainer(..., optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(lr=..., weight_decay=...))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from lion_hf.optim.lion import Lion
+from lion_hf.param_groups import lion_param_groups
+from lion_hf.training_args import LionTrainingArguments
+
+__all__ = ["LionTrainer", "LionFactory", "lion_optimizer_cls_and_kwargs", "lion_optimizers"]
+
+
+def _lion_kwargs(args: TrainingArguments) -> dict[str, Any]:
+    """Lion kwargs from any TrainingArguments: Lion's own fields, or Lion defaults + lr/wd."""
+    if isinstance(args, LionTrainingArguments):
+        return args.lion_kwargs()
+    # Plain TrainingArguments: its adam_beta* belong to Adam (beta2 0.999); use Lion's betas.
+    return dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+class LionTrainer(Trainer):
+    """``transformers.Trainer`` that optimises with :class:`lion_hf.Lion`.
+
+    Lion gets HF's decay / no-decay groups (:func:`lion_hf.param_groups.lion_param_groups`
+    with the Trainer's ``get_decay_parameter_names``) and only trainable parameters, so a
+    peft ``PeftModel`` trains its adapters alone. With ``LionTrainingArguments`` whose
+    ``optim`` is an HF optimizer name (e.g. ``"adamw_torch_fused"``), HF's optimizer is built
+    instead, which lets one script compare both. Everything else is the Trainer's.
+    """
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        uses_lion = not isinstance(self.args, LionTrainingArguments) or self.args.uses_lion
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None and uses_lion:
+            opt_model = self.model if model is None else model
+            groups = lion_param_groups(
+                opt_model, self.args.weight_decay, decay_names=self.get_decay_parameter_names(opt_model)
+            )
+            self.optimizer = Lion(groups, **_lion_kwargs(self.args))
+            return self.optimizer
+        return super().create_optimizer(model)
+
+
+class LionFactory:
+    """Optimizer factory for ``Trainer(optimizer_cls_and_kwargs=(LionFactory, kwargs))``.
+
+    HF instantiates a non-Optimizer class and calls it with the model. Building the groups
+    here is what lets the ``weight_decay`` in ``kwargs`` reach Lion: with a plain
+    ``(Lion, kwargs)`` pair HF's own groups override it with ``args.weight_decay``.
+    """
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> Lion:
+        weight_decay = kwargs.pop("weight_decay", 0.0)
+        return Lion(lion_param_groups(model, weight_decay), **kwargs)
+
+
+def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, Any]]:
+    """``(LionFactory, lion_kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs as ``Lion``'s."""
+    Lion([torch.nn.Parameter(torch.zeros(1))], **{k: v for k, v in lion_kwargs.items() if k != "impl"})  # validate now
+    return LionFactory, dict(lion_kwargs)
+
+
+def lion_optimizers(
+    model: nn.Module,
+    args: TrainingArguments,
+    num_training_steps: int,
+) -> tuple[Lion, torch.optim.lr_scheduler.LRScheduler]:
+    """``(optimizer, scheduler)`` for ``Trainer(optimizers=...)``: Lion + the scheduler ``args`` describes.
+
+    Not for DeepSpeed or FSDP (HF drops or refuses an optimizer instance there): use
+    ``LionTrainer``.
+    """
+    if num_training_steps <= 0:
+        raise ValueError(f"num_training_steps must be > 0, got {num_training_steps}")
+    optimizer = Lion(lion_param_groups(model, args.weight_decay), **_lion_kwargs(args))
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+    )
+    return optimizer, scheduler

@@ -1,0 +1,211 @@
+"""LionTrainer, LionTrainingArguments and the factories on a tiny BERT built from a config (CPU)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from lion_hf import (
+    Lion,
+    LionTrainer,
+    LionTrainingArguments,
+    lion_optimizer_cls_and_kwargs,
+    lion_optimizers,
+    scale_from_adamw,
+)
+
+VOCAB = 64
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Label 1 iff token 7 occurs: learnable in a few dozen steps."""
+
+    def __init__(self, n: int = 64, length: int = 12, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(10, VOCAB, (n, length), generator=gen)
+        self.labels = torch.randint(0, 2, (n,), generator=gen)
+        self.ids[self.labels == 1, 3] = 7
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def lion_args(tmp_path, **overrides) -> LionTrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
+        weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        lion_impl="foreach", disable_tqdm=True,
+    )
+    base.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "looks like AdamW" lr warning is tested on its own
+        return LionTrainingArguments(**base)
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_lion_trainer_builds_lion_with_hf_groups_and_trains(tmp_path):
+    model = tiny_bert()
+    before = params_of(model)
+    trainer = LionTrainer(model=model, args=lion_args(tmp_path, num_train_epochs=3), train_dataset=TokenDataset())
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, Lion)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert decayed["betas"] == (0.9, 0.99) and decayed["lr"] == 1e-3
+    assert all(p.ndim >= 2 and "LayerNorm" not in names[id(p)] for p in decayed["params"])
+    assert {names[id(p)] for p in plain["params"]} == {n for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n}
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
+    assert result.training_loss < 0.69
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "pooler" not in n)
+
+
+def test_lion_trainer_with_an_hf_optim_name_builds_hf_optimizer(tmp_path):
+    trainer = LionTrainer(model=tiny_bert(), args=lion_args(tmp_path, optim="adamw_torch"), train_dataset=TokenDataset())
+    assert isinstance(trainer.create_optimizer(), torch.optim.AdamW)
+
+
+def test_optimizers_factory_with_plain_trainer(tmp_path):
+    model = tiny_bert()
+    args = lion_args(tmp_path, warmup_steps=4, lr_scheduler_type="linear", num_train_epochs=2)
+    dataset = TokenDataset()
+    optimizer, scheduler = lion_optimizers(model, args, num_training_steps=16)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, scheduler))
+    trainer.train()
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[0] < lrs[3] < lrs[4] and lrs[4] == pytest.approx(1e-3) and lrs[-1] < lrs[4], lrs
+
+
+def test_optimizer_cls_and_kwargs_weight_decay_reaches_lion(tmp_path):
+    args = lion_args(tmp_path, weight_decay=0.0)
+    # The trap: with a plain (Lion, kwargs) pair HF's groups override the kwargs' weight decay.
+    trapped = Trainer(model=tiny_bert(), args=args, optimizer_cls_and_kwargs=(Lion, {"lr": 1e-3, "weight_decay": 0.3}))
+    assert [g["weight_decay"] for g in trapped.create_optimizer().param_groups] == [0.0, 0.0]
+    trainer = Trainer(
+        model=tiny_bert(), args=args, train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(lr=1e-3, weight_decay=0.3, impl="foreach"),
+    )
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, Lion)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
+    trainer.train()
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
+    before = params_of(model)
+    trainer = LionTrainer(model=model, args=lion_args(tmp_path), train_dataset=TokenDataset())
+    trainer.train()
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert opt_params == trainable
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if "lora_B" in name or "classifier" in name:
+                assert not torch.equal(before[name], p), f"{name} did not train"
+        else:
+            assert torch.equal(before[name], p), f"frozen {name} changed"
+
+
+def _train(tmp_path, model, **overrides):
+    trainer = LionTrainer(model=model, args=lion_args(tmp_path, **overrides), train_dataset=TokenDataset())
+    trainer.train()
+    return trainer
+
+
+def test_gradient_accumulation_matches_a_big_batch(tmp_path):
+    # Tolerance: the accumulated gradient differs from the big-batch one by float rounding,
+    # which can flip sign(c) where c is ~0 (rarely seen embedding rows); a flip then persists
+    # through the momentum. Allow it on at most 2% of the model's elements.
+    big = _train(tmp_path / "a", tiny_bert(), per_device_train_batch_size=16, learning_rate=1e-3)
+    acc = _train(tmp_path / "b", tiny_bert(), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                 learning_rate=1e-3)
+    off = total = 0
+    for p, q in zip(big.model.parameters(), acc.model.parameters()):
+        off += int(((p - q).abs() > 1e-5).sum())
+        total += p.numel()
+    assert off <= 0.02 * total, f"{off} of {total} elements differ"
+
+
+def test_warmup_schedule_and_bf16_autocast_on_cpu(tmp_path):
+    trainer = _train(tmp_path, tiny_bert(), bf16=True, warmup_steps=3, lr_scheduler_type="linear", num_train_epochs=2)
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[0] < lrs[1] < lrs[2], lrs
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    # Run A trains 16 steps straight and saves at step 8; run B starts from another init, resumes
+    # from that checkpoint and trains to 16. Resume restores params, Lion's momentum, the
+    # scheduler and the data order, so B must end where A did (CPU, deterministic; 1e-6 absolute).
+    kw = dict(num_train_epochs=2, lr_scheduler_type="linear", warmup_steps=2, save_strategy="steps", save_steps=8)
+    straight = _train(tmp_path, tiny_bert(), **kw)
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    saved_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    assert len(saved_state) > 0 and all("exp_avg" in s for s in saved_state.values())
+
+    resumed = LionTrainer(model=tiny_bert(seed=1), args=lion_args(tmp_path / "b", **kw), train_dataset=TokenDataset())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == straight.state.global_step == 16
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(straight.optimizer.state[p]["exp_avg"], resumed.optimizer.state[q]["exp_avg"],
+                                   rtol=0, atol=1e-6)
+
+
+def test_training_args_validation_and_adamw_warning(tmp_path):
+    with pytest.raises(ValueError, match="lion_beta2"):
+        LionTrainingArguments(output_dir=str(tmp_path), lion_beta2=1.0)
+    with pytest.raises(ValueError, match="lion_impl"):
+        LionTrainingArguments(output_dir=str(tmp_path), lion_impl="fast")
+    with pytest.raises(ValueError, match="lion_state_dtype"):
+        LionTrainingArguments(output_dir=str(tmp_path), lion_state_dtype="fp16")
+    with pytest.warns(UserWarning, match="looks like an AdamW value"):
+        args = LionTrainingArguments(output_dir=str(tmp_path), learning_rate=5e-5, report_to=[])
+    assert args.learning_rate == 5e-5, "a value the user set must never change"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LionTrainingArguments(output_dir=str(tmp_path), report_to=[])  # Lion defaults: no warning
+    assert LionTrainingArguments(output_dir=str(tmp_path), report_to=[]).lion_kwargs()["betas"] == (0.9, 0.99)
+
+
+def test_scale_from_adamw_keeps_effective_decay():
+    lr, wd = scale_from_adamw(6e-5, 0.01, factor=3)
+    assert lr == pytest.approx(2e-5) and wd == pytest.approx(0.03)
+    assert lr * wd == pytest.approx(6e-5 * 0.01)
+    with pytest.raises(ValueError):
+        scale_from_adamw(-1.0, 0.0)
+
+
+def test_plain_training_arguments_get_lion_betas_not_adams(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.2, report_to=[], use_cpu=True)
+    opt = LionTrainer(model=tiny_bert(), args=args, train_dataset=TokenDataset()).create_optimizer()
+    assert isinstance(opt, Lion) and opt.param_groups[0]["betas"] == (0.9, 0.99)
+    assert opt.param_groups[0]["weight_decay"] == 0.2
