@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from lion_hf import (
     Lion,
@@ -17,32 +17,7 @@ from lion_hf import (
     scale_from_adamw,
 )
 
-VOCAB = 64
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Label 1 iff token 7 occurs: learnable in a few dozen steps."""
-
-    def __init__(self, n: int = 64, length: int = 12, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(10, VOCAB, (n, length), generator=gen)
-        self.labels = torch.randint(0, 2, (n,), generator=gen)
-        self.ids[self.labels == 1, 3] = 7
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+from tiny_models import TokenDataset, tiny_bert  # tests/ is on sys.path under pytest
 
 
 def lion_args(tmp_path, **overrides) -> LionTrainingArguments:
