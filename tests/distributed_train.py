@@ -37,3 +37,7 @@ if trainer.accelerator.is_main_process:
     model = trainer.accelerator.unwrap_model(trainer.model)
     torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, args.out)
     print(f"world_size={trainer.accelerator.num_processes} steps={trainer.state.global_step}")
+# Tear the process group down before exit: gloo aborting in a destructor made rank 1 exit with SIGABRT.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_train.py"
+FSDP2_SCRIPT = Path(__file__).resolve().parent / "fsdp2_lion.py"
 
 
 def _free_port() -> int:
@@ -33,20 +34,20 @@ def _run(cmd, tmp_path):
     return result.stdout
 
 
-def test_ddp_two_cpu_processes_match_one(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    out1 = _run([sys.executable, str(SCRIPT), "--per_device_batch", "8", "--max_steps", "2", "--out", str(one), "--workdir", str(tmp_path / "w1")], tmp_path)
-    out2 = _run(
-        # --multi_gpu picks accelerate's torchrun launcher; the script's use_cpu=True makes it gloo on
-        # CPU (accelerate's --cpu launcher would need mpirun for more than one process).
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+def _launch(extra, tmp_path, out):
+    # --multi_gpu (or --use_fsdp) picks accelerate's torchrun launcher; the script's use_cpu=True
+    # makes it gloo on CPU (accelerate's --cpu launcher would need mpirun for two processes).
+    return _run(
+        [sys.executable, "-m", "accelerate.commands.launch", *extra, "--num_processes", "2", "--num_machines", "1",
          "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-         "--per_device_batch", "4", "--max_steps", "2",
-         "--out", str(two), "--workdir", str(tmp_path / "w2")],
+         "--per_device_batch", "4", "--max_steps", "2", "--out", str(out), "--workdir", str(tmp_path / out.stem)],
         tmp_path,
     )
-    assert "world_size=1 steps=2" in out1 and "world_size=2 steps=2" in out2, (out1, out2)
+
+
+def _assert_same_training(one, two):
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a.keys() == b.keys()
     off = total = 0
     for name in a:
         diff = (a[name] - b[name]).abs()
@@ -54,3 +55,33 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
         off += int((diff > 1e-5).sum())
         total += diff.numel()
     assert off <= 0.005 * total, f"{off} of {total} elements differ"
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("single")
+    out = tmp_path / "one.pt"
+    stdout = _run([sys.executable, str(SCRIPT), "--per_device_batch", "8", "--max_steps", "2", "--out", str(out),
+                   "--workdir", str(tmp_path / "w")], tmp_path)
+    assert "world_size=1 steps=2" in stdout, stdout
+    return out
+
+
+def test_ddp_two_cpu_processes_match_one(single_process_run, tmp_path):
+    out = tmp_path / "ddp.pt"
+    stdout = _launch(["--multi_gpu"], tmp_path, out)
+    assert "world_size=2 steps=2" in stdout, stdout
+    _assert_same_training(single_process_run, out)
+
+
+def test_lion_on_fsdp2_dtensor_shards(tmp_path):
+    # accelerate applies FSDP only on GPU distributed types, so on CPU the test shards with
+    # torch's fully_shard directly (gloo) and checks each impl against an unsharded replica.
+    stdout = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(FSDP2_SCRIPT)],
+        tmp_path,
+    )
+    for impl in ("for_loop", "foreach", "compiled"):
+        assert f"{impl}: sharded=True max_diff=" in stdout, stdout
+    assert "FAILED" not in stdout, stdout
