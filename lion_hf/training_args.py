@@ -13,6 +13,8 @@ from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, STATE_DTYPES
 __all__ = ["LION_OPTIM", "LionTrainingArguments", "scale_from_adamw"]
 
 LION_OPTIM = "lion"
+# Short name for the baseline every comparison in this project uses (HF's default AdamW).
+ADAMW_ALIAS, ADAMW_BASELINE = "adamw", "adamw_torch_fused"
 
 # HF's AdamW default. A Lion run with this lr (or more) was most likely copied from an AdamW config.
 _ADAMW_LIKE_LR = 5e-5
@@ -39,8 +41,8 @@ def scale_from_adamw(learning_rate: float, weight_decay: float, factor: float = 
 class LionTrainingArguments(TrainingArguments):
     r"""``TrainingArguments`` for training with Lion (``LionTrainer`` or ``lion_optimizers``).
 
-    ``optim`` defaults to ``"lion"``; any of HF's optimizer names (e.g. ``"adamw_torch_fused"``)
-    also works, so one config can compare both. With ``optim="lion"``, ``learning_rate`` and
+    ``optim`` defaults to ``"lion"``; any of HF's optimizer names (e.g. ``"adamw_torch_fused"``,
+    for which ``"adamw"`` is a short alias) also works, so one config can compare both. With ``optim="lion"``, ``learning_rate`` and
     ``weight_decay`` are Lion's (the decayed group gets ``weight_decay``; biases, norms and
     other 1-D params get none) and the fields below configure it. The ``adam_*`` fields are
     ignored: Lion's betas are ``lion_beta1``/``lion_beta2`` (the paper's 0.9/0.99, not Adam's
@@ -62,7 +64,7 @@ class LionTrainingArguments(TrainingArguments):
 
     optim: str = field(
         default=LION_OPTIM,
-        metadata={"help": "'lion' (this package's Lion) or any Hugging Face optimizer name, e.g. 'adamw_torch_fused'."},
+        metadata={"help": "'lion' (this package's Lion), 'adamw' (= adamw_torch_fused) or any Hugging Face optimizer name."},
     )
     learning_rate: float = field(
         default=2e-5,
@@ -86,6 +88,8 @@ class LionTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if str(self.optim) == ADAMW_ALIAS:
+            self.optim = ADAMW_BASELINE
         use_lion = str(self.optim) == LION_OPTIM
         if use_lion:
             # The parent validates optim against HF's own names; let it see one, then restore.

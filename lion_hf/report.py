@@ -1,0 +1,216 @@
+"""Turn fine-tuning runs into a side-by-side optimizer report: Markdown, JSON and PNG plots.
+
+A *run* is the dict ``recipes/finetune_sentiment.py`` writes to ``run.json``: optimizer name,
+seed, learning rate, weight decay, the logged history (train loss and eval metrics per step,
+with wall-clock seconds) and summary numbers (time, samples/s, peak memory, state bytes).
+
+For each optimizer the report keeps the learning rate with the best mean best-eval-accuracy
+over seeds (the rest of the grid is listed too), then gives mean +/- std over seeds. The
+selection uses the same eval set it reports on, for every optimizer alike: say so when quoting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["select_best", "summarize", "write_report"]
+
+# (key in the summary, label in the table, format)
+_COLUMNS = [
+    ("best_eval_accuracy", "best eval acc", "{:.4f}"),
+    ("final_eval_accuracy", "final eval acc", "{:.4f}"),
+    ("final_eval_macro_f1", "final eval macro-F1", "{:.4f}"),
+    ("final_train_loss", "final train loss", "{:.4f}"),
+    ("final_eval_loss", "final eval loss", "{:.4f}"),
+    ("steps_to_target", "steps to target", "{:.0f}"),
+    ("seconds_to_target", "s to target", "{:.1f}"),
+    ("train_seconds", "train s", "{:.1f}"),
+    ("train_samples_per_second", "samples/s", "{:.1f}"),
+    ("peak_memory_mb", "peak mem MB", "{:.0f}"),
+    ("optimizer_state_mb", "opt state MB", "{:.1f}"),
+]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _run_numbers(run: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        "best_eval_accuracy": run["best_eval_accuracy"],
+        "final_eval_accuracy": run["final_eval"]["eval_accuracy"],
+        "final_eval_macro_f1": run["final_eval"].get("eval_macro_f1"),
+        "final_train_loss": run["final_train_loss"],
+        "final_eval_loss": run["final_eval"]["eval_loss"],
+        "steps_to_target": run.get("steps_to_target"),
+        "seconds_to_target": run.get("seconds_to_target"),
+        "train_seconds": run["train_seconds"],
+        "train_samples_per_second": run["train_samples_per_second"],
+        "peak_memory_mb": run["peak_memory_bytes"] / 2**20,
+        "optimizer_state_mb": run["optimizer_state_bytes"] / 2**20,
+    }
+
+
+def select_best(runs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """optimizer -> the runs (all seeds) of its learning rate with the best mean best-eval-accuracy."""
+    grid: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        grid[run["optimizer"]][run["learning_rate"]].append(run)
+    best = {}
+    for optimizer, by_lr in grid.items():
+        lr = max(by_lr, key=lambda k: statistics.fmean(r["best_eval_accuracy"] for r in by_lr[k]))
+        best[optimizer] = by_lr[lr]
+    return best
+
+
+def summarize(runs: list[dict[str, Any]], target_accuracy: float | None = None) -> dict[str, Any]:
+    """Per optimizer (at its best lr): mean/std of every number, plus the whole lr grid."""
+    if not runs:
+        raise ValueError("no runs to summarize")
+    summary: dict[str, Any] = {"target_accuracy": target_accuracy, "optimizers": {}, "grid": []}
+    for optimizer, chosen in select_best(runs).items():
+        per_run = [_run_numbers(r) for r in chosen]
+        stats = {}
+        for key, _, _ in _COLUMNS:
+            values = [n[key] for n in per_run if n[key] is not None]
+            mean, std = _mean_std(values)
+            stats[key] = {"mean": mean, "std": std, "n": len(values)}
+        summary["optimizers"][optimizer] = {
+            "learning_rate": chosen[0]["learning_rate"],
+            "weight_decay": chosen[0]["weight_decay"],
+            "seeds": sorted(r["seed"] for r in chosen),
+            "metrics": stats,
+        }
+    grid: dict[tuple, list[float]] = defaultdict(list)
+    for run in runs:
+        grid[(run["optimizer"], run["learning_rate"], run["weight_decay"])].append(run["best_eval_accuracy"])
+    for (optimizer, lr, wd), accs in sorted(grid.items()):
+        mean, std = _mean_std(accs)
+        summary["grid"].append({"optimizer": optimizer, "learning_rate": lr, "weight_decay": wd,
+                                "best_eval_accuracy_mean": mean, "best_eval_accuracy_std": std, "seeds": len(accs)})
+    return summary
+
+
+def _verdict(summary: dict[str, Any]) -> list[str]:
+    opts = summary["optimizers"]
+    if "lion" not in opts or not any(k != "lion" for k in opts):
+        return []
+    other = next(k for k in opts if k != "lion")
+    lines = []
+    for key, label, better in (("best_eval_accuracy", "best eval accuracy", max),
+                               ("final_eval_loss", "final eval loss", min),
+                               ("train_seconds", "train time", min)):
+        ma, mb = opts["lion"]["metrics"][key], opts[other]["metrics"][key]
+        a, b = ma["mean"], mb["mean"]
+        if math.isnan(a) or math.isnan(b):
+            continue
+        diff = a - b
+        winner = "Lion" if better(a, b) == a and a != b else (other if a != b else "neither")
+        spread = max(ma["std"], mb["std"])
+        noise = f", within the seed-to-seed spread ({spread:.3g})" if a != b and abs(diff) <= spread else ""
+        lines.append(f"- {label}: Lion {a:.4g} vs {other} {b:.4g} (difference {diff:+.4g}); better: {winner}{noise}.")
+    t = summary.get("target_accuracy")
+    if t is not None:
+        for name in ("lion", other):
+            n = opts[name]["metrics"]["steps_to_target"]["n"]
+            lines.append(f"- {name} reached accuracy {t} in {n} of {len(opts[name]['seeds'])} seeds.")
+    return lines
+
+
+def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
+    opts = summary["optimizers"]
+    lines = [f"# {title}", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "Mean +/- std over seeds, each optimizer at its best learning rate of the grid.", ""]
+    header = "| metric | " + " | ".join(
+        f"{name} (lr {o['learning_rate']:g}, wd {o['weight_decay']:g}, {len(o['seeds'])} seeds)" for name, o in opts.items()
+    ) + " |"
+    lines += [header, "|---|" + "---:|" * len(opts)]
+    for key, label, fmt in _COLUMNS:
+        if key.endswith("to_target") and summary.get("target_accuracy") is not None:
+            label = f"{label} ({summary['target_accuracy']:g})"
+        cells = []
+        for o in opts.values():
+            m = o["metrics"][key]
+            if m["n"] == 0:
+                cells.append("not reached")
+                continue
+            cell = fmt.format(m["mean"])
+            if len(o["seeds"]) > 1:
+                cell += " +/- " + fmt.format(m["std"])
+            if m["n"] < len(o["seeds"]):
+                cell += f" ({m['n']}/{len(o['seeds'])} seeds)"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    verdict = _verdict(summary)
+    if verdict:
+        lines += ["", "## What the numbers say", "", *verdict]
+    lines += ["", "## Learning-rate grid (best eval accuracy)", "", "| optimizer | lr | wd | mean | std | seeds |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for g in summary["grid"]:
+        lines.append(f"| {g['optimizer']} | {g['learning_rate']:g} | {g['weight_decay']:g} | "
+                     f"{g['best_eval_accuracy_mean']:.4f} | {g['best_eval_accuracy_std']:.4f} | {g['seeds']} |")
+    lines += ["", "Plots: `train_loss.png` (train loss vs step), `eval_accuracy.png` (eval accuracy vs step);"
+              " lines are seed means, bands the seed min-max."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(best: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    for kind, key, ylabel, filename in (("train", "loss", "train loss", "train_loss.png"),
+                                        ("eval", "eval_accuracy", "eval accuracy", "eval_accuracy.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for optimizer, runs in best.items():
+            series = [{h["step"]: h[key] for h in r["history"][kind] if key in h} for r in runs]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if not steps:
+                continue
+            values = np.array([[s[step] for step in steps] for s in series])
+            label = f"{optimizer} (lr {runs[0]['learning_rate']:g}, {len(runs)} seeds)"
+            line = ax.plot(steps, values.mean(axis=0), label=label)[0]
+            if len(runs) > 1:
+                ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(
+    runs: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    title: str = "Lion vs AdamW",
+    target_accuracy: float | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` (summary + every run) and the two PNG plots."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs, target_accuracy)
+    (out_dir / "report.json").write_text(json.dumps({"title": title, "notes": notes or [], "summary": summary,
+                                                     "runs": runs}, indent=2))
+    (out_dir / "report.md").write_text(_markdown(summary, title, notes or []))
+    plots = _plot(select_best(runs), out_dir)
+    return {"markdown": out_dir / "report.md", "json": out_dir / "report.json",
+            **{p.stem: p for p in plots}}

