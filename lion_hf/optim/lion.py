@@ -35,7 +35,7 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Below this many parameter elements "auto" on CPU prefers foreach: the compiled path pays a
-# one-off compile (about 10 s on 2 cores here, see README) that a tiny model never earns back.
+# one-off compile (17 s cold on 2 cores here, see README) that a tiny model never earns back.
 AUTO_COMPILE_MIN_NUMEL = 1_000_000
 
 
