@@ -74,6 +74,9 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation rows."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share when only one file is given."})
+    split_seed: int = field(
+        default=42, metadata={"help": "Seed of the train/validation split and row subsets (fixed across training seeds)."}
+    )
     target_accuracy: float = field(default=0.85, metadata={"help": "Report the steps/seconds to reach this eval accuracy."})
 
 
@@ -172,7 +175,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
         data_args.task, data_dir=data_args.data_dir, train_file=data_args.train_file,
         validation_file=data_args.validation_file, text_column=data_args.text_column,
         label_column=data_args.label_column, validation_fraction=data_args.validation_fraction,
-        seed=training_args.seed, max_train_samples=data_args.max_train_samples,
+        seed=data_args.split_seed, max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
     )
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.model_name_or_path))
