@@ -120,7 +120,7 @@ class LionTrainingArguments(TrainingArguments):
 
     @property
     def uses_lion(self) -> bool:
-        return str(self.optim) == LION_OPTIM
+        return self.optim == LION_OPTIM
 
     def lion_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``lion_hf.Lion`` (groups carry their own weight decay)."""

@@ -195,7 +195,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
         history.eval.append({"step": trainer.state.global_step, "seconds": time.perf_counter() - history.start,
                              **{k: float(v) for k, v in final_eval.items() if k.startswith("eval_")}})
     reached = next((e for e in history.eval if e["eval_accuracy"] >= data_args.target_accuracy), None)
-    optim = str(training_args.optim)
+    optim = getattr(training_args.optim, "value", training_args.optim)  # HF turns its names into an enum
     record = {
         "optimizer": "lion" if optim == "lion" else "adamw" if optim == "adamw_torch_fused" else optim,
         "seed": training_args.seed,

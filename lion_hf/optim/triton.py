@@ -1,0 +1,524 @@
+"""Fused multi-tensor Triton kernel for one Lion step (Chen et al. 2023).
+
+Semantics are those of :func:`lion_hf.optim.reference.lion_reference_step`, computed in fp32
+registers whatever the storage dtype::
+
+    g  = -g if maximize
+    c  = beta1 * m + (1 - beta1) * g ;  u = sign(c)           (sign(0) = sign(NaN) = 0, as torch.sign)
+    u  = u * (u * g > 0) / max(mean(u * g > 0), 1e-3)          (cautious only; mean per tensor)
+    p' = p * (1 - lr * wd) - lr * u
+    m' = beta2 * m + (1 - beta2) * g
+    skip_nonfinite: where g is NaN or +-inf, p' = p and m' = m
+
+Launch scheme
+-------------
+``triton_lion_`` groups the tensors by (device, param dtype, momentum dtype) and launches
+**one** kernel per group over a 1-D grid that covers every block of every tensor of the group
+(``BLOCK_SIZE`` = 2048 elements per program, a [256, 8] tile, 8 warps). Two int64 tables,
+both built once and cached, tell each program where to work:
+
+* the *layout* table, keyed on the tensor sizes: ``numel`` of each tensor, then one entry per
+  block, ``(tensor_index << 32) + block_index_within_tensor``. It is built with torch ops on
+  the host and copied once; its size is 8 bytes per 2048 elements (0.1 % of an fp32 model).
+* the *pointer* table, keyed on the data pointers: the addresses of every param, grad and
+  momentum tensor. The kernel turns them into typed pointers (``int -> tl.pointer_type``).
+  Gradients freed and reallocated by ``zero_grad(set_to_none=True)`` usually come back at the
+  same addresses from the caching allocator, so the table is rebuilt only when one moves (a
+  small LRU keeps the last few). A key is the exact list of addresses and sizes, so a cache
+  hit is always a correct table.
+
+So a step over 100-500 small tensors costs one launch (three with ``cautious``) plus a
+Python loop over the tensors to compute the cache key, not one launch per tensor. Empty
+tensors are skipped. A program whose block is full runs unmasked; only a tensor's last,
+partial block takes the masked copy of the code. When every address is 16-byte aligned the
+kernel tells the compiler so (``tl.multiple_of``), and full blocks then use 16-byte loads and
+stores (a mask with a runtime bound, or an address of unknown alignment, would keep every
+access scalar). Afterwards the autograd version counters of params and momenta are bumped,
+as an in-place torch op would do, since the kernel writes through raw pointers.
+
+Memory traffic per element: fp32 params with fp32 state read p, g, m and write p, m:
+20 bytes/param, the minimum for Lion; fp32 params + bf16 state 16, bf16 params + bf16 state
+10.
+``skip_nonfinite`` costs no extra pass: it is a ``where`` in registers. ``cautious`` needs the
+per-tensor fraction of agreeing signs before any element can be updated, so it adds a
+read-only pass over g and m (``_agree_count_kernel``, one atomic add per program into an int64
+counter per tensor) and a memset of the counters: 3 launches and +8 bytes/param (fp32 g, m).
+
+Rounding
+--------
+Params are stored round-to-nearest-even (fp16 by the hardware conversion; bf16 by integer
+ops on the fp32 bit pattern, which also makes the interpreter, whose fp32 -> bf16 cast
+truncates, agree bit for bit). A bf16 momentum is stored with **stochastic rounding**: a
+uniform 16-bit integer is added to the fp32 bit pattern and the low 16 bits are dropped, so
+the result is one of the two bf16 neighbours with probability given by the distance
+(unbiased; round-to-nearest would freeze a momentum whose per-step change ``(1 - beta2) * g``
+is under half a bf16 ulp). The bits come from Philox (``tl.randint4x``): one 128-bit draw per
+row of 8 elements, counter = global row index within the launch, key = ``seed`` and the group
+index, so every element of a step gets its own bits. ``seed=None`` draws one from torch's
+default generator (``torch.manual_seed`` makes runs reproducible); it is drawn only when a
+bf16 momentum is present. NaN momenta stay NaN.
+
+Scalars (lr, betas, weight decay, seed, tensor count) are runtime kernel arguments, never
+``tl.constexpr``, and ``seed``/``n_tensors`` are excluded from integer specialisation, so an lr
+schedule never recompiles. The flags (maximize, cautious, skip_nonfinite, stochastic rounding,
+alignment) and the dtypes are constexpr: at most a handful of variants per process. There
+is no autotuning (an autotuner would re-run an in-place update), just a fixed block size.
+
+Inputs
+------
+Params fp32, bf16 or fp16; each grad has its param's dtype and shape; momenta fp32 or bf16.
+Tensors must be contiguous, or at least non-overlapping and dense with identical strides for
+p, g and m (e.g. channels_last weights): the update is elementwise, so memory order does not
+matter. Anything else raises ``ValueError``. DTensor (FSDP2) arguments are replaced by their
+local shard (``to_local()``); the update is elementwise, so shards are independent, except
+that the ``cautious`` mean is then taken per local shard rather than over the whole tensor.
+
+Interpreter (``TRITON_INTERPRET=1``)
+------------------------------------
+Tests run the same ``@triton.jit`` kernels on CPU tensors through Triton's interpreter
+(numpy). Raw pointer tables work there because CPU tensors' addresses are host addresses,
+so the multi-tensor launch scheme is exercised unchanged. Interpreter mode is decided when
+triton is first imported (``triton.language``'s own jit functions such as Philox are built
+then), so ``TRITON_INTERPRET=1`` must be in the environment before anything imports triton;
+this module follows whatever mode triton was imported in. In interpreter mode, CUDA tensors
+(whose addresses the host cannot dereference) are staged through CPU copies and copied back:
+correct, slow, for debugging only. CPU tensors without the interpreter raise ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import increment_version
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only where triton is absent
+    raise ImportError(
+        "lion_hf's Triton Lion kernel (impl='triton') needs the triton package: pip install triton "
+        "(or pip install 'lion_hf[triton]')"
+    ) from exc
+
+__all__ = ["BLOCK_SIZE", "is_triton_available", "triton_lion_"]
+
+_ROWS = 256
+_COLS = 8  # one Philox draw (4 x 32 bits) gives 16 bits to each of 8 elements
+BLOCK_SIZE = _ROWS * _COLS
+_NUM_WARPS = 8  # 8 elements per thread: two 16-byte fp32 accesses per tensor, ~32-58 registers
+
+_PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_STATE_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+
+# Interpreter or compiled mode is fixed when triton.language is first imported (its own jit
+# functions, Philox included, are built then); build this module's kernels in the same mode.
+_INTERPRET = type(tl.randint4x).__name__ == "InterpretedFunction"
+
+_TABLE_CACHE_SIZE = 16
+_LAYOUT_CACHE_SIZE = 8
+_tables: OrderedDict[tuple, tuple[Tensor, Tensor, int, bool]] = OrderedDict()
+_layouts: OrderedDict[tuple, tuple[Tensor, int]] = OrderedDict()
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+def _jit(fn=None, **kwargs):
+    """``triton.jit`` in the mode (interpreted or compiled) that triton.language was built in."""
+    if fn is None:
+        return lambda f: _jit(f, **kwargs)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = _INTERPRET
+        return triton.jit(fn, **kwargs)
+
+
+@_jit
+def _load_f32(ptrs, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """Load and upcast to fp32; bf16 is widened with a shift (exact, same on every backend)."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if DTYPE == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@_jit
+def _store(ptrs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value)
+
+
+@_jit
+def _bf16_from_bits(bits, add):
+    """Round fp32 bit patterns to bf16 after adding ``add`` to the low half, then drop it.
+
+    ``add`` = 0x7FFF + lsb gives round-to-nearest-even; a uniform 16-bit integer gives
+    stochastic rounding. A carry into the exponent is the correct next binade (or inf).
+    NaN is kept NaN (its payload may live only in the dropped bits).
+    """
+    high = (bits + add) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    high = tl.where(is_nan, (bits >> 16) | 0x40, high)
+    return high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@_jit
+def _sign(c):
+    """sign as torch.sign (and the reference): sign(0) = sign(NaN) = 0."""
+    return tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+
+
+@_jit
+def _block(ptr_table, layout, n_tensors, P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+           ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This program's block: tensor index, its numel, element pointers of the [ROWS, COLS] tile,
+    and how many of the tile's elements exist (ROWS * COLS except in a tensor's last block)."""
+    pid = tl.program_id(0)
+    info = tl.load(layout + n_tensors + pid)
+    t = info >> 32
+    start = (info - (t << 32)) * (ROWS * COLS)
+    n = tl.load(layout + t)
+    remaining = tl.minimum(n - start, ROWS * COLS).to(tl.int32)
+    p_ptr = tl.load(ptr_table + t).to(tl.pointer_type(P_DTYPE)) + start
+    g_ptr = tl.load(ptr_table + n_tensors + t).to(tl.pointer_type(P_DTYPE)) + start
+    m_ptr = tl.load(ptr_table + 2 * n_tensors + t).to(tl.pointer_type(M_DTYPE)) + start
+    if ALIGNED:
+        # Lets the compiler use 16-byte loads and stores (only in unmasked full blocks).
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+    offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    return t, n, p_ptr + offs, g_ptr + offs, m_ptr + offs, offs, remaining
+
+
+@_jit
+def _count_tile(counts, t, g_ptrs, m_ptrs, mask, beta1, one_minus_beta1, P_DTYPE: tl.constexpr,
+                M_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
+    g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
+    m = _load_f32(m_ptrs, mask, M_DTYPE, MASKED)
+    if MAXIMIZE:
+        g = -g
+    u = _sign(beta1 * m + one_minus_beta1 * g)
+    # masked-out lanes loaded g = 0, so they never count as agreeing
+    agree = tl.where(u * g > 0, 1, 0)
+    tl.atomic_add(counts + t, tl.sum(agree).to(tl.int64))
+
+
+@_jit(do_not_specialize=["n_tensors"])
+def _agree_count_kernel(
+    ptr_table, layout, counts, n_tensors, beta1, one_minus_beta1,
+    P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """Cautious pre-pass: counts[t] += number of elements of this block with sign(c) * g > 0."""
+    t, _, _, g_ptrs, m_ptrs, offs, remaining = _block(
+        ptr_table, layout, n_tensors, P_DTYPE, M_DTYPE, ALIGNED, ROWS, COLS)
+    mask = offs < remaining
+    if remaining == ROWS * COLS:
+        _count_tile(counts, t, g_ptrs, m_ptrs, mask, beta1, one_minus_beta1, P_DTYPE, M_DTYPE, MAXIMIZE, False)
+    else:
+        _count_tile(counts, t, g_ptrs, m_ptrs, mask, beta1, one_minus_beta1, P_DTYPE, M_DTYPE, MAXIMIZE, True)
+
+
+@_jit
+def _lion_tile(
+    p_ptrs, g_ptrs, m_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
+    P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, STOCHASTIC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    p = _load_f32(p_ptrs, mask, P_DTYPE, MASKED)
+    g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
+    m = _load_f32(m_ptrs, mask, M_DTYPE, MASKED)
+    if MAXIMIZE:
+        g = -g
+    u = _sign(beta1 * m + one_minus_beta1 * g)
+    if CAUTIOUS:
+        fraction = count.to(tl.float64) / n.to(tl.float64)
+        scale = (1.0 / tl.maximum(fraction, 1e-3)).to(tl.float32)
+        u = tl.where(u * g > 0, u * scale, 0.0)
+    new_p = p * decay - lr * u
+    new_m = beta2 * m + one_minus_beta2 * g
+    if SKIP_NONFINITE:
+        # Exponent bits all ones <=> NaN or +-inf; a bit test cannot be folded away by fast-math.
+        finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        new_p = tl.where(finite, new_p, p)
+        new_m = tl.where(finite, new_m, m)
+
+    if P_DTYPE == tl.bfloat16:
+        p_bits = new_p.to(tl.uint32, bitcast=True)
+        _store(p_ptrs, _bf16_from_bits(p_bits, 0x7FFF + ((p_bits >> 16) & 1)), mask, MASKED)
+    else:
+        _store(p_ptrs, new_p.to(P_DTYPE), mask, MASKED)
+
+    if STOCHASTIC:
+        # One Philox call gives 4 x 32 random bits per row: 16 bits for each of its 8 elements.
+        tl.static_assert(COLS == 8)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        r0, r1, r2, r3 = tl.randint4x(seed, rows)
+        col = tl.arange(0, COLS)[None, :]
+        word = tl.where(col < 2, r0[:, None], tl.where(col < 4, r1[:, None], tl.where(col < 6, r2[:, None], r3[:, None])))
+        noise = (word >> ((col & 1) * 16).to(tl.uint32)) & 0xFFFF
+        _store(m_ptrs, _bf16_from_bits(new_m.to(tl.uint32, bitcast=True), noise), mask, MASKED)
+    else:
+        _store(m_ptrs, new_m.to(M_DTYPE), mask, MASKED)
+
+
+@_jit(do_not_specialize=["n_tensors", "seed"])
+def _lion_kernel(
+    ptr_table, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
+    P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """One Lion step on one block of one tensor (see the module docstring).
+
+    Full blocks run unmasked (so aligned tensors get 16-byte accesses); only a tensor's last,
+    partial block pays for the mask.
+    """
+    t, n, p_ptrs, g_ptrs, m_ptrs, offs, remaining = _block(
+        ptr_table, layout, n_tensors, P_DTYPE, M_DTYPE, ALIGNED, ROWS, COLS)
+    mask = offs < remaining
+    count = n * 0
+    if CAUTIOUS:
+        count = tl.load(counts + t)
+    if remaining == ROWS * COLS:
+        _lion_tile(p_ptrs, g_ptrs, m_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                   seed, P_DTYPE, M_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, STOCHASTIC, ROWS, COLS, False)
+    else:
+        _lion_tile(p_ptrs, g_ptrs, m_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                   seed, P_DTYPE, M_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, STOCHASTIC, ROWS, COLS, True)
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+
+def is_triton_available(device: torch.device | str) -> bool:
+    """Whether :func:`triton_lion_` can run on ``device``.
+
+    True for CUDA devices when CUDA is usable, and for CPU when triton was imported in
+    interpreter mode (``TRITON_INTERPRET=1`` set before triton's first import).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and _INTERPRET
+
+
+def _local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _dense_strides(t: Tensor) -> bool:
+    """True when the tensor's elements fill ``numel`` consecutive slots (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def _check(i: int, p: Tensor, g: Tensor, m: Tensor) -> None:
+    if p.dtype not in _PARAM_DTYPES:
+        raise ValueError(f"triton_lion_: param {i} has dtype {p.dtype}; supported: fp32, bf16, fp16")
+    if g.dtype != p.dtype:
+        raise ValueError(f"triton_lion_: grad {i} has dtype {g.dtype} but its param is {p.dtype}")
+    if m.dtype not in _STATE_DTYPES:
+        raise ValueError(f"triton_lion_: exp_avg {i} has dtype {m.dtype}; supported: fp32, bf16")
+    if not (p.shape == g.shape == m.shape):
+        raise ValueError(
+            f"triton_lion_: param {i}, its grad and exp_avg differ in shape: "
+            f"{tuple(p.shape)}, {tuple(g.shape)}, {tuple(m.shape)}"
+        )
+    if not (p.device == g.device == m.device):
+        raise ValueError(f"triton_lion_: param {i}, its grad and exp_avg are on {p.device}, {g.device}, {m.device}")
+    if g.is_sparse:
+        raise ValueError(f"triton_lion_: grad {i} is sparse; Lion needs dense gradients")
+    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
+        return
+    if p.numel() == 0:
+        return
+    for name, t in (("param", p), ("grad", g), ("exp_avg", m)):
+        if not _dense_strides(t):
+            raise ValueError(
+                f"triton_lion_: {name} {i} (shape {tuple(t.shape)}, strides {t.stride()}) is non-contiguous; "
+                "the Triton kernel updates flat memory: make it contiguous or use impl='foreach'"
+            )
+    if not (_same_layout(p, g) and _same_layout(p, m)):
+        raise ValueError(
+            f"triton_lion_: param {i}, its grad and exp_avg have different memory layouts (strides "
+            f"{p.stride()}, {g.stride()}, {m.stride()}); the Triton kernel needs them identical"
+        )
+
+
+def _lru_get(cache: OrderedDict, key: tuple) -> Any:
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _lru_put(cache: OrderedDict, key: tuple, value: Any, size: int) -> None:
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+def _layout_table(device: torch.device, numels: tuple[int, ...]) -> tuple[Tensor, int]:
+    """[numel of each tensor] + [(tensor << 32) + block for each block], and the block count."""
+    key = (device, numels)
+    hit = _lru_get(_layouts, key)
+    if hit is not None:
+        return hit
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    blocks = (sizes + BLOCK_SIZE - 1) // BLOCK_SIZE
+    n_blocks = int(blocks.sum())
+    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
+    first = torch.cumsum(blocks, 0) - blocks
+    within = torch.arange(n_blocks, dtype=torch.int64) - first[owner]
+    table = torch.cat([sizes, (owner << 32) + within]).to(device)
+    _lru_put(_layouts, key, (table, n_blocks), _LAYOUT_CACHE_SIZE)
+    return table, n_blocks
+
+
+def _group_tables(
+    device: torch.device, ps: list[Tensor], gs: list[Tensor], ms: list[Tensor]
+) -> tuple[Tensor, Tensor, int, bool]:
+    """(pointer table, layout table, block count, all 16-byte aligned), cached on the addresses."""
+    addresses = [t.data_ptr() for t in ps] + [t.data_ptr() for t in gs] + [t.data_ptr() for t in ms]
+    numels = tuple(t.numel() for t in ps)
+    key = (device, ps[0].dtype, ms[0].dtype, tuple(addresses), numels)
+    hit = _lru_get(_tables, key)
+    if hit is not None:
+        return hit
+    layout, n_blocks = _layout_table(device, numels)
+    pointers = torch.tensor(addresses, dtype=torch.int64).to(device)
+    aligned = all(a % 16 == 0 for a in addresses)
+    entry = (pointers, layout, n_blocks, aligned)
+    _lru_put(_tables, key, entry, _TABLE_CACHE_SIZE)
+    return entry
+
+
+def _launch_group(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], *, device: torch.device, hyper: tuple[float, ...],
+    seed: int, maximize: bool, cautious: bool, skip_nonfinite: bool,
+) -> None:
+    lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2 = hyper
+    p_dtype = _PARAM_DTYPES[ps[0].dtype]
+    m_dtype = _STATE_DTYPES[ms[0].dtype]
+    pointers, layout, n_blocks, aligned = _group_tables(device, ps, gs, ms)
+    n_tensors = len(ps)
+    grid = (n_blocks,)
+    common = dict(P_DTYPE=p_dtype, M_DTYPE=m_dtype, MAXIMIZE=maximize, ALIGNED=aligned, ROWS=_ROWS, COLS=_COLS,
+                  num_warps=_NUM_WARPS)
+    counts = layout  # placeholder pointer, never read without CAUTIOUS
+    if cautious:
+        counts = torch.zeros(n_tensors, dtype=torch.int64, device=device)
+        _agree_count_kernel[grid](pointers, layout, counts, n_tensors, beta1, one_minus_beta1, **common)
+    _lion_kernel[grid](
+        pointers, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
+        CAUTIOUS=cautious, SKIP_NONFINITE=skip_nonfinite, STOCHASTIC=m_dtype == tl.bfloat16, **common,
+    )
+
+
+def triton_lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    seed: int | None = None,
+) -> None:
+    """One Lion step over lists of tensors with the fused Triton kernel, in place.
+
+    ``params`` and ``exp_avgs`` are updated; see the module docstring for the semantics,
+    supported dtypes and layouts. ``seed`` feeds the stochastic rounding of bf16 momenta
+    (``None``: drawn from torch's default generator). All inputs are validated before any
+    tensor is modified. Raises ``ValueError`` for unsupported tensors and ``RuntimeError``
+    when the kernel cannot run on their device.
+    """
+    if not (len(params) == len(grads) == len(exp_avgs)):
+        raise ValueError(
+            f"triton_lion_: got {len(params)} params, {len(grads)} grads and {len(exp_avgs)} exp_avgs"
+        )
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    for i, (param, grad, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
+        p, g, m = _local(param), _local(grad), _local(exp_avg)
+        _check(i, p, g, m)
+        if p.numel() == 0:
+            continue
+        ps, gs, ms = groups.setdefault((p.device, p.dtype, m.dtype), ([], [], []))
+        ps.append(p)
+        gs.append(g)
+        ms.append(m)
+    if not groups:
+        return
+    for device, _, _ in groups:
+        if device.type == "cuda":
+            if not _INTERPRET and not torch.cuda.is_available():
+                raise RuntimeError("triton_lion_: tensors are on CUDA but CUDA is not available")
+        elif device.type != "cpu" or not _INTERPRET:
+            hint = (
+                " On CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
+                "imported (for tests; impl='foreach' or 'compiled' are the CPU implementations)."
+                if device.type == "cpu" else ""
+            )
+            raise RuntimeError(f"triton_lion_: the Triton Lion kernel cannot run on {device.type!r} tensors.{hint}")
+
+    lr = float(lr)
+    weight_decay = float(weight_decay)
+    beta1, beta2 = float(beta1), float(beta2)
+    hyper = (lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2)
+    if seed is None and any(m_dtype == torch.bfloat16 for _, _, m_dtype in groups):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = 0 if seed is None else int(seed)
+
+    for k, ((device, _, _), (ps, gs, ms)) in enumerate(groups.items()):
+        # Philox key: low word the seed, high word the group (+1 keeps the value above 2**32, so the
+        # argument is always an int64 and never selects another specialisation).
+        group_seed = (seed & 0xFFFFFFFF) + ((k + 1) << 32)
+        kwargs = dict(hyper=hyper, seed=group_seed, maximize=bool(maximize), cautious=bool(cautious),
+                      skip_nonfinite=bool(skip_nonfinite))
+        if device.type == "cpu":
+            _launch_group(ps, gs, ms, device=device, **kwargs)
+        elif _INTERPRET:
+            # The interpreter dereferences table addresses on the host: stage through CPU copies.
+            cpu = torch.device("cpu")
+            cps, cgs, cms = ([t.detach().cpu() for t in ts] for ts in (ps, gs, ms))
+            _launch_group(cps, cgs, cms, device=cpu, **kwargs)
+            with torch.no_grad():
+                for dst, src in zip(ps + ms, cps + cms):
+                    dst.copy_(src)
+        else:
+            with torch.cuda.device(device):
+                _launch_group(ps, gs, ms, device=device, **kwargs)
+        # The kernel writes through raw pointers, which autograd cannot see: bump the version
+        # counters as an in-place torch op would (catches use of a stale saved tensor).
+        increment_version(ps + ms)
