@@ -11,13 +11,14 @@ Three ways in, from most to least integrated:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim.lion import Lion
+from lion_hf.optim.lion import Lion, _validate_hyperparameters
 from lion_hf.param_groups import lion_param_groups
 from lion_hf.training_args import LionTrainingArguments
 
@@ -53,6 +54,13 @@ class LionTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Make skipped steps (nonfinite_grad="skip_step") visible in every logger HF reports to.
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(inner, Lion) and inner.skipped_steps:
+            logs = {**logs, "lion_skipped_steps": inner.skipped_steps}
+        super().log(logs, *args, **kwargs)
+
 
 class LionFactory:
     """Optimizer factory for ``Trainer(optimizer_cls_and_kwargs=(LionFactory, kwargs))``.
@@ -67,9 +75,19 @@ class LionFactory:
         return Lion(lion_param_groups(model, weight_decay), **kwargs)
 
 
+_LION_KWARGS = set(inspect.signature(Lion.__init__).parameters) - {"self", "params"}
+
+
 def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, Any]]:
     """``(LionFactory, lion_kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs as ``Lion``'s."""
-    Lion([torch.nn.Parameter(torch.zeros(1))], **{k: v for k, v in lion_kwargs.items() if k != "impl"})  # validate now
+    unknown = set(lion_kwargs) - _LION_KWARGS
+    if unknown:
+        raise ValueError(f"unknown Lion arguments {sorted(unknown)}; allowed: {sorted(_LION_KWARGS)}")
+    # Fail here, not when the Trainer first builds the optimizer deep inside train().
+    _validate_hyperparameters(
+        lion_kwargs.get("lr", 1e-4), lion_kwargs.get("betas", (0.9, 0.99)), lion_kwargs.get("weight_decay", 0.0),
+        lion_kwargs.get("state_dtype", "fp32"),
+    )
     return LionFactory, dict(lion_kwargs)
 
 

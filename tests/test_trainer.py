@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lion_hf import (
     Lion,
@@ -85,6 +85,10 @@ def test_optimizer_cls_and_kwargs_weight_decay_reaches_lion(tmp_path):
     assert isinstance(opt, Lion)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
     trainer.train()
+    with pytest.raises(ValueError, match="weight_decay"):
+        lion_optimizer_cls_and_kwargs(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="unknown Lion arguments"):
+        lion_optimizer_cls_and_kwargs(eps=1e-8)
 
 
 def test_lora_trains_adapters_only(tmp_path):
@@ -184,3 +188,22 @@ def test_plain_training_arguments_get_lion_betas_not_adams(tmp_path):
     opt = LionTrainer(model=tiny_bert(), args=args, train_dataset=TokenDataset()).create_optimizer()
     assert isinstance(opt, Lion) and opt.param_groups[0]["betas"] == (0.9, 0.99)
     assert opt.param_groups[0]["weight_decay"] == 0.2
+
+
+def test_nan_gradient_skips_the_step_and_is_logged(tmp_path):
+    model = tiny_bert()
+    poison = {"on": False}
+    weight = model.bert.encoder.layer[0].attention.self.query.weight
+    weight.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+
+    class PoisonStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            poison["on"] = state.global_step == 3
+
+    trainer = LionTrainer(model=model, args=lion_args(tmp_path, lion_nonfinite_grad="skip_step", max_grad_norm=0.0),
+                          train_dataset=TokenDataset(), callbacks=[PoisonStep3()])
+    trainer.train()
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer).skipped_steps == 1
+    logged = [h.get("lion_skipped_steps") for h in trainer.state.log_history if "loss" in h]
+    assert logged[:3] == [None, None, None] and logged[3:] == [1] * (len(logged) - 3), logged
+    assert all(torch.isfinite(p).all() for p in model.parameters())
