@@ -31,10 +31,10 @@ def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def _run_against_reference(impl, param_dtype, state_dtype, steps=4, **flags):
+def _run_against_reference(impl, param_dtype, state_dtype, steps=4, device="cpu", **flags):
     """Two groups with different hyperparameters, one grad=None param, one frozen-then-unfrozen."""
     gen = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(param_dtype)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, param_dtype)) for s in SHAPES]
     late = params[3]  # frozen for the first two steps (grad None), then trained
     groups = [
         {"params": params[:3], "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.99)},
@@ -45,7 +45,7 @@ def _run_against_reference(impl, param_dtype, state_dtype, steps=4, **flags):
         before = {p: (p.detach().clone(), opt.state[p]["exp_avg"].clone() if p in opt.state else None) for p in params}
         for i, p in enumerate(params):
             skip = (i == 2 and step == 1) or (p is late and step < 2)
-            p.grad = None if skip else (torch.randn(p.shape, generator=gen) * 0.1).to(param_dtype)
+            p.grad = None if skip else (torch.randn(p.shape, generator=gen) * 0.1).to(device, param_dtype)
         opt.step()
         for group in opt.param_groups:
             for p in group["params"]:
@@ -54,13 +54,14 @@ def _run_against_reference(impl, param_dtype, state_dtype, steps=4, **flags):
                     assert torch.equal(p.detach(), p0), "a param without grad moved"
                     continue
                 m0 = torch.zeros_like(p, dtype=torch.float64) if m0 is None else m0
+                p0, m0 = p0.cpu(), m0.cpu()
                 ref_p, ref_m = lion_reference_step(
-                    p0, p.grad, m0, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                    p0, p.grad.cpu(), m0, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                     weight_decay=group["weight_decay"], maximize=flags.get("maximize", False),
                     cautious=flags.get("cautious", False),
                 )
-                _assert_close_rel(p.detach(), ref_p, PARAM_RTOL[param_dtype], f"param {tuple(p.shape)} step {step}")
-                _assert_close_rel(opt.state[p]["exp_avg"], ref_m, STATE_RTOL[state_dtype], f"state {tuple(p.shape)}")
+                _assert_close_rel(p.detach().cpu(), ref_p, PARAM_RTOL[param_dtype], f"param {tuple(p.shape)} step {step}")
+                _assert_close_rel(opt.state[p]["exp_avg"].cpu(), ref_m, STATE_RTOL[state_dtype], f"state {tuple(p.shape)}")
                 assert opt.state[p]["exp_avg"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
     assert late in opt.state, "the unfrozen param never got state"
     return opt
@@ -83,6 +84,15 @@ def test_eager_impls_match_reference(impl, param_dtype, state_dtype):
 )
 def test_compiled_matches_reference(param_dtype, state_dtype):
     _run_against_reference("compiled", param_dtype, state_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["foreach", "compiled", "triton"])
+@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp32")])
+def test_cuda_impls_match_reference(impl, param_dtype, state_dtype):
+    _run_against_reference(impl, param_dtype, state_dtype, device="cuda")
+    _run_against_reference(impl, param_dtype, state_dtype, device="cuda", maximize=True, cautious=True)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
