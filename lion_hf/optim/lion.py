@@ -100,6 +100,15 @@ def _cautious_update(update: Tensor, grad: Tensor) -> Tensor:
     return update * agree / fraction.clamp(min=1e-3)
 
 
+def _step_may_proceed(policy: str, grads: list[Tensor]) -> bool:
+    """The 'skip_step' / 'raise' gate: False to skip the step; raises under 'raise'."""
+    if policy not in ("skip_step", "raise") or _all_finite([_local(g) for g in grads]):
+        return True
+    if policy == "raise":
+        raise RuntimeError("Lion: a gradient contains NaN or inf (nonfinite_grad='raise'); parameters were not updated")
+    return False
+
+
 def _all_finite(grads: list[Tensor]) -> bool:
     """One pass over the gradients; used by the opt-in 'skip_step' and 'raise' policies."""
     if not grads:
@@ -411,11 +420,7 @@ def lion(
         raise ValueError(f"impl must be one of {tuple(_IMPL_FUNCTIONS)} for lion(), got {impl!r}")
     if nonfinite_grad not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
-    if nonfinite_grad in ("skip_step", "raise") and not _all_finite([_local(g) for g in grads]):
-        if nonfinite_grad == "raise":
-            raise RuntimeError(
-                "Lion: a gradient contains NaN or inf (nonfinite_grad='raise'); parameters were not updated"
-            )
+    if not _step_may_proceed(nonfinite_grad, grads):
         return False
     _IMPL_FUNCTIONS[impl](
         params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
@@ -434,8 +439,8 @@ def _compile_available() -> bool:
 def resolve_impl(impl: str, device: torch.device, numel: int = 0) -> str:
     """Turn ``impl`` (possibly ``"auto"``) into the implementation that will run on ``device``.
 
-    ``auto``: ``triton`` on CUDA when triton is importable, else ``compiled`` if the job has
-    at least ``AUTO_COMPILE_MIN_NUMEL`` elements and a compiler is present, else ``foreach``.
+    ``auto``: ``triton`` on CUDA when triton is importable; on CPU ``compiled`` if the job has
+    at least ``AUTO_COMPILE_MIN_NUMEL`` elements and a C++ compiler is present; else ``foreach``.
     An explicit impl that cannot run on the device raises ``RuntimeError``.
     """
     if impl not in IMPLS:
@@ -444,7 +449,7 @@ def resolve_impl(impl: str, device: torch.device, numel: int = 0) -> str:
     if impl == "auto":
         if device.type == "cuda" and _triton_importable():
             return "triton"
-        if device.type in ("cpu", "cuda") and numel >= AUTO_COMPILE_MIN_NUMEL and _compile_available():
+        if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and _compile_available():
             return "compiled"
         return "foreach"
     if impl == "triton":
@@ -617,11 +622,7 @@ class Lion(Optimizer):
         policy = self.nonfinite_grad
         if policy in ("skip_step", "raise"):
             # Checked across all groups first, so a skipped step leaves every group untouched.
-            if not _all_finite([_local(g) for _, _, grads, _ in work for g in grads]):
-                if policy == "raise":
-                    raise RuntimeError(
-                        "Lion: a gradient contains NaN or inf (nonfinite_grad='raise'); parameters were not updated"
-                    )
+            if not _step_may_proceed(policy, [g for _, _, grads, _ in work for g in grads]):
                 self.skipped_steps += 1
                 return loss
             policy = "propagate"  # all finite: the masked path would change nothing
