@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: offline)")
     parser.add_argument("--output_dir", default=None, help="default: runs/<config name>")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="extra finetune_sentiment arguments after --")
-    args = parser.parse_args(argv)
+    parser.epilog = "Arguments after a lone `--` go to every run of recipes/finetune_sentiment.py."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Split by hand: an argparse REMAINDER positional would also swallow our own options that
+    # follow the config path (e.g. `config.yaml --output_dir x`).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    extra = argv[cut + 1:]
 
     config = load_config(args.config)
     out = Path(args.output_dir or f"runs/{Path(args.config).stem}")
@@ -83,7 +88,6 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     target = float(config.get("target_accuracy", 0.85))
     common = dict(config.get("common", {}))
     common["target_accuracy"] = target
-    extra = [a for a in (args.overrides or []) if a != "--"]
 
     runs = []
     started = time.perf_counter()
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
-    command = "python recipes/compare_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python recipes/compare_optimizers.py " + " ".join(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     first = runs[0]
     notes = [

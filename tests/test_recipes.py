@@ -88,8 +88,15 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
         "optimizers": {"adamw": {"learning_rate": [1e-2], "weight_decay": 0.01},
                        "lion": {"scale_from_adamw": 3}},
     }))
-    paths = compare_optimizers.main([str(config), "--output_dir", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    paths = compare_optimizers.main([str(config), "--output_dir", str(out), "--", "--eval_steps", "2"])
+    assert paths["json"] == out / "report.json", "--output_dir after the config path must be honoured"
+    run_dirs = sorted(d.name for d in out.iterdir() if d.is_dir())
+    assert run_dirs == ["adamw_lr0.01_seed0", "adamw_lr0.01_seed1", "lion_lr0.00333333_seed0", "lion_lr0.00333333_seed1"]
+    assert all((out / d / "run.json").is_file() for d in run_dirs)
     report = json.loads(paths["json"].read_text())
+    # The override after `--` reached every run: an eval every 2 steps, not every 3.
+    assert all([e["step"] for e in r["history"]["eval"]][:3] == [2, 4, 6] for r in report["runs"])
     assert set(report["summary"]["optimizers"]) == {"adamw", "lion"}
     lion = report["summary"]["optimizers"]["lion"]
     assert lion["learning_rate"] == pytest.approx(1e-2 / 3) and lion["weight_decay"] == pytest.approx(0.03)
