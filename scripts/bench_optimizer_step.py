@@ -1,11 +1,9 @@
 """Optimizer step time and memory: every Lion impl against torch's fused AdamW, in one run.
 
 Usage (CPU, the README table):
-    python scripts/bench_optimizer_step.py --device cpu --profiles minilm tiny base \
-        --out runs/bench_cpu
+    python scripts/bench_optimizer_step.py --device cpu --profiles tiny minilm base --steps 20 --out runs/bench_cpu
 GPU (an H200 in the README, when one is lent):
-    python scripts/bench_optimizer_step.py --device cuda --profiles minilm base large llama-1b \
-        --out runs/bench_cuda
+    python scripts/bench_optimizer_step.py --device cuda --profiles minilm base large llama-1b --out runs/bench_cuda
 
 Each profile is the list of parameter shapes of a real model, built on the meta device (no
 weights are loaded). For every optimizer the script runs warm-up steps (which include
