@@ -320,31 +320,20 @@ def test_bad_labels(tmp_path, writer, labels, found):
         assert "[label]" in str(exc.value) and "bad." in str(exc.value)  # names the column and the file
 
 
-def test_missing_label_key_in_jsonl(tmp_path):
-    path = tmp_path / "t.jsonl"
-    path.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
-    with pytest.raises(ValueError, match=r"label row 1 is a missing value"):
-        load_sentiment_data(train_file=path)
-
-
-def test_non_string_text(tmp_path):
-    path = tmp_path / "t.jsonl"
-    path.write_text('{"text": "a", "label": 1}\n{"text": null, "label": 0}\n')
-    with pytest.raises(ValueError, match=r"text column 'text' row 1"):
-        load_sentiment_data(train_file=path)
-
-
-def test_ragged_csv_row(tmp_path):
-    path = tmp_path / "t.tsv"
-    path.write_text("sentence\tlabel\na\t1\nb\tc\t0\n")
-    with pytest.raises(ValueError, match=r"t\.tsv, line 3: 3 fields"):
-        load_sentiment_data(train_file=path)
-
-
-def test_unknown_extension_lists_supported(tmp_path):
-    path = tmp_path / "train.txt"
-    path.write_text("hello\t1\n")
-    with pytest.raises(ValueError, match=r"'\.txt'.*\.csv, \.tsv, \.json, \.jsonl, \.parquet"):
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("t.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', r"label row 1 is a missing value"),
+        ("t.jsonl", '{"text": "a", "label": 1}\n{"text": null, "label": 0}\n', r"text column 'text' row 1"),
+        ("t.tsv", "sentence\tlabel\na\t1\nb\tc\t0\n", r"t\.tsv, line 3: 3 fields"),
+        ("train.txt", "hello\t1\n", r"'\.txt'.*\.csv, \.tsv, \.json, \.jsonl, \.parquet"),
+    ],
+    ids=["missing_label_key_in_jsonl", "non_string_text", "ragged_csv_row", "unknown_extension_lists_supported"],
+)
+def test_malformed_file_names_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
         load_sentiment_data(train_file=path)
 
 
