@@ -4,7 +4,9 @@
 
 Every rank feeds the same batch, so the sharded gradient equals the replica's; after a few
 steps the gathered parameters must match the replica's (tolerance 1e-6 absolute). Prints one
-line per impl; rank 0 prints FAILED on a mismatch.
+line per impl; rank 0 prints FAILED on a mismatch. Then: a NaN in one rank's shard under
+nonfinite_grad="skip_step" must make every rank skip, and the optimizer state must survive a
+round trip through torch.distributed.checkpoint's state-dict API (state keyed by names).
 """
 
 import copy
@@ -38,5 +40,38 @@ for impl in ("for_loop", "foreach", "compiled"):
     )
     if dist.get_rank() == 0:
         print(f"{impl}: sharded={is_sharded} max_diff={max_diff:.2e}" + (" FAILED" if max_diff > 1e-6 else ""))
+
+# skip_step: only rank 1's shard of the first weight gets a NaN; both ranks must skip together.
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+fully_shard(model, mesh=mesh)
+opt = Lion(model.parameters(), lr=1e-2, impl="foreach", nonfinite_grad="skip_step")
+torch.nn.functional.mse_loss(model(torch.randn(8, 16)), torch.randn(8, 4)).backward()
+if dist.get_rank() == 1:
+    model[0].weight.grad.to_local()[0, 0] = float("nan")
+before = [p.detach().to_local().clone() for p in model.parameters()]
+opt.step()
+unchanged = all(torch.equal(p.detach().to_local(), b) for p, b in zip(model.parameters(), before))
+verdicts = [None] * dist.get_world_size()
+dist.all_gather_object(verdicts, (opt.skipped_steps, unchanged))
+if dist.get_rank() == 0:
+    agreed = all(v == (1, True) for v in verdicts)
+    print(f"skip_step: verdicts={verdicts}" + ("" if agreed else " FAILED"))
+
+# Resume through DCP's state-dict API, which keys the optimizer state by parameter names.
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict  # noqa: E402
+
+for p in model.parameters():
+    p.grad = torch.ones_like(p)
+opt.step()
+saved = get_optimizer_state_dict(model, opt)
+fresh = Lion(model.parameters(), lr=1e-2, impl="foreach")
+set_optimizer_state_dict(model, fresh, saved)
+same = all(
+    torch.equal(fresh.state[p]["exp_avg"].to_local(), opt.state[p]["exp_avg"].to_local()) for p in model.parameters()
+)
+key_types = sorted({type(k).__name__ for k in saved["state"]})
+if dist.get_rank() == 0:
+    print(f"dcp resume: key types={key_types} same={same}" + ("" if same else " FAILED"))
 dist.barrier()
 dist.destroy_process_group()

@@ -84,4 +84,6 @@ def test_lion_on_fsdp2_dtensor_shards(tmp_path):
     )
     for impl in ("for_loop", "foreach", "compiled"):
         assert f"{impl}: sharded=True max_diff=" in stdout, stdout
+    assert "skip_step: verdicts=[(1, True), (1, True)]" in stdout, stdout
+    assert "dcp resume: key types=['str'] same=True" in stdout, stdout
     assert "FAILED" not in stdout, stdout

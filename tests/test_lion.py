@@ -384,3 +384,114 @@ def test_converges_on_a_small_classification_problem(impl):
         opt.step()
     assert float(loss) < 0.2
     assert float((model(x).argmax(1) == y).float().mean()) > 0.93
+
+
+# --------------------------------------------------------------------------------------
+# State handling and robustness edges
+# --------------------------------------------------------------------------------------
+
+
+def _stepped_lion(**kwargs):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 4), (4,)]]
+    opt = Lion(params, lr=1e-2, **kwargs)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    return params, opt
+
+
+def test_load_state_dict_with_parameter_name_keys():
+    # FSDP2's distributed checkpoint loading hands the optimizer a state keyed by names.
+    params, opt = _stepped_lion()
+    saved = opt.state_dict()
+    names = {0: "encoder.weight", 1: "encoder.bias"}
+    by_name = {
+        "state": {names[k]: v for k, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[k] for k in g["params"]]} for g in saved["param_groups"]],
+    }
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = Lion(fresh, lr=1e-2)
+    opt2.load_state_dict(by_name)
+    for p, q in zip(params, fresh):
+        assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_state_dtype_asked_for_now_wins_over_the_checkpoint():
+    params, opt = _stepped_lion()  # fp32 momentum
+    resumed = Lion([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, state_dtype="bf16")
+    resumed.load_state_dict(_roundtrip(opt.state_dict()))
+    assert resumed.param_groups[0]["state_dtype"] == "bf16"
+    for p, q in zip(params, resumed.param_groups[0]["params"]):
+        m = resumed.state[q]["exp_avg"]
+        assert m.dtype == torch.bfloat16
+        torch.testing.assert_close(m.float(), opt.state[p]["exp_avg"], rtol=2**-8, atol=0)
+
+
+def test_deepcopy_and_pickle_keep_the_instance_settings():
+    import copy
+    import pickle
+
+    params, opt = _stepped_lion(impl="foreach", nonfinite_grad="skip_step")
+    opt.skipped_steps = 2
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.impl, clone.nonfinite_grad, clone.skipped_steps) == ("foreach", "skip_step", 2)
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        clone.step()  # would raise AttributeError if the settings were lost
+
+
+def test_add_param_group_validates_before_adding():
+    _, opt = _stepped_lion()
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.add_param_group({"params": [extra], "lr": -1.0})
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1, "a rejected group must not stay in the optimizer"
+    opt.add_param_group({"params": extra, "lr": torch.tensor(0.5)})  # a 1-element tensor lr, like the top level
+    assert opt.param_groups[1]["lr"] == 0.5 and opt.param_groups[1]["params"] == [extra]
+
+
+def test_functional_lion_refuses_lists_of_different_lengths():
+    p, g, m = torch.zeros(2), torch.ones(2), torch.zeros(2)
+    with pytest.raises(ValueError, match="same length, got 2, 1 and 2"):
+        lion_module.lion([p, p.clone()], [g], [m, m.clone()], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+
+
+def test_stochastic_rounding_keeps_every_nan_a_nan():
+    payloads = torch.tensor([0x7F800001, 0x7FC00000, -1, 0x7F80FFFF], dtype=torch.int32)  # -1: all bits set
+    x = payloads.view(torch.float32)
+    assert torch.isnan(x).all()
+    for seed in range(0, 1 << 16, 4099):
+        assert torch.isnan(_stochastic_round_to_bf16(x, seed).float()).all()
+
+
+def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatch):
+    # 20 tensors = two compiled chunks + one 1-element leftover; the second chunk fails to
+    # compile. Before the fix the first chunk and the leftover were updated twice.
+    calls = []
+
+    def flaky_chunk(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated inductor failure")
+        lion_module._lion_chunk(*args)
+
+    monkeypatch.setattr(lion_module, "_get_compiled_chunk", lambda: flaky_chunk)
+    monkeypatch.setattr(lion_module, "AUTO_COMPILE_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.nn.Parameter(torch.randn(n + 2, generator=gen)) for n in range(19)]
+    params.append(torch.nn.Parameter(torch.randn(1, generator=gen)))
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    before = [p.detach().clone() for p in params]
+    opt = Lion(params, lr=0.1, weight_decay=0.1, impl="auto")
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        opt.step()
+    assert opt._resolved[torch.device("cpu")] == "foreach"
+    for p, p0 in zip(params, before):
+        ref_p, ref_m = lion_reference_step(p0, p.grad, torch.zeros_like(p0, dtype=torch.float64), lr=0.1,
+                                           beta1=0.9, beta2=0.99, weight_decay=0.1)
+        _assert_close_rel(p.detach(), ref_p, 1e-6, "param")
+        _assert_close_rel(opt.state[p]["exp_avg"], ref_m, 1e-6, "exp_avg")

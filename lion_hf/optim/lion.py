@@ -5,7 +5,8 @@ step to flat lists of tensors and dispatches on ``impl`` to one of
 
 * ``_for_loop_lion``  - one tensor at a time, the readable reference;
 * ``_foreach_lion``   - ``torch._foreach_*`` ops over lists of same-dtype tensors;
-* ``_compiled_lion``  - one ``torch.compile``-d elementwise step per tensor (dynamic shapes);
+* ``_compiled_lion``  - a ``torch.compile``-d elementwise step over chunks of 16 flattened
+  tensors (dynamic sizes: one graph for every model);
 * ``_triton_lion``    - the fused multi-tensor Triton kernel (``lion_hf/optim/triton.py``,
   imported only when used).
 
@@ -63,7 +64,12 @@ def _random_bits16(n: int, seed: Tensor | int, device: torch.device) -> Tensor:
     2**31, so it is plain int32 arithmetic that torch.compile vectorises inside the update loop
     (inductor's RNG, or a 64-bit hash, made the bf16-state step 2-8x slower on CPU).
     """
-    x = (torch.arange(n, device=device, dtype=torch.int32) + seed) & 0xFFFF
+    # int32 indices wrap past 2**31 elements; only their low 16 bits matter, so build those in int64.
+    index = (
+        torch.arange(n, device=device, dtype=torch.int32) if n < 2**31
+        else (torch.arange(n, device=device) & 0xFFFF).to(torch.int32)
+    )
+    x = (index + seed) & 0xFFFF
     x = ((x ^ (x >> 8)) * 0x6D2B) & 0xFFFF
     x = ((x ^ (x >> 7)) * 0x5A35) & 0xFFFF
     return x ^ (x >> 8)
@@ -78,7 +84,8 @@ def _stochastic_round_to_bf16(x: Tensor, seed: Tensor | int) -> Tensor:
     """
     # int32 adds act on the raw bit pattern (the sign bit is never reached for finite x).
     noisy = (x.view(torch.int32) + _random_bits16(x.numel(), seed, x.device).view(x.shape)) & -65536
-    return noisy.view(torch.float32).to(torch.bfloat16)
+    # A NaN whose payload sits in the low 16 bits would become inf (or wrap to 0): keep it NaN.
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), noisy.view(torch.float32).to(torch.bfloat16))
 
 
 def _new_seed() -> int:
@@ -101,8 +108,21 @@ def _cautious_update(update: Tensor, grad: Tensor) -> Tensor:
 
 
 def _step_may_proceed(policy: str, grads: list[Tensor]) -> bool:
-    """The 'skip_step' / 'raise' gate: False to skip the step; raises under 'raise'."""
-    if policy not in ("skip_step", "raise") or _all_finite([_local(g) for g in grads]):
+    """The 'skip_step' / 'raise' gate: False to skip the step; raises under 'raise'.
+
+    With DTensor (FSDP2) gradients each rank holds only its shard, so the verdict is agreed
+    over the mesh: every rank skips (or raises) together, never some ranks alone.
+    """
+    if policy not in ("skip_step", "raise"):
+        return True
+    finite = _all_finite([_local(g) for g in grads])
+    mesh = next((g.device_mesh for g in grads if hasattr(g, "device_mesh")), None)
+    if mesh is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=_local(grads[0]).device)
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group(dim))
+        finite = bool(flag.item())
+    if finite:
         return True
     if policy == "raise":
         raise RuntimeError("Lion: a gradient contains NaN or inf (nonfinite_grad='raise'); parameters were not updated")
@@ -110,7 +130,8 @@ def _step_may_proceed(policy: str, grads: list[Tensor]) -> bool:
 
 
 def _all_finite(grads: list[Tensor]) -> bool:
-    """One pass over the gradients; used by the opt-in 'skip_step' and 'raise' policies."""
+    """One read of the gradients: by the 'skip_step' / 'raise' gate, and by foreach's
+    'skip_elements' to keep the all-finite case in place."""
     if not grads:
         return True
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
@@ -317,7 +338,10 @@ def _compiled_lion(
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
+    fallback: Callable[[list[Tensor], list[Tensor], list[Tensor], Exception], None] | None = None,
 ) -> None:
+    """The compiled step. ``fallback(ps, gs, ms, exc)``, if given, receives every tensor not yet
+    updated when a chunk fails to compile or run, so nothing is ever updated twice."""
     import torch.fx.experimental._config as fx_config
 
     step = _get_compiled_chunk()
@@ -339,36 +363,46 @@ def _compiled_lion(
         target[0].append(p)
         target[1].append(g)
         target[2].append(m)
-    if leftovers[0]:
-        _for_loop_lion(*leftovers, **kwargs)
 
+    chunks = [
+        (key, ps[i:i + COMPILE_CHUNK], gs[i:i + COMPILE_CHUNK], ms[i:i + COMPILE_CHUNK])
+        for key, (ps, gs, ms) in buckets.items()
+        for i in range(0, len(ps), COMPILE_CHUNK)
+    ]
     hyper_by_device: dict[torch.device, Tensor] = {}
-    for key, (ps, gs, ms) in buckets.items():
+    for n_done, (key, ps, gs, ms) in enumerate(chunks):
         device, _, _, m_dtype = key
         hyper = hyper_by_device.get(device)
         if hyper is None:
             hyper = torch.tensor([lr, beta1, beta2, weight_decay], dtype=torch.float32).to(device, non_blocking=True)
             hyper_by_device[device] = hyper
-        if len(ps) % COMPILE_CHUNK:
+        if len(ps) < COMPILE_CHUNK:
             # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
             # and compile one graph per amount of padding.
             pad = _padding.get(key)
             if pad is None:
                 pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)] for dt in key[1:])
                 _padding[key] = pad
-            missing = COMPILE_CHUNK - len(ps) % COMPILE_CHUNK
+            missing = COMPILE_CHUNK - len(ps)
             ps, gs, ms = ps + pad[0][:missing], gs + pad[1][:missing], ms + pad[2][:missing]
-        stochastic = m_dtype == torch.bfloat16
-        # Sizes of equal value must not be unified into one symbol (duck shaping), or the
-        # graph would be specialised to this chunk's pattern of equal sizes.
-        with fx_config.patch(use_duck_shape=False):
-            for i in range(0, len(ps), COMPILE_CHUNK):
-                seeds = (
-                    torch.randint(0, 1 << 16, (COMPILE_CHUNK,), dtype=torch.int32).to(device, non_blocking=True)
-                    if stochastic else None
-                )
-                chunk = slice(i, i + COMPILE_CHUNK)
-                step(ps[chunk], gs[chunk], ms[chunk], hyper, seeds, maximize, cautious, skip_nonfinite)
+        seeds = (
+            torch.randint(0, 1 << 16, (COMPILE_CHUNK,), dtype=torch.int32).to(device, non_blocking=True)
+            if m_dtype == torch.bfloat16 else None
+        )
+        try:
+            # Sizes of equal value must not be unified into one symbol (duck shaping), or the
+            # graph would be specialised to this chunk's pattern of equal sizes.
+            with fx_config.patch(use_duck_shape=False):
+                step(ps, gs, ms, hyper, seeds, maximize, cautious, skip_nonfinite)
+        except Exception as exc:
+            if fallback is None:
+                raise
+            # Compilation fails before the graph runs, so this chunk and the rest are untouched.
+            rest = [c[1:] for c in chunks[n_done:]] + [leftovers]
+            fallback(*([t for part in rest for t in part[i]] for i in range(3)), exc)
+            return
+    if leftovers[0]:
+        _for_loop_lion(*leftovers, **kwargs)
 
 
 def _triton_lion(
@@ -418,6 +452,11 @@ def lion(
     """
     if impl not in _IMPL_FUNCTIONS:
         raise ValueError(f"impl must be one of {tuple(_IMPL_FUNCTIONS)} for lion(), got {impl!r}")
+    if not len(params) == len(grads) == len(exp_avgs):
+        raise ValueError(
+            f"lion(): params, grads and exp_avgs must have the same length, got {len(params)}, {len(grads)} "
+            f"and {len(exp_avgs)}"
+        )
     if nonfinite_grad not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
     if not _step_may_proceed(nonfinite_grad, grads):
@@ -508,11 +547,14 @@ class Lion(Optimizer):
         nonfinite_grad: what a NaN/inf gradient element does:
 
             * ``"skip_elements"`` (default): that element's parameter and momentum are left
-              unchanged; the rest of the step proceeds. Fused into the update (a ``where`` in
-              registers), so it costs no extra pass over memory.
+              unchanged; the rest of the step proceeds. In ``compiled`` and ``triton`` it is
+              fused into the update (a ``where`` in registers): no extra pass over memory;
+              ``foreach`` and ``for_loop`` add one read of the gradients.
             * ``"skip_step"``: if any gradient of the step is non-finite, nothing is updated and
               :attr:`skipped_steps` is incremented. Costs one extra read of the gradients and a
-              host sync.
+              host sync (plus one tiny all-reduce for DTensor/FSDP2 shards, so all ranks agree).
+              Use it with gradient clipping: clipping by the global norm turns one bad element
+              into NaN (or zero) gradients everywhere, which element-wise skipping cannot undo.
             * ``"raise"``: raise ``RuntimeError`` before anything is updated (same cost).
             * ``"propagate"``: no check: the NaN enters the momentum (and, depending on the kernel,
               the weight); that element stops learning. For benchmarking the check's cost only.
@@ -554,35 +596,55 @@ class Lion(Optimizer):
             lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, cautious=cautious,
             state_dtype=state_dtype,
         )
-        super().__init__(params, defaults)
         # Kept out of param_groups on purpose: load_state_dict restores groups from the
         # checkpoint, and a state saved under one impl must run under the one asked for now.
+        # Set before super().__init__, whose add_param_group calls check the impl per device.
         self.impl = impl
         self.nonfinite_grad = nonfinite_grad
         self.skipped_steps = 0
         self._resolved: dict[torch.device, str] = {}
-        for group in self.param_groups:
-            _validate_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["state_dtype"])
-            for p in group["params"]:
-                _validate_param(p)
-        if impl != "auto":
-            # Fail at construction, not at the first step, when the impl cannot run here.
-            for device in {p.device for g in self.param_groups for p in g["params"]}:
-                resolve_impl(impl, device)
+        super().__init__(params, defaults)
+
+    # Optimizer.__getstate__ keeps only defaults/state/param_groups: a deepcopy or a pickled
+    # optimizer would lose these and fail at its next step.
+    _INSTANCE_DEFAULTS = {"impl": "auto", "nonfinite_grad": "skip_elements", "skipped_steps": 0}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._INSTANCE_DEFAULTS})
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for name, default in self._INSTANCE_DEFAULTS.items():
+            if not hasattr(self, name):
+                setattr(self, name, default)
+        self._resolved = {}
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("cautious", False)
             group.setdefault("state_dtype", "fp32")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate_hyperparameters(group["lr"], group["betas"], group["weight_decay"], group["state_dtype"])
-        for p in group["params"]:
+        """Validated before it is added: a rejected group never joins the optimizer."""
+        param_group = dict(param_group)
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        lr = param_group.get("lr")
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
+            param_group["lr"] = float(lr)
+        merged = {**self.defaults, **param_group}
+        _validate_hyperparameters(merged["lr"], merged["betas"], merged["weight_decay"], merged["state_dtype"])
+        for p in param_group["params"]:
             _validate_param(p)
+        if self.impl != "auto":
+            # Fail now, not at the first step, when the impl cannot run on these params' device.
+            for device in {p.device for p in param_group["params"]}:
+                resolve_impl(self.impl, device)
+        super().add_param_group(param_group)
+        self._resolved.clear()  # "auto" counts parameters per device
 
     def _impl_for(self, device: torch.device) -> str:
         impl = self._resolved.get(device)
@@ -646,28 +708,41 @@ class Lion(Optimizer):
     def _run(self, device: torch.device, *tensors: list[Tensor], **kwargs: Any) -> None:
         impl = self._impl_for(device)
         if impl == "compiled" and self.impl == "auto":
-            try:
-                lion(*tensors, impl=impl, **kwargs)
-            except Exception as exc:  # compiler missing or broken: degrade rather than stop training
+            # step() has already applied skip_step / raise: only the element mask is left.
+            policy = kwargs.pop("nonfinite_grad")
+            kwargs["skip_nonfinite"] = policy == "skip_elements"
+
+            def degrade(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], exc: Exception) -> None:
+                # Compiler missing or broken: finish this step and run later ones with foreach.
                 warnings.warn(f"Lion: torch.compile failed ({type(exc).__name__}: {exc}); using impl='foreach'")
                 self._resolved[device] = "foreach"
-                lion(*tensors, impl="foreach", **kwargs)
+                _foreach_lion(ps, gs, ms, **kwargs)
+
+            _compiled_lion(*tensors, fallback=degrade, **kwargs)
             return
         lion(*tensors, impl=impl, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; the momentum keeps full precision and takes the ``state_dtype``
+        this optimizer was built with (like ``impl``, the choice made now wins over the
+        checkpoint's). Keys may be indices or parameter names (FSDP2's distributed checkpoints)."""
         # torch casts every floating state tensor to its param's dtype; that would round an fp32
         # momentum of a bf16 param to bf16. Keep the saved tensors and restore them after.
         saved = {
-            idx: s["exp_avg"]
-            for idx, s in state_dict.get("state", {}).items()
+            key: s["exp_avg"]
+            for key, s in state_dict.get("state", {}).items()
             if isinstance(s, dict) and isinstance(s.get("exp_avg"), Tensor)
         }
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        groups = [group for group in self.param_groups for _ in group["params"]]
-        for idx, exp_avg in saved.items():
-            p, group = params[idx], groups[idx]
+        wanted_state_dtypes = [group["state_dtype"] for group in self.param_groups]
+        super().load_state_dict(state_dict)  # checks that the groups match
+        for group, state_dtype in zip(self.param_groups, wanted_state_dtypes):
+            group["state_dtype"] = state_dtype
+        # Saved keys map to current params by position in the groups, as in torch.
+        saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        current = [(p, group) for group in self.param_groups for p in group["params"]]
+        by_key = dict(zip(saved_keys, current))
+        for key, exp_avg in saved.items():
+            p, group = by_key[key]
             dtype = STATE_DTYPES[group["state_dtype"]]
             self.state[p]["exp_avg"] = exp_avg.to(device=p.device, dtype=dtype, copy=True)
         self._resolved.clear()
