@@ -12,15 +12,16 @@ Three ways in, from most to least integrated:
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim.lion import Lion, _validate_hyperparameters
+from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, Lion, _validate_hyperparameters
 from lion_hf.param_groups import lion_param_groups
-from lion_hf.training_args import LionTrainingArguments
+from lion_hf.training_args import LionTrainingArguments, default_nonfinite_policy
 
 __all__ = ["LionTrainer", "LionFactory", "lion_optimizer_cls_and_kwargs", "lion_optimizers"]
 
@@ -30,7 +31,17 @@ def _lion_kwargs(args: TrainingArguments) -> dict[str, Any]:
     if isinstance(args, LionTrainingArguments):
         return args.lion_kwargs()
     # Plain TrainingArguments: its adam_beta* belong to Adam (beta2 0.999); use Lion's betas.
-    return dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+    return dict(lr=args.learning_rate, weight_decay=args.weight_decay,
+                nonfinite_grad=default_nonfinite_policy(args.max_grad_norm))
+
+
+def _unwrap_lion(optimizer: Any) -> Lion | None:
+    """The Lion inside accelerate's / DeepSpeed's optimizer wrappers (several levels deep), if any."""
+    for _ in range(8):
+        if isinstance(optimizer, Lion) or optimizer is None:
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 class LionTrainer(Trainer):
@@ -46,6 +57,13 @@ class LionTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         uses_lion = not isinstance(self.args, LionTrainingArguments) or self.args.uses_lion
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None and uses_lion:
+            ds_config = getattr(self.args, "hf_deepspeed_config", None)
+            if ds_config is not None and "optimizer" in getattr(ds_config, "config", {}):
+                warnings.warn(
+                    "The DeepSpeed config has an 'optimizer' section: DeepSpeed builds that optimizer and "
+                    "Lion is not used. Remove the section to train with Lion.",
+                    stacklevel=2,
+                )
             opt_model = self.model if model is None else model
             groups = lion_param_groups(
                 opt_model, self.args.weight_decay, decay_names=self.get_decay_parameter_names(opt_model)
@@ -56,8 +74,8 @@ class LionTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # Make skipped steps (nonfinite_grad="skip_step") visible in every logger HF reports to.
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if isinstance(inner, Lion) and inner.skipped_steps:
+        inner = _unwrap_lion(self.optimizer)
+        if inner is not None and inner.skipped_steps:
             logs = {**logs, "lion_skipped_steps": inner.skipped_steps}
         super().log(logs, *args, **kwargs)
 
@@ -79,10 +97,20 @@ _LION_KWARGS = set(inspect.signature(Lion.__init__).parameters) - {"self", "para
 
 
 def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, Any]]:
-    """``(LionFactory, lion_kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs as ``Lion``'s."""
+    """``(LionFactory, lion_kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs as ``Lion``'s.
+
+    ``lr`` is required: HF passes these kwargs as they are, so ``args.learning_rate`` would not
+    reach Lion. The Trainer's ``max_grad_norm`` does not reach the factory either: with gradient
+    clipping on (HF's default) pass ``nonfinite_grad="skip_step"`` (see ``Lion``).
+    """
     unknown = set(lion_kwargs) - _LION_KWARGS
     if unknown:
         raise ValueError(f"unknown Lion arguments {sorted(unknown)}; allowed: {sorted(_LION_KWARGS)}")
+    if "lr" not in lion_kwargs:
+        raise ValueError("lr is required: HF does not pass args.learning_rate to an optimizer_cls_and_kwargs factory")
+    for name, allowed in (("impl", IMPLS), ("nonfinite_grad", NONFINITE_POLICIES)):
+        if name in lion_kwargs and lion_kwargs[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {lion_kwargs[name]!r}")
     # Fail here, not when the Trainer first builds the optimizer deep inside train().
     _validate_hyperparameters(
         lion_kwargs.get("lr", 1e-4), lion_kwargs.get("betas", (0.9, 0.99)), lion_kwargs.get("weight_decay", 0.0),

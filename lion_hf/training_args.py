@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, STATE_DTYPES
 
-__all__ = ["LION_OPTIM", "LionTrainingArguments", "scale_from_adamw"]
+__all__ = ["LION_OPTIM", "LionTrainingArguments", "default_nonfinite_policy", "scale_from_adamw"]
 
 LION_OPTIM = "lion"
 # Short name for the baseline every comparison in this project uses (HF's default AdamW).
@@ -37,6 +37,16 @@ def scale_from_adamw(learning_rate: float, weight_decay: float, factor: float = 
     return learning_rate / factor, weight_decay * factor
 
 
+def default_nonfinite_policy(max_grad_norm: float | None) -> str:
+    """Lion's ``nonfinite_grad`` for a run that clips gradients to ``max_grad_norm`` (<= 0 or None: no clipping).
+
+    Clipping by the global norm mixes every gradient element into one scale factor: one NaN
+    makes every gradient NaN, one inf makes every finite gradient zero. Element-wise skipping
+    cannot undo that, so a clipped run skips the whole step instead.
+    """
+    return "skip_step" if (max_grad_norm or 0) > 0 else "skip_elements"
+
+
 @dataclass
 class LionTrainingArguments(TrainingArguments):
     r"""``TrainingArguments`` for training with Lion (``LionTrainer`` or ``lion_optimizers``).
@@ -60,6 +70,10 @@ class LionTrainingArguments(TrainingArguments):
         lion_state_dtype: ``fp32`` or ``bf16`` momentum (bf16 is stochastically rounded).
         lion_cautious: cautious variant (update only where it agrees with the gradient).
         lion_nonfinite_grad: ``skip_elements`` | ``skip_step`` | ``raise`` | ``propagate``.
+            Unset, it is ``skip_step`` when gradients are clipped (``max_grad_norm > 0``, HF's
+            default) and ``skip_elements`` otherwise: clipping by the global norm spreads one
+            NaN/inf element to every gradient (all NaN, or all zero), so only skipping the whole
+            step keeps that step from moving the weights.
     """
 
     optim: str = field(
@@ -82,9 +96,11 @@ class LionTrainingArguments(TrainingArguments):
     lion_cautious: bool = field(
         default=False, metadata={"help": "Cautious Lion: apply the update only where it agrees with the gradient."}
     )
-    lion_nonfinite_grad: str = field(
-        default="skip_elements",
-        metadata={"help": f"What a NaN/inf gradient does, one of {NONFINITE_POLICIES} (see lion_hf.Lion)."},
+    lion_nonfinite_grad: str | None = field(
+        default=None,
+        metadata={"help": f"What a NaN/inf gradient does, one of {NONFINITE_POLICIES} (see lion_hf.Lion). "
+                          "Default: skip_step when max_grad_norm > 0 (clipping spreads a NaN to every "
+                          "gradient), else skip_elements."},
     )
 
     def __post_init__(self) -> None:
@@ -101,6 +117,15 @@ class LionTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.lion_nonfinite_grad is None:
+            self.lion_nonfinite_grad = default_nonfinite_policy(self.max_grad_norm)
+        elif use_lion and self.lion_nonfinite_grad == "skip_elements" and (self.max_grad_norm or 0) > 0:
+            warnings.warn(
+                f"lion_nonfinite_grad='skip_elements' with max_grad_norm={self.max_grad_norm:g}: gradient clipping "
+                "turns one NaN/inf element into NaN or zero gradients everywhere, so a bad step still moves the "
+                "weights (through momentum and weight decay). 'skip_step' skips such steps whole.",
+                stacklevel=2,
+            )
         choices = {"lion_impl": IMPLS, "lion_state_dtype": tuple(STATE_DTYPES), "lion_nonfinite_grad": NONFINITE_POLICIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

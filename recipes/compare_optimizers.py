@@ -52,6 +52,8 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, float, float]]:
     for name, spec in specs.items():
         if name not in ("lion", "adamw"):
             raise ValueError(f"optimizers: unknown optimizer {name!r}; use 'lion' and/or 'adamw'")
+        if not isinstance(spec, dict) or not ("learning_rate" in spec or "scale_from_adamw" in spec):
+            raise ValueError(f"optimizers.{name}: needs a learning_rate list (or, for lion, scale_from_adamw)")
         if "scale_from_adamw" in spec:
             if "adamw" not in specs:
                 raise ValueError("optimizers.lion.scale_from_adamw needs an adamw entry to scale from")
@@ -61,6 +63,8 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, float, float]]:
         else:
             lrs = [float(lr) for lr in _as_list(spec["learning_rate"])]
             wd = float(spec.get("weight_decay", 0.0))
+        if not lrs:
+            raise ValueError(f"optimizers.{name}: the learning_rate grid is empty")
         grid += [(name, lr, wd) for lr in lrs]
     return grid
 
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     extra = argv[cut + 1:]
+    if any(a == "--output_dir" or a.startswith("--output_dir=") for a in extra):
+        raise ValueError("--output_dir goes before `--` (each run gets its own folder under it), not after")
 
     config = load_config(args.config)
     out = Path(args.output_dir or f"runs/{Path(args.config).stem}")

@@ -144,7 +144,11 @@ class PeakMemory:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    inner = optimizer
+    for _ in range(8):  # accelerate wraps it; under DeepSpeed, two levels deep
+        if getattr(inner, "optimizer", None) is None:
+            break
+        inner = inner.optimizer
     return sum(
         t.numel() * t.element_size()
         for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0
@@ -255,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_to_argv(argv[0]) + argv[1:]
-    if "--output_dir" not in argv:
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         argv += ["--output_dir", "runs/finetune_sentiment"]
     parser = HfArgumentParser((ModelArguments, DataArguments, LionTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)

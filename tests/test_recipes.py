@@ -122,6 +122,18 @@ def test_compare_config_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"seeds": [0]}))
     with pytest.raises(ValueError, match="optimizers"):
         compare_optimizers.load_config(bad)
+    for spec, message in (({"learning_rate": []}, "grid is empty"), (None, "needs a learning_rate")):
+        bad.write_text(yaml.safe_dump({"optimizers": {"adamw": spec}}))
+        with pytest.raises(ValueError, match=message):
+            compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+    with pytest.raises(ValueError, match="--output_dir goes before"):
+        compare_optimizers.main([str(bad), "--", "--output_dir=elsewhere"])
+
+
+def test_output_dir_in_either_spelling_is_kept():
+    for argv in (["--output_dir", "mine"], ["--output_dir=mine"]):
+        _, _, training_args = finetune_sentiment.parse_args(["--optim", "adamw", *argv])
+        assert training_args.output_dir == "mine"
 
 
 def test_shipped_configs_parse():

@@ -86,9 +86,15 @@ def test_optimizer_cls_and_kwargs_weight_decay_reaches_lion(tmp_path):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
     trainer.train()
     with pytest.raises(ValueError, match="weight_decay"):
-        lion_optimizer_cls_and_kwargs(weight_decay=-1.0)
+        lion_optimizer_cls_and_kwargs(lr=1e-4, weight_decay=-1.0)
     with pytest.raises(ValueError, match="unknown Lion arguments"):
         lion_optimizer_cls_and_kwargs(eps=1e-8)
+    with pytest.raises(ValueError, match="lr is required"):
+        lion_optimizer_cls_and_kwargs(weight_decay=0.1)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        lion_optimizer_cls_and_kwargs(lr=1e-4, impl="fast")
+    with pytest.raises(ValueError, match="nonfinite_grad must be one of"):
+        lion_optimizer_cls_and_kwargs(lr=1e-4, nonfinite_grad="ignore")
 
 
 def test_lora_trains_adapters_only(tmp_path):
@@ -206,4 +212,46 @@ def test_nan_gradient_skips_the_step_and_is_logged(tmp_path):
     assert getattr(trainer.optimizer, "optimizer", trainer.optimizer).skipped_steps == 1
     logged = [h.get("lion_skipped_steps") for h in trainer.state.log_history if "loss" in h]
     assert logged[:3] == [None, None, None] and logged[3:] == [1] * (len(logged) - 3), logged
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_policy_follows_gradient_clipping(tmp_path):
+    assert lion_args(tmp_path).lion_nonfinite_grad == "skip_step"  # HF clips by default (max_grad_norm 1.0)
+    assert lion_args(tmp_path, max_grad_norm=0.0).lion_nonfinite_grad == "skip_elements"
+    with pytest.warns(UserWarning, match="gradient clipping"):
+        LionTrainingArguments(output_dir=str(tmp_path), report_to=[], lion_nonfinite_grad="skip_elements")
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    opt, _ = lion_optimizers(tiny_bert(), plain, num_training_steps=10)
+    assert opt.nonfinite_grad == "skip_step"
+
+
+def test_inf_gradient_under_default_clipping_leaves_weights_untouched(tmp_path):
+    # Clipping turns one inf element into NaN there and zero gradients elsewhere; a Lion step on
+    # those would still move every weight (momentum and weight decay). The default skips it.
+    model = tiny_bert()
+    weight = model.bert.encoder.layer[0].attention.self.query.weight
+    snapshots = {}
+
+    def poison(grad):
+        grad = grad.clone()
+        grad[0, 0] = float("inf")
+        return grad
+
+    class PoisonStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                snapshots["before"] = params_of(model)
+                snapshots["hook"] = weight.register_hook(poison)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                snapshots["after"] = params_of(model)
+                snapshots["hook"].remove()
+
+    args = lion_args(tmp_path, max_steps=4)
+    assert args.max_grad_norm > 0
+    trainer = LionTrainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PoisonStep2()])
+    trainer.train()
+    assert trainer.optimizer.optimizer.skipped_steps == 1
+    assert all(torch.equal(snapshots["before"][n], snapshots["after"][n]) for n in snapshots["before"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
