@@ -9,12 +9,19 @@ reach the optimizer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["decay_parameter_names", "lion_param_groups"]
+
+
+def _original_ndim(param: Tensor) -> int:
+    """Dims of the parameter as the model defines it: DeepSpeed ZeRO-3 partitions leave shape [0]."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return len(ds_shape) if ds_shape is not None else param.ndim
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -23,7 +30,7 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
 
     hf_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     names = set(get_parameter_names(model, [nn.LayerNorm], hf_patterns))
-    return {n for n, p in model.named_parameters() if n in names and p.ndim >= 2}
+    return {n for n, p in model.named_parameters() if n in names and _original_ndim(p) >= 2}
 
 
 def lion_param_groups(
@@ -40,13 +47,22 @@ def lion_param_groups(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     decay = set(decay_names) if decay_names is not None else decay_parameter_names(model)
-    decayed, not_decayed = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decayed if name in decay and param.ndim >= 2 else not_decayed).append(param)
-    if not decayed and not not_decayed:
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (every requires_grad is False)")
+    min_ndim = 2
+    if all(_original_ndim(p) < 2 for _, p in trainable) and any(name in decay for name, _ in trainable):
+        # Every tensor 1-D yet some named like weights: flattened shards (FSDP1's FlatParameter
+        # or its sharded views), not real shapes. Decaying by name alone beats decaying nothing.
+        warnings.warn(
+            "lion_param_groups: every trainable parameter is 1-D (flattened by a sharding wrapper?); "
+            "choosing weight decay by name only, without the 'no decay below 2-D' rule",
+            stacklevel=2,
+        )
+        min_ndim = 0
+    decayed, not_decayed = [], []
+    for name, param in trainable:
+        (decayed if name in decay and _original_ndim(param) >= min_ndim else not_decayed).append(param)
     groups = [
         {"params": decayed, "weight_decay": weight_decay},
         {"params": not_decayed, "weight_decay": 0.0},

@@ -60,14 +60,15 @@ def _run_numbers(run: dict[str, Any]) -> dict[str, float | None]:
 
 
 def select_best(runs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """optimizer -> the runs (all seeds) of its learning rate with the best mean best-eval-accuracy."""
-    grid: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    """optimizer -> the runs (all seeds) of its (learning rate, weight decay) grid point with the
+    best mean best-eval-accuracy."""
+    grid: dict[str, dict[tuple[float, float], list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        grid[run["optimizer"]][run["learning_rate"]].append(run)
+        grid[run["optimizer"]][(run["learning_rate"], run["weight_decay"])].append(run)
     best = {}
-    for optimizer, by_lr in grid.items():
-        lr = max(by_lr, key=lambda k: statistics.fmean(r["best_eval_accuracy"] for r in by_lr[k]))
-        best[optimizer] = by_lr[lr]
+    for optimizer, by_point in grid.items():
+        point = max(by_point, key=lambda k: statistics.fmean(r["best_eval_accuracy"] for r in by_point[k]))
+        best[optimizer] = by_point[point]
     return best
 
 
@@ -141,7 +142,7 @@ def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
         for o in opts.values():
             m = o["metrics"][key]
             if m["n"] == 0:
-                cells.append("not reached")
+                cells.append("not reached" if key.endswith("to_target") else "n/a")
                 continue
             cell = fmt.format(m["mean"])
             if len(o["seeds"]) > 1:

@@ -54,3 +54,22 @@ def test_bad_input():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         lion_param_groups(frozen, 0.1)
+
+
+def test_zero3_partitioned_params_keep_their_real_dims():
+    model = Block()
+    for p in model.parameters():  # what DeepSpeed ZeRO-3 leaves: an empty shard + ds_shape
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert decay_parameter_names(model) == {"embed.weight", "proj.weight", "mixer", "head.weight"}
+
+
+def test_flattened_params_fall_back_to_names_with_a_warning():
+    model = Block()
+    for p in model.parameters():  # FSDP1-style flat views
+        p.data = p.data.reshape(-1)
+    names = {"embed.weight", "proj.weight", "mixer", "head.weight"}
+    with pytest.warns(UserWarning, match="every trainable parameter is 1-D"):
+        groups = lion_param_groups(model, 0.1, decay_names=names)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    assert {by_id[id(p)] for p in groups[0]["params"]} == names

@@ -35,6 +35,14 @@ def test_select_best_keeps_each_optimizers_best_lr():
     assert len(best["lion"]) == 2 and len(best["adamw"]) == 2
 
 
+def test_select_best_keeps_weight_decays_apart():
+    # Same lr, two weight decays: the seeds of the better grid point only, never a mix.
+    runs = [make_run("lion", 2e-5, s, acc) for s, acc in ((0, 0.80), (1, 0.82))]
+    runs += [{**make_run("lion", 2e-5, s, acc), "weight_decay": 0.3} for s, acc in ((0, 0.86), (1, 0.88))]
+    best = select_best(runs)["lion"]
+    assert {r["weight_decay"] for r in best} == {0.3} and len(best) == 2
+
+
 def test_summary_means_and_stds_over_seeds():
     summary = summarize(RUNS, target_accuracy=0.8)
     lion = summary["optimizers"]["lion"]
