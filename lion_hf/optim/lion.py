@@ -316,7 +316,12 @@ _padding: dict[tuple, tuple[list[Tensor], ...]] = {}
 def _get_compiled_chunk() -> Callable[..., None]:
     global _compiled_chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_lion_chunk, dynamic=True, fullgraph=True)
+        # Inductor decides whether a CPU loop runs on all threads from the size hint of the
+        # first call: compiled on small tensors, the one shared graph would stay single-threaded
+        # for every model. min_chunk_size=1 makes every loop an OpenMP parallel loop.
+        _compiled_chunk = torch.compile(
+            _lion_chunk, dynamic=True, fullgraph=True, options={"cpp.min_chunk_size": 1}
+        )
     return _compiled_chunk
 
 
