@@ -139,7 +139,8 @@ class LionTrainingArguments(TrainingArguments):
             warnings.warn(
                 f"learning_rate={self.learning_rate:g} looks like an AdamW value; Lion usually wants a 3-10x smaller "
                 f"lr and a 3-10x larger weight_decay (e.g. lion_hf.scale_from_adamw -> lr={lr:.3g}, "
-                f"weight_decay={wd:.3g}). Keeping the value you set.",
+                f"weight_decay={wd:.3g}). At small batch 2x smaller can be best, and LoRA adapters want "
+                f"AdamW-sized lrs (see the README's measurements). Keeping the value you set.",
                 stacklevel=2,
             )
 
