@@ -8,9 +8,11 @@ GPU (an H200 in the README, when one is lent):
 Each profile is the list of parameter shapes of a real model, built on the meta device (no
 weights are loaded). For every optimizer the script runs warm-up steps (which include
 torch.compile / Triton compilation, reported as "first step"), then times ``--steps`` steps
-and reports the median. Ratios are against ``torch.optim.AdamW(fused=True)`` measured in the
-same run. Effective bandwidth counts the bytes each algorithm must move per parameter:
-Lion fp32 reads p, g, m and writes p, m (20 B); AdamW reads p, g, m, v and writes p, m, v (28 B).
+and reports the median. Ratios are against ``torch.optim.AdamW(fused=True)``, whose steps
+alternate with each optimizer's (the ratio uses AdamW's median over the same window, which
+cancels the bandwidth drift of a shared machine). Effective bandwidth counts the bytes each
+algorithm must move per parameter: Lion fp32 reads p, g, m and writes p, m (20 B); AdamW reads
+p, g, m, v and writes p, m, v (28 B).
 On CUDA the script also measures a device-to-device copy as the bandwidth ceiling.
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -101,21 +103,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(opt: torch.optim.Optimizer, device: str, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            opt.step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-    return times
+def time_step(opt: torch.optim.Optimizer, device: str) -> float:
+    """Seconds for one ``opt.step()`` (CUDA events on GPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        opt.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - t0
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -141,7 +140,20 @@ def copy_bandwidth(device: str, numel: int) -> float:
     return 2 * numel * 4 / statistics.median(times) / 1e9
 
 
+def _make(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor], device: str):
+    params = [torch.nn.Parameter(b.to(device)) for b in base]
+    for p, g in zip(params, grads):
+        p.grad = g.to(device)
+    return params, factory(params)
+
+
 def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None) -> dict:
+    """Time every optimizer on one profile.
+
+    Each optimizer's steps alternate with steps of fused AdamW (kept alive for the whole
+    profile), and its ratio is to AdamW's median over that same window: on a shared machine
+    memory bandwidth drifts from minute to minute, and alternating cancels the drift.
+    """
     shapes = profile_shapes(name)
     numel = sum(s.numel() for s in shapes)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -149,16 +161,28 @@ def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_l
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     result = {"profile": name, "tensors": len(shapes), "params": numel, "optimizers": {}}
-    for opt_name, (kind, factory) in optimizer_factories(device, include_for_loop).items():
-        if only and opt_name not in only and opt_name != "adamw_fused":
+    factories = optimizer_factories(device, include_for_loop)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
+    _, baseline = _make(factories["adamw_fused"][1], base, grads, device)
+    t0 = time.perf_counter()
+    baseline.step()
+    _sync(device)
+    baseline_first = time.perf_counter() - t0
+    for _ in range(warmup):
+        baseline.step()
+    # Peak memory counts what each optimizer's own params, grads, state and temporaries add.
+    baseline_peak = torch.cuda.max_memory_allocated() - allocated if device == "cuda" else None
+    baseline_times: list[float] = []
+    for opt_name, (kind, factory) in factories.items():
+        if opt_name == "adamw_fused" or (only and opt_name not in only):
             continue
-        params = [torch.nn.Parameter(b.to(device)) for b in base]
-        for p, g in zip(params, grads):
-            p.grad = g.to(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
         try:
-            opt = factory(params)
+            params, opt = _make(factory, base, grads, device)
             t0 = time.perf_counter()
             opt.step()
             _sync(device)
@@ -166,30 +190,46 @@ def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_l
             for _ in range(warmup):
                 opt.step()
             _sync(device)
-            times = time_steps(opt, device, steps)
+            times, window = [], []
+            for _ in range(steps):
+                window.append(time_step(baseline, device))
+                times.append(time_step(opt, device))
         except Exception as exc:  # one failing optimizer must not lose the rest of the table
             result["optimizers"][opt_name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"  {opt_name:28s} failed: {exc}")
             continue
+        baseline_times += window
         median = statistics.median(times)
         row = {
             "ms_per_step": median * 1e3,
             "first_step_s": first,
             "gb_per_s": BYTES_PER_PARAM[kind] * numel / median / 1e9,
             "state_bytes": state_bytes(opt),
+            "ratio_to_adamw_fused": median / statistics.median(window),
+            "adamw_fused_ms_in_window": statistics.median(window) * 1e3,
         }
         if device == "cuda":
-            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - allocated
         result["optimizers"][opt_name] = row
-        print(f"  {opt_name:28s} {row['ms_per_step']:9.2f} ms  first {first:6.2f} s  {row['gb_per_s']:6.1f} GB/s")
+        print(f"  {opt_name:28s} {row['ms_per_step']:9.2f} ms  x{row['ratio_to_adamw_fused']:.2f} "
+              f"(AdamW {row['adamw_fused_ms_in_window']:.2f} ms alongside)  first {first:6.2f} s  "
+              f"{row['gb_per_s']:6.1f} GB/s")
         del opt, params
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    ref = result["optimizers"].get("adamw_fused", {}).get("ms_per_step")
-    for row in result["optimizers"].values():
-        if ref and "ms_per_step" in row:
-            row["ratio_to_adamw_fused"] = row["ms_per_step"] / ref
+    if not baseline_times:  # nothing else ran: time the baseline on its own
+        baseline_times = [time_step(baseline, device) for _ in range(steps)]
+    median = statistics.median(baseline_times)
+    row = {
+        "ms_per_step": median * 1e3, "first_step_s": baseline_first,
+        "gb_per_s": BYTES_PER_PARAM["adamw"] * numel / median / 1e9, "state_bytes": state_bytes(baseline),
+        "ratio_to_adamw_fused": 1.0,
+    }
+    if device == "cuda":
+        row["peak_memory_bytes"] = baseline_peak
+    result["optimizers"] = {"adamw_fused": row, **result["optimizers"]}
+    print(f"  {'adamw_fused (all windows)':28s} {row['ms_per_step']:9.2f} ms")
     return result
 
 
