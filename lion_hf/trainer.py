@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, Lion, _validate_hyperparameters
+from lion_hf.optim.lion import Lion, _validate_hyperparameters, _validate_options
 from lion_hf.param_groups import lion_param_groups
 from lion_hf.training_args import LionTrainingArguments, default_nonfinite_policy
 
-__all__ = ["LionTrainer", "LionFactory", "lion_optimizer_cls_and_kwargs", "lion_optimizers"]
+__all__ = ["LionTrainer", "LionFactory", "lion_optimizer_cls_and_kwargs", "lion_optimizers", "unwrap_optimizer"]
 
 
 def _lion_kwargs(args: TrainingArguments) -> dict[str, Any]:
@@ -35,13 +35,14 @@ def _lion_kwargs(args: TrainingArguments) -> dict[str, Any]:
                 nonfinite_grad=default_nonfinite_policy(args.max_grad_norm))
 
 
-def _unwrap_lion(optimizer: Any) -> Lion | None:
-    """The Lion inside accelerate's / DeepSpeed's optimizer wrappers (several levels deep), if any."""
-    for _ in range(8):
-        if isinstance(optimizer, Lion) or optimizer is None:
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's / DeepSpeed's wrappers (which nest ``.optimizer``)."""
+    for _ in range(8):  # bounded: a wrapper that points at itself must not hang us
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
 
 
 class LionTrainer(Trainer):
@@ -74,8 +75,8 @@ class LionTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # Make skipped steps (nonfinite_grad="skip_step") visible in every logger HF reports to.
-        inner = _unwrap_lion(self.optimizer)
-        if inner is not None and inner.skipped_steps:
+        inner = unwrap_optimizer(self.optimizer)
+        if isinstance(inner, Lion) and inner.skipped_steps:
             logs = {**logs, "lion_skipped_steps": inner.skipped_steps}
         super().log(logs, *args, **kwargs)
 
@@ -108,12 +109,10 @@ def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, A
         raise ValueError(f"unknown Lion arguments {sorted(unknown)}; allowed: {sorted(_LION_KWARGS)}")
     if "lr" not in lion_kwargs:
         raise ValueError("lr is required: HF does not pass args.learning_rate to an optimizer_cls_and_kwargs factory")
-    for name, allowed in (("impl", IMPLS), ("nonfinite_grad", NONFINITE_POLICIES)):
-        if name in lion_kwargs and lion_kwargs[name] not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {lion_kwargs[name]!r}")
     # Fail here, not when the Trainer first builds the optimizer deep inside train().
+    _validate_options(lion_kwargs.get("impl", "auto"), lion_kwargs.get("nonfinite_grad", "skip_elements"))
     _validate_hyperparameters(
-        lion_kwargs.get("lr", 1e-4), lion_kwargs.get("betas", (0.9, 0.99)), lion_kwargs.get("weight_decay", 0.0),
+        lion_kwargs["lr"], lion_kwargs.get("betas", (0.9, 0.99)), lion_kwargs.get("weight_decay", 0.0),
         lion_kwargs.get("state_dtype", "fp32"),
     )
     return LionFactory, dict(lion_kwargs)

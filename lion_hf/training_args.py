@@ -119,7 +119,8 @@ class LionTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.lion_nonfinite_grad is None:
             self.lion_nonfinite_grad = default_nonfinite_policy(self.max_grad_norm)
-        elif use_lion and self.lion_nonfinite_grad == "skip_elements" and (self.max_grad_norm or 0) > 0:
+        elif (use_lion and self.lion_nonfinite_grad == "skip_elements"
+              and default_nonfinite_policy(self.max_grad_norm) == "skip_step"):
             warnings.warn(
                 f"lion_nonfinite_grad='skip_elements' with max_grad_norm={self.max_grad_norm:g}: gradient clipping "
                 "turns one NaN/inf element into NaN or zero gradients everywhere, so a bad step still moves the "

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_sentiment import dict_to_argv, parse_args, run  # noqa: E402
+from finetune_sentiment import dict_to_argv, has_option, parse_args, run  # noqa: E402
 
 from lion_hf.report import write_report  # noqa: E402
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     extra = argv[cut + 1:]
-    if any(a == "--output_dir" or a.startswith("--output_dir=") for a in extra):
+    if has_option(extra, "--output_dir"):
         raise ValueError("--output_dir goes before `--` (each run gets its own folder under it), not after")
 
     config = load_config(args.config)

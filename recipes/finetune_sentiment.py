@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from lion_hf import LionTrainer, LionTrainingArguments
+from lion_hf.trainer import unwrap_optimizer
 from lion_hf.data import load_sentiment_data, tokenize_sentiment_data
 from lion_hf.metrics import compute_metrics_fn
 
@@ -144,11 +145,7 @@ class PeakMemory:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    inner = optimizer
-    for _ in range(8):  # accelerate wraps it; under DeepSpeed, two levels deep
-        if getattr(inner, "optimizer", None) is None:
-            break
-        inner = inner.optimizer
+    inner = unwrap_optimizer(optimizer)
     return sum(
         t.numel() * t.element_size()
         for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0
@@ -255,11 +252,16 @@ def config_to_argv(path: str) -> list[str]:
     return dict_to_argv(config)
 
 
+def has_option(argv: list[str], option: str) -> bool:
+    """Whether ``argv`` sets ``option``, as ``--name value`` or ``--name=value``."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LionTrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_to_argv(argv[0]) + argv[1:]
-    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+    if not has_option(argv, "--output_dir"):
         argv += ["--output_dir", "runs/finetune_sentiment"]
     parser = HfArgumentParser((ModelArguments, DataArguments, LionTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)

@@ -140,11 +140,27 @@ def copy_bandwidth(device: str, numel: int) -> float:
     return 2 * numel * 4 / statistics.median(times) / 1e9
 
 
-def _make(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor], device: str):
+def _start(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor], device: str, warmup: int):
+    """Fresh params + optimizer, first step (timed: it includes any compilation) and warm-up.
+
+    Returns (params, optimizer, first-step seconds, CUDA bytes allocated before): peak memory
+    counts what each optimizer's own params, grads, state and temporaries add.
+    """
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
     params = [torch.nn.Parameter(b.to(device)) for b in base]
     for p, g in zip(params, grads):
         p.grad = g.to(device)
-    return params, factory(params)
+    opt = factory(params)
+    t0 = time.perf_counter()
+    opt.step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        opt.step()
+    _sync(device)
+    return params, opt, first, allocated
 
 
 def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None) -> dict:
@@ -162,34 +178,14 @@ def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_l
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     result = {"profile": name, "tensors": len(shapes), "params": numel, "optimizers": {}}
     factories = optimizer_factories(device, include_for_loop)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
-    _, baseline = _make(factories["adamw_fused"][1], base, grads, device)
-    t0 = time.perf_counter()
-    baseline.step()
-    _sync(device)
-    baseline_first = time.perf_counter() - t0
-    for _ in range(warmup):
-        baseline.step()
-    # Peak memory counts what each optimizer's own params, grads, state and temporaries add.
+    _, baseline, baseline_first, allocated = _start(factories["adamw_fused"][1], base, grads, device, warmup)
     baseline_peak = torch.cuda.max_memory_allocated() - allocated if device == "cuda" else None
     baseline_times: list[float] = []
     for opt_name, (kind, factory) in factories.items():
         if opt_name == "adamw_fused" or (only and opt_name not in only):
             continue
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
         try:
-            params, opt = _make(factory, base, grads, device)
-            t0 = time.perf_counter()
-            opt.step()
-            _sync(device)
-            first = time.perf_counter() - t0
-            for _ in range(warmup):
-                opt.step()
-            _sync(device)
+            params, opt, first, allocated = _start(factory, base, grads, device, warmup)
             times, window = [], []
             for _ in range(steps):
                 window.append(time_step(baseline, device))

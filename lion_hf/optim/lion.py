@@ -375,37 +375,41 @@ def _compiled_lion(
         for i in range(0, len(ps), COMPILE_CHUNK)
     ]
     hyper_by_device: dict[torch.device, Tensor] = {}
-    for n_done, (key, ps, gs, ms) in enumerate(chunks):
-        device, _, _, m_dtype = key
-        hyper = hyper_by_device.get(device)
-        if hyper is None:
-            hyper = torch.tensor([lr, beta1, beta2, weight_decay], dtype=torch.float32).to(device, non_blocking=True)
-            hyper_by_device[device] = hyper
-        if len(ps) < COMPILE_CHUNK:
-            # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
-            # and compile one graph per amount of padding.
-            pad = _padding.get(key)
-            if pad is None:
-                pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)] for dt in key[1:])
-                _padding[key] = pad
-            missing = COMPILE_CHUNK - len(ps)
-            ps, gs, ms = ps + pad[0][:missing], gs + pad[1][:missing], ms + pad[2][:missing]
-        seeds = (
-            torch.randint(0, 1 << 16, (COMPILE_CHUNK,), dtype=torch.int32).to(device, non_blocking=True)
-            if m_dtype == torch.bfloat16 else None
-        )
-        try:
-            # Sizes of equal value must not be unified into one symbol (duck shaping), or the
-            # graph would be specialised to this chunk's pattern of equal sizes.
-            with fx_config.patch(use_duck_shape=False):
+    failure: tuple[int, Exception] | None = None
+    # Sizes of equal value must not be unified into one symbol (duck shaping), or the graph
+    # would be specialised to one chunk's pattern of equal sizes.
+    with fx_config.patch(use_duck_shape=False):
+        for n_done, (key, ps, gs, ms) in enumerate(chunks):
+            device, _, _, m_dtype = key
+            hyper = hyper_by_device.get(device)
+            if hyper is None:
+                hyper = torch.tensor([lr, beta1, beta2, weight_decay], dtype=torch.float32).to(device, non_blocking=True)
+                hyper_by_device[device] = hyper
+            if len(ps) < COMPILE_CHUNK:
+                # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
+                # and compile one graph per amount of padding.
+                pad = _padding.get(key)
+                if pad is None:
+                    pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)] for dt in key[1:])
+                    _padding[key] = pad
+                missing = COMPILE_CHUNK - len(ps)
+                ps, gs, ms = ps + pad[0][:missing], gs + pad[1][:missing], ms + pad[2][:missing]
+            seeds = (
+                torch.randint(0, 1 << 16, (COMPILE_CHUNK,), dtype=torch.int32).to(device, non_blocking=True)
+                if m_dtype == torch.bfloat16 else None
+            )
+            try:
                 step(ps, gs, ms, hyper, seeds, maximize, cautious, skip_nonfinite)
-        except Exception as exc:
-            if fallback is None:
-                raise
-            # Compilation fails before the graph runs, so this chunk and the rest are untouched.
-            rest = [c[1:] for c in chunks[n_done:]] + [leftovers]
-            fallback(*([t for part in rest for t in part[i]] for i in range(3)), exc)
-            return
+            except Exception as exc:
+                if fallback is None:
+                    raise
+                failure = (n_done, exc)
+                break
+    if failure is not None:
+        # Compilation fails before the graph runs, so that chunk and the rest are untouched.
+        rest = [c[1:] for c in chunks[failure[0]:]] + [leftovers]
+        fallback(*([t for part in rest for t in part[i]] for i in range(3)), failure[1])
+        return
     if leftovers[0]:
         _for_loop_lion(*leftovers, **kwargs)
 
@@ -593,10 +597,7 @@ class Lion(Optimizer):
                 raise ValueError(f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
             lr = float(lr)
         _validate_hyperparameters(lr, betas, weight_decay, state_dtype)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if nonfinite_grad not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
+        _validate_options(impl, nonfinite_grad)
         defaults = dict(
             lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, cautious=cautious,
             state_dtype=state_dtype,
@@ -767,6 +768,13 @@ def _validate_hyperparameters(lr: Any, betas: Any, weight_decay: Any, state_dtyp
         raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}, got {state_dtype!r}")
+
+
+def _validate_options(impl: Any, nonfinite_grad: Any) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if nonfinite_grad not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
 
 
 def _validate_param(p: Tensor) -> None:
