@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["select_best", "summarize", "write_report"]
+__all__ = ["select_best", "setup_of", "summarize", "write_report"]
 
 # (key in the summary, label in the table, format)
 _COLUMNS = [
@@ -34,7 +34,13 @@ _COLUMNS = [
     ("train_samples_per_second", "samples/s", "{:.1f}"),
     ("peak_memory_mb", "peak mem MB", "{:.0f}"),
     ("optimizer_state_mb", "opt state MB", "{:.1f}"),
+    ("bytes_per_param", "weights+grads+state B/param", "{:.2f}"),
 ]
+
+
+def setup_of(run: dict[str, Any]) -> str:
+    """What a run is compared as: its named setup (e.g. ``lion_bf16``), else its optimizer."""
+    return run.get("setup") or run["optimizer"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,6 +62,7 @@ def _run_numbers(run: dict[str, Any]) -> dict[str, float | None]:
         "train_samples_per_second": run["train_samples_per_second"],
         "peak_memory_mb": run["peak_memory_bytes"] / 2**20,
         "optimizer_state_mb": run["optimizer_state_bytes"] / 2**20,
+        "bytes_per_param": (run.get("bytes_per_param") or {}).get("total"),
     }
 
 
@@ -64,7 +71,7 @@ def select_best(runs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]
     best mean best-eval-accuracy."""
     grid: dict[str, dict[tuple[float, float], list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        grid[run["optimizer"]][(run["learning_rate"], run["weight_decay"])].append(run)
+        grid[setup_of(run)][(run["learning_rate"], run["weight_decay"])].append(run)
     best = {}
     for optimizer, by_point in grid.items():
         point = max(by_point, key=lambda k: statistics.fmean(r["best_eval_accuracy"] for r in by_point[k]))
@@ -92,7 +99,7 @@ def summarize(runs: list[dict[str, Any]], target_accuracy: float | None = None) 
         }
     grid: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
-        grid[(run["optimizer"], run["learning_rate"], run["weight_decay"])].append(run["best_eval_accuracy"])
+        grid[(setup_of(run), run["learning_rate"], run["weight_decay"])].append(run["best_eval_accuracy"])
     for (optimizer, lr, wd), accs in sorted(grid.items()):
         mean, std = _mean_std(accs)
         summary["grid"].append({"optimizer": optimizer, "learning_rate": lr, "weight_decay": wd,

@@ -110,7 +110,8 @@ def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, A
     if "lr" not in lion_kwargs:
         raise ValueError("lr is required: HF does not pass args.learning_rate to an optimizer_cls_and_kwargs factory")
     # Fail here, not when the Trainer first builds the optimizer deep inside train().
-    _validate_options(lion_kwargs.get("impl", "auto"), lion_kwargs.get("nonfinite_grad", "skip_elements"))
+    _validate_options(lion_kwargs.get("impl", "auto"), lion_kwargs.get("nonfinite_grad", "skip_elements"),
+                      lion_kwargs.get("param_rounding", "stochastic"))
     _validate_hyperparameters(
         lion_kwargs["lr"], lion_kwargs.get("betas", (0.9, 0.99)), lion_kwargs.get("weight_decay", 0.0),
         lion_kwargs.get("state_dtype", "fp32"),

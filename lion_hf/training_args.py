@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, STATE_DTYPES
+from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = ["LION_OPTIM", "LionTrainingArguments", "default_nonfinite_policy", "scale_from_adamw"]
 
@@ -68,6 +68,9 @@ class LionTrainingArguments(TrainingArguments):
         lion_beta2: momentum decay (default 0.99).
         lion_impl: ``auto`` | ``for_loop`` | ``foreach`` | ``compiled`` | ``triton`` (see ``Lion``).
         lion_state_dtype: ``fp32`` or ``bf16`` momentum (bf16 is stochastically rounded).
+        lion_param_rounding: how bf16/fp16 weights store each step: ``stochastic`` (default,
+            unbiased, no memory), ``kahan`` (compensation buffer, +2 bytes/param) or ``nearest``
+            (drops steps under half an ulp). Irrelevant for fp32 weights.
         lion_cautious: cautious variant (update only where it agrees with the gradient).
         lion_nonfinite_grad: ``skip_elements`` | ``skip_step`` | ``raise`` | ``propagate``.
             Unset, it is ``skip_step`` when gradients are clipped (``max_grad_norm > 0``, HF's
@@ -92,6 +95,12 @@ class LionTrainingArguments(TrainingArguments):
     )
     lion_state_dtype: str = field(
         default="fp32", metadata={"help": f"Momentum dtype, one of {tuple(STATE_DTYPES)} (bf16 halves state memory)."}
+    )
+    lion_param_rounding: str = field(
+        default="stochastic",
+        metadata={"help": f"How bf16/fp16 weights store each Lion step, one of {PARAM_ROUNDINGS}: 'stochastic' "
+                          "(unbiased, no memory), 'kahan' (+2 bytes/param), 'nearest' (drops steps under half "
+                          "an ulp). fp32 weights are exact whatever is chosen."},
     )
     lion_cautious: bool = field(
         default=False, metadata={"help": "Cautious Lion: apply the update only where it agrees with the gradient."}
@@ -127,7 +136,8 @@ class LionTrainingArguments(TrainingArguments):
                 "weights (through momentum and weight decay). 'skip_step' skips such steps whole.",
                 stacklevel=2,
             )
-        choices = {"lion_impl": IMPLS, "lion_state_dtype": tuple(STATE_DTYPES), "lion_nonfinite_grad": NONFINITE_POLICIES}
+        choices = {"lion_impl": IMPLS, "lion_state_dtype": tuple(STATE_DTYPES), "lion_nonfinite_grad": NONFINITE_POLICIES,
+                   "lion_param_rounding": PARAM_ROUNDINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -157,6 +167,7 @@ class LionTrainingArguments(TrainingArguments):
             weight_decay=self.weight_decay,
             cautious=self.lion_cautious,
             state_dtype=self.lion_state_dtype,
+            param_rounding=self.lion_param_rounding,
             nonfinite_grad=self.lion_nonfinite_grad,
             impl=self.lion_impl,
         )

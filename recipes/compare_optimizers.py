@@ -45,18 +45,27 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """(optimizer, lr, weight_decay) for every grid point, Lion's possibly scaled from AdamW's."""
+def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, str, float, float, dict[str, Any]]]:
+    """(setup, optimizer, lr, weight_decay, extra run arguments) for every grid point.
+
+    Each entry of ``optimizers`` is a setup: its key names it in the report; ``optim`` (default:
+    the key) is ``lion`` or ``adamw``; ``args`` are extra arguments for its runs (e.g.
+    ``model_dtype: bfloat16``). Lion's grid may be scaled from AdamW's (``scale_from_adamw: k``).
+    """
     specs = config["optimizers"]
     grid = []
     for name, spec in specs.items():
-        if name not in ("lion", "adamw"):
-            raise ValueError(f"optimizers: unknown optimizer {name!r}; use 'lion' and/or 'adamw'")
         if not isinstance(spec, dict) or not ("learning_rate" in spec or "scale_from_adamw" in spec):
             raise ValueError(f"optimizers.{name}: needs a learning_rate list (or, for lion, scale_from_adamw)")
+        optim = spec.get("optim", name)
+        if optim not in ("lion", "adamw"):
+            raise ValueError(f"optimizers.{name}: unknown optimizer {optim!r}; optim must be 'lion' or 'adamw'")
+        extra = spec.get("args", {})
+        if not isinstance(extra, dict):
+            raise ValueError(f"optimizers.{name}.args: expected a mapping of run arguments, got {type(extra).__name__}")
         if "scale_from_adamw" in spec:
             if "adamw" not in specs:
-                raise ValueError("optimizers.lion.scale_from_adamw needs an adamw entry to scale from")
+                raise ValueError(f"optimizers.{name}.scale_from_adamw needs an adamw entry to scale from")
             k = float(spec["scale_from_adamw"])
             lrs = [float(lr) / k for lr in _as_list(specs["adamw"]["learning_rate"])]
             wd = float(specs["adamw"].get("weight_decay", 0.0)) * k
@@ -65,7 +74,7 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, float, float]]:
             wd = float(spec.get("weight_decay", 0.0))
         if not lrs:
             raise ValueError(f"optimizers.{name}: the learning_rate grid is empty")
-        grid += [(name, lr, wd) for lr in lrs]
+        grid += [(name, optim, lr, wd, extra) for lr in lrs]
     return grid
 
 
@@ -97,12 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
     runs = []
     started = time.perf_counter()
-    for name, lr, wd in optimizer_grid(config):
+    for name, optim, lr, wd, setup_args in optimizer_grid(config):
         for seed in seeds:
             run_dir = out / f"{name}_lr{lr:g}_seed{seed}"
-            argv_run = dict_to_argv(common) + [
-                "--optim", name, "--learning_rate", str(lr), "--weight_decay", str(wd), "--seed", str(seed),
-                "--output_dir", str(run_dir), *extra,
+            argv_run = dict_to_argv({**common, **setup_args}) + [
+                "--optim", optim, "--learning_rate", str(lr), "--weight_decay", str(wd), "--seed", str(seed),
+                "--run_name", name, "--output_dir", str(run_dir), *extra,
             ]
             print(f"[compare] {name} lr={lr:g} wd={wd:g} seed={seed}", flush=True)
             record = run(*parse_args(argv_run))

@@ -17,6 +17,7 @@ which ``recipes/compare_optimizers.py`` turns into a report.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -56,6 +57,19 @@ class ModelArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
     lora_target_modules: str = field(
         default="query,value", metadata={"help": "Comma-separated module names that get adapters."}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype the weights are loaded and stored in: float32, bfloat16 or float16. bfloat16 is "
+                          "pure-bf16 training: bf16 weights, bf16 gradients, no fp32 master copy (Lion keeps every "
+                          "step through --lion_param_rounding). HF's --bf16 (autocast over fp32 weights) is separate."},
+    )
+    forward_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Dtype the forward/backward computes in (default: model_dtype). 'float32' with a bf16 "
+                          "model keeps bf16 weights, gradients and optimizer exactly as in pure bf16 but upcasts "
+                          "each weight for the matmuls: for CPUs without native bf16 matmuls, where they are ~60x "
+                          "slower than fp32."},
     )
 
 
@@ -152,12 +166,84 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
+class TrainingBytesCallback(TrainerCallback):
+    """Counts, from the tensors themselves, the bytes of weights, gradients and optimizer state
+    at the first optimizer step (when every gradient exists and the state has been created)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.counts is not None or model is None or optimizer is None:
+            return
+        params = list(model.parameters())
+        self.counts = {
+            "params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        }
+
+
+def bytes_per_param(counts: dict[str, int] | None) -> dict[str, float] | None:
+    """Weights + gradients + optimizer state, each per model parameter."""
+    if not counts or not counts["params"]:
+        return None
+    n = counts["params"]
+    per = {key.replace("_bytes", ""): counts[key] / n for key in ("weight_bytes", "grad_bytes", "optimizer_state_bytes")}
+    per["total"] = sum(per.values())
+    return per
+
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_arg(name: str, value: str) -> torch.dtype:
+    if value not in MODEL_DTYPES:
+        raise ValueError(f"--{name} must be one of {tuple(MODEL_DTYPES)}, got {value!r}")
+    return MODEL_DTYPES[value]
+
+
+def upcast_forward(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run ``model``'s forward on ``dtype`` copies of its weights, keeping the stored weights.
+
+    The casts are part of the autograd graph, so each gradient arrives in its weight's own
+    dtype (bf16 for a bf16 model) and the optimizer sees exactly what it sees in pure
+    low-precision training; only the arithmetic (and a transient copy of the weights) is wider.
+    """
+    from torch.func import functional_call
+
+    inner_forward = model.forward
+    inside = threading.local()
+
+    @functools.wraps(inner_forward)  # the Trainer reads forward's signature to pick its input columns
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if getattr(inside, "active", False):  # functional_call calls model.forward again
+            return inner_forward(*args, **kwargs)
+        wide = {name: t.to(dtype) if t.is_floating_point() else t
+                for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        inside.active = True
+        try:
+            return functional_call(model, wide, args, kwargs)
+        finally:
+            inside.active = False
+
+    model.forward = forward
+
+
 def build_model(model_args: ModelArguments, num_labels: int, label_names: list[str]):
     path = resolve_model_path(model_args.model_name_or_path)
+    dtype = _dtype_arg("model_dtype", model_args.model_dtype)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
+        label2id={name: i for i, name in enumerate(label_names)}, dtype=dtype,
     )
+    # The new classifier head is created in the default dtype: pure low precision means every weight.
+    model.to(dtype)
+    forward_dtype = _dtype_arg("forward_dtype", model_args.forward_dtype or model_args.model_dtype)
+    if forward_dtype != dtype:
+        upcast_forward(model, forward_dtype)
     if model_args.use_peft:
         from peft import LoraConfig, get_peft_model
 
@@ -169,7 +255,8 @@ def build_model(model_args: ModelArguments, num_labels: int, label_names: list[s
     return model
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments) -> dict[str, Any]:
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments,
+        extra_callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Train and evaluate once; returns (and writes to output_dir/run.json) the run record."""
     set_seed(training_args.seed)
     data = load_sentiment_data(
@@ -184,10 +271,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
     set_seed(training_args.seed)  # the same classifier-head init for every optimizer
     model = build_model(model_args, data.num_labels, data.label_names)
     history = HistoryCallback()
+    training_bytes = TrainingBytesCallback()
     trainer = LionTrainer(
         model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_fn(data.num_labels),
-        callbacks=[history],
+        callbacks=[history, training_bytes, *(extra_callbacks or [])],
     )
     with PeakMemory() as memory:
         train_output = trainer.train()
@@ -197,8 +285,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
                              **{k: float(v) for k, v in final_eval.items() if k.startswith("eval_")}})
     reached = next((e for e in history.eval if e["eval_accuracy"] >= data_args.target_accuracy), None)
     optim = getattr(training_args.optim, "value", training_args.optim)  # HF turns its names into an enum
+    optimizer_name = "lion" if optim == "lion" else "adamw" if optim == "adamw_torch_fused" else optim
     record = {
-        "optimizer": "lion" if optim == "lion" else "adamw" if optim == "adamw_torch_fused" else optim,
+        "optimizer": optimizer_name,
+        # What the report groups by: compare_optimizers.py names each setup (optimizer + its arguments).
+        "setup": training_args.run_name or optimizer_name,
+        "model_dtype": model_args.model_dtype,
+        "forward_dtype": model_args.forward_dtype or model_args.model_dtype,
+        "lion_param_rounding": training_args.lion_param_rounding if optim == "lion" else None,
+        "lion_state_dtype": training_args.lion_state_dtype if optim == "lion" else None,
         "seed": training_args.seed,
         "learning_rate": training_args.learning_rate,
         "weight_decay": training_args.weight_decay,
@@ -220,6 +315,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
         "peak_memory_bytes": memory.peak,
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss",
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "training_bytes": training_bytes.counts,
+        "bytes_per_param": bytes_per_param(training_bytes.counts),
         "device": str(training_args.device),
         "world_size": training_args.world_size,
     }

@@ -116,6 +116,10 @@ def test_compare_config_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"optimizers": {"sgd": {"learning_rate": [0.1]}}}))
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+    bad.write_text(yaml.safe_dump({"optimizers": {"lion_bf16": {"optim": "lion", "learning_rate": [1e-4],
+                                                                "args": ["model_dtype", "bfloat16"]}}}))
+    with pytest.raises(ValueError, match="args: expected a mapping"):
+        compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
     bad.write_text(yaml.safe_dump({"optimizers": {"lion": {"scale_from_adamw": 3}}}))
     with pytest.raises(ValueError, match="needs an adamw entry"):
         compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
@@ -139,6 +143,64 @@ def test_output_dir_in_either_spelling_is_kept():
 def test_shipped_configs_parse():
     for path in sorted((RECIPES / "configs").glob("*.yaml")):
         grid = compare_optimizers.optimizer_grid(compare_optimizers.load_config(path))
-        assert {name for name, _, _ in grid} == {"adamw", "lion"}, path
+        assert {optim for _, optim, *_ in grid} == {"adamw", "lion"}, path
         common = compare_optimizers.load_config(path)["common"]
-        finetune_sentiment.parse_args(finetune_sentiment.dict_to_argv({**common, "output_dir": "unused"}))
+        for _, _, _, _, setup_args in grid:
+            finetune_sentiment.parse_args(
+                finetune_sentiment.dict_to_argv({**common, **setup_args, "output_dir": "unused"}))
+
+
+@pytest.mark.parametrize("forward_dtype", [None, "float32"])
+def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
+        tiny_model_dir, tiny_data_dir, tmp_path, forward_dtype):
+    args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "bf16"), "num_train_epochs": 1,
+            "model_dtype": "bfloat16", "lion_state_dtype": "bf16", "forward_dtype": forward_dtype}
+    model_args, data_args, training_args = finetune_sentiment.parse_args(
+        finetune_sentiment.dict_to_argv(args) + ["--optim", "lion", "--learning_rate", "3e-3"])
+    seen = {}
+
+    class Spy(finetune_sentiment.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            seen.setdefault("dtypes", {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters()})
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["start"] = [p.detach().clone() for p in model.parameters()]
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            seen["end"] = [p.detach().clone() for p in model.parameters()]
+
+    record = finetune_sentiment.run(model_args, data_args, training_args, extra_callbacks=[Spy()])
+    assert seen["dtypes"] == {torch.bfloat16}, "weights and gradients must all be bf16: no fp32 master copy"
+    per = record["bytes_per_param"]
+    assert (per["weight"], per["grad"], per["optimizer_state"], per["total"]) == (2.0, 2.0, 2.0, 6.0)
+    moved = sum(int((a != b).sum()) for a, b in zip(seen["start"], seen["end"]))
+    assert moved > 0.5 * sum(a.numel() for a in seen["start"]), "most bf16 weights should have moved"
+    assert record["model_dtype"] == "bfloat16" and record["lion_param_rounding"] == "stochastic"
+
+
+def test_fp32_adamw_counts_sixteen_bytes_per_param_and_bad_dtypes_are_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "adamw"), "num_train_epochs": 1, "max_train_samples": 8}
+    record = finetune_sentiment.main(finetune_sentiment.dict_to_argv(args) + ["--optim", "adamw"])
+    assert record["bytes_per_param"]["total"] == pytest.approx(16.0, abs=0.01)  # + a step counter per tensor
+    with pytest.raises(ValueError, match="--model_dtype must be one of"):
+        finetune_sentiment.main(finetune_sentiment.dict_to_argv({**args, "model_dtype": "bf16"}))
+
+
+def test_compare_setups_carry_their_own_arguments(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = tmp_path / "setups.yaml"
+    common = {**common_args(tiny_model_dir, tiny_data_dir, "unused"), "num_train_epochs": 1}
+    del common["output_dir"]
+    config.write_text(yaml.safe_dump({
+        "seeds": [0], "common": common,
+        "optimizers": {"lion": {"learning_rate": [3e-3]},
+                       "lion_bf16": {"optim": "lion", "learning_rate": [3e-3],
+                                     "args": {"model_dtype": "bfloat16", "lion_state_dtype": "bf16"}}},
+    }))
+    out = tmp_path / "out"
+    paths = compare_optimizers.main([str(config), "--output_dir", str(out)])
+    report = json.loads(paths["json"].read_text())
+    assert set(report["summary"]["optimizers"]) == {"lion", "lion_bf16"}
+    by_setup = {r["setup"]: r for r in report["runs"]}
+    assert by_setup["lion_bf16"]["bytes_per_param"]["total"] == 6.0
+    assert by_setup["lion"]["bytes_per_param"]["total"] == 12.0  # fp32 weights, grads and momentum
+    assert "| weights+grads+state B/param |" in paths["markdown"].read_text()

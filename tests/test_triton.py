@@ -53,6 +53,8 @@ DEVICE = torch.device("cpu" if lion_triton._INTERPRET else "cuda")
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or lion_triton._INTERPRET, reason="needs a CUDA GPU (compiled)")
 
 ROUND = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+# bf16/fp16 params are rounded stochastically by default: to either neighbour, up to one ulp away.
+PARAM_ROUND = {"stochastic": {torch.float32: 2**-24, torch.bfloat16: 2**-7, torch.float16: 2**-10}, "nearest": ROUND}
 STOCHASTIC_ROUND = 2**-7
 ARITH = 1e-6
 SUBNORMAL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2**-25}
@@ -78,7 +80,7 @@ def _grads(ps, gen, scale=0.1):
 
 
 def _check_against_reference(p0, g, m0, p1, m1, *, lr, beta1, beta2, weight_decay, maximize, cautious,
-                             skip_nonfinite, what=""):
+                             skip_nonfinite, param_rounding="stochastic", what=""):
     """Compare one kernel step (p0, g, m0) -> (p1, m1) with the float64 reference."""
     ref_p, ref_m = lion_reference_step(
         p0, g, m0, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
@@ -94,7 +96,8 @@ def _check_against_reference(p0, g, m0, p1, m1, *, lr, beta1, beta2, weight_deca
         p_terms = p64.abs() * abs(1 - lr * weight_decay) + lr * torch.nan_to_num(u, posinf=0.0)
         m_terms = beta2 * m64.abs() + (1 - beta2) * g64.abs()
     stochastic = m1.dtype == torch.bfloat16
-    _assert_within(p1, ref_p, ROUND[p1.dtype], p_terms, SUBNORMAL[p1.dtype], ~ambiguous, f"{what} param")
+    _assert_within(p1, ref_p, PARAM_ROUND[param_rounding][p1.dtype], p_terms, SUBNORMAL[p1.dtype], ~ambiguous,
+                   f"{what} param")
     _assert_within(m1, ref_m, STOCHASTIC_ROUND if stochastic else ROUND[m1.dtype], m_terms, 0.0, None,
                    f"{what} exp_avg")
 
@@ -271,7 +274,7 @@ def test_param_store_rounds_half_to_even(dtype, half_ulp):
     p = torch.tensor([1.0, 1.0 + 2 * half_ulp, -1.0, -(1.0 + 2 * half_ulp)], dtype=dtype, device=DEVICE)
     g = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=DEVICE)
     m = torch.zeros(4, device=DEVICE)
-    triton_lion_([p], [g], [m], lr=half_ulp, beta1=0.9, beta2=0.99, weight_decay=0.0, **_flags())
+    triton_lion_([p], [g], [m], lr=half_ulp, beta1=0.9, beta2=0.99, weight_decay=0.0, param_rounding="nearest", **_flags())
     # ties go to the neighbour with an even last mantissa bit
     expected = torch.tensor([1.0, 1.0 + 4 * half_ulp, -1.0, -(1.0 + 4 * half_ulp)], dtype=dtype)
     assert torch.equal(p.cpu(), expected)
@@ -488,34 +491,54 @@ variants = [
                                      SKIP_NONFINITE=True, STOCHASTIC=False, ALIGNED=True, **tile)),
     (lt._agree_count_kernel, count_sig, dict(P_DTYPE=tl.float32, M_DTYPE=tl.bfloat16, MAXIMIZE=False,
                                              ALIGNED=True, **tile)),
+    # low-precision weights: stochastic rounding (the default) and Kahan, for bf16 and fp16
+    (lt._lion_kernel, step_sig, dict(P_DTYPE=tl.bfloat16, M_DTYPE=tl.bfloat16, MAXIMIZE=False, CAUTIOUS=False,
+                                     SKIP_NONFINITE=True, STOCHASTIC=True, ALIGNED=True, P_STOCHASTIC=True,
+                                     KAHAN=False, **tile)),
+    (lt._lion_kernel, step_sig, dict(P_DTYPE=tl.float16, M_DTYPE=tl.float32, MAXIMIZE=False, CAUTIOUS=False,
+                                     SKIP_NONFINITE=True, STOCHASTIC=False, ALIGNED=True, P_STOCHASTIC=True,
+                                     KAHAN=False, **tile)),
+    (lt._lion_kernel, step_sig, dict(P_DTYPE=tl.bfloat16, M_DTYPE=tl.float32, MAXIMIZE=False, CAUTIOUS=True,
+                                     SKIP_NONFINITE=True, STOCHASTIC=False, ALIGNED=True, P_STOCHASTIC=False,
+                                     KAHAN=True, **tile)),
+    (lt._lion_kernel, step_sig, dict(P_DTYPE=tl.float16, M_DTYPE=tl.bfloat16, MAXIMIZE=False, CAUTIOUS=False,
+                                     SKIP_NONFINITE=True, STOCHASTIC=True, ALIGNED=False, P_STOCHASTIC=False,
+                                     KAHAN=True, **tile)),
 ]
-for kernel, sig, consts in variants:
-    sig = dict(sig, **{k: "constexpr" for k in consts})
-    try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": lt._NUM_WARPS})
-    except Exception as e:
-        if "ptxas" in str(e).lower():
-            print("NO_PTXAS", e)
-            sys.exit(0)
-        raise
-    ptx = compiled.asm["ptx"]
-    if consts["ALIGNED"] and kernel is lt._lion_kernel:
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, "aligned full blocks must use 16-byte accesses"
-print("COMPILED", len(variants))
+targets = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
+compiled_count = 0
+for target in targets:
+    for kernel, sig, consts in variants:
+        if kernel is lt._lion_kernel:
+            consts = {"P_STOCHASTIC": False, "KAHAN": False, **consts}
+        sig = dict(sig, **{k: "constexpr" for k in consts})
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                      target=target, options={"num_warps": lt._NUM_WARPS})
+        except Exception as e:
+            if "ptxas" in str(e).lower():
+                print("NO_PTXAS", e)
+                sys.exit(0)
+            raise
+        compiled_count += 1
+        ptx = compiled.asm["ptx"]
+        if consts["ALIGNED"] and kernel is lt._lion_kernel:
+            assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, "aligned full blocks must use 16-byte accesses"
+print("COMPILED", compiled_count)
 """
 
 
 def test_kernels_compile_for_cuda_without_a_gpu():
-    """The compiled (non-interpreted) path, built for sm_90 with triton's bundled ptxas: it must
-    compile, and aligned full blocks must get 16-byte vector loads and stores."""
+    """The compiled (non-interpreted) path, built for sm_80 and sm_90 with triton's bundled ptxas:
+    every variant (low-precision weight rounding included) must compile, and aligned full
+    blocks must get 16-byte vector loads and stores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], check=False, capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     if "NO_PTXAS" in result.stdout:
         pytest.skip(f"triton cannot run ptxas here: {result.stdout.strip()[:200]}")
-    assert "COMPILED 4" in result.stdout
+    assert "COMPILED 16" in result.stdout  # 8 variants x (sm_80, sm_90)
 
 
 def test_import_lion_hf_does_not_import_triton():

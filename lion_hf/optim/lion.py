@@ -10,8 +10,12 @@ step to flat lists of tensors and dispatches on ``impl`` to one of
 * ``_triton_lion``    - the fused multi-tensor Triton kernel (``lion_hf/optim/triton.py``,
   imported only when used).
 
-Every implementation computes in fp32 whatever the storage dtype, and all of them share
-the state layout (``state[p]["exp_avg"]``) so a checkpoint moves freely between them.
+All four run the same per-tensor arithmetic (``_lion_tensor``; foreach spells it in
+``_foreach_*`` ops, the Triton kernel in registers) in fp32 whatever the storage dtype, and
+store a bf16/fp16 result the same way (``param_rounding``: stochastic rounding by default,
+Kahan-compensated, or round-to-nearest; a bf16 momentum is always rounded stochastically).
+They share the state layout (``state[p]["exp_avg"]`` and, under Kahan, ``"kahan_comp"``), so a
+checkpoint moves freely between them.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["Lion", "lion", "IMPLS", "NONFINITE_POLICIES", "STATE_DTYPES", "resolve_impl"]
+__all__ = ["Lion", "lion", "IMPLS", "NONFINITE_POLICIES", "PARAM_ROUNDINGS", "STATE_DTYPES", "resolve_impl"]
 
 IMPLS = ("auto", "for_loop", "foreach", "compiled", "triton")
 NONFINITE_POLICIES = ("skip_elements", "skip_step", "raise", "propagate")
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# How a bf16/fp16 param stores its new fp32 value (fp32 params are exact whatever is chosen).
+# Lion moves every element by exactly lr, which is under half an ulp of a bf16 weight above
+# about 2**8 * lr: round-to-nearest ("nearest") then drops the step. "stochastic" rounds up or
+# down with probability given by the distance (unbiased, no memory); "kahan" keeps the rounding
+# residual in a compensation tensor of the param's dtype (state "kahan_comp", +2 bytes/param).
+PARAM_ROUNDINGS = ("stochastic", "kahan", "nearest")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Below this many parameter elements "auto" on CPU prefers foreach: the compiled path pays a
@@ -88,16 +98,94 @@ def _stochastic_round_to_bf16(x: Tensor, seed: Tensor | int) -> Tensor:
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), noisy.view(torch.float32).to(torch.bfloat16))
 
 
+def _stochastic_round_to_fp16(x: Tensor, seed: Tensor | int) -> Tensor:
+    """Round a contiguous fp32 tensor to fp16 stochastically (unbiased to 2**-16 of an ulp).
+
+    fp16 is not the top half of fp32's bits, so the two fp16 neighbours of ``x`` are found
+    explicitly: its round-to-nearest value, and the next fp16 value past it towards ``x`` (one
+    step of the 16-bit pattern, which is monotone in magnitude). The far neighbour is taken with
+    probability distance / spacing. NaN, inf and exactly representable values are kept.
+    """
+    near = x.to(torch.float16)
+    near32 = near.float()
+    step = torch.where(x.abs() > near32.abs(), 1, -1).to(torch.int16)
+    other32 = (near.view(torch.int16) + step).view(torch.float16).float()
+    prob = (x - near32) / (other32 - near32)  # in [0, 1/2]; NaN when x is NaN/inf (keeps near)
+    uniform = _random_bits16(x.numel(), seed, x.device).view(x.shape).float() * 2.0**-16
+    return torch.where(uniform < prob, other32, near32).to(torch.float16)
+
+
+def _round_to(x32: Tensor, dtype: torch.dtype, seed: Tensor | int | None) -> Tensor:
+    """fp32 values as ``dtype``: exact for fp32, stochastic with ``seed``, else round-to-nearest."""
+    if dtype == torch.float32:
+        return x32
+    if seed is None:
+        return x32.to(dtype)
+    x32 = x32.contiguous()
+    if dtype == torch.bfloat16:
+        return _stochastic_round_to_bf16(x32, seed)
+    return _stochastic_round_to_fp16(x32, seed)
+
+
 def _new_seed() -> int:
     """A fresh stochastic-rounding seed from torch's default generator (so manual_seed reproduces)."""
     return int(torch.randint(0, 1 << 16, (1,)))
 
 
-def _store_momentum(dst: Tensor, value32: Tensor) -> None:
-    if dst.dtype == torch.bfloat16:
-        dst.copy_(_stochastic_round_to_bf16(value32.contiguous(), _new_seed()))
-    else:
-        dst.copy_(value32)
+def _seeds_for(p: Tensor, m: Tensor, param_rounding: str) -> tuple[int | None, int | None]:
+    """Stochastic-rounding seeds (param, momentum) for one tensor of an eager impl; None = not rounded so."""
+    p_seed = _new_seed() if p.dtype != torch.float32 and param_rounding == "stochastic" else None
+    m_seed = _new_seed() if m.dtype == torch.bfloat16 else None
+    return p_seed, m_seed
+
+
+def _lion_tensor(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    comp: Tensor | None,
+    lr: Any,
+    decay: Any,
+    beta1: Any,
+    beta2: Any,
+    p_seed: Tensor | int | None,
+    m_seed: Tensor | int | None,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+) -> None:
+    """The one per-tensor Lion update, in place (for_loop runs it eagerly, compiled fuses it).
+
+    Computes in fp32 whatever the storage. ``decay`` is ``1 - lr * weight_decay``. The weight
+    being optimised is ``p + comp`` under Kahan summation (``comp`` holds what the last store
+    of ``p`` rounded away), else ``p``. ``p_seed`` / ``m_seed`` choose stochastic rounding of
+    the new param / momentum (None: round-to-nearest). Scalars may be floats or 0-d tensors.
+    """
+    g32 = g.float()
+    if maximize:
+        g32 = -g32
+    m32 = m.float()
+    p32 = p.float()
+    w32 = p32 if comp is None else p32 + comp.float()
+    update = torch.sign(m32 * beta1 + g32 * (1.0 - beta1))
+    if cautious:
+        update = _cautious_update(update, g32)
+    new_w = w32 * decay - update * lr
+    new_m = m32 * beta2 + g32 * (1.0 - beta2)
+    new_p = _round_to(new_w, p.dtype, p_seed)
+    new_comp = None if comp is None else (new_w - new_p.float()).to(comp.dtype)
+    new_m = _round_to(new_m, m.dtype, m_seed)
+    if skip_nonfinite:
+        # After rounding, so that a skipped element keeps its stored bits (and residual) exactly.
+        ok = torch.isfinite(g32)
+        new_p = torch.where(ok, new_p, p)
+        new_m = torch.where(ok, new_m, m)
+        if comp is not None:
+            new_comp = torch.where(ok, new_comp, comp)
+    p.copy_(new_p)
+    m.copy_(new_m)
+    if comp is not None:
+        comp.copy_(new_comp)
 
 
 def _cautious_update(update: Tensor, grad: Tensor) -> Tensor:
@@ -155,67 +243,63 @@ def _for_loop_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
     *,
     lr: float,
+    decay: float,
     beta1: float,
     beta2: float,
-    weight_decay: float,
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
+    param_rounding: str,
 ) -> None:
-    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+    for param, grad, exp_avg, comp in zip(params, grads, exp_avgs, kahan_comps):
         p, g, m = _local(param), _local(grad), _local(exp_avg)
         if p.numel() == 0:
             continue
-        g32 = g.float()
-        if maximize:
-            g32 = -g32
-        m32 = m.float()
-        p32 = p.float()
-        update = torch.sign(m32 * beta1 + g32 * (1.0 - beta1))
-        if cautious:
-            update = _cautious_update(update, g32)
-        new_p = p32 * (1.0 - lr * weight_decay) - update * lr
-        new_m = m32 * beta2 + g32 * (1.0 - beta2)
-        if skip_nonfinite:
-            ok = torch.isfinite(g32)
-            new_p = torch.where(ok, new_p, p32)
-            new_m = torch.where(ok, new_m, m32)
-        p.copy_(new_p)
-        _store_momentum(m, new_m)
+        p_seed, m_seed = _seeds_for(p, m, param_rounding)
+        _lion_tensor(p, g, m, None if comp is None else _local(comp), lr, decay, beta1, beta2, p_seed, m_seed,
+                     maximize, cautious, skip_nonfinite)
 
 
 def _foreach_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
     *,
     lr: float,
+    decay: float,
     beta1: float,
     beta2: float,
-    weight_decay: float,
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
+    param_rounding: str,
 ) -> None:
-    buckets: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[], [], []])
-    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+    """The arithmetic in ``torch._foreach_*`` ops per (device, dtypes) bucket; a low-precision
+    param or momentum is then stored tensor by tensor with :func:`_round_to` (and its residual)."""
+    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], []])
+    for param, grad, exp_avg, comp in zip(params, grads, exp_avgs, kahan_comps):
         p, g, m = _local(param), _local(grad), _local(exp_avg)
         if p.numel() == 0:
             continue
-        bucket = buckets[(p.device, p.dtype, m.dtype)]
-        bucket[0].append(p)
-        bucket[1].append(g)
-        bucket[2].append(m)
+        bucket = buckets[(p.device, p.dtype, m.dtype, comp is not None)]
+        for lst, t in zip(bucket, (p, g, m, None if comp is None else _local(comp))):
+            lst.append(t)
 
-    for (_, p_dtype, m_dtype), (ps, gs, ms) in buckets.items():
+    for (_, p_dtype, m_dtype, kahan), (ps, gs, ms, cs) in buckets.items():
         fp32_params = p_dtype == torch.float32
         fp32_state = m_dtype == torch.float32
         g32 = gs if fp32_params and gs[0].dtype == torch.float32 else [g.float() for g in gs]
         if maximize:
             g32 = torch._foreach_neg(g32)
-        p32 = ps if fp32_params else [p.float() for p in ps]
+        # The weight being optimised: the param itself (fp32: updated in place), else an fp32
+        # copy, plus the Kahan residual.
+        w32 = ps if fp32_params else [p.float() for p in ps]
+        if kahan:
+            torch._foreach_add_(w32, [c.float() for c in cs])
         m32 = ms if fp32_state else [m.float() for m in ms]
 
         update = torch._foreach_mul(m32, beta1)
@@ -226,65 +310,37 @@ def _foreach_lion(
 
         # Masking needs out-of-place temporaries; one read of the grads decides whether the
         # common all-finite case can stay in place.
-        if skip_nonfinite and not _all_finite(g32):
-            new_p = torch._foreach_mul(p32, 1.0 - lr * weight_decay)
-            torch._foreach_add_(new_p, update, alpha=-lr)
+        masked = skip_nonfinite and not _all_finite(g32)
+        if masked:
+            new_w = torch._foreach_mul(w32, decay)
+            torch._foreach_add_(new_w, update, alpha=-lr)
             new_m = torch._foreach_mul(m32, beta2)
             torch._foreach_add_(new_m, g32, alpha=1.0 - beta2)
             ok = [torch.isfinite(g) for g in g32]
-            torch._foreach_copy_(ps, [torch.where(o, n, old) for o, n, old in zip(ok, new_p, p32)])
-            new_m = [torch.where(o, n, old) for o, n, old in zip(ok, new_m, m32)]
         else:
-            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
-            torch._foreach_add_(p32, update, alpha=-lr)
-            if not fp32_params:
-                torch._foreach_copy_(ps, p32)
+            torch._foreach_mul_(w32, decay)
+            torch._foreach_add_(w32, update, alpha=-lr)
             torch._foreach_mul_(m32, beta2)
             torch._foreach_add_(m32, g32, alpha=1.0 - beta2)
-            new_m = m32
-        if fp32_state:
-            if new_m is not ms:
-                torch._foreach_copy_(ms, new_m)
+            new_w, new_m, ok = w32, m32, None
+
+        if fp32_params:
+            if masked:
+                torch._foreach_copy_(ps, [torch.where(o, n, p) for o, n, p in zip(ok, new_w, ps)])
         else:
-            for m, n in zip(ms, new_m):
-                _store_momentum(m, n)
-
-
-def _lion_elementwise(
-    p: Tensor,
-    g: Tensor,
-    m: Tensor,
-    hyper: Tensor,
-    seed: Tensor | None,
-    maximize: bool,
-    cautious: bool,
-    skip_nonfinite: bool,
-) -> None:
-    """One Lion step on 1-D tensors, written so that torch.compile fuses it into one loop.
-
-    ``hyper`` = [lr, beta1, beta2, weight_decay] as an fp32 tensor, so a scheduler that
-    changes lr every step changes data, not the compiled graph.
-    """
-    lr, beta1, beta2, wd = hyper[0], hyper[1], hyper[2], hyper[3]
-    g32 = g.float()
-    if maximize:
-        g32 = -g32
-    m32 = m.float()
-    p32 = p.float()
-    update = torch.sign(m32 * beta1 + g32 * (1.0 - beta1))
-    if cautious:
-        update = _cautious_update(update, g32)
-    new_p = p32 * (1.0 - lr * wd) - update * lr
-    new_m = m32 * beta2 + g32 * (1.0 - beta2)
-    if skip_nonfinite:
-        ok = torch.isfinite(g32)
-        new_p = torch.where(ok, new_p, p32)
-        new_m = torch.where(ok, new_m, m32)
-    p.copy_(new_p)
-    if seed is not None:
-        m.copy_(_stochastic_round_to_bf16(new_m, seed))
-    else:
-        m.copy_(new_m)
+            for i, (p, w) in enumerate(zip(ps, new_w)):
+                new_p = _round_to(w, p_dtype, _new_seed() if param_rounding == "stochastic" else None)
+                if kahan:
+                    new_c = (w - new_p.float()).to(p_dtype)
+                    cs[i].copy_(new_c if ok is None else torch.where(ok[i], new_c, cs[i]))
+                p.copy_(new_p if ok is None else torch.where(ok[i], new_p, p))
+        if fp32_state:
+            if masked:
+                torch._foreach_copy_(ms, [torch.where(o, n, m) for o, n, m in zip(ok, new_m, ms)])
+        else:
+            for i, (m, n) in enumerate(zip(ms, new_m)):
+                new = _round_to(n, m_dtype, _new_seed())
+                m.copy_(new if ok is None else torch.where(ok[i], new, m))
 
 
 # Tensors per compiled call. One call costs ~20 us of dynamo/inductor dispatch on CPU, so one
@@ -298,18 +354,27 @@ def _lion_chunk(
     ps: list[Tensor],
     gs: list[Tensor],
     ms: list[Tensor],
+    cs: list[Tensor] | None,
     hyper: Tensor,
     seeds: Tensor | None,
+    param_stochastic: bool,
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
 ) -> None:
+    """``_lion_tensor`` over one chunk. ``hyper`` = [lr, decay, beta1, beta2] as an fp32 tensor,
+    so a scheduler that changes lr every step changes data, not the compiled graph; ``seeds`` is
+    an int32 [chunk, 2] tensor (param, momentum) when anything is rounded stochastically."""
+    lr, decay, beta1, beta2 = hyper[0], hyper[1], hyper[2], hyper[3]
     for i in range(len(ps)):
-        seed = seeds[i] if seeds is not None else None
-        _lion_elementwise(ps[i], gs[i], ms[i], hyper, seed, maximize, cautious, skip_nonfinite)
+        p_seed = seeds[i, 0] if param_stochastic else None
+        m_seed = seeds[i, 1] if ms[i].dtype == torch.bfloat16 else None
+        _lion_tensor(ps[i], gs[i], ms[i], None if cs is None else cs[i], lr, decay, beta1, beta2, p_seed, m_seed,
+                     maximize, cautious, skip_nonfinite)
 
 
 _compiled_chunk: Callable[..., None] | None = None
+_RECOMPILE_LIMIT = 64
 _padding: dict[tuple, tuple[list[Tensor], ...]] = {}
 
 
@@ -319,8 +384,11 @@ def _get_compiled_chunk() -> Callable[..., None]:
         # Inductor decides whether a CPU loop runs on all threads from the size hint of the
         # first call: compiled on small tensors, the one shared graph would stay single-threaded
         # for every model. min_chunk_size=1 makes every loop an OpenMP parallel loop.
+        # emulate_precision_casts: inductor otherwise keeps `x.to(bf16).float()` at fp32, which
+        # silently turns fp16 stochastic rounding and the Kahan residual into no-ops.
         _compiled_chunk = torch.compile(
-            _lion_chunk, dynamic=True, fullgraph=True, options={"cpp.min_chunk_size": 1}
+            _lion_chunk, dynamic=True, fullgraph=True,
+            options={"cpp.min_chunk_size": 1, "emulate_precision_casts": True},
         )
     return _compiled_chunk
 
@@ -335,71 +403,78 @@ def _compiled_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
     *,
     lr: float,
+    decay: float,
     beta1: float,
     beta2: float,
-    weight_decay: float,
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
-    fallback: Callable[[list[Tensor], list[Tensor], list[Tensor], Exception], None] | None = None,
+    param_rounding: str,
+    fallback: Callable[[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None], Exception], None] | None = None,
 ) -> None:
-    """The compiled step. ``fallback(ps, gs, ms, exc)``, if given, receives every tensor not yet
-    updated when a chunk fails to compile or run, so nothing is ever updated twice."""
+    """The compiled step. ``fallback(ps, gs, ms, cs, exc)``, if given, receives every tensor not
+    yet updated when a chunk fails to compile or run, so nothing is ever updated twice."""
     import torch.fx.experimental._config as fx_config
 
     step = _get_compiled_chunk()
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-                  cautious=cautious, skip_nonfinite=skip_nonfinite)
-    buckets: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[], [], []])
-    leftovers: list[list[Tensor]] = [[], [], []]
-    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+    kwargs = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious,
+                  skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
+    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], []])
+    leftovers: list[list] = [[], [], [], []]
+    for param, grad, exp_avg, comp in zip(params, grads, exp_avgs, kahan_comps):
         p, g, m = _local(param), _local(grad), _local(exp_avg)
+        c = None if comp is None else _local(comp)
         n = p.numel()
         if n == 0:
             continue
-        if n == 1 or not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
+        if n == 1 or not all(t.is_contiguous() for t in (p, g, m, c) if t is not None):
             # Size 1 would be its own specialised graph; strided tensors cannot be flattened in place.
             target = leftovers
         else:
-            target = buckets[(p.device, p.dtype, g.dtype, m.dtype)]
-            p, g, m = _flat(p), _flat(g), _flat(m)
-        target[0].append(p)
-        target[1].append(g)
-        target[2].append(m)
+            target = buckets[(p.device, p.dtype, g.dtype, m.dtype, c is not None)]
+            p, g, m, c = _flat(p), _flat(g), _flat(m), None if c is None else _flat(c)
+        for lst, t in zip(target, (p, g, m, c)):
+            lst.append(t)
 
     chunks = [
-        (key, ps[i:i + COMPILE_CHUNK], gs[i:i + COMPILE_CHUNK], ms[i:i + COMPILE_CHUNK])
-        for key, (ps, gs, ms) in buckets.items()
-        for i in range(0, len(ps), COMPILE_CHUNK)
+        (key, *(ts[i:i + COMPILE_CHUNK] for ts in tensors))
+        for key, tensors in buckets.items()
+        for i in range(0, len(tensors[0]), COMPILE_CHUNK)
     ]
     hyper_by_device: dict[torch.device, Tensor] = {}
     failure: tuple[int, Exception] | None = None
     # Sizes of equal value must not be unified into one symbol (duck shaping), or the graph
-    # would be specialised to one chunk's pattern of equal sizes.
-    with fx_config.patch(use_duck_shape=False):
-        for n_done, (key, ps, gs, ms) in enumerate(chunks):
-            device, _, _, m_dtype = key
+    # would be specialised to one chunk's pattern of equal sizes. Each combination of dtypes,
+    # rounding and flags is its own graph; a process with several optimizers or mixed-precision
+    # groups can need more than dynamo's default 8, and fullgraph=True would then fail.
+    with fx_config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
+            device, p_dtype, _, m_dtype, kahan = key
             hyper = hyper_by_device.get(device)
             if hyper is None:
-                hyper = torch.tensor([lr, beta1, beta2, weight_decay], dtype=torch.float32).to(device, non_blocking=True)
+                hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
                 hyper_by_device[device] = hyper
             if len(ps) < COMPILE_CHUNK:
                 # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
                 # and compile one graph per amount of padding.
                 pad = _padding.get(key)
                 if pad is None:
-                    pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)] for dt in key[1:])
+                    pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
+                                for dt in (p_dtype, key[2], m_dtype, p_dtype))
                     _padding[key] = pad
                 missing = COMPILE_CHUNK - len(ps)
-                ps, gs, ms = ps + pad[0][:missing], gs + pad[1][:missing], ms + pad[2][:missing]
+                ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
+            param_stochastic = p_dtype != torch.float32 and param_rounding == "stochastic"
             seeds = (
-                torch.randint(0, 1 << 16, (COMPILE_CHUNK,), dtype=torch.int32).to(device, non_blocking=True)
-                if m_dtype == torch.bfloat16 else None
+                torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
+                if param_stochastic or m_dtype == torch.bfloat16 else None
             )
             try:
-                step(ps, gs, ms, hyper, seeds, maximize, cautious, skip_nonfinite)
+                step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
+                     skip_nonfinite)
             except Exception as exc:
                 if fallback is None:
                     raise
@@ -408,7 +483,7 @@ def _compiled_lion(
     if failure is not None:
         # Compilation fails before the graph runs, so that chunk and the rest are untouched.
         rest = [c[1:] for c in chunks[failure[0]:]] + [leftovers]
-        fallback(*([t for part in rest for t in part[i]] for i in range(3)), failure[1])
+        fallback(*([t for part in rest for t in part[i]] for i in range(4)), failure[1])
         return
     if leftovers[0]:
         _for_loop_lion(*leftovers, **kwargs)
@@ -418,13 +493,17 @@ def _triton_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    decay: float,
     **kwargs: Any,
 ) -> None:
-    from lion_hf.optim.triton import triton_lion_
+    from lion_hf.optim.triton import _triton_step
 
-    triton_lion_(
-        [_local(p) for p in params], [_local(g) for g in grads], [_local(m) for m in exp_avgs], **kwargs
-    )
+    local = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs)]
+    comps = [None if c is None else _local(c) for c in kahan_comps]
+    _triton_step(*local, comps, lr=lr, decay=decay, **kwargs)
 
 
 _IMPL_FUNCTIONS: dict[str, Callable[..., None]] = {
@@ -444,6 +523,7 @@ def lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None] | None = None,
     *,
     lr: float,
     beta1: float,
@@ -452,28 +532,50 @@ def lion(
     maximize: bool = False,
     cautious: bool = False,
     nonfinite_grad: str = "skip_elements",
+    param_rounding: str = "stochastic",
     impl: str = "foreach",
+    _fallback: Callable[..., None] | None = None,
 ) -> bool:
     """Functional Lion step over lists of tensors, updated in place. See :class:`Lion`.
 
-    ``impl`` must be a concrete implementation (not ``"auto"``; use :func:`resolve_impl`).
-    Returns False when the step was skipped (``nonfinite_grad="skip_step"``), else True.
+    ``kahan_comps`` (with ``param_rounding="kahan"``) holds one compensation tensor per bf16/fp16
+    param, of the param's dtype and shape (None for fp32 params). ``impl`` must be a concrete
+    implementation (not ``"auto"``; use :func:`resolve_impl`). Returns False when the step was
+    skipped (``nonfinite_grad="skip_step"``), else True.
     """
     if impl not in _IMPL_FUNCTIONS:
         raise ValueError(f"impl must be one of {tuple(_IMPL_FUNCTIONS)} for lion(), got {impl!r}")
+    _validate_options(impl, nonfinite_grad, param_rounding)
     if not len(params) == len(grads) == len(exp_avgs):
         raise ValueError(
             f"lion(): params, grads and exp_avgs must have the same length, got {len(params)}, {len(grads)} "
             f"and {len(exp_avgs)}"
         )
-    if nonfinite_grad not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
+    if kahan_comps is None:
+        kahan_comps = [None] * len(params)
+    if len(kahan_comps) != len(params):
+        raise ValueError(f"lion(): kahan_comps must have one entry per param, got {len(kahan_comps)} for {len(params)}")
+    if param_rounding == "kahan":
+        for i, (p, c) in enumerate(zip(params, kahan_comps)):
+            if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape):
+                raise ValueError(
+                    f"lion(): param_rounding='kahan' needs a compensation tensor of the param's dtype and shape for "
+                    f"every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) has "
+                    f"{None if c is None else (c.dtype, tuple(c.shape))}"
+                )
+    else:
+        kahan_comps = [None] * len(params)
     if not _step_may_proceed(nonfinite_grad, grads):
         return False
-    _IMPL_FUNCTIONS[impl](
-        params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+    kwargs = dict(
+        lr=float(lr), decay=1.0 - float(lr) * float(weight_decay), beta1=float(beta1), beta2=float(beta2),
         maximize=maximize, cautious=cautious, skip_nonfinite=nonfinite_grad == "skip_elements",
+        param_rounding=param_rounding,
     )
+    if _fallback is not None:
+        _compiled_lion(params, grads, exp_avgs, kahan_comps, fallback=_fallback, **kwargs)
+    else:
+        _IMPL_FUNCTIONS[impl](params, grads, exp_avgs, kahan_comps, **kwargs)
     return True
 
 
@@ -541,7 +643,7 @@ class Lion(Optimizer):
 
     Args:
         params: parameters or param groups (each group may set lr, betas, weight_decay,
-            maximize, cautious, state_dtype).
+            maximize, cautious, state_dtype, param_rounding).
         lr: learning rate (default 1e-4).
         betas: (beta1, beta2) in [0, 1): interpolation for the update, decay of the momentum
             (default (0.9, 0.99), the paper's).
@@ -553,6 +655,17 @@ class Lion(Optimizer):
         state_dtype: ``"fp32"`` (default) or ``"bf16"`` momentum. bf16 halves the optimizer state
             (2 instead of 4 bytes per parameter) and is stored with stochastic rounding, so the
             momentum stays unbiased even when one step's change is below half a bf16 ulp.
+        param_rounding: how a bf16 or fp16 param stores its new value (fp32 params are exact):
+
+            * ``"stochastic"`` (default): up or down with probability given by the distance, so
+              E[stored] = exact value and no step is lost, at no extra memory. Lion moves each
+              element by exactly ``lr``, which round-to-nearest drops whenever ``lr`` is under
+              half an ulp (bf16 weights above about ``2**8 * lr``: 0.013 at lr 5e-5).
+            * ``"kahan"``: Kahan-compensated summation: the residual that rounding drops is kept
+              in ``state[p]["kahan_comp"]`` (the param's dtype, +2 bytes/param) and added back
+              at the next step. Deterministic; costs the extra state and its traffic.
+            * ``"nearest"``: plain round-to-nearest-even (what ``p.copy_(fp32)`` does); steps
+              under half an ulp are lost. For comparison and bit-compatibility with other Lions.
         nonfinite_grad: what a NaN/inf gradient element does:
 
             * ``"skip_elements"`` (default): that element's parameter and momentum are left
@@ -589,6 +702,7 @@ class Lion(Optimizer):
         maximize: bool = False,
         cautious: bool = False,
         state_dtype: str = "fp32",
+        param_rounding: str = "stochastic",
         nonfinite_grad: str = "skip_elements",
         impl: str = "auto",
     ) -> None:
@@ -597,10 +711,10 @@ class Lion(Optimizer):
                 raise ValueError(f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
             lr = float(lr)
         _validate_hyperparameters(lr, betas, weight_decay, state_dtype)
-        _validate_options(impl, nonfinite_grad)
+        _validate_options(impl, nonfinite_grad, param_rounding)
         defaults = dict(
             lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, cautious=cautious,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, param_rounding=param_rounding,
         )
         # Kept out of param_groups on purpose: load_state_dict restores groups from the
         # checkpoint, and a state saved under one impl must run under the one asked for now.
@@ -630,6 +744,7 @@ class Lion(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("cautious", False)
             group.setdefault("state_dtype", "fp32")
+            group.setdefault("param_rounding", "stochastic")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validated before it is added: a rejected group never joins the optimizer."""
@@ -643,6 +758,7 @@ class Lion(Optimizer):
             param_group["lr"] = float(lr)
         merged = {**self.defaults, **param_group}
         _validate_hyperparameters(merged["lr"], merged["betas"], merged["weight_decay"], merged["state_dtype"])
+        _validate_options(self.impl, self.nonfinite_grad, merged.get("param_rounding", "stochastic"))
         for p in param_group["params"]:
             _validate_param(p)
         if self.impl != "auto":
@@ -660,9 +776,10 @@ class Lion(Optimizer):
             self._resolved[device] = impl
         return impl
 
-    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        params, grads, exp_avgs = [], [], []
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:
+        params, grads, exp_avgs, comps = [], [], [], []
         state_dtype = STATE_DTYPES[group["state_dtype"]]
+        kahan = group["param_rounding"] == "kahan"
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -673,10 +790,18 @@ class Lion(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
             elif state["exp_avg"].dtype != state_dtype:
                 state["exp_avg"] = state["exp_avg"].to(state_dtype)
+            comp = None
+            if kahan and p.dtype != torch.float32:
+                comp = state.get("kahan_comp")
+                if comp is None:
+                    comp = state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
-        return params, grads, exp_avgs
+            comps.append(comp)
+        return params, grads, exp_avgs, comps
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -690,12 +815,12 @@ class Lion(Optimizer):
         policy = self.nonfinite_grad
         if policy in ("skip_step", "raise"):
             # Checked across all groups first, so a skipped step leaves every group untouched.
-            if not _step_may_proceed(policy, [g for _, _, grads, _ in work for g in grads]):
+            if not _step_may_proceed(policy, [g for _, _, grads, _, _ in work for g in grads]):
                 self.skipped_steps += 1
                 return loss
             policy = "propagate"  # all finite: the masked path would change nothing
 
-        for group, params, grads, exp_avgs in work:
+        for group, params, grads, exp_avgs, comps in work:
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -705,33 +830,32 @@ class Lion(Optimizer):
             for device, idx in by_device.items():
                 self._run(
                     device,
-                    [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                    *([ts[i] for i in idx] for ts in (params, grads, exp_avgs, comps)),
                     lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                     maximize=group["maximize"], cautious=group["cautious"], nonfinite_grad=policy,
+                    param_rounding=group["param_rounding"],
                 )
         return loss
 
     def _run(self, device: torch.device, *tensors: list[Tensor], **kwargs: Any) -> None:
         impl = self._impl_for(device)
+        fallback = None
         if impl == "compiled" and self.impl == "auto":
-            # step() has already applied skip_step / raise: only the element mask is left.
-            policy = kwargs.pop("nonfinite_grad")
-            kwargs["skip_nonfinite"] = policy == "skip_elements"
 
-            def degrade(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], exc: Exception) -> None:
+            def fallback(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list, exc: Exception) -> None:
                 # Compiler missing or broken: finish this step and run later ones with foreach.
+                # step() has already applied skip_step / raise: only the element mask is left.
                 warnings.warn(f"Lion: torch.compile failed ({type(exc).__name__}: {exc}); using impl='foreach'")
                 self._resolved[device] = "foreach"
-                _foreach_lion(ps, gs, ms, **kwargs)
+                lion(ps, gs, ms, cs, impl="foreach", **kwargs)
 
-            _compiled_lion(*tensors, fallback=degrade, **kwargs)
-            return
-        lion(*tensors, impl=impl, **kwargs)
+        lion(*tensors, impl=impl, _fallback=fallback, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps full precision and takes the ``state_dtype``
-        this optimizer was built with (like ``impl``, the choice made now wins over the
-        checkpoint's). Keys may be indices or parameter names (FSDP2's distributed checkpoints)."""
+        this optimizer was built with (like ``impl``, the ``state_dtype`` and ``param_rounding``
+        chosen now win over the checkpoint's; a Kahan residual is kept when both use "kahan").
+        Keys may be indices or parameter names (FSDP2's distributed checkpoints)."""
         # torch casts every floating state tensor to its param's dtype; that would round an fp32
         # momentum of a bf16 param to bf16. Keep the saved tensors and restore them after.
         saved = {
@@ -739,10 +863,11 @@ class Lion(Optimizer):
             for key, s in state_dict.get("state", {}).items()
             if isinstance(s, dict) and isinstance(s.get("exp_avg"), Tensor)
         }
-        wanted_state_dtypes = [group["state_dtype"] for group in self.param_groups]
+        wanted = [(group["state_dtype"], group["param_rounding"]) for group in self.param_groups]
         super().load_state_dict(state_dict)  # checks that the groups match
-        for group, state_dtype in zip(self.param_groups, wanted_state_dtypes):
+        for group, (state_dtype, param_rounding) in zip(self.param_groups, wanted):
             group["state_dtype"] = state_dtype
+            group["param_rounding"] = param_rounding
         # Saved keys map to current params by position in the groups, as in torch.
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
         current = [(p, group) for group in self.param_groups for p in group["params"]]
@@ -770,11 +895,13 @@ def _validate_hyperparameters(lr: Any, betas: Any, weight_decay: Any, state_dtyp
         raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}, got {state_dtype!r}")
 
 
-def _validate_options(impl: Any, nonfinite_grad: Any) -> None:
+def _validate_options(impl: Any, nonfinite_grad: Any, param_rounding: Any = "stochastic") -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if nonfinite_grad not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
+    if param_rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be one of {PARAM_ROUNDINGS}, got {param_rounding!r}")
 
 
 def _validate_param(p: Tensor) -> None:

@@ -38,7 +38,7 @@ as an in-place torch op would do, since the kernel writes through raw pointers.
 
 Memory traffic per element: fp32 params with fp32 state read p, g, m and write p, m:
 20 bytes/param, the minimum for Lion; fp32 params + bf16 state 16, bf16 params + bf16 state
-10.
+10 (14 under Kahan, which reads and writes the 2-byte residual).
 ``skip_nonfinite`` costs no extra pass: it is a ``where`` in registers. ``cautious`` needs the
 per-tensor fraction of agreeing signs before any element can be updated, so it adds a
 read-only pass over g and m (``_agree_count_kernel``, one atomic add per program into an int64
@@ -46,15 +46,21 @@ counter per tensor) and a memset of the counters: 3 launches and +8 bytes/param 
 
 Rounding
 --------
-Params are stored round-to-nearest-even (fp16 by the hardware conversion; bf16 by integer
-ops on the fp32 bit pattern, which also makes the interpreter, whose fp32 -> bf16 cast
-truncates, agree bit for bit). A bf16 momentum is stored with **stochastic rounding**: a
+bf16 and fp16 params are stored as ``param_rounding`` says. ``"stochastic"`` (the default)
+rounds up or down with probability given by the distance: bf16 by adding 16 random bits to
+the fp32 bit pattern and dropping them, fp16 by choosing between the nearest value and the
+next one towards the exact result. ``"kahan"`` adds the residual tensor (4th pointer-table
+segment, the param's dtype) to the weight before the step and stores what rounding drops
+back into it. ``"nearest"`` is round-to-nearest-even (fp16 by the hardware conversion; bf16 by
+integer ops on the fp32 bit pattern, which also makes the interpreter, whose fp32 -> bf16
+cast truncates, agree bit for bit). A bf16 momentum is stored with **stochastic rounding**: a
 uniform 16-bit integer is added to the fp32 bit pattern and the low 16 bits are dropped, so
 the result is one of the two bf16 neighbours with probability given by the distance
 (unbiased; round-to-nearest would freeze a momentum whose per-step change ``(1 - beta2) * g``
 is under half a bf16 ulp). The bits come from Philox (``tl.randint4x``): one 128-bit draw per
-row of 8 elements, counter = global row index within the launch, key = ``seed`` and the group
-index, so every element of a step gets its own bits. ``seed=None`` draws one from torch's
+row of 8 elements, counter = (global row index within the launch, stream), key = ``seed`` and
+the group index, so every element of a step gets its own bits, and the param (stream 1) draws
+bits independent of its momentum's (stream 0). ``seed=None`` draws one from torch's
 default generator (``torch.manual_seed`` makes runs reproducible); it is drawn only when a
 bf16 momentum is present. NaN momenta stay NaN.
 
@@ -173,6 +179,58 @@ def _bf16_from_bits(bits, add):
 
 
 @_jit
+def _noise16(seed, stream, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Uniform 16-bit integers, one per element of the [ROWS, COLS] tile.
+
+    One Philox call gives 4 x 32 random bits per row: 16 bits for each of its 8 elements. The
+    counter is (global row index, ``stream``), so the momentum (stream 0) and the param
+    (stream 1) of an element draw independent bits.
+    """
+    tl.static_assert(COLS == 8)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    lo = rows.to(tl.uint32)
+    hi = (rows >> 32).to(tl.uint32)
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero + stream, zero)
+    col = tl.arange(0, COLS)[None, :]
+    word = tl.where(col < 2, r0[:, None], tl.where(col < 4, r1[:, None], tl.where(col < 6, r2[:, None], r3[:, None])))
+    return (word >> ((col & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@_jit
+def _fp16_stochastic(x, noise):
+    """fp32 -> fp16, rounded up or down with probability given by the distance (as
+    ``lion_hf.optim.lion._stochastic_round_to_fp16``): the far neighbour of the nearest fp16
+    value is one step of its 16-bit pattern towards ``x``."""
+    near = x.to(tl.float16)
+    near32 = near.to(tl.float32)
+    bits = near.to(tl.int16, bitcast=True)
+    other_bits = tl.where(tl.abs(x) > tl.abs(near32), bits + 1, bits - 1).to(tl.int16)
+    other32 = other_bits.to(tl.float16, bitcast=True).to(tl.float32)
+    prob = (x - near32) / (other32 - near32)
+    uniform = noise.to(tl.float32) * (1.0 / 65536.0)
+    return tl.where(uniform < prob, other32, near32).to(tl.float16)
+
+
+@_jit
+def _store_param_value(w, noise, P_DTYPE: tl.constexpr, P_STOCHASTIC: tl.constexpr):
+    """The new fp32 weight ``w`` in the param's dtype: stochastic or round-to-nearest-even."""
+    if P_DTYPE == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        if P_STOCHASTIC:
+            return _bf16_from_bits(bits, noise)
+        else:
+            return _bf16_from_bits(bits, 0x7FFF + ((bits >> 16) & 1))
+    elif P_DTYPE == tl.float16:
+        if P_STOCHASTIC:
+            return _fp16_stochastic(w, noise)
+        else:
+            return w.to(tl.float16)
+    else:
+        return w
+
+
+@_jit
 def _sign(c):
     """sign as torch.sign (and the reference): sign(0) = sign(NaN) = 0."""
     return tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
@@ -180,9 +238,10 @@ def _sign(c):
 
 @_jit
 def _block(ptr_table, layout, n_tensors, P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
-           ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """This program's block: tensor index, its numel, element pointers of the [ROWS, COLS] tile,
-    and how many of the tile's elements exist (ROWS * COLS except in a tensor's last block)."""
+           ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KAHAN: tl.constexpr = False):
+    """This program's block: tensor index, its numel, element pointers of the [ROWS, COLS] tile
+    (param, grad, momentum, Kahan residual: the param's pointers when there is none), and how
+    many of the tile's elements exist (ROWS * COLS except in a tensor's last block)."""
     pid = tl.program_id(0)
     info = tl.load(layout + n_tensors + pid)
     t = info >> 32
@@ -192,13 +251,17 @@ def _block(ptr_table, layout, n_tensors, P_DTYPE: tl.constexpr, M_DTYPE: tl.cons
     p_ptr = tl.load(ptr_table + t).to(tl.pointer_type(P_DTYPE)) + start
     g_ptr = tl.load(ptr_table + n_tensors + t).to(tl.pointer_type(P_DTYPE)) + start
     m_ptr = tl.load(ptr_table + 2 * n_tensors + t).to(tl.pointer_type(M_DTYPE)) + start
+    c_ptr = p_ptr
+    if KAHAN:
+        c_ptr = tl.load(ptr_table + 3 * n_tensors + t).to(tl.pointer_type(P_DTYPE)) + start
     if ALIGNED:
         # Lets the compiler use 16-byte loads and stores (only in unmasked full blocks).
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
+        c_ptr = tl.multiple_of(c_ptr, 16)
     offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    return t, n, p_ptr + offs, g_ptr + offs, m_ptr + offs, offs, remaining
+    return t, n, p_ptr + offs, g_ptr + offs, m_ptr + offs, c_ptr + offs, offs, remaining
 
 
 @_jit
@@ -221,7 +284,7 @@ def _agree_count_kernel(
     ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
     """Cautious pre-pass: counts[t] += number of elements of this block with sign(c) * g > 0."""
-    t, _, _, g_ptrs, m_ptrs, offs, remaining = _block(
+    t, _, _, g_ptrs, m_ptrs, _, offs, remaining = _block(
         ptr_table, layout, n_tensors, P_DTYPE, M_DTYPE, ALIGNED, ROWS, COLS)
     mask = offs < remaining
     if remaining == ROWS * COLS:
@@ -232,43 +295,48 @@ def _agree_count_kernel(
 
 @_jit
 def _lion_tile(
-    p_ptrs, g_ptrs, m_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
+    p_ptrs, g_ptrs, m_ptrs, c_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
     P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr, STOCHASTIC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, STOCHASTIC: tl.constexpr, P_STOCHASTIC: tl.constexpr, KAHAN: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr,
 ):
     p = _load_f32(p_ptrs, mask, P_DTYPE, MASKED)
     g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
     m = _load_f32(m_ptrs, mask, M_DTYPE, MASKED)
     if MAXIMIZE:
         g = -g
+    w = p
+    if KAHAN:
+        c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
+        w = p + c  # the weight being optimised: the stored param plus what its rounding dropped
     u = _sign(beta1 * m + one_minus_beta1 * g)
     if CAUTIOUS:
         fraction = count.to(tl.float64) / n.to(tl.float64)
         scale = (1.0 / tl.maximum(fraction, 1e-3)).to(tl.float32)
         u = tl.where(u * g > 0, u * scale, 0.0)
-    new_p = p * decay - lr * u
+    new_w = w * decay - lr * u
     new_m = beta2 * m + one_minus_beta2 * g
     if SKIP_NONFINITE:
         # Exponent bits all ones <=> NaN or +-inf; a bit test cannot be folded away by fast-math.
         finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
-        new_p = tl.where(finite, new_p, p)
+        new_w = tl.where(finite, new_w, w)
         new_m = tl.where(finite, new_m, m)
 
-    if P_DTYPE == tl.bfloat16:
-        p_bits = new_p.to(tl.uint32, bitcast=True)
-        _store(p_ptrs, _bf16_from_bits(p_bits, 0x7FFF + ((p_bits >> 16) & 1)), mask, MASKED)
-    else:
-        _store(p_ptrs, new_p.to(P_DTYPE), mask, MASKED)
+    p_noise = 0
+    if P_STOCHASTIC:
+        p_noise = _noise16(seed, 1, ROWS, COLS)
+    new_p = _store_param_value(new_w, p_noise, P_DTYPE, P_STOCHASTIC)
+    if KAHAN:
+        new_c = new_w - new_p.to(tl.float32)
+        if SKIP_NONFINITE:
+            # Re-rounding p + c could move p by a tie: a skipped element keeps its exact bits.
+            new_p = tl.where(finite, new_p, p.to(P_DTYPE))
+            new_c = tl.where(finite, new_c, c)
+        _store(c_ptrs, _store_param_value(new_c, 0, P_DTYPE, False), mask, MASKED)
+    _store(p_ptrs, new_p, mask, MASKED)
 
     if STOCHASTIC:
-        # One Philox call gives 4 x 32 random bits per row: 16 bits for each of its 8 elements.
-        tl.static_assert(COLS == 8)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        r0, r1, r2, r3 = tl.randint4x(seed, rows)
-        col = tl.arange(0, COLS)[None, :]
-        word = tl.where(col < 2, r0[:, None], tl.where(col < 4, r1[:, None], tl.where(col < 6, r2[:, None], r3[:, None])))
-        noise = (word >> ((col & 1) * 16).to(tl.uint32)) & 0xFFFF
+        noise = _noise16(seed, 0, ROWS, COLS)
         _store(m_ptrs, _bf16_from_bits(new_m.to(tl.uint32, bitcast=True), noise), mask, MASKED)
     else:
         _store(m_ptrs, new_m.to(M_DTYPE), mask, MASKED)
@@ -279,25 +347,27 @@ def _lion_kernel(
     ptr_table, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
     P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, P_STOCHASTIC: tl.constexpr = False, KAHAN: tl.constexpr = False,
 ):
     """One Lion step on one block of one tensor (see the module docstring).
 
     Full blocks run unmasked (so aligned tensors get 16-byte accesses); only a tensor's last,
     partial block pays for the mask.
     """
-    t, n, p_ptrs, g_ptrs, m_ptrs, offs, remaining = _block(
-        ptr_table, layout, n_tensors, P_DTYPE, M_DTYPE, ALIGNED, ROWS, COLS)
+    t, n, p_ptrs, g_ptrs, m_ptrs, c_ptrs, offs, remaining = _block(
+        ptr_table, layout, n_tensors, P_DTYPE, M_DTYPE, ALIGNED, ROWS, COLS, KAHAN)
     mask = offs < remaining
     count = n * 0
     if CAUTIOUS:
         count = tl.load(counts + t)
     if remaining == ROWS * COLS:
-        _lion_tile(p_ptrs, g_ptrs, m_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                   seed, P_DTYPE, M_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, STOCHASTIC, ROWS, COLS, False)
+        _lion_tile(p_ptrs, g_ptrs, m_ptrs, c_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2,
+                   one_minus_beta2, seed, P_DTYPE, M_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, STOCHASTIC,
+                   P_STOCHASTIC, KAHAN, ROWS, COLS, False)
     else:
-        _lion_tile(p_ptrs, g_ptrs, m_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                   seed, P_DTYPE, M_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, STOCHASTIC, ROWS, COLS, True)
+        _lion_tile(p_ptrs, g_ptrs, m_ptrs, c_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2,
+                   one_minus_beta2, seed, P_DTYPE, M_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, STOCHASTIC,
+                   P_STOCHASTIC, KAHAN, ROWS, COLS, True)
 
 
 # --------------------------------------------------------------------------------------
@@ -403,10 +473,10 @@ def _layout_table(device: torch.device, numels: tuple[int, ...]) -> tuple[Tensor
 
 
 def _group_tables(
-    device: torch.device, ps: list[Tensor], gs: list[Tensor], ms: list[Tensor]
+    device: torch.device, ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None = None
 ) -> tuple[Tensor, Tensor, int, bool]:
     """(pointer table, layout table, block count, all 16-byte aligned), cached on the addresses."""
-    addresses = [t.data_ptr() for t in ps] + [t.data_ptr() for t in gs] + [t.data_ptr() for t in ms]
+    addresses = [t.data_ptr() for ts in (ps, gs, ms, cs or []) for t in ts]
     numels = tuple(t.numel() for t in ps)
     key = (device, ps[0].dtype, ms[0].dtype, tuple(addresses), numels)
     hit = _lru_get(_tables, key)
@@ -421,13 +491,14 @@ def _group_tables(
 
 
 def _launch_group(
-    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], *, device: torch.device, hyper: tuple[float, ...],
-    seed: int, maximize: bool, cautious: bool, skip_nonfinite: bool,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None, *, device: torch.device,
+    hyper: tuple[float, ...], seed: int, maximize: bool, cautious: bool, skip_nonfinite: bool,
+    param_rounding: str,
 ) -> None:
     lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2 = hyper
     p_dtype = _PARAM_DTYPES[ps[0].dtype]
     m_dtype = _STATE_DTYPES[ms[0].dtype]
-    pointers, layout, n_blocks, aligned = _group_tables(device, ps, gs, ms)
+    pointers, layout, n_blocks, aligned = _group_tables(device, ps, gs, ms, cs)
     n_tensors = len(ps)
     grid = (n_blocks,)
     common = dict(P_DTYPE=p_dtype, M_DTYPE=m_dtype, MAXIMIZE=maximize, ALIGNED=aligned, ROWS=_ROWS, COLS=_COLS,
@@ -438,7 +509,8 @@ def _launch_group(
         _agree_count_kernel[grid](pointers, layout, counts, n_tensors, beta1, one_minus_beta1, **common)
     _lion_kernel[grid](
         pointers, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
-        CAUTIOUS=cautious, SKIP_NONFINITE=skip_nonfinite, STOCHASTIC=m_dtype == tl.bfloat16, **common,
+        CAUTIOUS=cautious, SKIP_NONFINITE=skip_nonfinite, STOCHASTIC=m_dtype == tl.bfloat16,
+        P_STOCHASTIC=p_dtype != tl.float32 and param_rounding == "stochastic", KAHAN=cs is not None, **common,
     )
 
 
@@ -454,33 +526,76 @@ def triton_lion_(
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
+    param_rounding: str = "stochastic",
+    kahan_comps: list[Tensor | None] | None = None,
     seed: int | None = None,
 ) -> None:
     """One Lion step over lists of tensors with the fused Triton kernel, in place.
 
     ``params`` and ``exp_avgs`` are updated; see the module docstring for the semantics,
-    supported dtypes and layouts. ``seed`` feeds the stochastic rounding of bf16 momenta
-    (``None``: drawn from torch's default generator). All inputs are validated before any
-    tensor is modified. Raises ``ValueError`` for unsupported tensors and ``RuntimeError``
-    when the kernel cannot run on their device.
+    supported dtypes and layouts. ``param_rounding`` is how bf16/fp16 params are stored:
+    ``"stochastic"`` (default), ``"nearest"``, or ``"kahan"``, which needs ``kahan_comps``: one
+    residual tensor per bf16/fp16 param, of its dtype and shape (None for fp32 params).
+    ``seed`` feeds the stochastic rounding (``None``: drawn from torch's default generator). All
+    inputs are validated before any tensor is modified. Raises ``ValueError`` for unsupported
+    tensors and ``RuntimeError`` when the kernel cannot run on their device.
     """
-    if not (len(params) == len(grads) == len(exp_avgs)):
+    _triton_step(params, grads, exp_avgs, kahan_comps, lr=lr, decay=1.0 - float(lr) * float(weight_decay),
+                 beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
+                 param_rounding=param_rounding, seed=seed)
+
+
+def _triton_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None] | None,
+    *,
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    param_rounding: str = "stochastic",
+    seed: int | None = None,
+) -> None:
+    """:func:`triton_lion_` with the decay factor ``1 - lr * weight_decay`` already computed."""
+    if param_rounding not in ("stochastic", "kahan", "nearest"):
+        raise ValueError(f"triton_lion_: param_rounding must be 'stochastic', 'kahan' or 'nearest', got {param_rounding!r}")
+    if kahan_comps is None or param_rounding != "kahan":
+        kahan_comps = [None] * len(params)
+    if not (len(params) == len(grads) == len(exp_avgs) == len(kahan_comps)):
         raise ValueError(
-            f"triton_lion_: got {len(params)} params, {len(grads)} grads and {len(exp_avgs)} exp_avgs"
+            f"triton_lion_: got {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs and "
+            f"{len(kahan_comps)} kahan_comps"
         )
-    groups: dict[tuple, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-    for i, (param, grad, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
+    groups: dict[tuple, tuple[list[Tensor], ...]] = {}
+    for i, (param, grad, exp_avg, comp) in enumerate(zip(params, grads, exp_avgs, kahan_comps)):
         p, g, m = _local(param), _local(grad), _local(exp_avg)
         _check(i, p, g, m)
+        c = None
+        if param_rounding == "kahan" and p.dtype != torch.float32:
+            if comp is None:
+                raise ValueError(f"triton_lion_: param_rounding='kahan' needs kahan_comps[{i}] for a {p.dtype} param")
+            c = _local(comp)
+            if c.dtype != p.dtype or c.shape != p.shape or c.device != p.device or c.stride() != p.stride():
+                raise ValueError(
+                    f"triton_lion_: kahan_comps[{i}] must match its param's dtype, shape, device and strides; got "
+                    f"{c.dtype} {tuple(c.shape)} on {c.device} for {p.dtype} {tuple(p.shape)} on {p.device}"
+                )
         if p.numel() == 0:
             continue
-        ps, gs, ms = groups.setdefault((p.device, p.dtype, m.dtype), ([], [], []))
+        ps, gs, ms, cs = groups.setdefault((p.device, p.dtype, m.dtype, c is not None), ([], [], [], []))
         ps.append(p)
         gs.append(g)
         ms.append(m)
+        if c is not None:
+            cs.append(c)
     if not groups:
         return
-    for device, _, _ in groups:
+    for device, _, _, _ in groups:
         if device.type == "cuda":
             if not _INTERPRET and not torch.cuda.is_available():
                 raise RuntimeError("triton_lion_: tensors are on CUDA but CUDA is not available")
@@ -493,32 +608,36 @@ def triton_lion_(
             raise RuntimeError(f"triton_lion_: the Triton Lion kernel cannot run on {device.type!r} tensors.{hint}")
 
     lr = float(lr)
-    weight_decay = float(weight_decay)
     beta1, beta2 = float(beta1), float(beta2)
-    hyper = (lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2)
-    if seed is None and any(m_dtype == torch.bfloat16 for _, _, m_dtype in groups):
+    hyper = (lr, float(decay), beta1, 1.0 - beta1, beta2, 1.0 - beta2)
+    needs_bits = any(
+        m_dtype == torch.bfloat16 or (p_dtype != torch.float32 and param_rounding == "stochastic")
+        for _, p_dtype, m_dtype, _ in groups
+    )
+    if seed is None and needs_bits:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
     seed = 0 if seed is None else int(seed)
 
-    for k, ((device, _, _), (ps, gs, ms)) in enumerate(groups.items()):
+    for k, ((device, _, _, kahan), (ps, gs, ms, cs)) in enumerate(groups.items()):
         # Philox key: low word the seed, high word the group (+1 keeps the value above 2**32, so the
         # argument is always an int64 and never selects another specialisation).
         group_seed = (seed & 0xFFFFFFFF) + ((k + 1) << 32)
         kwargs = dict(hyper=hyper, seed=group_seed, maximize=bool(maximize), cautious=bool(cautious),
-                      skip_nonfinite=bool(skip_nonfinite))
+                      skip_nonfinite=bool(skip_nonfinite), param_rounding=param_rounding)
+        cs = cs if kahan else None
         if device.type == "cpu":
-            _launch_group(ps, gs, ms, device=device, **kwargs)
+            _launch_group(ps, gs, ms, cs, device=device, **kwargs)
         elif _INTERPRET:
             # The interpreter dereferences table addresses on the host: stage through CPU copies.
             cpu = torch.device("cpu")
-            cps, cgs, cms = ([t.detach().cpu() for t in ts] for ts in (ps, gs, ms))
-            _launch_group(cps, cgs, cms, device=cpu, **kwargs)
+            staged = [[t.detach().cpu() for t in ts] for ts in (ps, gs, ms, cs or [])]
+            _launch_group(*staged[:3], staged[3] if kahan else None, device=cpu, **kwargs)
             with torch.no_grad():
-                for dst, src in zip(ps + ms, cps + cms):
+                for dst, src in zip(ps + ms + (cs or []), staged[0] + staged[2] + staged[3]):
                     dst.copy_(src)
         else:
             with torch.cuda.device(device):
-                _launch_group(ps, gs, ms, device=device, **kwargs)
+                _launch_group(ps, gs, ms, cs, device=device, **kwargs)
         # The kernel writes through raw pointers, which autograd cannot see: bump the version
         # counters as an in-place torch op would (catches use of a stale saved tensor).
-        increment_version(ps + ms)
+        increment_version(ps + ms + (cs or []))
