@@ -35,6 +35,7 @@ _COLUMNS = [
     ("peak_memory_mb", "peak mem MB", "{:.0f}"),
     ("optimizer_state_mb", "opt state MB", "{:.1f}"),
     ("bytes_per_param", "weights+grads+state B/param", "{:.2f}"),
+    ("weights_changed_fraction", "weights changed", "{:.3f}"),
 ]
 
 
@@ -63,6 +64,7 @@ def _run_numbers(run: dict[str, Any]) -> dict[str, float | None]:
         "peak_memory_mb": run["peak_memory_bytes"] / 2**20,
         "optimizer_state_mb": run["optimizer_state_bytes"] / 2**20,
         "bytes_per_param": (run.get("bytes_per_param") or {}).get("total"),
+        "weights_changed_fraction": run.get("weights_changed_fraction"),
     }
 
 

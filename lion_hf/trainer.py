@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments, get_scheduler
 
 from lion_hf.optim.lion import Lion, _validate_hyperparameters, _validate_options
@@ -72,6 +73,18 @@ class LionTrainer(Trainer):
             self.optimizer = Lion(groups, **_lion_kwargs(self.args))
             return self.optimizer
         return super().create_optimizer(model)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # HF computes the global gradient norm before every optimizer step (clipping, or for the
+        # log). It is finite exactly when every gradient is, so Lion's skip_step verdict comes from
+        # it instead of another read of every gradient. Not under DeepSpeed, whose engine steps
+        # and reports the norm on its own schedule.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        inner = unwrap_optimizer(self.optimizer)
+        if (isinstance(inner, Lion) and grad_norm is not None
+                and getattr(self.accelerator, "distributed_type", None) != DistributedType.DEEPSPEED):
+            inner.set_grad_norm(grad_norm)
+        return grad_norm
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # Make skipped steps (nonfinite_grad="skip_step") visible in every logger HF reports to.

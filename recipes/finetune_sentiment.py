@@ -186,6 +186,21 @@ class TrainingBytesCallback(TrainerCallback):
         }
 
 
+def changed_fraction(model: torch.nn.Module, initial: torch.nn.Module) -> float:
+    """Share of trainable weight elements whose stored value differs from ``initial``'s.
+
+    Shows steps lost to rounding: a bf16 weight updated by round-to-nearest stays put whenever
+    the step is under half an ulp.
+    """
+    start = dict(initial.named_parameters())
+    changed = total = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and name in start:
+            changed += int((p.detach() != start[name].detach().to(p.dtype)).sum())
+            total += p.numel()
+    return changed / total if total else 0.0
+
+
 def bytes_per_param(counts: dict[str, int] | None) -> dict[str, float] | None:
     """Weights + gradients + optimizer state, each per model parameter."""
     if not counts or not counts["params"]:
@@ -280,6 +295,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
     with PeakMemory() as memory:
         train_output = trainer.train()
     final_eval = trainer.evaluate()
+    # The same seed rebuilds the exact starting weights (pretrained body, seeded head): compare
+    # after training rather than hold a copy during it, which would show in the peak memory.
+    set_seed(training_args.seed)
+    weights_changed = changed_fraction(model, build_model(model_args, data.num_labels, data.label_names))
     if not history.eval or history.eval[-1]["step"] != trainer.state.global_step:
         history.eval.append({"step": trainer.state.global_step, "seconds": time.perf_counter() - history.start,
                              **{k: float(v) for k, v in final_eval.items() if k.startswith("eval_")}})
@@ -315,6 +334,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
         "peak_memory_bytes": memory.peak,
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss",
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "weights_changed_fraction": weights_changed,
         "training_bytes": training_bytes.counts,
         "bytes_per_param": bytes_per_param(training_bytes.counts),
         "device": str(training_args.device),

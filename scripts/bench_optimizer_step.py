@@ -12,7 +12,9 @@ and reports the median. Ratios are against ``torch.optim.AdamW(fused=True)``, wh
 alternate with each optimizer's (the ratio uses AdamW's median over the same window, which
 cancels the bandwidth drift of a shared machine). Effective bandwidth counts the bytes each
 algorithm must move per parameter: Lion fp32 reads p, g, m and writes p, m (20 B); AdamW reads
-p, g, m, v and writes p, m, v (28 B).
+p, g, m, v and writes p, m, v (28 B); pure-bf16 Lion 10 B (14 B with Kahan), bf16 AdamW 14 B.
+The ``*_bf16_*`` rows store params, grads and state in bf16 (no fp32 copy), as GPU fine-tuning
+with ``torch_dtype=torch.bfloat16`` does; their ratio is still to fp32 fused AdamW, the baseline.
 On CUDA the script also measures a device-to-device copy as the bandwidth ceiling.
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -45,7 +47,18 @@ PROFILES: dict[str, tuple[str, dict]] = {
     ),
 }
 
-BYTES_PER_PARAM = {"lion": 20, "lion_bf16_state": 16, "adamw": 28}
+# Bytes each algorithm must move per parameter, and the dtype its params and grads are stored in.
+# Lion reads p, g, m and writes p, m; AdamW reads p, g, m, v and writes p, m, v; Kahan adds a
+# read and a write of its 2-byte residual.
+KINDS = {
+    "lion": (20, torch.float32),
+    "lion_bf16_state": (16, torch.float32),
+    "adamw": (28, torch.float32),
+    "lion_bf16": (10, torch.bfloat16),          # bf16 weights + bf16 momentum: pure bf16
+    "lion_bf16_kahan": (14, torch.bfloat16),
+    "adamw_bf16": (14, torch.bfloat16),
+    "lion_8bit_state": (13, torch.float32),     # fp32 p, g; 8-bit momentum (+ block scales, ignored)
+}
 
 
 def profile_shapes(name: str) -> list[torch.Size]:
@@ -59,6 +72,57 @@ def profile_shapes(name: str) -> list[torch.Size]:
     return [p.shape for p in model.parameters()]
 
 
+class TrainerDefaultLion:
+    """Lion as ``LionTrainer`` builds and drives it with its defaults: ``impl="auto"``,
+    ``nonfinite_grad="skip_step"`` (HF clips by default), and before every step the global
+    gradient norm HF has already computed (so the verdict reads no gradient)."""
+
+    def __init__(self, params: list[torch.Tensor], **kwargs) -> None:
+        from lion_hf.training_args import default_nonfinite_policy
+
+        self.inner = Lion(params, nonfinite_grad=default_nonfinite_policy(1.0), **kwargs)
+        self.state = self.inner.state
+        self.norm = torch.tensor(1.0, device=params[0].device)  # finite: HF's clip result
+
+    def step(self) -> None:
+        self.inner.set_grad_norm(self.norm)
+        self.inner.step()
+
+
+def peer_factories(device: str, lr: float, wd: float) -> dict[str, tuple[str, Callable]]:
+    """Other Lion implementations users pick, where installed (pip install 'lion_hf[bench]')."""
+    table: dict[str, tuple[str, Callable]] = {}
+    try:
+        import optimi
+
+        table["optimi_lion"] = ("lion", lambda ps: optimi.Lion(ps, lr=lr, weight_decay=wd, foreach=True))
+    except ImportError:
+        pass
+    try:
+        import pytorch_optimizer
+
+        table["pytorch_optimizer_lion"] = ("lion", lambda ps: pytorch_optimizer.Lion(ps, lr=lr, weight_decay=wd))
+    except ImportError:
+        pass
+    try:
+        from lion_pytorch import Lion as LionPytorch
+
+        table["lion_pytorch"] = ("lion", lambda ps: LionPytorch(ps, lr=lr, weight_decay=wd))
+        if device == "cuda":
+            table["lion_pytorch_triton"] = ("lion", lambda ps: LionPytorch(ps, lr=lr, weight_decay=wd, use_triton=True))
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        # HF's optim="lion_32bit" / "lion_8bit" (betas from adam_beta1/2 there; the paper's here).
+        table["bnb_lion_32bit"] = ("lion", lambda ps: bnb.optim.Lion32bit(ps, lr=lr, weight_decay=wd))
+        table["bnb_lion_8bit"] = ("lion_8bit_state", lambda ps: bnb.optim.Lion8bit(ps, lr=lr, weight_decay=wd))
+    except ImportError:
+        pass
+    return table
+
+
 def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[str, Callable]]:
     """name -> (bytes kind, factory(params) -> optimizer)."""
     lr, wd = 1e-4, 0.1
@@ -69,32 +133,33 @@ def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[
     if include_for_loop:
         table["adamw_for_loop"] = ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, foreach=False))
         table["lion_for_loop"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="for_loop"))
+    table["lion_trainer_default"] = ("lion", lambda ps: TrainerDefaultLion(ps, lr=lr, weight_decay=wd))
+    table["lion_standalone_skip_step"] = (
+        "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, nonfinite_grad="skip_step"))
     table["lion_foreach"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="foreach"))
+    table["lion_foreach_nocheck"] = (
+        "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="foreach", nonfinite_grad="propagate"))
     table["lion_compiled"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled"))
     table["lion_compiled_nocheck"] = (
         "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", nonfinite_grad="propagate"))
     table["lion_compiled_bf16_state"] = (
         "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", state_dtype="bf16"))
+    # Pure bf16 (bf16 weights, grads and state), the GPU fine-tuning setup. Lion's default keeps
+    # every step by stochastic rounding; Kahan and round-to-nearest for comparison.
+    table["adamw_fused_bf16"] = ("adamw_bf16", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True))
+    bf16_impls = ["compiled", "triton"] if device == "cuda" else ["compiled", "foreach"]
+    for impl in bf16_impls:
+        for rounding, kind in (("stochastic", "lion_bf16"), ("kahan", "lion_bf16_kahan"), ("nearest", "lion_bf16")):
+            table[f"lion_{impl}_bf16_{rounding}"] = (
+                kind, lambda ps, impl=impl, rounding=rounding: Lion(
+                    ps, lr=lr, weight_decay=wd, impl=impl, state_dtype="bf16", param_rounding=rounding))
     if device == "cuda":
         table["lion_triton"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton"))
         table["lion_triton_nocheck"] = (
             "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton", nonfinite_grad="propagate"))
         table["lion_triton_bf16_state"] = (
             "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton", state_dtype="bf16"))
-        try:
-            import bitsandbytes as bnb
-
-            table["bnb_lion32bit"] = ("lion", lambda ps: bnb.optim.Lion32bit(ps, lr=lr, weight_decay=wd))
-        except ImportError:
-            pass
-    try:
-        from lion_pytorch import Lion as LionPytorch
-
-        table["lion_pytorch"] = ("lion", lambda ps: LionPytorch(ps, lr=lr, weight_decay=wd))
-        if device == "cuda":
-            table["lion_pytorch_triton"] = ("lion", lambda ps: LionPytorch(ps, lr=lr, weight_decay=wd, use_triton=True))
-    except ImportError:
-        pass
+    table.update(peer_factories(device, lr, wd))
     return table
 
 
@@ -140,7 +205,8 @@ def copy_bandwidth(device: str, numel: int) -> float:
     return 2 * numel * 4 / statistics.median(times) / 1e9
 
 
-def _start(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor], device: str, warmup: int):
+def _start(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor], device: str, warmup: int,
+           dtype: torch.dtype = torch.float32):
     """Fresh params + optimizer, first step (timed: it includes any compilation) and warm-up.
 
     Returns (params, optimizer, first-step seconds, CUDA bytes allocated before): peak memory
@@ -149,9 +215,9 @@ def _start(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
-    params = [torch.nn.Parameter(b.to(device)) for b in base]
+    params = [torch.nn.Parameter(b.to(device, dtype)) for b in base]
     for p, g in zip(params, grads):
-        p.grad = g.to(device)
+        p.grad = g.to(device, dtype)
     opt = factory(params)
     t0 = time.perf_counter()
     opt.step()
@@ -185,7 +251,7 @@ def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_l
         if opt_name == "adamw_fused" or (only and opt_name not in only):
             continue
         try:
-            params, opt, first, allocated = _start(factory, base, grads, device, warmup)
+            params, opt, first, allocated = _start(factory, base, grads, device, warmup, KINDS[kind][1])
             times, window = [], []
             for _ in range(steps):
                 window.append(time_step(baseline, device))
@@ -199,7 +265,7 @@ def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_l
         row = {
             "ms_per_step": median * 1e3,
             "first_step_s": first,
-            "gb_per_s": BYTES_PER_PARAM[kind] * numel / median / 1e9,
+            "gb_per_s": KINDS[kind][0] * numel / median / 1e9,
             "state_bytes": state_bytes(opt),
             "ratio_to_adamw_fused": median / statistics.median(window),
             "adamw_fused_ms_in_window": statistics.median(window) * 1e3,
@@ -219,7 +285,7 @@ def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_l
     median = statistics.median(baseline_times)
     row = {
         "ms_per_step": median * 1e3, "first_step_s": baseline_first,
-        "gb_per_s": BYTES_PER_PARAM["adamw"] * numel / median / 1e9, "state_bytes": state_bytes(baseline),
+        "gb_per_s": KINDS["adamw"][0] * numel / median / 1e9, "state_bytes": state_bytes(baseline),
         "ratio_to_adamw_fused": 1.0,
     }
     if device == "cuda":

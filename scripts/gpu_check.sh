@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, as one command for a lent machine:
 #   bash scripts/gpu_check.sh            (device tool: run it from the repo root; results land in $OUT)
-# 1. correctness on CUDA (every impl vs the float64 reference; Triton kernel tests), 2. the step
-# benchmark (Triton / compiled / foreach Lion vs fused AdamW, bitsandbytes and lion-pytorch when
-# installed, device-copy bandwidth). About 6 minutes on an H200; uses the machine's own python3
+# 1. correctness on CUDA (every impl vs the float64 reference; Triton kernel tests; bf16/fp16
+# weights keep every step under stochastic rounding and Kahan), 2. the step benchmark (Triton /
+# compiled / foreach Lion vs fused AdamW, the pure-bf16 rows: bf16 weights + bf16 state with each
+# param_rounding against bf16 fused AdamW, bitsandbytes and lion-pytorch when installed,
+# device-copy bandwidth). About 6 minutes on an H200; uses the machine's own python3
 # (torch, triton, transformers preinstalled there), with lion_hf from this checkout.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}

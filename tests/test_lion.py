@@ -522,6 +522,20 @@ def test_constant_gradient_moves_low_precision_weights_by_every_step(impl, dtype
         assert "kahan_comp" not in opt.state[p]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["foreach", "compiled", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_cuda_low_precision_weights_keep_every_step(impl, dtype, rounding):
+    p = torch.nn.Parameter(torch.ones(1 << 20, dtype=dtype, device="cuda"))
+    opt = Lion([p], lr=1e-4, impl=impl, param_rounding=rounding, state_dtype="bf16")
+    for _ in range(400):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert abs(float(p.detach().float().mean()) - 0.96) <= 0.003
+
+
 @pytest.mark.parametrize("impl", ["for_loop", "foreach"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_round_to_nearest_loses_the_steps(impl, dtype):
@@ -724,3 +738,21 @@ def test_bad_param_rounding_is_a_value_error():
     with pytest.raises(ValueError, match="compensation tensor"):
         lion([p], [torch.ones(3, dtype=torch.bfloat16)], [torch.zeros(3)], lr=0.1, beta1=0.9, beta2=0.99,
              weight_decay=0.0, param_rounding="kahan", impl="foreach")
+
+
+def test_grad_norm_handed_over_decides_skip_step_once():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = Lion([p], lr=0.1, impl="foreach", nonfinite_grad="skip_step")
+    p.grad = torch.ones(4)
+    opt.set_grad_norm(torch.tensor(float("inf")))  # the caller's global norm: another rank had an inf
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(p.detach(), torch.ones(4))
+    opt.step()  # used once: this step reads the (finite) gradients itself
+    assert opt.skipped_steps == 1 and not torch.equal(p.detach(), torch.ones(4))
+    p.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    opt.step()
+    assert opt.skipped_steps == 2
+    raising = Lion([p], lr=0.1, impl="foreach", nonfinite_grad="raise")
+    raising.set_grad_norm(float("nan"))
+    with pytest.raises(RuntimeError, match="gradient norm is NaN or inf"):
+        raising.step()

@@ -176,6 +176,7 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
     moved = sum(int((a != b).sum()) for a, b in zip(seen["start"], seen["end"]))
     assert moved > 0.5 * sum(a.numel() for a in seen["start"]), "most bf16 weights should have moved"
     assert record["model_dtype"] == "bfloat16" and record["lion_param_rounding"] == "stochastic"
+    assert record["weights_changed_fraction"] == pytest.approx(moved / sum(a.numel() for a in seen["start"]))
 
 
 def test_fp32_adamw_counts_sixteen_bytes_per_param_and_bad_dtypes_are_refused(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -255,3 +255,52 @@ def test_inf_gradient_under_default_clipping_leaves_weights_untouched(tmp_path):
     assert trainer.optimizer.optimizer.skipped_steps == 1
     assert all(torch.equal(snapshots["before"][n], snapshots["after"][n]) for n in snapshots["before"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lion_trainer_hands_hf_grad_norm_to_lion_so_skip_step_reads_no_gradient(tmp_path, monkeypatch):
+    """The default under clipping (skip_step) takes its verdict from the norm HF already
+    computed: no extra pass over the gradients, and a poisoned step is still skipped."""
+    from lion_hf.optim import lion as lion_module
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("skip_step read the gradients although HF's grad norm was handed over")
+
+    monkeypatch.setattr(lion_module, "_all_finite", no_scan)
+    model = tiny_bert()
+    weight = model.bert.encoder.layer[0].attention.self.query.weight
+    poison = {"on": False}
+    weight.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+
+    class PoisonStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            poison["on"] = state.global_step == 2
+
+    for max_grad_norm in (1.0, 0.0):  # HF computes the norm for its log even without clipping
+        args = lion_args(tmp_path, max_steps=4, max_grad_norm=max_grad_norm, lion_nonfinite_grad="skip_step")
+        trainer = LionTrainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PoisonStep2()])
+        trainer.train()
+        assert trainer.optimizer.optimizer.skipped_steps == 1
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_pure_bf16_checkpoint_resume_is_exact(tmp_path, rounding):
+    """bf16 weights, gradients and momentum, no fp32 copy: resuming from a checkpoint ends bit for
+    bit where the uninterrupted run did. The Kahan residual is in optimizer.pt; stochastic
+    rounding draws from torch's generator, whose state HF saves (rng_state.pth) and restores."""
+    kw = dict(num_train_epochs=2, lr_scheduler_type="linear", warmup_steps=2, save_strategy="steps", save_steps=8,
+              lion_state_dtype="bf16", lion_param_rounding=rounding)
+    straight = _train(tmp_path, tiny_bert().to(torch.bfloat16), **kw)
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    saved_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    assert all(("kahan_comp" in s) == (rounding == "kahan") for s in saved_state.values())
+
+    resumed = LionTrainer(model=tiny_bert(seed=1).to(torch.bfloat16), args=lion_args(tmp_path / "b", **kw),
+                          train_dataset=TokenDataset())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == straight.state.global_step == 16
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        for key, value in straight.optimizer.state[p].items():
+            assert torch.equal(value, resumed.optimizer.state[q][key]), key

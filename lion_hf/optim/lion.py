@@ -227,8 +227,10 @@ def _all_finite(grads: list[Tensor]) -> bool:
         if g.numel():
             by_device[g.device].append(g)
     for device_grads in by_device.values():
-        # inf-norm is inf or nan as soon as one element is; foreach keeps it to one kernel per chunk.
-        norms = torch._foreach_norm(device_grads, float("inf"))
+        # The 2-norm is NaN or inf as soon as one element is, exactly the verdict of the norm that
+        # gradient clipping computes (it also calls a gradient whose square overflows, |g| > ~1e19,
+        # non-finite). On CPU torch's 2-norm is vectorised and threaded, the inf-norm is ~20x slower.
+        norms = torch._foreach_norm(device_grads, 2)
         if not bool(torch.isfinite(torch.stack(norms)).all()):
             return False
     return True
@@ -302,8 +304,8 @@ def _foreach_lion(
             torch._foreach_add_(w32, [c.float() for c in cs])
         m32 = ms if fp32_state else [m.float() for m in ms]
 
-        update = torch._foreach_mul(m32, beta1)
-        torch._foreach_add_(update, g32, alpha=1.0 - beta1)
+        # beta * m + (1 - beta) * g as one lerp per list: 5 passes over memory in all, not 7.
+        update = torch._foreach_lerp(m32, g32, 1.0 - beta1)
         torch._foreach_sign_(update)
         if cautious:
             update = [_cautious_update(u, g) for u, g in zip(update, g32)]
@@ -314,14 +316,13 @@ def _foreach_lion(
         if masked:
             new_w = torch._foreach_mul(w32, decay)
             torch._foreach_add_(new_w, update, alpha=-lr)
-            new_m = torch._foreach_mul(m32, beta2)
-            torch._foreach_add_(new_m, g32, alpha=1.0 - beta2)
+            new_m = torch._foreach_lerp(m32, g32, 1.0 - beta2)
             ok = [torch.isfinite(g) for g in g32]
         else:
-            torch._foreach_mul_(w32, decay)
+            if decay != 1.0:  # the no-decay group (biases, norms) skips a pass
+                torch._foreach_mul_(w32, decay)
             torch._foreach_add_(w32, update, alpha=-lr)
-            torch._foreach_mul_(m32, beta2)
-            torch._foreach_add_(m32, g32, alpha=1.0 - beta2)
+            torch._foreach_lerp_(m32, g32, 1.0 - beta2)
             new_w, new_m, ok = w32, m32, None
 
         if fp32_params:
@@ -674,7 +675,10 @@ class Lion(Optimizer):
               ``foreach`` and ``for_loop`` add one read of the gradients.
             * ``"skip_step"``: if any gradient of the step is non-finite, nothing is updated and
               :attr:`skipped_steps` is incremented. Costs one extra read of the gradients and a
-              host sync (plus one tiny all-reduce for DTensor/FSDP2 shards, so all ranks agree).
+              host sync (plus one tiny all-reduce for DTensor/FSDP2 shards, so all ranks agree),
+              unless the caller already has the global gradient norm: after
+              :meth:`set_grad_norm` the verdict is that norm's finiteness, at no extra pass
+              (``LionTrainer`` hands over the norm HF computes every step).
               Use it with gradient clipping: clipping by the global norm turns one bad element
               into NaN (or zero) gradients everywhere, which element-wise skipping cannot undo.
             * ``"raise"``: raise ``RuntimeError`` before anything is updated (same cost).
@@ -722,6 +726,7 @@ class Lion(Optimizer):
         self.impl = impl
         self.nonfinite_grad = nonfinite_grad
         self.skipped_steps = 0
+        self._grad_norm: float | Tensor | None = None
         self._resolved: dict[torch.device, str] = {}
         super().__init__(params, defaults)
 
@@ -803,6 +808,15 @@ class Lion(Optimizer):
             comps.append(comp)
         return params, grads, exp_avgs, comps
 
+    def set_grad_norm(self, norm: float | Tensor) -> None:
+        """The global norm of the gradients the next :meth:`step` will use, already computed by the
+        caller (gradient clipping computes it). Under ``skip_step`` / ``raise`` that step then
+        takes its verdict from the norm alone: it is finite exactly when every gradient is (a
+        NaN or inf element makes it NaN or inf), so no gradient is read again. Every rank must
+        pass the same global norm (HF's clipping all-reduces it). Used by one step, then cleared.
+        """
+        self._grad_norm = norm
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
@@ -813,9 +827,17 @@ class Lion(Optimizer):
 
         work = [(group, *self._collect(group)) for group in self.param_groups]
         policy = self.nonfinite_grad
+        norm, self._grad_norm = getattr(self, "_grad_norm", None), None
         if policy in ("skip_step", "raise"):
             # Checked across all groups first, so a skipped step leaves every group untouched.
-            if not _step_may_proceed(policy, [g for _, _, grads, _, _ in work for g in grads]):
+            if norm is not None:
+                finite = math.isfinite(float(norm))
+                if not finite and policy == "raise":
+                    raise RuntimeError(
+                        "Lion: the gradient norm is NaN or inf (nonfinite_grad='raise'); parameters were not updated")
+            else:
+                finite = _step_may_proceed(policy, [g for _, _, grads, _, _ in work for g in grads])
+            if not finite:
                 self.skipped_steps += 1
                 return loss
             policy = "propagate"  # all finite: the masked path would change nothing
