@@ -25,6 +25,11 @@ _LAZY = {
 __all__ = ["Lion", "lion", "lion_reference_step", "__version__", *_LAZY]
 
 
+def __dir__() -> list[str]:
+    # The lazy exports too, so tab completion (IPython, editors) offers LionTrainer and friends.
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)

@@ -116,6 +116,14 @@ class LionTrainingArguments(TrainingArguments):
         if str(self.optim) == ADAMW_ALIAS:
             self.optim = ADAMW_BASELINE
         use_lion = str(self.optim) == LION_OPTIM
+        from transformers.training_args import OptimizerNames
+
+        hf_names = [o.value for o in OptimizerNames]
+        if not use_lion and str(self.optim) not in hf_names:
+            raise ValueError(
+                f"optim={str(self.optim)!r} is not an optimizer name; use {LION_OPTIM!r} (this package's Lion), "
+                f"{ADAMW_ALIAS!r} (= {ADAMW_BASELINE}) or one of Hugging Face's: {', '.join(hf_names)}"
+            )
         if use_lion:
             # The parent validates optim against HF's own names; let it see one, then restore.
             self.optim = "adamw_torch_fused"

@@ -304,3 +304,11 @@ def test_pure_bf16_checkpoint_resume_is_exact(tmp_path, rounding):
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         for key, value in straight.optimizer.state[p].items():
             assert torch.equal(value, resumed.optimizer.state[q][key]), key
+
+
+def test_unknown_optim_names_lion_in_the_error_and_dir_lists_lazy_exports(tmp_path):
+    import lion_hf
+
+    with pytest.raises(ValueError, match="'lionn' is not an optimizer name; use 'lion'"):
+        LionTrainingArguments(output_dir=str(tmp_path), optim="lionn", report_to=[])
+    assert {"LionTrainer", "LionTrainingArguments", "lion_optimizers", "Lion"} <= set(dir(lion_hf))
