@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
 
 from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
@@ -116,8 +117,6 @@ class LionTrainingArguments(TrainingArguments):
         if str(self.optim) == ADAMW_ALIAS:
             self.optim = ADAMW_BASELINE
         use_lion = str(self.optim) == LION_OPTIM
-        from transformers.training_args import OptimizerNames
-
         hf_names = [o.value for o in OptimizerNames]
         if not use_lion and str(self.optim) not in hf_names:
             raise ValueError(

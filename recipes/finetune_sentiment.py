@@ -72,6 +72,12 @@ class ModelArguments:
                           "slower than fp32."},
     )
 
+    def __post_init__(self) -> None:
+        # Checked here, at parse time, not after the data has been loaded and tokenized.
+        _dtype_arg("model_dtype", self.model_dtype)
+        if self.forward_dtype is not None:
+            _dtype_arg("forward_dtype", self.forward_dtype)
+
 
 @dataclass
 class DataArguments:
@@ -249,14 +255,14 @@ def upcast_forward(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def build_model(model_args: ModelArguments, num_labels: int, label_names: list[str]):
     path = resolve_model_path(model_args.model_name_or_path)
-    dtype = _dtype_arg("model_dtype", model_args.model_dtype)
+    dtype = MODEL_DTYPES[model_args.model_dtype]  # validated by ModelArguments
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)}, dtype=dtype,
     )
     # The new classifier head is created in the default dtype: pure low precision means every weight.
     model.to(dtype)
-    forward_dtype = _dtype_arg("forward_dtype", model_args.forward_dtype or model_args.model_dtype)
+    forward_dtype = MODEL_DTYPES[model_args.forward_dtype or model_args.model_dtype]
     if forward_dtype != dtype:
         upcast_forward(model, forward_dtype)
     if model_args.use_peft:

@@ -132,11 +132,25 @@ def _new_seed() -> int:
     return int(torch.randint(0, 1 << 16, (1,)))
 
 
-def _seeds_for(p: Tensor, m: Tensor, param_rounding: str) -> tuple[int | None, int | None]:
-    """Stochastic-rounding seeds (param, momentum) for one tensor of an eager impl; None = not rounded so."""
-    p_seed = _new_seed() if p.dtype != torch.float32 and param_rounding == "stochastic" else None
-    m_seed = _new_seed() if m.dtype == torch.bfloat16 else None
-    return p_seed, m_seed
+def _param_stochastic(dtype: torch.dtype, param_rounding: str) -> bool:
+    """Whether a param of ``dtype`` is stored by stochastic rounding (a bf16 momentum always is)."""
+    return dtype != torch.float32 and param_rounding == "stochastic"
+
+
+def _store_param(p: Tensor, new_w: Tensor, comp: Tensor | None, ok: Tensor | None, seed: Tensor | int | None) -> None:
+    """Store the new fp32 weight ``new_w`` in ``p`` (rounded as ``seed`` says, see :func:`_round_to`)
+    and, under Kahan summation, what the rounding dropped in ``comp``. Where ``ok`` is False the
+    element keeps its stored bits (and residual) exactly: masking after rounding, not before."""
+    new_p = _round_to(new_w, p.dtype, seed)
+    if comp is not None:
+        new_c = (new_w - new_p.float()).to(comp.dtype)
+        comp.copy_(new_c if ok is None else torch.where(ok, new_c, comp))
+    p.copy_(new_p if ok is None else torch.where(ok, new_p, p))
+
+
+def _store_momentum(m: Tensor, new_m: Tensor, ok: Tensor | None, seed: Tensor | int | None) -> None:
+    new = _round_to(new_m, m.dtype, seed)
+    m.copy_(new if ok is None else torch.where(ok, new, m))
 
 
 def _lion_tensor(
@@ -172,20 +186,9 @@ def _lion_tensor(
         update = _cautious_update(update, g32)
     new_w = w32 * decay - update * lr
     new_m = m32 * beta2 + g32 * (1.0 - beta2)
-    new_p = _round_to(new_w, p.dtype, p_seed)
-    new_comp = None if comp is None else (new_w - new_p.float()).to(comp.dtype)
-    new_m = _round_to(new_m, m.dtype, m_seed)
-    if skip_nonfinite:
-        # After rounding, so that a skipped element keeps its stored bits (and residual) exactly.
-        ok = torch.isfinite(g32)
-        new_p = torch.where(ok, new_p, p)
-        new_m = torch.where(ok, new_m, m)
-        if comp is not None:
-            new_comp = torch.where(ok, new_comp, comp)
-    p.copy_(new_p)
-    m.copy_(new_m)
-    if comp is not None:
-        comp.copy_(new_comp)
+    ok = torch.isfinite(g32) if skip_nonfinite else None
+    _store_param(p, new_w, comp, ok, p_seed)
+    _store_momentum(m, new_m, ok, m_seed)
 
 
 def _cautious_update(update: Tensor, grad: Tensor) -> Tensor:
@@ -195,16 +198,21 @@ def _cautious_update(update: Tensor, grad: Tensor) -> Tensor:
     return update * agree / fraction.clamp(min=1e-3)
 
 
-def _step_may_proceed(policy: str, grads: list[Tensor]) -> bool:
+def _step_may_proceed(policy: str, grads: list[Tensor], grad_norm: float | Tensor | None = None) -> bool:
     """The 'skip_step' / 'raise' gate: False to skip the step; raises under 'raise'.
 
-    With DTensor (FSDP2) gradients each rank holds only its shard, so the verdict is agreed
-    over the mesh: every rank skips (or raises) together, never some ranks alone.
+    ``grad_norm``, the global gradient norm when the caller has it (see ``Lion.set_grad_norm``),
+    is the whole verdict: no gradient is read and every rank already holds the same value.
+    Otherwise the gradients are read; with DTensor (FSDP2) gradients each rank holds only its
+    shard, so the verdict is agreed over the mesh: every rank skips (or raises) together.
     """
     if policy not in ("skip_step", "raise"):
         return True
-    finite = _all_finite([_local(g) for g in grads])
-    mesh = next((g.device_mesh for g in grads if hasattr(g, "device_mesh")), None)
+    if grad_norm is not None:
+        finite = math.isfinite(float(grad_norm))
+    else:
+        finite = _all_finite([_local(g) for g in grads])
+    mesh = None if grad_norm is not None else next((g.device_mesh for g in grads if hasattr(g, "device_mesh")), None)
     if mesh is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=_local(grads[0]).device)
         for dim in range(mesh.ndim):
@@ -213,7 +221,8 @@ def _step_may_proceed(policy: str, grads: list[Tensor]) -> bool:
     if finite:
         return True
     if policy == "raise":
-        raise RuntimeError("Lion: a gradient contains NaN or inf (nonfinite_grad='raise'); parameters were not updated")
+        what = "the gradient norm is" if grad_norm is not None else "a gradient contains"
+        raise RuntimeError(f"Lion: {what} NaN or inf (nonfinite_grad='raise'); parameters were not updated")
     return False
 
 
@@ -260,7 +269,8 @@ def _for_loop_lion(
         p, g, m = _local(param), _local(grad), _local(exp_avg)
         if p.numel() == 0:
             continue
-        p_seed, m_seed = _seeds_for(p, m, param_rounding)
+        p_seed = _new_seed() if _param_stochastic(p.dtype, param_rounding) else None
+        m_seed = _new_seed() if m.dtype == torch.bfloat16 else None
         _lion_tensor(p, g, m, None if comp is None else _local(comp), lr, decay, beta1, beta2, p_seed, m_seed,
                      maximize, cautious, skip_nonfinite)
 
@@ -329,19 +339,16 @@ def _foreach_lion(
             if masked:
                 torch._foreach_copy_(ps, [torch.where(o, n, p) for o, n, p in zip(ok, new_w, ps)])
         else:
+            stochastic = _param_stochastic(p_dtype, param_rounding)
             for i, (p, w) in enumerate(zip(ps, new_w)):
-                new_p = _round_to(w, p_dtype, _new_seed() if param_rounding == "stochastic" else None)
-                if kahan:
-                    new_c = (w - new_p.float()).to(p_dtype)
-                    cs[i].copy_(new_c if ok is None else torch.where(ok[i], new_c, cs[i]))
-                p.copy_(new_p if ok is None else torch.where(ok[i], new_p, p))
+                _store_param(p, w, cs[i] if kahan else None, None if ok is None else ok[i],
+                             _new_seed() if stochastic else None)
         if fp32_state:
             if masked:
                 torch._foreach_copy_(ms, [torch.where(o, n, m) for o, n, m in zip(ok, new_m, ms)])
         else:
             for i, (m, n) in enumerate(zip(ms, new_m)):
-                new = _round_to(n, m_dtype, _new_seed())
-                m.copy_(new if ok is None else torch.where(ok[i], new, m))
+                _store_momentum(m, n, None if ok is None else ok[i], _new_seed())
 
 
 # Tensors per compiled call. One call costs ~20 us of dynamo/inductor dispatch on CPU, so one
@@ -468,7 +475,7 @@ def _compiled_lion(
                     _padding[key] = pad
                 missing = COMPILE_CHUNK - len(ps)
                 ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
-            param_stochastic = p_dtype != torch.float32 and param_rounding == "stochastic"
+            param_stochastic = _param_stochastic(p_dtype, param_rounding)
             seeds = (
                 torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
                 if param_stochastic or m_dtype == torch.bfloat16 else None
@@ -573,10 +580,9 @@ def lion(
         maximize=maximize, cautious=cautious, skip_nonfinite=nonfinite_grad == "skip_elements",
         param_rounding=param_rounding,
     )
-    if _fallback is not None:
-        _compiled_lion(params, grads, exp_avgs, kahan_comps, fallback=_fallback, **kwargs)
-    else:
-        _IMPL_FUNCTIONS[impl](params, grads, exp_avgs, kahan_comps, **kwargs)
+    if _fallback is not None and impl == "compiled":
+        kwargs["fallback"] = _fallback
+    _IMPL_FUNCTIONS[impl](params, grads, exp_avgs, kahan_comps, **kwargs)
     return True
 
 
@@ -745,6 +751,7 @@ class Lion(Optimizer):
             if not hasattr(self, name):
                 setattr(self, name, default)
         self._resolved = {}
+        self._grad_norm = None
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("cautious", False)
@@ -827,17 +834,10 @@ class Lion(Optimizer):
 
         work = [(group, *self._collect(group)) for group in self.param_groups]
         policy = self.nonfinite_grad
-        norm, self._grad_norm = getattr(self, "_grad_norm", None), None
+        grad_norm, self._grad_norm = self._grad_norm, None  # used by this step only
         if policy in ("skip_step", "raise"):
             # Checked across all groups first, so a skipped step leaves every group untouched.
-            if norm is not None:
-                finite = math.isfinite(float(norm))
-                if not finite and policy == "raise":
-                    raise RuntimeError(
-                        "Lion: the gradient norm is NaN or inf (nonfinite_grad='raise'); parameters were not updated")
-            else:
-                finite = _step_may_proceed(policy, [g for _, _, grads, _, _ in work for g in grads])
-            if not finite:
+            if not _step_may_proceed(policy, [g for _, _, grads, _, _ in work for g in grads], grad_norm):
                 self.skipped_steps += 1
                 return loss
             policy = "propagate"  # all finite: the masked path would change nothing

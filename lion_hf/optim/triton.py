@@ -100,6 +100,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from lion_hf.optim.lion import PARAM_ROUNDINGS
+
 try:
     import triton
     import triton.language as tl
@@ -562,8 +564,8 @@ def _triton_step(
     seed: int | None = None,
 ) -> None:
     """:func:`triton_lion_` with the decay factor ``1 - lr * weight_decay`` already computed."""
-    if param_rounding not in ("stochastic", "kahan", "nearest"):
-        raise ValueError(f"triton_lion_: param_rounding must be 'stochastic', 'kahan' or 'nearest', got {param_rounding!r}")
+    if param_rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"triton_lion_: param_rounding must be one of {PARAM_ROUNDINGS}, got {param_rounding!r}")
     if kahan_comps is None or param_rounding != "kahan":
         kahan_comps = [None] * len(params)
     if not (len(params) == len(grads) == len(exp_avgs) == len(kahan_comps)):
