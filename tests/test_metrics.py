@@ -1,4 +1,4 @@
-"""lion_hf.metrics: accuracy and macro F1 against scikit-learn, logits, the Trainer-style function,
+"""lion_hf.experiments.metrics: accuracy and macro F1 against scikit-learn, logits, the Trainer-style function,
 and the packaged `evaluate` metric loaded offline."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from lion_hf.metrics import EVALUATE_METRIC_PATH, classification_metrics, compute_metrics_fn, to_class_ids
+from lion_hf.experiments.metrics import EVALUATE_METRIC_PATH, classification_metrics, compute_metrics_fn, to_class_ids
 
 skm = pytest.importorskip("sklearn.metrics")
 
@@ -107,7 +107,7 @@ def test_evaluate_module_offline(tmp_path):
     )
     code = textwrap.dedent("""
         import json
-        from lion_hf.metrics import load_evaluate_metric
+        from lion_hf.experiments.metrics import load_evaluate_metric
         m = load_evaluate_metric()
         out = {"ids": m.compute(predictions=[0, 1, 1, 2], references=[0, 1, 0, 2]),
                "logits": m.compute(predictions=[[0.1, 0.9], [2.0, 1.0]], references=[1, 1])}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lion_hf.report import select_best, summarize, write_report
+from lion_hf.experiments.report import select_best, summarize, write_report
 
 
 def make_run(optimizer, lr, seed, best, final_loss=0.5, reached_at=None):

@@ -13,9 +13,14 @@ Sources, first match wins:
 4. ``task=None`` or ``task="vader_movies"``: the offline default, :data:`DEFAULT_TASK`, whose data
    arrives through the Python package registry alone (see :func:`load_vader_movies`).
 
-Local formats by extension: ``.csv`` (standard CSV quoting), ``.tsv`` (tab-separated and read with
-``csv.QUOTE_NONE``: quote characters are ordinary text, as in SST-2 sentences), ``.json`` (a list
-of records, a dict of columns, ``{"data": [records]}``, or JSON lines), ``.jsonl``, ``.parquet``.
+Local files are read by ``datasets.load_dataset`` ("csv", "json" or "parquet" with
+``data_files=``, as transformers' ``run_glue.py`` does); on top, this module checks columns,
+texts and labels and names the file, column and row of anything wrong. Formats by extension:
+``.csv`` (standard CSV quoting), ``.tsv`` (tab-separated, read with ``csv.QUOTE_NONE``: quote
+characters are ordinary text, as in SST-2 sentences), ``.json`` (a list of records, a dict of
+columns, ``{"data": [records]}``, or JSON lines), ``.jsonl``, ``.parquet``. Delimited files have a
+header row, unless ``column_names`` names their columns (header-less ``text<TAB>label`` files).
+csv/tsv values are read as the strings written, so the label rules below see the file's text.
 Text and label columns are auto-detected (:data:`TEXT_COLUMNS`, :data:`LABEL_COLUMNS`, exact
 name first, then case-insensitive) unless named.
 
@@ -156,92 +161,83 @@ class SentimentData:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_delimited(path: Path, delimiter: str, quoting: int) -> dict[str, list[Any]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
+def _string_features(path: Path, delimiter: str, quoting: int, column_names: Sequence[str] | None):
+    """Every column as a string, as written: no type guessing per chunk (which would disagree
+    between chunks of a large file), and the label checks below see exactly the file's text."""
+    from datasets import Features, Value
+
+    if column_names is None:
+        import pandas as pd
+
         try:
-            header = next(reader, None)
-            while header is not None and not header:  # leading blank lines
-                header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path}: the file is empty (no header row, no data)")
-            columns: dict[str, list[Any]] = {name: [] for name in header}
-            for row in reader:
-                if not row:  # blank line
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)} "
-                        f"({header}); a stray delimiter{' or quote' if quoting != csv.QUOTE_NONE else ''}?"
-                    )
-                for name, value in zip(header, row):
-                    columns[name].append(value)
-        except csv.Error as exc:
-            raise ValueError(
-                f"{path}, line {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {exc}"
-            ) from exc
-    return columns
+            column_names = list(pd.read_csv(path, sep=delimiter, quoting=quoting, nrows=0, encoding="utf-8-sig").columns)
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{path}: the file is empty (no header row, no data)") from None
+    return Features({name: Value("string") for name in column_names})
 
 
-def _records_to_columns(records: list[Any], path: Path) -> dict[str, list[Any]]:
-    names: list[str] = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}: record {i} is a {type(rec).__name__}, expected a JSON object")
-        for key in rec:
-            if key not in names:
-                names.append(key)
-    # a key missing from a record reads as None: the label/text checks then name it
-    return {name: [rec.get(name) for rec in records] for name in names}
+_RAGGED_ROW = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 
 
-def _read_json(path: Path) -> dict[str, list[Any]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
+def _load_dataset(builder: str, path: Path, **kwargs: Any):
+    """``datasets.load_dataset(builder, data_files=path, split="train")``, its errors as ValueErrors naming the file."""
+    import datasets
+
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return _read_jsonl(path, text)  # JSON lines in a .json file, as `datasets` also accepts
-    if isinstance(obj, list):
-        return _records_to_columns(obj, path)
-    if isinstance(obj, dict):
-        if obj and all(isinstance(v, list) for v in obj.values()):
-            lists = list(obj.values())
-            if len(obj) == 1 and lists[0] and isinstance(lists[0][0], dict):  # {"data": [records]}
-                return _records_to_columns(lists[0], path)
-            lengths = {len(v) for v in lists}
-            if len(lengths) > 1:
-                raise ValueError(f"{path}: columns have different lengths {sorted(lengths)}")
-            return {str(k): list(v) for k, v in obj.items()}
-        return _records_to_columns([obj], path)  # a single record
-    raise ValueError(f"{path}: expected a JSON list of records or an object of columns, found {type(obj).__name__}")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except ValueError as exc:
+        if "corresponds to no data" in str(exc):  # a header and no rows, or "[]"
+            raise ValueError(f"{path}: the file is empty (no data rows)") from exc
+        raise ValueError(f"{path}: could not read it as {builder}: {exc}") from exc
+    except StopIteration as exc:  # datasets' JSON reader on a file with no bytes
+        raise ValueError(f"{path}: the file is empty") from exc
+    except Exception as exc:  # datasets wraps the reader's error (pandas, pyarrow) in DatasetGenerationError
+        cause = exc.__cause__ or exc
+        ragged = _RAGGED_ROW.search(str(cause))
+        if ragged:  # pandas' "Expected 2 fields in line 3, saw 3", said the way a user can act on
+            expected, line, found = ragged.groups()
+            raise ValueError(
+                f"{path}, line {line}: {found} fields where {expected} were expected; a stray delimiter or quote?"
+            ) from exc
+        raise ValueError(f"{path}: could not read it as {builder}: {type(cause).__name__}: {cause}") from exc
 
 
-def _read_jsonl(path: Path, text: str | None = None) -> dict[str, list[Any]]:
-    if text is None:
-        text = path.read_text(encoding="utf-8-sig")
-    records = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON: {exc}") from exc
-    return _records_to_columns(records, path)
+def _delimited(path: Path, delimiter: str, quoting: int, column_names: Sequence[str] | None):
+    features = _string_features(path, delimiter, quoting, column_names)
+    kwargs: dict[str, Any] = dict(
+        delimiter=delimiter, quoting=quoting, features=features, encoding="utf-8-sig",
+        keep_default_na=False,  # "NA" or "null" in a sentence is text; an empty label is caught below
+    )
+    if column_names is not None:
+        kwargs.update(header=None, column_names=list(column_names))
+    return _load_dataset("csv", path, **kwargs)
 
 
-def _read_parquet(path: Path) -> dict[str, list[Any]]:
-    import pyarrow.parquet as pq
+def _json(path: Path):
+    ds = _load_dataset("json", path)
+    # datasets reads a top-level JSON object as a single row: {"data": [records]} is a field of
+    # records, {"text": [...], "label": [...]} a table of columns.
+    if len(ds) == 1 and all(isinstance(ds[0][c], list) for c in ds.column_names):
+        row = ds[0]
+        if len(row) == 1 and row[ds.column_names[0]] and isinstance(row[ds.column_names[0]][0], dict):
+            return _load_dataset("json", path, field=ds.column_names[0])
+        lengths = {len(v) for v in row.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"{path}: columns have different lengths {sorted(lengths)}")
+        from datasets import Dataset
 
-    return pq.read_table(path).to_pydict()
+        return Dataset.from_dict(row)
+    return ds
 
 
-def read_local_file(path: str | os.PathLike) -> dict[str, list[Any]]:
-    """Read a csv/tsv/json/jsonl/parquet file into ``{column: values}`` (values as read: strings
-    for csv/tsv, JSON/Arrow types otherwise). Raises ``ValueError`` for an unsupported extension
-    and ``FileNotFoundError`` for a missing file."""
+def read_local_file(path: str | os.PathLike, column_names: Sequence[str] | None = None):
+    """A csv/tsv/json/jsonl/parquet file as a ``datasets.Dataset``, read by ``datasets.load_dataset``.
+
+    csv and tsv columns are strings as written (tsv with ``csv.QUOTE_NONE``: quotes are text);
+    json and parquet keep their types. ``column_names`` names the columns, in order, of a
+    delimited file that has no header row. Raises ``ValueError`` for an unsupported extension, an
+    empty or malformed file, or ``column_names`` on a non-delimited file, naming the file; and
+    ``FileNotFoundError`` for a missing file."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
@@ -250,15 +246,19 @@ def read_local_file(path: str | os.PathLike) -> dict[str, list[Any]]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    if column_names is not None:
+        column_names = list(column_names)
+        if ext not in (".csv", ".tsv"):
+            raise ValueError(f"{path}: column_names (no header row) applies to .csv/.tsv files, not {ext}")
+        if len(column_names) < 2 or len(set(column_names)) != len(column_names):
+            raise ValueError(f"column_names must name at least 2 distinct columns, got {column_names}")
     if ext == ".csv":
-        return _read_delimited(path, ",", csv.QUOTE_MINIMAL)
+        return _delimited(path, ",", csv.QUOTE_MINIMAL, column_names)
     if ext == ".tsv":
-        return _read_delimited(path, "\t", csv.QUOTE_NONE)
-    if ext == ".json":
-        return _read_json(path)
-    if ext == ".jsonl":
-        return _read_jsonl(path)
-    return _read_parquet(path)
+        return _delimited(path, "\t", csv.QUOTE_NONE, column_names)
+    if ext in (".json", ".jsonl"):
+        return _json(path)
+    return _load_dataset("parquet", path)
 
 
 def _find_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], kind: str, path: Path) -> str:
@@ -279,13 +279,15 @@ def _find_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
     )
 
 
-def _load_file(path: Path, text_column: str | None, label_column: str | None) -> tuple[list[str], list[Any], str]:
+def _load_file(
+    path: Path, text_column: str | None, label_column: str | None, column_names: Sequence[str] | None = None
+) -> tuple[list[str], list[Any], str]:
     """(texts, raw labels, label column name) of one local file, texts checked."""
-    columns = read_local_file(path)
-    names = list(columns)
+    table = read_local_file(path, column_names)
+    names = list(table.column_names)
     text_col = _find_column(names, text_column, TEXT_COLUMNS, "text", path)
     label_col = _find_column(names, label_column, LABEL_COLUMNS, "label", path)
-    texts, labels = columns[text_col], columns[label_col]
+    texts, labels = table[text_col], table[label_col]
     if not texts:
         raise ValueError(f"{path}: no data rows (columns found: {names})")
     for i, t in enumerate(texts):
@@ -478,6 +480,7 @@ VADER_INNER_TARBALL = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_201
 VADER_MOVIES_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 VADER_MOVIES_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
 VADER_MOVIES_ROWS = 10_605
+VADER_COLUMNS = ("id", "rating", "text")
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -577,18 +580,8 @@ def vader_movies_path(cache_dir: str | os.PathLike | None = None) -> Path:
 def read_vader_movies(path: str | os.PathLike) -> tuple[list[str], list[float]]:
     """(texts, mean ratings) of the VADER movie file: tab-separated id, mean rating, text; no
     header, no quoting (it writes quotes as ``''`` and has one bare ``"``), CRLF line ends."""
-    texts, ratings = [], []
-    with open(path, encoding="utf-8", newline="") as fh:
-        for lineno, line in enumerate(fh.read().split("\n"), 1):
-            line = line.rstrip("\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise ValueError(f"{path}, line {lineno}: expected 3 tab-separated fields, found {len(parts)}")
-            ratings.append(float(parts[1]))
-            texts.append(parts[2].strip())
-    return texts, ratings
+    table = _delimited(Path(path), "\t", csv.QUOTE_NONE, VADER_COLUMNS)
+    return [t.strip() for t in table["text"]], [float(r) for r in table["rating"]]
 
 
 def load_vader_movies(
@@ -708,6 +701,7 @@ def load_sentiment_data(
     validation_file: str | os.PathLike | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    column_names: Sequence[str] | None = None,
     validation_fraction: float = 0.1,
     seed: int = 42,
     max_train_samples: int | None = None,
@@ -719,6 +713,8 @@ def load_sentiment_data(
     Priority: ``train_file``/``validation_file`` > ``data_dir`` > ``task`` (a :data:`TASKS` name,
     from the Hub) > the offline default :data:`DEFAULT_TASK` (``task=None``). See the module
     docstring for formats, column detection, label mapping and seeded splits/subsets.
+    ``column_names`` reads header-less ``.csv``/``.tsv`` files: it names their columns in order
+    (e.g. ``["text", "label"]`` for ``text<TAB>label`` lines).
     ``cache_dir`` is the ``datasets`` cache for Hub tasks and the download cache of the offline
     default (default ``$LION_HF_CACHE`` or ``~/.cache/lion_hf``).
 
@@ -743,8 +739,8 @@ def load_sentiment_data(
             train_path, val_path = _resolve_data_dir(Path(data_dir))
         if task is not None:
             logger.info("local files given: ignoring task=%s", task)
-        train_rows = _load_file(train_path, text_column, label_column)
-        val_rows = _load_file(val_path, text_column, label_column) if val_path is not None else None
+        train_rows = _load_file(train_path, text_column, label_column, column_names)
+        val_rows = _load_file(val_path, text_column, label_column, column_names) if val_path is not None else None
         source = f"local files: train {train_path}" + (f", validation {val_path}" if val_path is not None else "")
         texts, labels, names, source = _from_rows(
             train_rows, val_rows, validation_fraction=validation_fraction, seed=seed, source=source

@@ -5,7 +5,7 @@
 * :func:`compute_metrics_fn` wraps it for ``transformers.Trainer(compute_metrics=...)``.
 * :func:`load_evaluate_metric` returns the same metric as a Hugging Face ``evaluate`` module.
   ``evaluate.load("accuracy")`` fetches its script from the Hub; this one is a script shipped
-  inside the package (``lion_hf/evaluate_metrics/sentiment_classification.py``) and loads from
+  inside the package (``lion_hf/experiments/evaluate_metrics/sentiment_classification.py``) and loads from
   its local path, so it works with ``HF_HUB_OFFLINE=1`` and no network.
 
 Macro F1 follows scikit-learn's ``f1_score(average="macro")`` default: the mean over the

@@ -1,13 +1,13 @@
 """Accuracy and macro F1 for single-label classification, as an ``evaluate`` metric script.
 
 Shipped inside lion_hf so that ``evaluate.load(<path of this file>)`` works offline (no Hub
-script download). The numbers come from :func:`lion_hf.metrics.classification_metrics`.
+script download). The numbers come from :func:`lion_hf.experiments.metrics.classification_metrics`.
 """
 
 import datasets
 import evaluate
 
-from lion_hf.metrics import classification_metrics
+from lion_hf.experiments.metrics import classification_metrics
 
 _DESCRIPTION = """\
 Accuracy (share of exact matches) and macro F1 (mean over the classes present in references or
@@ -22,7 +22,7 @@ Args:
 Returns:
     accuracy (float), macro_f1 (float).
 Examples:
-    >>> metric = lion_hf.metrics.load_evaluate_metric()
+    >>> metric = lion_hf.experiments.metrics.load_evaluate_metric()
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666, 'macro_f1': 0.6666666666666666}
 """
