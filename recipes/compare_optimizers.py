@@ -14,6 +14,12 @@ and AdamW's weight decay times k (Chen et al.: 3-10x smaller lr, larger wd). Run
 share the data order and classifier-head init whatever the optimizer. Writes, in --output_dir,
 one folder per run (``run.json``) and ``report.md``, ``report.json``, ``train_loss.png``,
 ``eval_accuracy.png``.
+
+Rerunning the same command finishes a study: a run whose folder holds a ``run.json`` written
+with the same arguments is reused, not rerun; one that stopped midway resumes from its last
+checkpoint (configs save one with ``save_strategy: steps``), if that checkpoint was written with
+the same arguments; any other run starts from scratch. ``--rerun`` runs everything again.
+Checkpoints are deleted once a run finishes (``--keep_checkpoints`` keeps them).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,9 +37,15 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_sentiment import dict_to_argv, has_option, parse_args, run  # noqa: E402
+from finetune_sentiment import RUN_ARGS_FILE, dict_to_argv, has_option, parse_args, run, run_arguments  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
+from lion_hf.experiments.records import RunRecord  # noqa: E402
 from lion_hf.experiments.report import write_report  # noqa: E402
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "offline_default.yaml"
 
@@ -82,11 +95,34 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
+def run_status(run_dir: Path, parsed: tuple) -> tuple[str, RunRecord | None]:
+    """("finished", record) when ``run_dir/run.json`` exists and was written with the same run
+    arguments; ("resume", None) when a checkpoint of the same arguments exists; else ("new", None)."""
+    arguments = run_arguments(*parsed[:3])
+    record_file = run_dir / "run.json"
+    if record_file.is_file():
+        try:
+            record = RunRecord.read(record_file)
+        except ValueError:  # a record from an older schema, or damaged: run again
+            record = None
+        if record is not None and record.run_args == arguments:
+            return "finished", record
+    args_file = run_dir / RUN_ARGS_FILE
+    if (run_dir.is_dir() and get_last_checkpoint(str(run_dir)) is not None and args_file.is_file()
+            and json.loads(args_file.read_text()) == arguments):
+        return "resume", None
+    return "new", None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: offline)")
     parser.add_argument("--output_dir", default=None, help="default: runs/<config name>")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run every grid point again, even those with a finished run.json")
+    parser.add_argument("--keep_checkpoints", action="store_true",
+                        help="keep each run's checkpoint-* folders after it finishes (default: deleted)")
     parser.epilog = "Arguments after a lone `--` go to every run of recipes/finetune_sentiment.py."
     argv = list(sys.argv[1:] if argv is None else argv)
     # Split by hand: an argparse REMAINDER positional would also swallow our own options that
@@ -104,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     common = dict(config.get("common", {}))
     common["target_accuracy"] = target
 
-    runs = []
+    runs: list[RunRecord] = []
+    reused = 0  # finished runs found from an earlier invocation
     started = time.perf_counter()
     for name, optim, lr, wd, setup_args in optimizer_grid(config):
         for seed in seeds:
@@ -113,10 +150,21 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                 "--optim", optim, "--learning_rate", str(lr), "--weight_decay", str(wd), "--seed", str(seed),
                 "--run_name", name, "--output_dir", str(run_dir), *extra,
             ]
-            print(f"[compare] {name} lr={lr:g} wd={wd:g} seed={seed}", flush=True)
-            record = run(*parse_args(argv_run))
-            print(f"[compare]   best eval accuracy {record['best_eval_accuracy']:.4f} "
-                  f"in {record['train_seconds']:.0f} s", flush=True)
+            parsed = parse_args(argv_run)
+            status, record = ("new", None) if args.rerun else run_status(run_dir, parsed)
+            reused += record is not None
+            print(f"[compare] {name} lr={lr:g} wd={wd:g} seed={seed}: {status}", flush=True)
+            if record is None:
+                # "resume": continue from the last checkpoint of the same arguments; "new": from
+                # scratch, deleting checkpoints of other arguments or of a forced rerun.
+                parsed[2].resume_from_checkpoint = "true" if status == "resume" else None
+                parsed[3].overwrite_output_dir = status == "new"
+                record = run(*parsed)
+                if not args.keep_checkpoints and _is_main_process():
+                    for checkpoint in run_dir.glob("checkpoint-*"):
+                        shutil.rmtree(checkpoint)
+            print(f"[compare]   best eval accuracy {record.best_eval_accuracy:.4f} "
+                  f"in {record.train_seconds:.0f} s", flush=True)
             runs.append(record)
     total = time.perf_counter() - started
 
@@ -127,9 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     first = runs[0]
     notes = [
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {device}, {platform.machine()}, "
-        f"torch {torch.__version__}); all {len(runs)} runs took {total / 60:.1f} min.",
-        f"Model: {first['model']}{' + LoRA' if first['peft'] else ' (full fine-tune)'}; data: {first['data']}; "
-        f"{first['train_rows']} train / {first['eval_rows']} eval rows; {first['steps']} optimizer steps per run.",
+        f"torch {torch.__version__}); {len(runs) - reused} runs took {total / 60:.1f} min"
+        + (f" ({reused} finished runs reused from an earlier invocation)." if reused else "."),
+        f"Model: {first.model}{' + LoRA' if first.peft else ' (full fine-tune)'}; data: {first.data}; "
+        f"{first.train_rows} train / {first.eval_rows} eval rows; {first.steps} optimizer steps per run.",
         "Each optimizer's lr is the best of its grid by mean best-eval-accuracy, chosen on the eval set it is "
         "scored on (the same optimistic choice for both optimizers).",
         "Peak memory is " + ("CUDA max allocated" if torch.cuda.is_available() else

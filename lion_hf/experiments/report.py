@@ -1,8 +1,9 @@
 """Turn fine-tuning runs into a side-by-side optimizer report: Markdown, JSON and PNG plots.
 
-A *run* is the dict ``recipes/finetune_sentiment.py`` writes to ``run.json``: optimizer name,
-seed, learning rate, weight decay, the logged history (train loss and eval metrics per step,
-with wall-clock seconds) and summary numbers (time, samples/s, peak memory, state bytes).
+A *run* is a :class:`~lion_hf.experiments.records.RunRecord` (or its dict, as
+``recipes/finetune_sentiment.py`` writes it to ``run.json``): optimizer, seed, learning rate,
+weight decay, the logged history and summary numbers. The table's rows are
+:data:`~lion_hf.experiments.records.REPORT_METRICS`.
 
 For each optimizer the report keeps the learning rate with the best mean best-eval-accuracy
 over seeds (the rest of the grid is listed too), then gives mean +/- std over seeds. The
@@ -15,33 +16,24 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lion_hf.experiments.records import REPORT_METRICS, RunRecord
+
 __all__ = ["select_best", "setup_of", "summarize", "write_report"]
 
-# (key in the summary, label in the table, format)
-_COLUMNS = [
-    ("best_eval_accuracy", "best eval acc", "{:.4f}"),
-    ("final_eval_accuracy", "final eval acc", "{:.4f}"),
-    ("final_eval_macro_f1", "final eval macro-F1", "{:.4f}"),
-    ("final_train_loss", "final train loss", "{:.4f}"),
-    ("final_eval_loss", "final eval loss", "{:.4f}"),
-    ("steps_to_target", "steps to target", "{:.0f}"),
-    ("seconds_to_target", "s to target", "{:.1f}"),
-    ("train_seconds", "train s", "{:.1f}"),
-    ("train_samples_per_second", "samples/s", "{:.1f}"),
-    ("peak_memory_mb", "peak mem MB", "{:.0f}"),
-    ("optimizer_state_mb", "opt state MB", "{:.1f}"),
-    ("bytes_per_param", "weights+grads+state B/param", "{:.2f}"),
-    ("weights_changed_fraction", "weights changed", "{:.3f}"),
-]
+Run = RunRecord | Mapping[str, Any]
 
 
-def setup_of(run: dict[str, Any]) -> str:
+def _records(runs: Iterable[Run]) -> list[RunRecord]:
+    return [RunRecord.from_dict(r, where=f"run {i}") for i, r in enumerate(runs)]
+
+
+def setup_of(run: Run) -> str:
     """What a run is compared as: its named setup (e.g. ``lion_bf16``), else its optimizer."""
-    return run.get("setup") or run["optimizer"]
+    return RunRecord.from_dict(run).name
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -50,58 +42,40 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _run_numbers(run: dict[str, Any]) -> dict[str, float | None]:
-    return {
-        "best_eval_accuracy": run["best_eval_accuracy"],
-        "final_eval_accuracy": run["final_eval"]["eval_accuracy"],
-        "final_eval_macro_f1": run["final_eval"].get("eval_macro_f1"),
-        "final_train_loss": run["final_train_loss"],
-        "final_eval_loss": run["final_eval"]["eval_loss"],
-        "steps_to_target": run.get("steps_to_target"),
-        "seconds_to_target": run.get("seconds_to_target"),
-        "train_seconds": run["train_seconds"],
-        "train_samples_per_second": run["train_samples_per_second"],
-        "peak_memory_mb": run["peak_memory_bytes"] / 2**20,
-        "optimizer_state_mb": run["optimizer_state_bytes"] / 2**20,
-        "bytes_per_param": (run.get("bytes_per_param") or {}).get("total"),
-        "weights_changed_fraction": run.get("weights_changed_fraction"),
-    }
-
-
-def select_best(runs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """optimizer -> the runs (all seeds) of its (learning rate, weight decay) grid point with the
+def select_best(runs: Iterable[Run]) -> dict[str, list[RunRecord]]:
+    """setup -> the runs (all seeds) of its (learning rate, weight decay) grid point with the
     best mean best-eval-accuracy."""
-    grid: dict[str, dict[tuple[float, float], list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        grid[setup_of(run)][(run["learning_rate"], run["weight_decay"])].append(run)
+    grid: dict[str, dict[tuple[float, float], list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for run in _records(runs):
+        grid[run.name][(run.learning_rate, run.weight_decay)].append(run)
     best = {}
     for optimizer, by_point in grid.items():
-        point = max(by_point, key=lambda k: statistics.fmean(r["best_eval_accuracy"] for r in by_point[k]))
+        point = max(by_point, key=lambda k: statistics.fmean(r.best_eval_accuracy for r in by_point[k]))
         best[optimizer] = by_point[point]
     return best
 
 
-def summarize(runs: list[dict[str, Any]], target_accuracy: float | None = None) -> dict[str, Any]:
-    """Per optimizer (at its best lr): mean/std of every number, plus the whole lr grid."""
+def summarize(runs: Iterable[Run], target_accuracy: float | None = None) -> dict[str, Any]:
+    """Per setup (at its best lr): mean/std of every :data:`REPORT_METRICS` number, plus the whole lr grid."""
+    runs = _records(runs)
     if not runs:
         raise ValueError("no runs to summarize")
     summary: dict[str, Any] = {"target_accuracy": target_accuracy, "optimizers": {}, "grid": []}
     for optimizer, chosen in select_best(runs).items():
-        per_run = [_run_numbers(r) for r in chosen]
         stats = {}
-        for key, _, _ in _COLUMNS:
-            values = [n[key] for n in per_run if n[key] is not None]
+        for metric in REPORT_METRICS:
+            values = [v for v in (metric.value(r) for r in chosen) if v is not None]
             mean, std = _mean_std(values)
-            stats[key] = {"mean": mean, "std": std, "n": len(values)}
+            stats[metric.key] = {"mean": mean, "std": std, "n": len(values)}
         summary["optimizers"][optimizer] = {
-            "learning_rate": chosen[0]["learning_rate"],
-            "weight_decay": chosen[0]["weight_decay"],
-            "seeds": sorted(r["seed"] for r in chosen),
+            "learning_rate": chosen[0].learning_rate,
+            "weight_decay": chosen[0].weight_decay,
+            "seeds": sorted(r.seed for r in chosen),
             "metrics": stats,
         }
     grid: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
-        grid[(setup_of(run), run["learning_rate"], run["weight_decay"])].append(run["best_eval_accuracy"])
+        grid[(run.name, run.learning_rate, run.weight_decay)].append(run.best_eval_accuracy)
     for (optimizer, lr, wd), accs in sorted(grid.items()):
         mean, std = _mean_std(accs)
         summary["grid"].append({"optimizer": optimizer, "learning_rate": lr, "weight_decay": wd,
@@ -144,7 +118,8 @@ def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
         f"{name} (lr {o['learning_rate']:g}, wd {o['weight_decay']:g}, {len(o['seeds'])} seeds)" for name, o in opts.items()
     ) + " |"
     lines += [header, "|---|" + "---:|" * len(opts)]
-    for key, label, fmt in _COLUMNS:
+    for metric in REPORT_METRICS:
+        key, label, fmt = metric.key, metric.label, metric.fmt
         if key.endswith("to_target") and summary.get("target_accuracy") is not None:
             label = f"{label} ({summary['target_accuracy']:g})"
         cells = []
@@ -173,7 +148,7 @@ def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(best: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+def _plot(best: dict[str, list[RunRecord]], out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,12 +160,12 @@ def _plot(best: dict[str, list[dict]], out_dir: Path) -> list[Path]:
                                         ("eval", "eval_accuracy", "eval accuracy", "eval_accuracy.png")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for optimizer, runs in best.items():
-            series = [{h["step"]: h[key] for h in r["history"][kind] if key in h} for r in runs]
+            series = [{h["step"]: h[key] for h in r.history[kind] if key in h} for r in runs]
             steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if not steps:
                 continue
             values = np.array([[s[step] for step in steps] for s in series])
-            label = f"{optimizer} (lr {runs[0]['learning_rate']:g}, {len(runs)} seeds)"
+            label = f"{optimizer} (lr {runs[0].learning_rate:g}, {len(runs)} seeds)"
             line = ax.plot(steps, values.mean(axis=0), label=label)[0]
             if len(runs) > 1:
                 ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
@@ -207,7 +182,7 @@ def _plot(best: dict[str, list[dict]], out_dir: Path) -> list[Path]:
 
 
 def write_report(
-    runs: list[dict[str, Any]],
+    runs: Iterable[Run],
     out_dir: str | Path,
     *,
     title: str = "Lion vs AdamW",
@@ -215,11 +190,12 @@ def write_report(
     notes: list[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` (summary + every run) and the two PNG plots."""
+    runs = _records(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, target_accuracy)
     (out_dir / "report.json").write_text(json.dumps({"title": title, "notes": notes or [], "summary": summary,
-                                                     "runs": runs}, indent=2))
+                                                     "runs": [r.to_dict() for r in runs]}, indent=2))
     (out_dir / "report.md").write_text(_markdown(summary, title, notes or []))
     plots = _plot(select_best(runs), out_dir)
     return {"markdown": out_dir / "report.md", "json": out_dir / "report.json",

@@ -1,0 +1,150 @@
+"""What a fine-tuning run measures, as Trainer callbacks and helpers: history, memory, bytes.
+
+Used by ``recipes/finetune_sentiment.py`` to fill a :class:`~lion_hf.experiments.records.RunRecord`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from lion_hf.trainer import unwrap_optimizer
+
+__all__ = [
+    "HistoryCallback",
+    "PeakMemory",
+    "TrainingBytesCallback",
+    "bytes_per_param",
+    "changed_fraction",
+    "optimizer_state_bytes",
+]
+
+
+class HistoryCallback(TrainerCallback, ExportableState):
+    """Records train loss and eval metrics per step with wall-clock seconds since training began.
+
+    Resumable: HF saves its :meth:`state` in every checkpoint's ``trainer_state.json``; when a
+    run resumes, the Trainer has loaded that state before ``on_train_begin``, where the history
+    so far and its elapsed seconds are taken back, so the record covers the whole run.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.offset = 0.0  # seconds spent in earlier segments of a resumed run
+        self.train: list[dict[str, float]] = []
+        self.eval: list[dict[str, float]] = []
+
+    @property
+    def elapsed(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"train": self.train, "eval": self.eval, "elapsed": self.elapsed}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step > 0 else None
+        if isinstance(saved, dict) and "attributes" in saved:
+            # Keep only what happened up to the checkpoint: a killed run may have logged past it.
+            step = state.global_step
+            self.train = [e for e in saved["attributes"]["train"] if e["step"] <= step]
+            self.eval = [e for e in saved["attributes"]["eval"] if e["step"] <= step]
+            self.offset = float(saved["attributes"]["elapsed"])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        entry = {"step": state.global_step, "seconds": self.elapsed}
+        if "loss" in logs:
+            self.train.append({**entry, "loss": float(logs["loss"])})
+        if "eval_accuracy" in logs:
+            self.eval.append({**entry, **{k: float(v) for k, v in logs.items() if k.startswith("eval_")}})
+
+
+class PeakMemory:
+    """Peak CPU RSS sampled at 20 Hz (ru_maxrss never resets between runs); CUDA max allocated."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    inner = unwrap_optimizer(optimizer)
+    return sum(
+        t.numel() * t.element_size()
+        for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
+
+
+class TrainingBytesCallback(TrainerCallback):
+    """Counts, from the tensors themselves, the bytes of weights, gradients and optimizer state
+    at the first optimizer step (when every gradient exists and the state has been created)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.counts is not None or model is None or optimizer is None:
+            return
+        params = list(model.parameters())
+        self.counts = {
+            "params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        }
+
+
+def changed_fraction(model: torch.nn.Module, initial: torch.nn.Module) -> float:
+    """Share of trainable weight elements whose stored value differs from ``initial``'s.
+
+    Shows steps lost to rounding: a bf16 weight updated by round-to-nearest stays put whenever
+    the step is under half an ulp.
+    """
+    start = dict(initial.named_parameters())
+    changed = total = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and name in start:
+            changed += int((p.detach() != start[name].detach().to(p.dtype)).sum())
+            total += p.numel()
+    return changed / total if total else 0.0
+
+
+def bytes_per_param(counts: dict[str, int] | None) -> dict[str, float] | None:
+    """Weights + gradients + optimizer state, each per model parameter."""
+    if not counts or not counts["params"]:
+        return None
+    n = counts["params"]
+    per = {key.replace("_bytes", ""): counts[key] / n for key in ("weight_bytes", "grad_bytes", "optimizer_state_bytes")}
+    per["total"] = sum(per.values())
+    return per
