@@ -37,8 +37,15 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_sentiment import RUN_ARGS_FILE, dict_to_argv, has_option, parse_args, run, run_arguments  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from finetune_sentiment import (  # noqa: E402
+    RUN_ARGS_FILE,
+    dict_to_argv,
+    has_option,
+    last_complete_checkpoint,
+    parse_args,
+    run,
+    run_arguments,
+)
 
 from lion_hf.experiments.records import RunRecord  # noqa: E402
 from lion_hf.experiments.report import write_report  # noqa: E402
@@ -108,7 +115,7 @@ def run_status(run_dir: Path, parsed: tuple) -> tuple[str, RunRecord | None]:
         if record is not None and record.run_args == arguments:
             return "finished", record
     args_file = run_dir / RUN_ARGS_FILE
-    if (run_dir.is_dir() and get_last_checkpoint(str(run_dir)) is not None and args_file.is_file()
+    if (last_complete_checkpoint(run_dir) is not None and args_file.is_file()
             and json.loads(args_file.read_text()) == arguments):
         return "resume", None
     return "new", None

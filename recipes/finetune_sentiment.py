@@ -37,7 +37,6 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from lion_hf import LionTrainer, LionTrainingArguments
 from lion_hf.experiments.data import load_sentiment_data, tokenize_sentiment_data
@@ -223,7 +222,7 @@ def resolve_checkpoint(training_args: LionTrainingArguments, run_args: RunArgume
     other run arguments (``run_args.json``) is refused, naming the arguments that differ.
     """
     out = Path(training_args.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = last_complete_checkpoint(out)
     asked = training_args.resume_from_checkpoint
     if asked is not None and str(asked).lower() in ("false", "no", "0", ""):
         asked = None
@@ -256,6 +255,19 @@ def resolve_checkpoint(training_args: LionTrainingArguments, run_args: RunArgume
 
 
 RUN_ARGS_FILE = "run_args.json"
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The ``checkpoint-N`` with the highest N that was written to the end.
+
+    The Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a folder
+    without it; HF's ``get_last_checkpoint`` would pick that half-written folder.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    done = [d for d in out.glob("checkpoint-*") if d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda d: int(d.name.split("-")[-1]))) if done else None
 
 
 def _is_main_process() -> bool:

@@ -207,3 +207,116 @@ def test_compare_setups_carry_their_own_arguments(tiny_model_dir, tiny_data_dir,
     assert by_setup["lion_bf16"]["bytes_per_param"]["total"] == 6.0
     assert by_setup["lion"]["bytes_per_param"]["total"] == 12.0  # fp32 weights, grads and momentum
     assert "| weights+grads+state B/param |" in paths["markdown"].read_text()
+
+
+# ---------------------------------------------------------------- interrupted runs resume
+
+
+def _kill_when(cmd: list[str], ready, cwd: Path, timeout: float = 300.0) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``ready()`` holds; the run must not have finished."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed:\n"
+                                 + proc.stdout.read()[-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run to reach its kill point")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _resume_args(model_dir, data_dir, out, optim_args):
+    return {**common_args(model_dir, data_dir, out), "num_train_epochs": 1, "max_steps": 24, "eval_steps": 8,
+            "save_strategy": "steps", "save_steps": 4, "seed": 3, **optim_args}
+
+
+@pytest.mark.parametrize("optim_args", [
+    {"optim": "lion", "learning_rate": 3e-3, "weight_decay": 0.1, "model_dtype": "bfloat16", "lion_state_dtype": "bf16"},
+    {"optim": "adamw", "learning_rate": 1e-2, "weight_decay": 0.01},
+], ids=["lion_bf16", "adamw"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_data_dir, tmp_path, optim_args):
+    from safetensors.torch import load_file
+
+    killed = tmp_path / "killed"
+    argv = finetune_sentiment.dict_to_argv(_resume_args(tiny_model_dir, tiny_data_dir, killed, optim_args))
+    _kill_when([sys.executable, str(RECIPES / "finetune_sentiment.py"), *argv],
+               lambda: (killed / "checkpoint-8" / "trainer_state.json").is_file(), tmp_path)
+    assert not (killed / "run.json").exists() and not (killed / "checkpoint-24").exists()
+
+    # Rerunning into the folder without saying what to do is refused, not trained over.
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint true"):
+        finetune_sentiment.main(argv)
+    # Resuming under other arguments is refused too, naming the difference.
+    with pytest.raises(ValueError, match="other arguments.*training.learning_rate"):
+        finetune_sentiment.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", "true"])
+    resumed = finetune_sentiment.main(argv + ["--resume_from_checkpoint", "true"])
+
+    straight_dir = tmp_path / "straight"
+    straight = finetune_sentiment.main(
+        finetune_sentiment.dict_to_argv(_resume_args(tiny_model_dir, tiny_data_dir, straight_dir, optim_args)))
+
+    assert resumed.steps == straight.steps == 24 and len(resumed.resumed_from) == 1
+    assert int(resumed.resumed_from[0].rsplit("-", 1)[1]) >= 8
+    a = load_file(str(killed / "checkpoint-24" / "model.safetensors"))
+    b = load_file(str(straight_dir / "checkpoint-24" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final weights differ"
+    if optim_args.get("model_dtype") == "bfloat16":
+        assert {t.dtype for t in a.values()} == {torch.bfloat16}
+    assert resumed.final_eval["eval_loss"] == straight.final_eval["eval_loss"]
+    assert resumed.final_eval["eval_accuracy"] == straight.final_eval["eval_accuracy"]
+    # run.json holds the whole run: every logged step, from both segments, with the same values.
+    assert [(e["step"], e["loss"]) for e in resumed.history["train"]] == \
+           [(e["step"], e["loss"]) for e in straight.history["train"]]
+    assert [(e["step"], e["eval_accuracy"]) for e in resumed.history["eval"]] == \
+           [(e["step"], e["eval_accuracy"]) for e in straight.history["eval"]]
+    assert resumed.steps_to_target == straight.steps_to_target
+    seconds = [e["seconds"] for e in resumed.history["train"]]
+    assert seconds == sorted(seconds) and resumed.train_seconds >= seconds[-1]
+    # --overwrite_output_dir trains from scratch and deletes the old checkpoints first.
+    fresh = finetune_sentiment.main(argv + ["--overwrite_output_dir", "true", "--max_steps", "8", "--save_steps", "8"])
+    assert fresh.resumed_from == [] and sorted(d.name for d in killed.glob("checkpoint-*")) == ["checkpoint-8"]
+
+
+def test_compare_rerun_redoes_only_unfinished_runs(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = tmp_path / "study.yaml"
+    common = {**_resume_args(tiny_model_dir, tiny_data_dir, "unused", {})}
+    del common["output_dir"]
+    config.write_text(yaml.safe_dump({
+        "seeds": [0], "common": common,
+        "optimizers": {"adamw": {"learning_rate": [1e-2], "weight_decay": 0.01},
+                       "lion": {"learning_rate": [3e-3], "weight_decay": 0.1}},
+    }))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(RECIPES / "compare_optimizers.py"), str(config), "--output_dir", str(out)]
+    # Kill the study once the first run has finished and the second has saved a checkpoint.
+    _kill_when(cmd, lambda: (out / "lion_lr0.003_seed0" / "checkpoint-4" / "trainer_state.json").is_file(), tmp_path)
+    first = out / "adamw_lr0.01_seed0" / "run.json"
+    assert first.is_file() and not (out / "lion_lr0.003_seed0" / "run.json").exists()
+    first_written = first.stat().st_mtime_ns
+    assert not list(first.parent.glob("checkpoint-*")), "a finished run's checkpoints are deleted"
+
+    paths = compare_optimizers.main([str(config), "--output_dir", str(out)])
+    assert first.stat().st_mtime_ns == first_written, "the finished run was redone"
+    report = json.loads(paths["json"].read_text())
+    by_setup = {r["setup"]: r for r in report["runs"]}
+    assert by_setup["adamw"]["resumed_from"] == [] and len(by_setup["lion"]["resumed_from"]) == 1
+    assert by_setup["lion"]["steps"] == 24
+
+    # Changed arguments are not mistaken for a finished run: the same grid point with another
+    # max_length is run again.
+    parsed = finetune_sentiment.parse_args(finetune_sentiment.dict_to_argv(
+        {**common, "optim": "adamw", "learning_rate": 1e-2, "weight_decay": 0.01, "seed": 0, "run_name": "adamw",
+         "output_dir": str(first.parent)}))
+    assert compare_optimizers.run_status(first.parent, parsed)[0] == "finished"
+    parsed[1].max_length = 12
+    assert compare_optimizers.run_status(first.parent, parsed)[0] == "new"
