@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["decay_parameter_names", "lion_param_groups"]
+__all__ = ["decay_parameter_names", "lion_param_groups", "matrices_only"]
 
 
 def _original_ndim(param: Tensor) -> int:
@@ -24,12 +24,31 @@ def _original_ndim(param: Tensor) -> int:
     return len(ds_shape) if ds_shape is not None else param.ndim
 
 
-def decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that get weight decay (HF's rule, minus every <2-D tensor)."""
+def _hf_decay_names(model: nn.Module) -> set[str]:
     from transformers.trainer_pt_utils import get_parameter_names
 
     hf_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-    names = set(get_parameter_names(model, [nn.LayerNorm], hf_patterns))
+    return set(get_parameter_names(model, [nn.LayerNorm], hf_patterns))
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that get weight decay (HF's rule, minus every <2-D tensor)."""
+    return {n for n, p in model.named_parameters() if n in _hf_decay_names(model) and _original_ndim(p) >= 2}
+
+
+def matrices_only(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """``names`` without the parameters under 2-D (biases, gains, scales), unless every trainable
+    parameter is 1-D: then they are flattened shards (FSDP1's FlatParameter or its views), not
+    real shapes, and the names alone decide (with a warning), since decaying by name beats none."""
+    names = set(names)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if trainable and all(_original_ndim(p) < 2 for _, p in trainable) and any(n in names for n, _ in trainable):
+        warnings.warn(
+            "lion_param_groups: every trainable parameter is 1-D (flattened by a sharding wrapper?); "
+            "choosing weight decay by name only, without the 'no decay below 2-D' rule",
+            stacklevel=3,
+        )
+        return names
     return {n for n, p in model.named_parameters() if n in names and _original_ndim(p) >= 2}
 
 
@@ -46,23 +65,14 @@ def lion_param_groups(
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    decay = set(decay_names) if decay_names is not None else decay_parameter_names(model)
     trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (every requires_grad is False)")
-    min_ndim = 2
-    if all(_original_ndim(p) < 2 for _, p in trainable) and any(name in decay for name, _ in trainable):
-        # Every tensor 1-D yet some named like weights: flattened shards (FSDP1's FlatParameter
-        # or its sharded views), not real shapes. Decaying by name alone beats decaying nothing.
-        warnings.warn(
-            "lion_param_groups: every trainable parameter is 1-D (flattened by a sharding wrapper?); "
-            "choosing weight decay by name only, without the 'no decay below 2-D' rule",
-            stacklevel=2,
-        )
-        min_ndim = 0
+    names = decay_names if decay_names is not None else _hf_decay_names(model)
+    decay = matrices_only(model, names)
     decayed, not_decayed = [], []
     for name, param in trainable:
-        (decayed if name in decay and _original_ndim(param) >= min_ndim else not_decayed).append(param)
+        (decayed if name in decay else not_decayed).append(param)
     groups = [
         {"params": decayed, "weight_decay": weight_decay},
         {"params": not_decayed, "weight_decay": 0.0},

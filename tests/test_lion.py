@@ -266,6 +266,7 @@ def test_bad_params_and_grads():
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(lion_module, "_triton_importable", lambda: True)
+    monkeypatch.setattr(lion_module, "_triton_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA"):
         Lion([torch.nn.Parameter(torch.zeros(2))], impl="triton")
     monkeypatch.setattr(lion_module, "_triton_importable", lambda: False)
@@ -276,10 +277,20 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 def test_auto_picks_by_device_and_size(monkeypatch):
     assert resolve_impl("auto", torch.device("cpu"), numel=1000) == "foreach"
     assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "compiled"
-    monkeypatch.setattr(lion_module, "_compile_available", lambda: False)
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "foreach"
+    with pytest.raises(RuntimeError, match="TORCHDYNAMO_DISABLE"):
+        resolve_impl("compiled", torch.device("cpu"))
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    monkeypatch.setattr(lion_module, "_compile_failure", RuntimeError("no compiler"))
+    assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "foreach"
+    with pytest.raises(RuntimeError, match="failed earlier in this process.*no compiler"):
+        resolve_impl("compiled", torch.device("cpu"))
     monkeypatch.setattr(lion_module, "_triton_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_impl("auto", torch.device("cuda"), numel=10) == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_impl("auto", torch.device("cuda"), numel=10) == "foreach"
 
 
 def _roundtrip(state_dict):
@@ -480,6 +491,7 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
 
     monkeypatch.setattr(lion_module, "_get_compiled_chunk", lambda: flaky_chunk)
     monkeypatch.setattr(lion_module, "AUTO_COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(lion_module, "_compile_failure", None)  # restored after the test
     gen = torch.Generator().manual_seed(9)
     params = [torch.nn.Parameter(torch.randn(n + 2, generator=gen)) for n in range(19)]
     params.append(torch.nn.Parameter(torch.randn(1, generator=gen)))
@@ -489,7 +501,10 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
     opt = Lion(params, lr=0.1, weight_decay=0.1, impl="auto")
     with pytest.warns(UserWarning, match="torch.compile failed"):
         opt.step()
-    assert opt._resolved[torch.device("cpu")] == "foreach"
+    # The failure is handled inside the compiled impl and recorded: no later step compiles again,
+    # and "auto" now resolves to foreach.
+    assert isinstance(lion_module._compile_failure, RuntimeError) and len(calls) == 2
+    assert resolve_impl("auto", torch.device("cpu"), numel=10**9) == "foreach"
     for p, p0 in zip(params, before):
         ref_p, ref_m = lion_reference_step(p0, p.grad, torch.zeros_like(p0, dtype=torch.float64), lr=0.1,
                                            beta1=0.9, beta2=0.99, weight_decay=0.1)

@@ -320,3 +320,18 @@ def test_compare_rerun_redoes_only_unfinished_runs(tiny_model_dir, tiny_data_dir
     assert compare_optimizers.run_status(first.parent, parsed)[0] == "finished"
     parsed[1].max_length = 12
     assert compare_optimizers.run_status(first.parent, parsed)[0] == "new"
+
+
+def test_main_command_does_not_warn_about_its_own_config():
+    # `python recipes/compare_optimizers.py` runs offline_default.yaml: its Lion lr is one this
+    # project measured as good, so the "looks like an AdamW lr" warning must not fire on it.
+    import warnings
+
+    path = compare_optimizers.DEFAULT_CONFIG
+    config = compare_optimizers.load_config(path)
+    for _, optim, lr, wd, setup_args in compare_optimizers.optimizer_grid(config):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*looks like an AdamW value")
+            finetune_sentiment.parse_args(finetune_sentiment.dict_to_argv(
+                {**config["common"], **setup_args, "optim": optim, "learning_rate": lr, "weight_decay": wd,
+                 "output_dir": "unused"}))

@@ -173,11 +173,13 @@ def test_training_args_validation_and_adamw_warning(tmp_path):
     with pytest.raises(ValueError, match="lion_state_dtype"):
         LionTrainingArguments(output_dir=str(tmp_path), lion_state_dtype="fp16")
     with pytest.warns(UserWarning, match="looks like an AdamW value"):
-        args = LionTrainingArguments(output_dir=str(tmp_path), learning_rate=5e-5, report_to=[])
-    assert args.learning_rate == 5e-5, "a value the user set must never change"
+        args = LionTrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, report_to=[])
+    assert args.learning_rate == 2e-4, "a value the user set must never change"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LionTrainingArguments(output_dir=str(tmp_path), report_to=[])  # Lion defaults: no warning
+        for lr in (5e-5, 1e-4):  # Lion's measured best full fine-tuning lrs: no warning either
+            LionTrainingArguments(output_dir=str(tmp_path), learning_rate=lr, report_to=[])
     assert LionTrainingArguments(output_dir=str(tmp_path), report_to=[]).lion_kwargs()["betas"] == (0.9, 0.99)
 
 
@@ -312,3 +314,28 @@ def test_unknown_optim_names_lion_in_the_error_and_dir_lists_lazy_exports(tmp_pa
     with pytest.raises(ValueError, match="'lionn' is not an optimizer name; use 'lion'"):
         LionTrainingArguments(output_dir=str(tmp_path), optim="lionn", report_to=[])
     assert {"LionTrainer", "LionTrainingArguments", "lion_optimizers", "Lion"} <= set(dir(lion_hf))
+
+
+def test_lion_is_built_through_hfs_optimizer_path(tmp_path):
+    args = LionTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-5, weight_decay=0.1, lion_beta2=0.95,
+                                 report_to=[])
+    cls, kwargs = LionTrainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is Lion and kwargs["betas"] == (0.9, 0.95) and kwargs["lr"] == 3e-5
+    adamw = LionTrainingArguments(output_dir=str(tmp_path), optim="adamw", report_to=[])
+    assert LionTrainer.get_optimizer_cls_and_kwargs(adamw)[0] is torch.optim.AdamW
+
+    class NoDecayOnEmbeddings(LionTrainer):  # a subclass's own decay rule still reaches Lion
+        def get_decay_parameter_names(self, model):
+            return [n for n in super().get_decay_parameter_names(model) if "embeddings" not in n]
+
+    model = tiny_bert()
+    trainer = NoDecayOnEmbeddings(model=model, args=args, train_dataset=TokenDataset())
+    opt = trainer.create_optimizer()
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names and not any("embeddings" in n for n in names)
+    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in names)
+
+    frozen = tiny_bert().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        LionTrainer(model=frozen, args=args, train_dataset=TokenDataset()).create_optimizer()

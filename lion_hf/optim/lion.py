@@ -421,15 +421,20 @@ def _compiled_lion(
     cautious: bool,
     skip_nonfinite: bool,
     param_rounding: str,
-    fallback: Callable[[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None], Exception], None] | None = None,
 ) -> None:
-    """The compiled step. ``fallback(ps, gs, ms, cs, exc)``, if given, receives every tensor not
-    yet updated when a chunk fails to compile or run, so nothing is ever updated twice."""
+    """The compiled step. If torch.compile fails (no working C++ toolchain, an inductor bug), it
+    warns once, finishes this step with ``foreach`` on exactly the tensors not yet updated (the
+    failing chunk never ran), and runs every later step with ``foreach`` too: the failure is
+    recorded in :data:`_compile_failure`, which :func:`impl_unavailable` reports."""
     import torch.fx.experimental._config as fx_config
 
-    step = _get_compiled_chunk()
+    global _compile_failure
     kwargs = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious,
                   skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
+    if _compile_failure is not None:
+        _foreach_lion(params, grads, exp_avgs, kahan_comps, **kwargs)
+        return
+    step = _get_compiled_chunk()
     buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], []])
     leftovers: list[list] = [[], [], [], []]
     for param, grad, exp_avg, comp in zip(params, grads, exp_avgs, kahan_comps):
@@ -484,14 +489,16 @@ def _compiled_lion(
                 step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
                      skip_nonfinite)
             except Exception as exc:
-                if fallback is None:
-                    raise
                 failure = (n_done, exc)
                 break
     if failure is not None:
+        n_done, exc = failure
+        _compile_failure = exc
+        warnings.warn(f"Lion: torch.compile failed ({type(exc).__name__}: {exc}); this and later steps use "
+                      "impl='foreach'", stacklevel=3)
         # Compilation fails before the graph runs, so that chunk and the rest are untouched.
-        rest = [c[1:] for c in chunks[failure[0]:]] + [leftovers]
-        fallback(*([t for part in rest for t in part[i]] for i in range(4)), failure[1])
+        rest = [c[1:] for c in chunks[n_done:]] + [leftovers]
+        _foreach_lion(*([t for part in rest for t in part[i]] for i in range(4)), **kwargs)
         return
     if leftovers[0]:
         _for_loop_lion(*leftovers, **kwargs)
@@ -542,7 +549,6 @@ def lion(
     nonfinite_grad: str = "skip_elements",
     param_rounding: str = "stochastic",
     impl: str = "foreach",
-    _fallback: Callable[..., None] | None = None,
 ) -> bool:
     """Functional Lion step over lists of tensors, updated in place. See :class:`Lion`.
 
@@ -580,52 +586,78 @@ def lion(
         maximize=maximize, cautious=cautious, skip_nonfinite=nonfinite_grad == "skip_elements",
         param_rounding=param_rounding,
     )
-    if _fallback is not None and impl == "compiled":
-        kwargs["fallback"] = _fallback
     _IMPL_FUNCTIONS[impl](params, grads, exp_avgs, kahan_comps, **kwargs)
     return True
 
 
-def _compile_available() -> bool:
-    """torch.compile on CPU needs inductor's C++ toolchain; respect users who disabled dynamo."""
-    if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
-        return False
-    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
-
-
-def resolve_impl(impl: str, device: torch.device, numel: int = 0) -> str:
-    """Turn ``impl`` (possibly ``"auto"``) into the implementation that will run on ``device``.
-
-    ``auto``: ``triton`` on CUDA when triton is importable; on CPU ``compiled`` if the job has
-    at least ``AUTO_COMPILE_MIN_NUMEL`` elements and a C++ compiler is present; else ``foreach``.
-    An explicit impl that cannot run on the device raises ``RuntimeError``.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    device = torch.device(device)
-    if impl == "auto":
-        if device.type == "cuda" and _triton_importable():
-            return "triton"
-        if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and _compile_available():
-            return "compiled"
-        return "foreach"
-    if impl == "triton":
-        if not _triton_importable():
-            raise RuntimeError("impl='triton' needs the triton package: pip install triton")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"impl='triton' runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); params are on "
-                f"{device.type!r}. Use impl='compiled' or 'foreach' there."
-            )
-    if impl == "compiled" and not _compile_available():
-        raise RuntimeError("impl='compiled' needs torch.compile with a C++ compiler (g++) on the PATH")
-    return impl
+# Set by the compiled impl when torch.compile fails in this process; later steps use foreach.
+_compile_failure: Exception | None = None
 
 
 def _triton_importable() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    # The mode is fixed when triton.language is first imported; before that, the environment decides it.
+    import sys
+
+    kernel = sys.modules.get("lion_hf.optim.triton")
+    if kernel is not None:
+        return kernel._INTERPRET
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def impl_unavailable(impl: str, device: torch.device | str) -> str | None:
+    """Why ``impl`` cannot run on ``device``, or None if it can: the one place that decides.
+
+    ``compiled`` needs torch.compile with a C++ compiler (and dynamo not disabled) and no earlier
+    compile failure in this process; ``triton`` needs the triton package and a usable CUDA device,
+    or a CPU with triton in interpreter mode (``TRITON_INTERPRET=1`` before triton's first import).
+    """
+    device = torch.device(device)
+    if impl == "compiled":
+        if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
+            return "impl='compiled' needs torch.compile, and TORCHDYNAMO_DISABLE=1 is set"
+        if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+            return "impl='compiled' needs torch.compile with a C++ compiler (g++) on the PATH"
+        if _compile_failure is not None:
+            return f"torch.compile failed earlier in this process ({type(_compile_failure).__name__}: {_compile_failure})"
+        return None
+    if impl == "triton":
+        if not _triton_importable():
+            return "impl='triton' needs the triton package: pip install triton"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "impl='triton': CUDA is not usable here"
+        if device.type == "cpu" and _triton_interpreted():
+            return None
+        return (f"impl='triton' runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); params are on "
+                f"{device.type!r}. Use impl='compiled' or 'foreach' there.")
+    return None  # for_loop and foreach run wherever torch does
+
+
+def resolve_impl(impl: str, device: torch.device, numel: int = 0) -> str:
+    """Turn ``impl`` (possibly ``"auto"``) into the implementation that will run on ``device``.
+
+    ``auto``: ``triton`` on CUDA when it can run there; on CPU ``compiled`` if the job has at
+    least ``AUTO_COMPILE_MIN_NUMEL`` elements and it can run; else ``foreach``. An explicit impl
+    that cannot run on the device raises ``RuntimeError`` saying why (:func:`impl_unavailable`).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "auto":
+        if device.type == "cuda" and impl_unavailable("triton", device) is None:
+            return "triton"
+        if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and impl_unavailable("compiled", device) is None:
+            return "compiled"
+        return "foreach"
+    reason = impl_unavailable(impl, device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return impl
 
 
 # --------------------------------------------------------------------------------------
@@ -860,18 +892,7 @@ class Lion(Optimizer):
         return loss
 
     def _run(self, device: torch.device, *tensors: list[Tensor], **kwargs: Any) -> None:
-        impl = self._impl_for(device)
-        fallback = None
-        if impl == "compiled" and self.impl == "auto":
-
-            def fallback(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list, exc: Exception) -> None:
-                # Compiler missing or broken: finish this step and run later ones with foreach.
-                # step() has already applied skip_step / raise: only the element mask is left.
-                warnings.warn(f"Lion: torch.compile failed ({type(exc).__name__}: {exc}); using impl='foreach'")
-                self._resolved[device] = "foreach"
-                lion(ps, gs, ms, cs, impl="foreach", **kwargs)
-
-        lion(*tensors, impl=impl, _fallback=fallback, **kwargs)
+        lion(*tensors, impl=self._impl_for(device), **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps full precision and takes the ``state_dtype``

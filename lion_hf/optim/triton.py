@@ -378,15 +378,11 @@ def _lion_kernel(
 
 
 def is_triton_available(device: torch.device | str) -> bool:
-    """Whether :func:`triton_lion_` can run on ``device``.
+    """Whether :func:`triton_lion_` can run on ``device``: CUDA when usable, CPU when triton was
+    imported in interpreter mode. Decided by :func:`lion_hf.optim.lion.impl_unavailable`."""
+    from lion_hf.optim.lion import impl_unavailable
 
-    True for CUDA devices when CUDA is usable, and for CPU when triton was imported in
-    interpreter mode (``TRITON_INTERPRET=1`` set before triton's first import).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and _INTERPRET
+    return impl_unavailable("triton", device) is None
 
 
 def _local(t: Tensor) -> Tensor:
