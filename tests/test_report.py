@@ -99,3 +99,30 @@ def test_every_report_metric_reaches_the_table(tmp_path):
     md = write_report(RUNS, tmp_path)["markdown"].read_text()
     for metric in REPORT_METRICS:
         assert f"| {metric.label}" in md, metric.key
+
+
+def test_sweep_report_retunes_lr_per_value(tmp_path):
+    from lion_hf.experiments.report import summarize_sweep, write_sweep_report
+
+    runs = []
+    for batch, (lion_best, adamw_best) in {32: ((2e-5, 0.84), (5e-5, 0.86)), 256: ((1e-4, 0.85), (4e-4, 0.83))}.items():
+        for lr in (2e-5, 1e-4):
+            acc = lion_best[1] if lr == lion_best[0] else 0.7
+            runs += [RunRecord.from_dict({**make_run("lion", lr, s, acc + 0.01 * s), "global_batch_size": batch})
+                     for s in (0, 1)]
+        for lr in (5e-5, 4e-4):
+            acc = adamw_best[1] if lr == adamw_best[0] else 0.6
+            runs += [RunRecord.from_dict({**make_run("adamw", lr, s, acc), "global_batch_size": batch})
+                     for s in (0, 1)]
+    summary = summarize_sweep(runs, "global_batch_size")
+    assert summary["values"] == [32, 256]
+    assert summary["per_value"]["32"]["optimizers"]["lion"]["learning_rate"] == 2e-5
+    assert summary["per_value"]["256"]["optimizers"]["lion"]["learning_rate"] == 1e-4
+    assert summary["per_value"]["256"]["optimizers"]["adamw"]["learning_rate"] == 4e-4
+    paths = write_sweep_report(runs, tmp_path, "global_batch_size", title="sweep")
+    md = paths["markdown"].read_text()
+    assert "| 32 | 0.8450 +/- 0.0071 (lr 2e-05) | 0.8600 +/- 0.0000 (lr 5e-05) |" in md
+    assert "- global_batch_size 256: best lion (0.8550); then adamw -0.0250." in md
+    assert paths["sweep_accuracy"].read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="does not record 'max_length'"):
+        summarize_sweep(runs, "max_length")

@@ -22,7 +22,15 @@ from typing import Any
 
 from lion_hf.experiments.records import REPORT_METRICS, RunRecord
 
-__all__ = ["select_best", "setup_of", "summarize", "write_report"]
+__all__ = [
+    "select_best",
+    "setup_of",
+    "summarize",
+    "summarize_sweep",
+    "sweep_value",
+    "write_report",
+    "write_sweep_report",
+]
 
 Run = RunRecord | Mapping[str, Any]
 
@@ -115,7 +123,8 @@ def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
     lines += [f"- {n}" for n in notes]
     lines += ["", "Mean +/- std over seeds, each optimizer at its best learning rate of the grid.", ""]
     header = "| metric | " + " | ".join(
-        f"{name} (lr {o['learning_rate']:g}, wd {o['weight_decay']:g}, {len(o['seeds'])} seeds)" for name, o in opts.items()
+        f"{name} (lr {o['learning_rate']:g}, wd {o['weight_decay']:g}, {len(o['seeds'])} seeds)"
+        for name, o in opts.items()
     ) + " |"
     lines += [header, "|---|" + "---:|" * len(opts)]
     for metric in REPORT_METRICS:
@@ -200,3 +209,139 @@ def write_report(
     plots = _plot(select_best(runs), out_dir)
     return {"markdown": out_dir / "report.md", "json": out_dir / "report.json",
             **{p.stem: p for p in plots}}
+
+
+# ------------------------------------------------------------------------------------------
+# Sweeps: the same comparison at several values of one setting (e.g. the global batch size)
+# ------------------------------------------------------------------------------------------
+
+
+def sweep_value(run: Run, key: str) -> Any:
+    """The swept setting of a run: a :class:`RunRecord` field (e.g. ``global_batch_size``), else
+    the argument of that name in its ``run_args``."""
+    run = RunRecord.from_dict(run)
+    if key in RunRecord.__dataclass_fields__:
+        value = getattr(run, key)
+        if value is not None:
+            return value
+    for group in (run.run_args or {}).values():
+        if isinstance(group, Mapping) and key in group:
+            return group[key]
+    raise ValueError(f"run {run.name} (lr {run.learning_rate:g}, seed {run.seed}) does not record {key!r}")
+
+
+def summarize_sweep(runs: Iterable[Run], key: str, target_accuracy: float | None = None) -> dict[str, Any]:
+    """Per value of ``key``: :func:`summarize` of that value's runs (so each setup gets its best lr
+    per value: the lr is re-tuned at every setting)."""
+    runs = _records(runs)
+    if not runs:
+        raise ValueError("no runs to summarize")
+    by_value: dict[Any, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_value[sweep_value(run, key)].append(run)
+    values = sorted(by_value)
+    return {"sweep": key, "values": values, "target_accuracy": target_accuracy,
+            "per_value": {str(v): summarize(by_value[v], target_accuracy) for v in values}}
+
+
+def _cell(metric: dict[str, float], fmt: str) -> str:
+    if metric["n"] == 0:
+        return "n/a"
+    return fmt.format(metric["mean"]) + (" +/- " + fmt.format(metric["std"]) if metric["n"] > 1 else "")
+
+
+def _sweep_markdown(summary: dict[str, Any], runs: list[RunRecord], title: str, notes: list[str]) -> str:
+    key, values = summary["sweep"], summary["values"]
+    setups = list(dict.fromkeys(name for v in values for name in summary["per_value"][str(v)]["optimizers"]))
+    lines = [f"# {title}", "", *[f"- {n}" for n in notes], ""]
+    lines += [f"## Best dev accuracy against {key}", "",
+              "Mean +/- std over seeds; each setup at the best lr of its grid at that value (lr in brackets).", "",
+              f"| {key} | " + " | ".join(setups) + " |", "|---:|" + "---:|" * len(setups)]
+    for v in values:
+        opts = summary["per_value"][str(v)]["optimizers"]
+        cells = [f"{_cell(opts[s]['metrics']['best_eval_accuracy'], '{:.4f}')} (lr {opts[s]['learning_rate']:g})"
+                 if s in opts else "not run" for s in setups]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "## Steps and time per run (at each setup's best lr)", "",
+              f"| {key} | optimizer steps | " + " | ".join(f"{s} train s" for s in setups) + " |",
+              "|---:|---:|" + "---:|" * len(setups)]
+    for v in values:
+        opts = summary["per_value"][str(v)]["optimizers"]
+        steps = sorted({r.steps for r in runs if sweep_value(r, key) == v})
+        cells = [_cell(opts[s]["metrics"]["train_seconds"], "{:.0f}") if s in opts else "not run" for s in setups]
+        lines.append(f"| {v} | {'/'.join(map(str, steps))} | " + " | ".join(cells) + " |")
+    lines += ["", "## What the numbers say", ""]
+    for v in values:
+        opts = summary["per_value"][str(v)]["optimizers"]
+        ranked = sorted(opts, key=lambda s: -opts[s]["metrics"]["best_eval_accuracy"]["mean"])
+        best = opts[ranked[0]]["metrics"]["best_eval_accuracy"]
+        parts = []
+        for s in ranked[1:]:
+            m = opts[s]["metrics"]["best_eval_accuracy"]
+            gap = best["mean"] - m["mean"]
+            spread = max(best["std"], m["std"])
+            parts.append(f"{s} {-gap:+.4f}" + (" (inside the seed spread)" if gap <= spread else ""))
+        lines.append(f"- {key} {v}: best {ranked[0]} ({best['mean']:.4f})"
+                     + (f"; then {', '.join(parts)}" if parts else "") + ".")
+    for v in values:
+        body = _markdown(summary["per_value"][str(v)], f"{key} = {v}", [])
+        lines += [""] + [("##" + line[1:] if line.startswith("## ") else "### " + line[2:] if line.startswith("# ")
+                          else line) for line in body.splitlines()
+                         if not line.startswith("Plots:")]
+    lines += ["", f"Plot: `sweep_accuracy.png` (best dev accuracy against {key}, mean over seeds, bars = std)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_sweep(summary: dict[str, Any], out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, values = summary["sweep"], summary["values"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    setups = list(dict.fromkeys(name for v in values for name in summary["per_value"][str(v)]["optimizers"]))
+    for s in setups:
+        xs, ys, es = [], [], []
+        for v in values:
+            opts = summary["per_value"][str(v)]["optimizers"]
+            if s in opts:
+                m = opts[s]["metrics"]["best_eval_accuracy"]
+                xs.append(v), ys.append(m["mean"]), es.append(m["std"])
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=s)
+    if all(isinstance(v, (int, float)) and v > 0 for v in values) and max(values) / min(values) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(values)
+    ax.set_xticklabels([str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.set_ylabel("best dev accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "sweep_accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_sweep_report(
+    runs: Iterable[Run],
+    out_dir: str | Path,
+    key: str,
+    *,
+    title: str = "Lion vs AdamW",
+    target_accuracy: float | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Path]:
+    """One report over a sweep of ``key``: ``report.md`` (a table of best dev accuracy against the
+    swept value per setup, steps and time, and each value's full comparison), ``report.json``
+    (summary + every run) and ``sweep_accuracy.png``."""
+    runs = _records(runs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize_sweep(runs, key, target_accuracy)
+    (out_dir / "report.json").write_text(json.dumps({"title": title, "notes": notes or [], "summary": summary,
+                                                     "runs": [r.to_dict() for r in runs]}, indent=2, default=str))
+    (out_dir / "report.md").write_text(_sweep_markdown(summary, runs, title, notes or []))
+    return {"markdown": out_dir / "report.md", "json": out_dir / "report.json",
+            "sweep_accuracy": _plot_sweep(summary, out_dir)}
