@@ -55,11 +55,11 @@ class LionTrainingArguments(TrainingArguments):
     r"""``TrainingArguments`` for training with Lion (``LionTrainer`` or ``lion_optimizers``).
 
     ``optim`` defaults to ``"lion"``; any of HF's optimizer names (e.g. ``"adamw_torch_fused"``,
-    for which ``"adamw"`` is a short alias) also works, so one config can compare both. With ``optim="lion"``, ``learning_rate`` and
-    ``weight_decay`` are Lion's (the decayed group gets ``weight_decay``; biases, norms and
-    other 1-D params get none) and the fields below configure it. The ``adam_*`` fields are
-    ignored: Lion's betas are ``lion_beta1``/``lion_beta2`` (the paper's 0.9/0.99, not Adam's
-    0.999).
+    for which ``"adamw"`` is a short alias) also works, so one config can compare both. With
+    ``optim="lion"``, ``learning_rate`` and ``weight_decay`` are Lion's (the decayed group gets
+    ``weight_decay``; biases, norms and other 1-D params get none) and the fields below configure
+    it. The ``adam_*`` fields are ignored: Lion's betas are ``lion_beta1``/``lion_beta2`` (the
+    paper's 0.9/0.99, not Adam's 0.999).
 
     Defaults differ from ``TrainingArguments`` where Lion needs it: ``learning_rate`` is 2e-5
     (HF's AdamW default is 5e-5; Lion's update has unit size per element so it wants a smaller
@@ -85,13 +85,17 @@ class LionTrainingArguments(TrainingArguments):
 
     optim: str = field(
         default=LION_OPTIM,
-        metadata={"help": "'lion' (this package's Lion), 'adamw' (= adamw_torch_fused) or any Hugging Face optimizer name."},
+        metadata={
+            "help": "'lion' (this package's Lion), 'adamw' (= adamw_torch_fused) or any Hugging Face optimizer name."
+        },
     )
     learning_rate: float = field(
         default=2e-5,
         metadata={"help": "Initial learning rate. Lion wants 3-10x less than AdamW (see scale_from_adamw)."},
     )
-    lion_beta1: float = field(default=0.9, metadata={"help": "Lion beta1: momentum/gradient interpolation for the update."})
+    lion_beta1: float = field(
+        default=0.9, metadata={"help": "Lion beta1: momentum/gradient interpolation for the update."}
+    )
     lion_beta2: float = field(default=0.99, metadata={"help": "Lion beta2: decay of the momentum."})
     lion_impl: str = field(
         default="auto",
@@ -146,8 +150,12 @@ class LionTrainingArguments(TrainingArguments):
                 "weights (through momentum and weight decay). 'skip_step' skips such steps whole.",
                 stacklevel=2,
             )
-        choices = {"lion_impl": IMPLS, "lion_state_dtype": tuple(STATE_DTYPES), "lion_nonfinite_grad": NONFINITE_POLICIES,
-                   "lion_param_rounding": PARAM_ROUNDINGS}
+        choices = {
+            "lion_impl": IMPLS,
+            "lion_state_dtype": tuple(STATE_DTYPES),
+            "lion_nonfinite_grad": NONFINITE_POLICIES,
+            "lion_param_rounding": PARAM_ROUNDINGS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -37,9 +37,15 @@ from lion_hf import Lion
 # name -> (config class name, config kwargs); shapes come from the transformers model classes.
 PROFILES: dict[str, tuple[str, dict]] = {
     "tiny": ("BertConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)),
-    "minilm": ("BertConfig", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)),
+    "minilm": (
+        "BertConfig",
+        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    ),
     "base": ("BertConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
-    "large": ("BertConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)),
+    "large": (
+        "BertConfig",
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    ),
     "llama-1b": (
         "LlamaConfig",
         dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -66,7 +72,10 @@ def profile_shapes(name: str) -> list[torch.Size]:
 
     config_name, kwargs = PROFILES[name]
     config = getattr(transformers, config_name)(**kwargs)
-    model_cls = transformers.AutoModelForSequenceClassification if config_name == "BertConfig" else transformers.AutoModelForCausalLM
+    if config_name == "BertConfig":
+        model_cls = transformers.AutoModelForSequenceClassification
+    else:
+        model_cls = transformers.AutoModelForCausalLM
     with torch.device("meta"):
         model = model_cls.from_config(config)
     return [p.shape for p in model.parameters()]
@@ -229,7 +238,9 @@ def _start(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor
     return params, opt, first, allocated
 
 
-def bench_profile(name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None) -> dict:
+def bench_profile(
+    name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None
+) -> dict:
     """Time every optimizer on one profile.
 
     Each optimizer's steps alternate with steps of fused AdamW (kept alive for the whole

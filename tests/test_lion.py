@@ -60,8 +60,12 @@ def _run_against_reference(impl, param_dtype, state_dtype, steps=4, device="cpu"
                     weight_decay=group["weight_decay"], maximize=flags.get("maximize", False),
                     cautious=flags.get("cautious", False),
                 )
-                _assert_close_rel(p.detach().cpu(), ref_p, PARAM_RTOL[param_dtype], f"param {tuple(p.shape)} step {step}")
-                _assert_close_rel(opt.state[p]["exp_avg"].cpu(), ref_m, STATE_RTOL[state_dtype], f"state {tuple(p.shape)}")
+                _assert_close_rel(
+                    p.detach().cpu(), ref_p, PARAM_RTOL[param_dtype], f"param {tuple(p.shape)} step {step}"
+                )
+                _assert_close_rel(
+                    opt.state[p]["exp_avg"].cpu(), ref_m, STATE_RTOL[state_dtype], f"state {tuple(p.shape)}"
+                )
                 assert opt.state[p]["exp_avg"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
     assert late in opt.state, "the unfrozen param never got state"
     return opt
@@ -89,7 +93,9 @@ def test_compiled_matches_reference(param_dtype, state_dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("impl", ["foreach", "compiled", "triton"])
-@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp32")])
+@pytest.mark.parametrize(
+    "param_dtype,state_dtype", [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp32")]
+)
 def test_cuda_impls_match_reference(impl, param_dtype, state_dtype):
     _run_against_reference(impl, param_dtype, state_dtype, device="cuda")
     _run_against_reference(impl, param_dtype, state_dtype, device="cuda", maximize=True, cautious=True)
@@ -284,7 +290,7 @@ def test_auto_picks_by_device_and_size(monkeypatch):
     monkeypatch.delenv("TORCHDYNAMO_DISABLE")
     monkeypatch.setattr(lion_module, "_compile_failure", RuntimeError("no compiler"))
     assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "foreach"
-    with pytest.raises(RuntimeError, match="failed earlier in this process.*no compiler"):
+    with pytest.raises(RuntimeError, match=r"failed earlier in this process.*no compiler"):
         resolve_impl("compiled", torch.device("cpu"))
     monkeypatch.setattr(lion_module, "_triton_importable", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -443,7 +449,7 @@ def test_deepcopy_and_pickle_keep_the_instance_settings():
     import copy
     import pickle
 
-    params, opt = _stepped_lion(impl="foreach", nonfinite_grad="skip_step")
+    _, opt = _stepped_lion(impl="foreach", nonfinite_grad="skip_step")
     opt.skipped_steps = 2
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert (clone.impl, clone.nonfinite_grad, clone.skipped_steps) == ("foreach", "skip_step", 2)
@@ -670,7 +676,7 @@ def test_kahan_residual_is_state_that_moves_between_impls_and_resumes(src, dst):
             p.copy_(q)
     opt_b.load_state_dict(saved)
     steps(resumed, opt_b, grads[4:])
-    for a, b, ps in zip(straight, resumed, [opt.state[p] for p in straight]):
+    for a, b, _ in zip(straight, resumed, [opt.state[p] for p in straight]):
         # The same arithmetic in every impl; a different fused order can move a rounding by one ulp.
         ulp = 2.0**-7 * a.detach().float().abs().clamp(min=2**-10)
         mismatch = ((a.detach().float() - b.detach().float()).abs() > ulp).float().mean()

@@ -274,7 +274,9 @@ def test_param_store_rounds_half_to_even(dtype, half_ulp):
     p = torch.tensor([1.0, 1.0 + 2 * half_ulp, -1.0, -(1.0 + 2 * half_ulp)], dtype=dtype, device=DEVICE)
     g = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=DEVICE)
     m = torch.zeros(4, device=DEVICE)
-    triton_lion_([p], [g], [m], lr=half_ulp, beta1=0.9, beta2=0.99, weight_decay=0.0, param_rounding="nearest", **_flags())
+    triton_lion_(
+        [p], [g], [m], lr=half_ulp, beta1=0.9, beta2=0.99, weight_decay=0.0, param_rounding="nearest", **_flags()
+    )
     # ties go to the neighbour with an even last mantissa bit
     expected = torch.tensor([1.0, 1.0 + 4 * half_ulp, -1.0, -(1.0 + 4 * half_ulp)], dtype=dtype)
     assert torch.equal(p.cpu(), expected)
@@ -523,7 +525,9 @@ for target in targets:
         compiled_count += 1
         ptx = compiled.asm["ptx"]
         if consts["ALIGNED"] and kernel is lt._lion_kernel:
-            assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, "aligned full blocks must use 16-byte accesses"
+            assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, (
+                "aligned full blocks must use 16-byte accesses"
+            )
 print("COMPILED", compiled_count)
 """
 
@@ -533,8 +537,10 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     every variant (low-precision weight rounding included) must compile, and aligned full
     blocks must get 16-byte vector loads and stores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], check=False, capture_output=True, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], check=False, capture_output=True, text=True, env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     if "NO_PTXAS" in result.stdout:
         pytest.skip(f"triton cannot run ptxas here: {result.stdout.strip()[:200]}")

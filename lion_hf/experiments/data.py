@@ -169,7 +169,8 @@ def _string_features(path: Path, delimiter: str, quoting: int, column_names: Seq
         import pandas as pd
 
         try:
-            column_names = list(pd.read_csv(path, sep=delimiter, quoting=quoting, nrows=0, encoding="utf-8-sig").columns)
+            header = pd.read_csv(path, sep=delimiter, quoting=quoting, nrows=0, encoding="utf-8-sig")
+            column_names = list(header.columns)
         except pd.errors.EmptyDataError:
             raise ValueError(f"{path}: the file is empty (no header row, no data)") from None
     return Features({name: Value("string") for name in column_names})

@@ -60,7 +60,8 @@ class RunRecord:
     bytes_per_param: dict[str, float] | None = None
     device: str = "cpu"
     world_size: int = 1
-    run_args: dict[str, Any] | None = None  # the arguments that define the run (compare_optimizers skips a rerun on them)
+    # the arguments that define the run (compare_optimizers skips a rerun on them)
+    run_args: dict[str, Any] | None = None
     resumed_from: list[str] = field(default_factory=list)  # checkpoints this run was resumed from, in order
 
     @property

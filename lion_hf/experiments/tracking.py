@@ -5,6 +5,7 @@ Used by ``recipes/finetune_sentiment.py`` to fill a :class:`~lion_hf.experiments
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -135,8 +136,18 @@ def changed_fraction(model: torch.nn.Module, initial: torch.nn.Module) -> float:
     changed = total = 0
     for name, p in model.named_parameters():
         if p.requires_grad and name in start:
-            changed += int((p.detach() != start[name].detach().to(p.dtype)).sum())
-            total += p.numel()
+            q = start[name]
+            # DeepSpeed ZeRO-3 leaves each rank a partition (shape [0]): gather both (collective).
+            gathered = [t for t in (p, q) if hasattr(t, "ds_id")]
+            if gathered:
+                import deepspeed
+
+                context = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
+            else:
+                context = contextlib.nullcontext()
+            with context:
+                changed += int((p.detach() != q.detach().to(p.dtype)).sum())
+                total += p.numel()
     return changed / total if total else 0.0
 
 
@@ -145,6 +156,8 @@ def bytes_per_param(counts: dict[str, int] | None) -> dict[str, float] | None:
     if not counts or not counts["params"]:
         return None
     n = counts["params"]
-    per = {key.replace("_bytes", ""): counts[key] / n for key in ("weight_bytes", "grad_bytes", "optimizer_state_bytes")}
+    per = {
+        key.replace("_bytes", ""): counts[key] / n for key in ("weight_bytes", "grad_bytes", "optimizer_state_bytes")
+    }
     per["total"] = sum(per.values())
     return per

@@ -26,13 +26,13 @@ import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["Lion", "lion", "IMPLS", "NONFINITE_POLICIES", "PARAM_ROUNDINGS", "STATE_DTYPES", "resolve_impl"]
+__all__ = ["IMPLS", "NONFINITE_POLICIES", "PARAM_ROUNDINGS", "STATE_DTYPES", "Lion", "lion", "resolve_impl"]
 
 IMPLS = ("auto", "for_loop", "foreach", "compiled", "triton")
 NONFINITE_POLICIES = ("skip_elements", "skip_step", "raise", "propagate")
@@ -624,7 +624,9 @@ def impl_unavailable(impl: str, device: torch.device | str) -> str | None:
         if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
             return "impl='compiled' needs torch.compile with a C++ compiler (g++) on the PATH"
         if _compile_failure is not None:
-            return f"torch.compile failed earlier in this process ({type(_compile_failure).__name__}: {_compile_failure})"
+            return (
+                f"torch.compile failed earlier in this process ({type(_compile_failure).__name__}: {_compile_failure})"
+            )
         return None
     if impl == "triton":
         if not _triton_importable():
@@ -770,7 +772,11 @@ class Lion(Optimizer):
 
     # Optimizer.__getstate__ keeps only defaults/state/param_groups: a deepcopy or a pickled
     # optimizer would lose these and fail at its next step.
-    _INSTANCE_DEFAULTS = {"impl": "auto", "nonfinite_grad": "skip_elements", "skipped_steps": 0}
+    _INSTANCE_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "impl": "auto",
+        "nonfinite_grad": "skip_elements",
+        "skipped_steps": 0,
+    }
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
