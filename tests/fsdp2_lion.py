@@ -28,7 +28,7 @@ for impl in ("for_loop", "foreach", "compiled"):
     kwargs = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
     opt_replica = Lion(replica.parameters(), impl="for_loop", **kwargs)
     opt_sharded = Lion(sharded.parameters(), impl=impl, **kwargs)
-    for step in range(4):
+    for _ in range(4):
         x, y = torch.randn(8, 16), torch.randn(8, 5)
         for model, opt in ((replica, opt_replica), (sharded, opt_sharded)):
             opt.zero_grad()
@@ -36,7 +36,8 @@ for impl in ("for_loop", "foreach", "compiled"):
             opt.step()
     is_sharded = all(hasattr(p, "full_tensor") for p in sharded.parameters())
     max_diff = max(
-        float((p.detach().full_tensor() - q.detach()).abs().max()) for p, q in zip(sharded.parameters(), replica.parameters())
+        float((p.detach().full_tensor() - q.detach()).abs().max())
+        for p, q in zip(sharded.parameters(), replica.parameters())
     )
     if dist.get_rank() == 0:
         print(f"{impl}: sharded={is_sharded} max_diff={max_diff:.2e}" + (" FAILED" if max_diff > 1e-6 else ""))

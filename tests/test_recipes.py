@@ -114,9 +114,11 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
 
 def test_compare_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"optimizers": {"sgd": {"learning_rate": [0.1]}}}))
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+    bad.write_text(yaml.safe_dump({"optimizers": {"sgdd": {"learning_rate": [0.1]}}}))
+    with pytest.raises(ValueError, match=r"unknown optimizer 'sgdd'.*HF's optimizer names"):
         compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+    bad.write_text(yaml.safe_dump({"optimizers": {"sgd": {"learning_rate": [0.1]}}}))  # an HF name is a setup
+    assert compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))[0][:3] == ("sgd", "sgd", 0.1)
     bad.write_text(yaml.safe_dump({"optimizers": {"lion_bf16": {"optim": "lion", "learning_rate": [1e-4],
                                                                 "args": ["model_dtype", "bfloat16"]}}}))
     with pytest.raises(ValueError, match="args: expected a mapping"):
@@ -145,7 +147,7 @@ def test_shipped_configs_parse():
     for path in sorted((RECIPES / "configs").glob("*.yaml")):
         grid = compare_optimizers.optimizer_grid(compare_optimizers.load_config(path))
         optims = {optim for _, optim, *_ in grid}
-        assert "lion" in optims and optims <= {"adamw", "lion"}, path
+        assert "lion" in optims and optims <= {"adamw", "lion", "lion_32bit"}, path
         common = compare_optimizers.load_config(path)["common"]
         for _, _, _, _, setup_args in grid:
             finetune_sentiment.parse_args(

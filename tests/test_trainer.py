@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import TokenDataset, tiny_bert  # tests/ is on sys.path under pytest
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lion_hf import (
@@ -16,8 +17,6 @@ from lion_hf import (
     lion_optimizers,
     scale_from_adamw,
 )
-
-from tiny_models import TokenDataset, tiny_bert  # tests/ is on sys.path under pytest
 
 
 def lion_args(tmp_path, **overrides) -> LionTrainingArguments:
@@ -47,7 +46,9 @@ def test_lion_trainer_builds_lion_with_hf_groups_and_trains(tmp_path):
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert decayed["betas"] == (0.9, 0.99) and decayed["lr"] == 1e-3
     assert all(p.ndim >= 2 and "LayerNorm" not in names[id(p)] for p in decayed["params"])
-    assert {names[id(p)] for p in plain["params"]} == {n for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n}
+    assert {names[id(p)] for p in plain["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n
+    }
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
@@ -56,7 +57,9 @@ def test_lion_trainer_builds_lion_with_hf_groups_and_trains(tmp_path):
 
 
 def test_lion_trainer_with_an_hf_optim_name_builds_hf_optimizer(tmp_path):
-    trainer = LionTrainer(model=tiny_bert(), args=lion_args(tmp_path, optim="adamw_torch"), train_dataset=TokenDataset())
+    trainer = LionTrainer(
+        model=tiny_bert(), args=lion_args(tmp_path, optim="adamw_torch"), train_dataset=TokenDataset()
+    )
     assert isinstance(trainer.create_optimizer(), torch.optim.AdamW)
 
 
