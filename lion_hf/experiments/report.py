@@ -280,7 +280,8 @@ def _sweep_markdown(summary: dict[str, Any], runs: list[RunRecord], title: str, 
             m = opts[s]["metrics"]["best_eval_accuracy"]
             gap = best["mean"] - m["mean"]
             spread = max(best["std"], m["std"])
-            parts.append(f"{s} {-gap:+.4f}" + (" (inside the seed spread)" if gap <= spread else ""))
+            tie = " (tied)" if gap == 0 else " (inside the seed spread)" if gap <= spread else ""
+            parts.append(f"{s} {-gap:+.4f}{tie}")
         lines.append(f"- {key} {v}: best {ranked[0]} ({best['mean']:.4f})"
                      + (f"; then {', '.join(parts)}" if parts else "") + ".")
     for v in values:
