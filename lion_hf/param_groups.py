@@ -33,7 +33,8 @@ def _hf_decay_names(model: nn.Module) -> set[str]:
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get weight decay (HF's rule, minus every <2-D tensor)."""
-    return {n for n, p in model.named_parameters() if n in _hf_decay_names(model) and _original_ndim(p) >= 2}
+    names = _hf_decay_names(model)
+    return {n for n, p in model.named_parameters() if n in names and _original_ndim(p) >= 2}
 
 
 def matrices_only(model: nn.Module, names: Iterable[str]) -> set[str]:

@@ -41,6 +41,7 @@ from finetune_sentiment import (
     RUN_ARGS_FILE,
     dict_to_argv,
     has_option,
+    is_main_process,
     last_complete_checkpoint,
     parse_args,
     run,
@@ -49,11 +50,6 @@ from finetune_sentiment import (
 
 from lion_hf.experiments.records import RunRecord
 from lion_hf.experiments.report import write_report, write_sweep_report
-
-
-def _is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "offline_default.yaml"
 
@@ -225,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                 parsed[2].resume_from_checkpoint = "true" if status == "resume" else None
                 parsed[3].overwrite_output_dir = status == "new"
                 record = run(*parsed)
-                if not args.keep_checkpoints and _is_main_process():
+                if not args.keep_checkpoints and is_main_process():
                     for checkpoint in run_dir.glob("checkpoint-*"):
                         shutil.rmtree(checkpoint)
             print(f"[compare]   best eval accuracy {record.best_eval_accuracy:.4f} "
@@ -235,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if not runs:
         raise ValueError(f"no finished runs in {out} for this config (--report_only runs nothing)")
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if not is_main_process():
         return {}
     command = "python recipes/compare_optimizers.py " + " ".join(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

@@ -237,7 +237,7 @@ def resolve_checkpoint(training_args: LionTrainingArguments, run_args: RunArgume
                 "--resume_from_checkpoint true to resume from it, or --overwrite_output_dir true to delete them "
                 "and train from scratch."
             )
-        if run_args.overwrite_output_dir and out.is_dir() and _is_main_process():
+        if run_args.overwrite_output_dir and out.is_dir() and is_main_process():
             for old in out.glob("checkpoint-*"):
                 shutil.rmtree(old)
         return None
@@ -275,8 +275,9 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(done, key=lambda d: int(d.name.split("-")[-1]))) if done else None
 
 
-def _is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+def is_main_process() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments,

@@ -265,9 +265,12 @@ def _sweep_markdown(summary: dict[str, Any], runs: list[RunRecord], title: str, 
     lines += ["", "## Steps and time per run (at each setup's best lr)", "",
               f"| {key} | optimizer steps | " + " | ".join(f"{s} train s" for s in setups) + " |",
               "|---:|---:|" + "---:|" * len(setups)]
+    steps_by_value: dict[Any, set[int]] = defaultdict(set)
+    for r in runs:
+        steps_by_value[sweep_value(r, key)].add(r.steps)
     for v in values:
         opts = summary["per_value"][str(v)]["optimizers"]
-        steps = sorted({r.steps for r in runs if sweep_value(r, key) == v})
+        steps = sorted(steps_by_value[v])
         cells = [_cell(opts[s]["metrics"]["train_seconds"], "{:.0f}") if s in opts else "not run" for s in setups]
         lines.append(f"| {v} | {'/'.join(map(str, steps))} | " + " | ".join(cells) + " |")
     lines += ["", "## What the numbers say", ""]
