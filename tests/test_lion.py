@@ -8,6 +8,7 @@ Tolerances (relative to the reference value, per storage dtype):
 from __future__ import annotations
 
 import io
+import itertools
 import math
 
 import pytest
@@ -261,7 +262,7 @@ def test_foreach_cache_rounds_cover_each_element_once(monkeypatch):
     for b in base:  # each param's pieces tile it without overlap
         spans = sorted(seen[b.untyped_storage().data_ptr()])
         assert spans[0][0] == 0 and sum(n for _, n in spans) == b.numel()
-        assert all(o1 + n1 == o2 for (o1, n1), (o2, _) in zip(spans, spans[1:]))
+        assert all(o1 + n1 == o2 for (o1, n1), (o2, _) in itertools.pairwise(spans))
 
 
 @pytest.mark.parametrize("impl", ["foreach", "compiled"])
