@@ -227,9 +227,17 @@ def _step_may_proceed(policy: str, grads: list[Tensor], grad_norm: float | Tenso
     return False
 
 
+def _any_nonfinite(grads: list[Tensor]) -> bool:
+    """Whether some element of these same-device gradients is NaN or inf. A sum, or a sum of
+    2-norms, is NaN or inf as soon as one element is; one that overflows only sends the list
+    down the masked path, which masks element by element. One tensor (most CPU rounds) is
+    summed: on CPU 1.4x faster than its 2-norm; several take one multi-tensor norm call."""
+    total = grads[0].sum() if len(grads) == 1 else torch.stack(torch._foreach_norm(grads, 2)).sum()
+    return not math.isfinite(float(total))
+
+
 def _all_finite(grads: list[Tensor]) -> bool:
-    """One read of the gradients: by the 'skip_step' / 'raise' gate, and by foreach's
-    'skip_elements' to keep the all-finite case in place."""
+    """The 'skip_step' / 'raise' gate's one read of the gradients, on any devices."""
     if not grads:
         return True
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
@@ -240,10 +248,7 @@ def _all_finite(grads: list[Tensor]) -> bool:
         # The 2-norm is NaN or inf as soon as one element is, exactly the verdict of the norm that
         # gradient clipping computes (it also calls a gradient whose square overflows, |g| > ~1e19,
         # non-finite). On CPU torch's 2-norm is vectorised and threaded, the inf-norm is ~20x slower.
-        norms = torch._foreach_norm(device_grads, 2)
-        # A sum of norms is finite exactly when each is (finite 2-norms are far below overflow).
-        total = norms[0] if len(norms) == 1 else torch.stack(norms).sum()
-        if not math.isfinite(float(total)):
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(device_grads, 2))).all()):
             return False
     return True
 
@@ -391,7 +396,7 @@ def _foreach_round(
 
     # Masking needs out-of-place temporaries; one read of the grads decides whether the
     # common all-finite case can stay in place.
-    masked = skip_nonfinite and not _all_finite(g32)
+    masked = skip_nonfinite and _any_nonfinite(g32)
     if masked:
         new_w = torch._foreach_mul(w32, decay)
         torch._foreach_add_(new_w, update, alpha=-lr)
