@@ -349,9 +349,7 @@ def _foreach_lion(
             lst.append(t)
 
     for (device, p_dtype, m_dtype, kahan), bucket in buckets.items():
-        fp32_params = p_dtype == torch.float32
-        fp32_state = m_dtype == torch.float32
-        in_rounds = device.type == "cpu" and fp32_params and fp32_state and not cautious
+        in_rounds = device.type == "cpu" and p_dtype == m_dtype == torch.float32 and not cautious
         for ps, gs, ms, cs in _cache_rounds(*bucket[:3]) if in_rounds else [bucket]:
             _foreach_round(ps, gs, ms, cs, lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize,
                            cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
