@@ -21,6 +21,7 @@ checkpoint moves freely between them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -56,11 +57,16 @@ AUTO_COMPILE_MIN_NUMEL = 1_000_000
 # --------------------------------------------------------------------------------------
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2); any other tensor unchanged.
 
     Lion is elementwise, so each rank may update its shard on its own.
     """
+    if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, without a failing attribute lookup
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
@@ -456,20 +462,48 @@ def _lion_chunk(
 _compiled_chunk: Callable[..., None] | None = None
 _RECOMPILE_LIMIT = 64
 _padding: dict[tuple, tuple[list[Tensor], ...]] = {}
+# Inductor decides whether a CPU loop runs on all threads from the size hint of the first call:
+# compiled on small tensors, the one shared graph would stay single-threaded for every model.
+# min_chunk_size=1 makes every loop an OpenMP parallel loop. emulate_precision_casts: inductor
+# otherwise keeps `x.to(bf16).float()` at fp32, which silently turns fp16 stochastic rounding
+# and the Kahan residual into no-ops.
+_INDUCTOR_OPTIONS = {"cpp.min_chunk_size": 1, "emulate_precision_casts": True}
+
+
+def _chunk_signature(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None,
+                     hyper: Tensor, seeds: Tensor | None, *flags: bool) -> tuple | None:
+    """What the chunk's graph depends on beyond the facts ``_compiled_lion`` guarantees (1-D
+    contiguous tensors, equal lengths per param, lengths >= 2): chunks with the same signature
+    run the same graph, called without dynamo after the first (see ``compiled_call``). None
+    (always through dynamo, with its guards) off the CPU and for tensor subclasses. A chunk
+    holds one bucket, so its first param, grad and momentum stand for all of them."""
+    p, g, m = ps[0], gs[0], ms[0]
+    if p.device.type != "cpu" or not type(p) is type(g) is type(m) is Tensor:
+        return None
+    return p.dtype, g.dtype, m.dtype, cs is not None, seeds is not None, torch.is_grad_enabled(), *flags
+
+
+def _compile_patches() -> contextlib.ExitStack:
+    """Config for the calls that may compile. Sizes of equal value must not be unified into one
+    symbol (duck shaping), or the graph would be specialised to one chunk's pattern of equal
+    sizes. Each combination of dtypes, rounding and flags is its own graph; a process with
+    several optimizers or mixed-precision groups can need more than dynamo's default 8, and
+    fullgraph=True would then fail."""
+    import torch.fx.experimental._config as fx_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT))
+    return stack
 
 
 def _get_compiled_chunk() -> Callable[..., None]:
     global _compiled_chunk
     if _compiled_chunk is None:
-        # Inductor decides whether a CPU loop runs on all threads from the size hint of the
-        # first call: compiled on small tensors, the one shared graph would stay single-threaded
-        # for every model. min_chunk_size=1 makes every loop an OpenMP parallel loop.
-        # emulate_precision_casts: inductor otherwise keeps `x.to(bf16).float()` at fp32, which
-        # silently turns fp16 stochastic rounding and the Kahan residual into no-ops.
-        _compiled_chunk = torch.compile(
-            _lion_chunk, dynamic=True, fullgraph=True,
-            options={"cpp.min_chunk_size": 1, "emulate_precision_casts": True},
-        )
+        from lion_hf.optim.compiled_call import DirectCompiled
+
+        _compiled_chunk = DirectCompiled(_lion_chunk, signature=_chunk_signature, options=_INDUCTOR_OPTIONS,
+                                         patches=_compile_patches)
     return _compiled_chunk
 
 
@@ -498,8 +532,6 @@ def _compiled_lion(
     warns once, finishes this step with ``foreach`` on exactly the tensors not yet updated (the
     failing chunk never ran), and runs every later step with ``foreach`` too: the failure is
     recorded in :data:`_compile_failure`, which :func:`impl_unavailable` reports."""
-    import torch.fx.experimental._config as fx_config
-
     global _compile_failure
     kwargs = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious,
                   skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
@@ -513,14 +545,22 @@ def _compiled_lion(
         p, g, m = _local(param), _local(grad), _local(exp_avg)
         c = None if comp is None else _local(comp)
         n = p.numel()
+        if g.numel() != n or m.numel() != n or (c is not None and c.numel() != n):
+            # The graph reads all four with the param's length (and is called without guards).
+            raise ValueError(
+                f"Lion: a param of shape {tuple(p.shape)} has a grad of shape {tuple(g.shape)} and a momentum of "
+                f"shape {tuple(m.shape)}" + ("" if c is None else f" and a Kahan residual of shape {tuple(c.shape)}"))
         if n == 0:
             continue
-        if n == 1 or not all(t.is_contiguous() for t in (p, g, m, c) if t is not None):
+        if n == 1 or not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+                          and (c is None or c.is_contiguous())):
             # Size 1 would be its own specialised graph; strided tensors cannot be flattened in place.
             target = leftovers
         else:
-            target = buckets[(p.device, p.dtype, g.dtype, m.dtype, c is not None)]
             p, g, m, c = _flat(p), _flat(g), _flat(m), None if c is None else _flat(c)
+            # The tensor types are in the key so that a chunk's first tensors speak for all of
+            # them (_chunk_signature).
+            target = buckets[(p.device, p.dtype, g.dtype, m.dtype, c is not None, type(p), type(g), type(m))]
         for lst, t in zip(target, (p, g, m, c)):
             lst.append(t)
 
@@ -531,38 +571,33 @@ def _compiled_lion(
     ]
     hyper_by_device: dict[torch.device, Tensor] = {}
     failure: tuple[int, Exception] | None = None
-    # Sizes of equal value must not be unified into one symbol (duck shaping), or the graph
-    # would be specialised to one chunk's pattern of equal sizes. Each combination of dtypes,
-    # rounding and flags is its own graph; a process with several optimizers or mixed-precision
-    # groups can need more than dynamo's default 8, and fullgraph=True would then fail.
-    with fx_config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
-            device, p_dtype, _, m_dtype, kahan = key
-            hyper = hyper_by_device.get(device)
-            if hyper is None:
-                hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
-                hyper_by_device[device] = hyper
-            if len(ps) < COMPILE_CHUNK:
-                # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
-                # and compile one graph per amount of padding.
-                pad = _padding.get(key)
-                if pad is None:
-                    pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
-                                for dt in (p_dtype, key[2], m_dtype, p_dtype))
-                    _padding[key] = pad
-                missing = COMPILE_CHUNK - len(ps)
-                ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
-            param_stochastic = _param_stochastic(p_dtype, param_rounding)
-            seeds = (
-                torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
-                if param_stochastic or m_dtype == torch.bfloat16 else None
-            )
-            try:
-                step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
-                     skip_nonfinite)
-            except Exception as exc:
-                failure = (n_done, exc)
-                break
+    for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
+        device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
+        hyper = hyper_by_device.get(device)
+        if hyper is None:
+            hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
+            hyper_by_device[device] = hyper
+        if len(ps) < COMPILE_CHUNK:
+            # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
+            # and compile one graph per amount of padding.
+            pad = _padding.get(key)
+            if pad is None:
+                pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
+                            for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
+                _padding[key] = pad
+            missing = COMPILE_CHUNK - len(ps)
+            ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
+        param_stochastic = _param_stochastic(p_dtype, param_rounding)
+        seeds = (
+            torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
+            if param_stochastic or m_dtype == torch.bfloat16 else None
+        )
+        try:
+            step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
+                 skip_nonfinite)
+        except Exception as exc:
+            failure = (n_done, exc)
+            break
     if failure is not None:
         n_done, exc = failure
         _compile_failure = exc
