@@ -81,9 +81,11 @@ class DirectCompiled:
     """``fn`` compiled by ``torch.compile(dynamic=True, fullgraph=True)`` with inductor and
     ``options``; calls whose ``signature(*args)`` was compiled before skip dynamo.
 
-    ``signature`` returns None for a call that must always go through dynamo. ``patches`` is a
-    factory of context managers (dynamo/fx config) entered around calls that go through dynamo,
-    the only ones that can compile.
+    ``signature`` returns None for a call that must always go through dynamo; such calls run
+    under the caller's config. ``patches`` is a factory of context managers (dynamo/fx config)
+    entered around the other calls that go through dynamo, the only ones that compile (entering
+    dynamo's config costs ~1 ms on this CPU, so a caller making many unsigned calls should enter
+    it once around them).
     """
 
     def __init__(
@@ -126,7 +128,7 @@ class DirectCompiled:
             return
         self._pending = None if key is None else (key, args)
         try:
-            if self._patches is None:
+            if self._patches is None or key is None:
                 self._dynamo(*args)
             else:
                 with self._patches():

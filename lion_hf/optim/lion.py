@@ -7,7 +7,8 @@ step to flat lists of tensors and dispatches on ``impl`` to one of
 * ``_foreach_lion``   - ``torch._foreach_*`` ops over lists of same-dtype tensors (on CPU in
   cache-sized rounds);
 * ``_compiled_lion``  - a ``torch.compile``-d elementwise step over chunks of 16 flattened
-  tensors (dynamic sizes: one graph for every model);
+  tensors (dynamic sizes: one graph for every model; after its first call the graph is called
+  without dynamo, ``lion_hf/optim/compiled_call.py``);
 * ``_triton_lion``    - the fused multi-tensor Triton kernel (``lion_hf/optim/triton.py``,
   imported only when used).
 
@@ -513,6 +514,41 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1).detach()
 
 
+def _run_chunks(step: Callable[..., None], chunks: list[tuple], lr: float, decay: float, beta1: float, beta2: float,
+                maximize: bool, cautious: bool, skip_nonfinite: bool,
+                param_rounding: str) -> tuple[int, Exception] | None:
+    """Run the compiled step on each chunk (padded to COMPILE_CHUNK tensors); on an exception,
+    stop and return (index of the failed chunk, exception): that chunk and the rest are untouched."""
+    hyper_by_device: dict[torch.device, Tensor] = {}
+    for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
+        device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
+        hyper = hyper_by_device.get(device)
+        if hyper is None:
+            hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
+            hyper_by_device[device] = hyper
+        if len(ps) < COMPILE_CHUNK:
+            # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
+            # and compile one graph per amount of padding.
+            pad = _padding.get(key)
+            if pad is None:
+                pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
+                            for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
+                _padding[key] = pad
+            missing = COMPILE_CHUNK - len(ps)
+            ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
+        param_stochastic = _param_stochastic(p_dtype, param_rounding)
+        seeds = (
+            torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
+            if param_stochastic or m_dtype == torch.bfloat16 else None
+        )
+        try:
+            step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
+                 skip_nonfinite)
+        except Exception as exc:
+            return n_done, exc
+    return None
+
+
 def _compiled_lion(
     params: list[Tensor],
     grads: list[Tensor],
@@ -569,35 +605,11 @@ def _compiled_lion(
         for key, tensors in buckets.items()
         for i in range(0, len(tensors[0]), COMPILE_CHUNK)
     ]
-    hyper_by_device: dict[torch.device, Tensor] = {}
-    failure: tuple[int, Exception] | None = None
-    for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
-        device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
-        hyper = hyper_by_device.get(device)
-        if hyper is None:
-            hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
-            hyper_by_device[device] = hyper
-        if len(ps) < COMPILE_CHUNK:
-            # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
-            # and compile one graph per amount of padding.
-            pad = _padding.get(key)
-            if pad is None:
-                pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
-                            for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
-                _padding[key] = pad
-            missing = COMPILE_CHUNK - len(ps)
-            ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
-        param_stochastic = _param_stochastic(p_dtype, param_rounding)
-        seeds = (
-            torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
-            if param_stochastic or m_dtype == torch.bfloat16 else None
-        )
-        try:
-            step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
-                 skip_nonfinite)
-        except Exception as exc:
-            failure = (n_done, exc)
-            break
+    # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
+    off_cpu = any(key[0].type != "cpu" for key in buckets)
+    with _compile_patches() if off_cpu else contextlib.nullcontext():
+        failure = _run_chunks(step, chunks, lr, decay, beta1, beta2, maximize, cautious, skip_nonfinite,
+                              param_rounding)
     if failure is not None:
         n_done, exc = failure
         _compile_failure = exc
