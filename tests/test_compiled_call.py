@@ -95,3 +95,21 @@ def test_the_policy_is_part_of_the_signature():
             p.grad = torch.tensor([1.0, float("nan")] * 4)
             opt.step()
     assert torch.equal(p.detach()[1::2], torch.ones(4)) and torch.isfinite(opt.state[p]["exp_avg"]).all()
+
+
+def test_kept_flat_views_follow_new_data_and_die_with_their_tensors():
+    import gc
+
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = Lion([p], lr=0.1, impl="compiled", nonfinite_grad="propagate")
+    p.grad = torch.ones(6)
+    opt.step()
+    assert id(p) in lion_module._flat_views
+    p.data = torch.full((6,), 5.0)  # new storage: the view kept from step 1 must not be used
+    p.grad = torch.ones(6)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((6,), 4.9))
+    keys = [id(p), id(opt.state[p]["exp_avg"])]
+    del opt, p
+    gc.collect()
+    assert not any(k in lion_module._flat_views for k in keys)
