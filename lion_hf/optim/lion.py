@@ -431,10 +431,11 @@ def _foreach_round(
             _store_momentum(m, n, None if ok is None else ok[i], _new_seed())
 
 
-# Tensors per compiled call. One call costs ~20 us of dynamo/inductor dispatch on CPU, so one
-# call per tensor adds ~2 ms to a 105-tensor model; one call per whole list would compile a
-# graph per model (20+ s). Fixed-size chunks of flattened tensors with dynamic sizes compile a
-# single graph for every model (the last chunk is padded with 2-element dummies).
+# Tensors per compiled call. Every call has a fixed cost (through dynamo ~180 us on this CPU,
+# called directly still tens of us), so one call per tensor would add milliseconds to a
+# 105-tensor model; one call per whole list would compile a graph per model (20+ s).
+# Fixed-size chunks of flattened tensors with dynamic sizes compile a single graph for every
+# model (the last chunk is padded with 2-element dummies).
 COMPILE_CHUNK = 16
 
 
