@@ -530,7 +530,7 @@ def _flat_persistent(t: Tensor) -> Tensor:
         view = entry[1]
         if view.data_ptr() == t.data_ptr() and view.numel() == t.numel():
             return view
-    if type(t) not in _PLAIN_TENSOR_TYPES:  # e.g. a DTensor's fresh local tensor: nothing to keep
+    if type(t) not in _PLAIN_TENSOR_TYPES:  # a tensor subclass: its chunks go through dynamo anyway
         return _flat(t)
     key = id(t)
     view = _flat(t)
