@@ -525,52 +525,15 @@ _flat_views: dict[int, tuple[weakref.ref, Tensor]] = {}
 
 
 def _flat_persistent(t: Tensor) -> Tensor:
-    entry = _flat_views.get(id(t))
-    if entry is not None and entry[0]() is t:
-        view = entry[1]
-        if view.data_ptr() == t.data_ptr() and view.numel() == t.numel():
-            return view
     if type(t) not in _PLAIN_TENSOR_TYPES:  # a tensor subclass: its chunks go through dynamo anyway
         return _flat(t)
     key = id(t)
+    entry = _flat_views.get(key)
+    if entry is not None and entry[0]() is t and entry[1].data_ptr() == t.data_ptr() and entry[1].numel() == t.numel():
+        return entry[1]
     view = _flat(t)
     _flat_views[key] = (weakref.ref(t, lambda _, key=key: _flat_views.pop(key, None)), view)
     return view
-
-
-def _run_chunks(step: Callable[..., None], chunks: list[tuple], lr: float, decay: float, beta1: float, beta2: float,
-                maximize: bool, cautious: bool, skip_nonfinite: bool,
-                param_rounding: str) -> tuple[int, Exception] | None:
-    """Run the compiled step on each chunk (padded to COMPILE_CHUNK tensors); on an exception,
-    stop and return (index of the failed chunk, exception): that chunk and the rest are untouched."""
-    hyper_by_device: dict[torch.device, Tensor] = {}
-    for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
-        device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
-        hyper = hyper_by_device.get(device)
-        if hyper is None:
-            hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
-            hyper_by_device[device] = hyper
-        if len(ps) < COMPILE_CHUNK:
-            # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
-            # and compile one graph per amount of padding.
-            pad = _padding.get(key)
-            if pad is None:
-                pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
-                            for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
-                _padding[key] = pad
-            missing = COMPILE_CHUNK - len(ps)
-            ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
-        param_stochastic = _param_stochastic(p_dtype, param_rounding)
-        seeds = (
-            torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
-            if param_stochastic or m_dtype == torch.bfloat16 else None
-        )
-        try:
-            step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
-                 skip_nonfinite)
-        except Exception as exc:
-            return n_done, exc
-    return None
 
 
 def _compiled_lion(
@@ -629,11 +592,38 @@ def _compiled_lion(
         for key, tensors in buckets.items()
         for i in range(0, len(tensors[0]), COMPILE_CHUNK)
     ]
+    hyper_by_device: dict[torch.device, Tensor] = {}
+    failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
     off_cpu = any(key[0].type != "cpu" for key in buckets)
     with _compile_patches() if off_cpu else contextlib.nullcontext():
-        failure = _run_chunks(step, chunks, lr, decay, beta1, beta2, maximize, cautious, skip_nonfinite,
-                              param_rounding)
+        for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
+            device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
+            hyper = hyper_by_device.get(device)
+            if hyper is None:
+                hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
+                hyper_by_device[device] = hyper
+            if len(ps) < COMPILE_CHUNK:
+                # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
+                # and compile one graph per amount of padding.
+                pad = _padding.get(key)
+                if pad is None:
+                    pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
+                                for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
+                    _padding[key] = pad
+                missing = COMPILE_CHUNK - len(ps)
+                ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
+            param_stochastic = _param_stochastic(p_dtype, param_rounding)
+            seeds = (
+                torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
+                if param_stochastic or m_dtype == torch.bfloat16 else None
+            )
+            try:
+                step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
+                     skip_nonfinite)
+            except Exception as exc:
+                failure = (n_done, exc)
+                break
     if failure is not None:
         n_done, exc = failure
         _compile_failure = exc
