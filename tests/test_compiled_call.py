@@ -50,8 +50,10 @@ def _train(steps_grads, shapes, nonfinite_grad, force_dynamo):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         if force_dynamo:
-            # An empty table: every chunk goes through dynamo (its compiled graph is cached there).
+            # An empty table and no kept plans: every chunk goes through dynamo (its compiled
+            # graph is cached there), with tensors viewed in this step.
             chunk_step._direct.clear()
+            lion_module._plans.clear()
         opt.step()
     chunk_step._direct.update(saved)  # later tests in this process keep the direct calls
     return [p.detach().clone() for p in params] + [opt.state[p]["exp_avg"].clone() for p in params]
@@ -97,19 +99,51 @@ def test_the_policy_is_part_of_the_signature():
     assert torch.equal(p.detach()[1::2], torch.ones(4)) and torch.isfinite(opt.state[p]["exp_avg"]).all()
 
 
-def test_kept_flat_views_follow_new_data_and_die_with_their_tensors():
-    import gc
+def _kept_plan(opt):
+    params, _, exp_avgs, comps = opt._collect(opt.param_groups[0])
+    return lion_module._plans.get(lion_module._plan_key(params, exp_avgs, comps))
 
+
+def test_a_kept_plan_is_reused_and_renewed_when_a_param_moves():
     p = torch.nn.Parameter(torch.zeros(6))
     opt = Lion([p], lr=0.1, impl="compiled", nonfinite_grad="propagate")
     p.grad = torch.ones(6)
     opt.step()
-    assert id(p) in lion_module._flat_views
-    p.data = torch.full((6,), 5.0)  # new storage: the view kept from step 1 must not be used
+    plan = _kept_plan(opt)
+    assert plan is not None
+    p.grad = torch.ones(6)
+    opt.step()
+    assert _kept_plan(opt) is plan
+    p.data = torch.full((6,), 5.0)  # new storage: the views kept from step 2 must not be used
     p.grad = torch.ones(6)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((6,), 4.9))
-    keys = [id(p), id(opt.state[p]["exp_avg"])]
-    del opt, p
+    assert _kept_plan(opt) is not plan
+    plan = _kept_plan(opt)
+    p.data = p.data[:4]  # same start, fewer elements: a kept view would write past the end
+    p.grad = torch.ones(4)
+    opt.state[p]["exp_avg"] = torch.zeros(4)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 4.8))
+    assert _kept_plan(opt) is not plan
+
+
+def test_a_kept_plan_dies_with_its_optimizer_and_its_params():
+    import gc
+
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = Lion([p], lr=0.1, impl="compiled")
+    p.grad = torch.ones(6)
+    opt.step()
+    n_plans = len(lion_module._plans)
+    assert _kept_plan(opt) is not None
+    del opt  # the model lives on: the plan's view of the momentum must not keep it alive
     gc.collect()
-    assert not any(k in lion_module._flat_views for k in keys)
+    assert len(lion_module._plans) == n_plans - 1
+    opt = Lion([p], lr=0.1, impl="compiled")
+    p.grad = torch.ones(6)
+    opt.step()
+    assert len(lion_module._plans) == n_plans
+    del opt, p  # and a plan dies with its params
+    gc.collect()
+    assert len(lion_module._plans) == n_plans - 1

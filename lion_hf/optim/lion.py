@@ -464,13 +464,15 @@ def _lion_chunk(
 
 _compiled_chunk: Callable[..., None] | None = None
 _RECOMPILE_LIMIT = 64
-_padding: dict[tuple, tuple[list[Tensor], ...]] = {}
 # Inductor decides whether a CPU loop runs on all threads from the size hint of the first call:
 # compiled on small tensors, the one shared graph would stay single-threaded for every model.
 # min_chunk_size=1 makes every loop an OpenMP parallel loop. emulate_precision_casts: inductor
 # otherwise keeps `x.to(bf16).float()` at fp32, which silently turns fp16 stochastic rounding
-# and the Kahan residual into no-ops.
-_INDUCTOR_OPTIONS = {"cpp.min_chunk_size": 1, "emulate_precision_casts": True}
+# and the Kahan residual into no-ops. size_asserts=False: inductor would check every input's
+# size and stride again on each call (~25 us for a chunk's 64 tensors on this CPU); the chunks
+# hold 1-D contiguous tensors of their params' lengths by construction (_build_plan), and the
+# calls that go through dynamo are checked by its guards.
+_INDUCTOR_OPTIONS = {"cpp.min_chunk_size": 1, "emulate_precision_casts": True, "size_asserts": False}
 
 
 def _chunk_signature(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None,
@@ -511,29 +513,132 @@ def _get_compiled_chunk() -> Callable[..., None]:
 
 
 def _flat(t: Tensor) -> Tensor:
-    # detach() drops the view's link to its base: dynamo would otherwise guard on the base's
-    # rank and recompile whenever a chunk mixes matrices and vectors differently.
-    return t.view(-1).detach()
+    """``t`` (contiguous) as a 1-D plain tensor. A view costs ~2.5 us of dispatch on this CPU, so
+    a 1-D plain tensor is passed as it is."""
+    return t if type(t) is Tensor and t.dim() == 1 else t.view(-1)
 
 
-# Flat views of params, momenta and Kahan residuals, kept from step to step: a view costs ~2 us
-# of dispatch and a model has hundreds (0.5 ms of a 13 ms MiniLM step); grads are new tensors
-# every step. Keyed by id, with a weak reference whose callback drops the entry when the tensor
-# dies, so a cached view never keeps a dead model's memory; a view is reused only while it
-# still starts where its tensor's data does (``p.data = ...`` gets a fresh one).
-_flat_views: dict[int, tuple[weakref.ref, Tensor]] = {}
+class _ChunkPlan:
+    """How one list of (param, grad, momentum, residual) splits into compiled chunks; kept from
+    step to step for the same tensors (:func:`_plan_for`).
+
+    ``chunks``: per chunk, its bucket key, the indices of its tensors, the flat views of its
+    params, momenta and residuals (padded to COMPILE_CHUNK) and the padding for its grads.
+    ``leftovers``: the indices the for-loop updates (1-element or strided tensors). A kept plan
+    holds while its tensors still sit on the memory its views were taken of (``memory``) and
+    the grads keep their types, dtypes and lengths (``grad_meta``) and are contiguous.
+    """
+
+    __slots__ = ("chunks", "grad_meta", "grad_views", "leftovers", "memory", "refs")
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple] = []
+        self.leftovers: list[int] = []
+        self.memory: tuple[list[int], ...] = ()
+        self.grad_meta: tuple[list, ...] = ()
+        self.grad_views: list[int] = []  # kept plans: the chunked grads that need a 1-D view
+        self.refs: list[weakref.ref] = []  # kept plans: weak references that drop the plan
+
+    def flat_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """``grads`` with each chunked grad replaced by its 1-D plain form."""
+        flat = list(grads)
+        if self.refs:  # kept: plain contiguous grads whose types and dims are in grad_meta
+            for i in self.grad_views:
+                flat[i] = flat[i].view(-1)
+        else:
+            for chunk in self.chunks:
+                for i in chunk[1]:
+                    flat[i] = _flat(_local(grads[i]))
+        return flat
 
 
-def _flat_persistent(t: Tensor) -> Tensor:
-    if type(t) not in _PLAIN_TENSOR_TYPES:  # a tensor subclass: its chunks go through dynamo anyway
-        return _flat(t)
-    key = id(t)
-    entry = _flat_views.get(key)
-    if entry is not None and entry[0]() is t and entry[1].data_ptr() == t.data_ptr() and entry[1].numel() == t.numel():
-        return entry[1]
-    view = _flat(t)
-    _flat_views[key] = (weakref.ref(t, lambda _, key=key: _flat_views.pop(key, None)), view)
-    return view
+# Plans of plain-tensor lists, keyed by the ids of their params and states. A plan holds views
+# of those tensors; a weak reference on each drops the plan when one dies, so a plan never keeps
+# a dead model's or optimizer's memory alive, and the ids in a key are those of live tensors.
+_plans: dict[tuple[int, ...], _ChunkPlan] = {}
+_padding: dict[tuple, tuple[list[Tensor], ...]] = {}
+
+
+def _memory(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
+    return list(map(Tensor.data_ptr, tensors)), list(map(Tensor.numel, tensors))
+
+
+def _grad_meta(grads: list[Tensor]) -> tuple[list, ...]:
+    return (list(map(type, grads)), [g.dtype for g in grads], list(map(Tensor.numel, grads)),
+            list(map(Tensor.dim, grads)))
+
+
+def _plan_key(params: list[Tensor], exp_avgs: list[Tensor], kahan_comps: list[Tensor | None]) -> tuple[int, ...]:
+    return (*map(id, params), *map(id, exp_avgs), *map(id, kahan_comps))
+
+
+def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                kahan_comps: list[Tensor | None]) -> _ChunkPlan:
+    """Buckets by device, dtypes and tensor types, cut into chunks of COMPILE_CHUNK. Raises
+    ValueError for a grad, momentum or residual whose length is not its param's."""
+    plan = _ChunkPlan()
+    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], []])
+    for i, (param, grad, exp_avg, comp) in enumerate(zip(params, grads, exp_avgs, kahan_comps)):
+        p, g, m = _local(param), _local(grad), _local(exp_avg)
+        c = None if comp is None else _local(comp)
+        n = p.numel()
+        if g.numel() != n or m.numel() != n or (c is not None and c.numel() != n):
+            # The graph reads all four with the param's length (and is called without guards).
+            raise ValueError(
+                f"Lion: a param of shape {tuple(p.shape)} has a grad of shape {tuple(g.shape)} and a momentum of "
+                f"shape {tuple(m.shape)}" + ("" if c is None else f" and a Kahan residual of shape {tuple(c.shape)}"))
+        if n == 0:
+            continue
+        if n == 1 or not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+                          and (c is None or c.is_contiguous())):
+            # Size 1 would be its own specialised graph; strided tensors cannot be flattened in place.
+            plan.leftovers.append(i)
+            continue
+        # Detached: a view links to its base, which keeps the base's Python object alive and so
+        # would stop the weak references that drop a kept plan from ever firing.
+        p, m, c = (None if t is None else t.view(-1).detach() for t in (p, m, c))
+        # The tensor types are in the key so that a chunk's first tensors speak for all of them
+        # (_chunk_signature); a grad's is that of its flat form.
+        key = (p.device, p.dtype, g.dtype, m.dtype, c is not None, type(p), type(_flat(g)), type(m))
+        for lst, t in zip(buckets[key], (i, p, m, c)):
+            lst.append(t)
+    for key, (idx, ps, ms, cs) in buckets.items():
+        device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
+        pad = _padding.get(key)
+        if pad is None:
+            # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
+            # and compile one graph per amount of padding.
+            pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
+                        for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
+            _padding[key] = pad
+        for start in range(0, len(idx), COMPILE_CHUNK):
+            end = start + COMPILE_CHUNK
+            missing = max(0, end - len(idx))
+            plan.chunks.append((
+                key, idx[start:end], ps[start:end] + pad[0][:missing], ms[start:end] + pad[2][:missing],
+                cs[start:end] + pad[3][:missing] if kahan else None, pad[1][:missing]))
+    return plan
+
+
+def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+              kahan_comps: list[Tensor | None]) -> _ChunkPlan:
+    """The chunk plan for these tensors: the kept one while it holds (checked in ~0.1 ms for
+    all-MiniLM-L6-v2's 105 tensors; bucketing and viewing them again costs ~1 ms), else a new
+    one, kept when every tensor is a plain tensor and every grad contiguous."""
+    states = [*exp_avgs, *(c for c in kahan_comps if c is not None)]
+    key = _plan_key(params, exp_avgs, kahan_comps)
+    plan = _plans.get(key)
+    grads_contiguous = all(map(Tensor.is_contiguous, grads))
+    if (plan is not None and grads_contiguous and plan.grad_meta == _grad_meta(grads)
+            and plan.memory == _memory(params + states)):
+        return plan
+    plan = _build_plan(params, grads, exp_avgs, kahan_comps)
+    if grads_contiguous and all(type(t) in _PLAIN_TENSOR_TYPES for t in (*params, *grads, *states)):
+        plan.memory, plan.grad_meta = _memory(params + states), _grad_meta(grads)
+        plan.grad_views = [i for chunk in plan.chunks for i in chunk[1] if _flat(grads[i]) is not grads[i]]
+        plan.refs = [weakref.ref(t, lambda _, key=key: _plans.pop(key, None)) for t in (*params, *states)]
+        _plans[key] = plan
+    return plan
 
 
 def _compiled_lion(
@@ -562,79 +667,41 @@ def _compiled_lion(
         _foreach_lion(params, grads, exp_avgs, kahan_comps, **kwargs)
         return
     step = _get_compiled_chunk()
-    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], []])
-    leftovers: list[list] = [[], [], [], []]
-    for param, grad, exp_avg, comp in zip(params, grads, exp_avgs, kahan_comps):
-        p, g, m = _local(param), _local(grad), _local(exp_avg)
-        c = None if comp is None else _local(comp)
-        n = p.numel()
-        if g.numel() != n or m.numel() != n or (c is not None and c.numel() != n):
-            # The graph reads all four with the param's length (and is called without guards).
-            raise ValueError(
-                f"Lion: a param of shape {tuple(p.shape)} has a grad of shape {tuple(g.shape)} and a momentum of "
-                f"shape {tuple(m.shape)}" + ("" if c is None else f" and a Kahan residual of shape {tuple(c.shape)}"))
-        if n == 0:
-            continue
-        if n == 1 or not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
-                          and (c is None or c.is_contiguous())):
-            # Size 1 would be its own specialised graph; strided tensors cannot be flattened in place.
-            target = leftovers
-        else:
-            p, g, m, c = _flat_persistent(p), _flat(g), _flat_persistent(m), None if c is None else _flat_persistent(c)
-            # The tensor types are in the key so that a chunk's first tensors speak for all of
-            # them (_chunk_signature).
-            target = buckets[(p.device, p.dtype, g.dtype, m.dtype, c is not None, type(p), type(g), type(m))]
-        for lst, t in zip(target, (p, g, m, c)):
-            lst.append(t)
-
-    chunks = [
-        (key, *(ts[i:i + COMPILE_CHUNK] for ts in tensors))
-        for key, tensors in buckets.items()
-        for i in range(0, len(tensors[0]), COMPILE_CHUNK)
-    ]
+    plan = _plan_for(params, grads, exp_avgs, kahan_comps)
+    flat_grads = plan.flat_grads(grads)
     hyper_by_device: dict[torch.device, Tensor] = {}
     failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
-    off_cpu = any(key[0].type != "cpu" for key in buckets)
+    off_cpu = any(chunk[0][0].type != "cpu" for chunk in plan.chunks)
     with _compile_patches() if off_cpu else contextlib.nullcontext():
-        for n_done, (key, ps, gs, ms, cs) in enumerate(chunks):
-            device, p_dtype, g_dtype, m_dtype, kahan = key[:5]
+        for n_done, (key, idx, ps, ms, cs, grad_pad) in enumerate(plan.chunks):
+            device, p_dtype, _, m_dtype = key[:4]
             hyper = hyper_by_device.get(device)
             if hyper is None:
                 hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
                 hyper_by_device[device] = hyper
-            if len(ps) < COMPILE_CHUNK:
-                # Distinct dummies: a tensor passed twice would make dynamo guard on the aliasing
-                # and compile one graph per amount of padding.
-                pad = _padding.get(key)
-                if pad is None:
-                    pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
-                                for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
-                    _padding[key] = pad
-                missing = COMPILE_CHUNK - len(ps)
-                ps, gs, ms, cs = (ts + pad[j][:missing] for j, ts in enumerate((ps, gs, ms, cs)))
+            gs = [flat_grads[i] for i in idx] + grad_pad
             param_stochastic = _param_stochastic(p_dtype, param_rounding)
             seeds = (
                 torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
                 if param_stochastic or m_dtype == torch.bfloat16 else None
             )
             try:
-                step(ps, gs, ms, cs if kahan else None, hyper, seeds, param_stochastic, maximize, cautious,
-                     skip_nonfinite)
+                step(ps, gs, ms, cs, hyper, seeds, param_stochastic, maximize, cautious, skip_nonfinite)
             except Exception as exc:
                 failure = (n_done, exc)
                 break
+    rest = plan.leftovers
     if failure is not None:
         n_done, exc = failure
         _compile_failure = exc
         warnings.warn(f"Lion: torch.compile failed ({type(exc).__name__}: {exc}); this and later steps use "
                       "impl='foreach'", stacklevel=3)
         # Compilation fails before the graph runs, so that chunk and the rest are untouched.
-        rest = [c[1:] for c in chunks[n_done:]] + [leftovers]
-        _foreach_lion(*([t for part in rest for t in part[i]] for i in range(4)), **kwargs)
-        return
-    if leftovers[0]:
-        _for_loop_lion(*leftovers, **kwargs)
+        rest = [i for chunk in plan.chunks[n_done:] for i in chunk[1]] + rest
+    if rest:
+        run = _for_loop_lion if failure is None else _foreach_lion
+        run(*([ts[i] for i in rest] for ts in (params, grads, exp_avgs, kahan_comps)), **kwargs)
 
 
 def _triton_lion(
@@ -964,25 +1031,27 @@ class Lion(Optimizer):
         state_dtype = STATE_DTYPES[group["state_dtype"]]
         kahan = group["param_rounding"] == "kahan"
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("Lion does not support sparse gradients")
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-            elif state["exp_avg"].dtype != state_dtype:
-                state["exp_avg"] = state["exp_avg"].to(state_dtype)
+            exp_avg = state.get("exp_avg")
+            if exp_avg is None:
+                exp_avg = state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            elif exp_avg.dtype != state_dtype:
+                exp_avg = state["exp_avg"] = exp_avg.to(state_dtype)
             comp = None
             if kahan and p.dtype != torch.float32:
                 comp = state.get("kahan_comp")
                 if comp is None:
                     comp = state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            else:
-                state.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
+            elif "kahan_comp" in state:
+                del state["kahan_comp"]  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
             params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
+            grads.append(grad)
+            exp_avgs.append(exp_avg)
             comps.append(comp)
         return params, grads, exp_avgs, comps
 
@@ -1017,13 +1086,19 @@ class Lion(Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            by_device: dict[torch.device, list[int]] = defaultdict(list)
-            for i, p in enumerate(params):
-                by_device[p.device].append(i)
-            for device, idx in by_device.items():
+            tensors = (params, grads, exp_avgs, comps)
+            devices = [p.device for p in params]
+            if devices.count(devices[0]) == len(devices):  # the common case, without copying the lists
+                split = [(devices[0], tensors)]
+            else:
+                by_device: dict[torch.device, list[int]] = defaultdict(list)
+                for i, device in enumerate(devices):
+                    by_device[device].append(i)
+                split = [(device, tuple([ts[i] for i in idx] for ts in tensors)) for device, idx in by_device.items()]
+            for device, device_tensors in split:
                 self._run(
                     device,
-                    *([ts[i] for i in idx] for ts in (params, grads, exp_avgs, comps)),
+                    *device_tensors,
                     lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                     maximize=group["maximize"], cautious=group["cautious"], nonfinite_grad=policy,
                     param_rounding=group["param_rounding"],
