@@ -549,7 +549,7 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
     # compile. Before the fix the first chunk and the leftover were updated twice.
     calls = []
 
-    def flaky_chunk(*args):
+    def flaky_chunk(signature, *args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated inductor failure")

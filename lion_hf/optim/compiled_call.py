@@ -8,8 +8,8 @@ compiles through dynamo as usual the first time a call *signature* is seen, keep
 callable dynamo's backend returned, and calls it directly for later calls of the same signature.
 
 Skipping the guards is safe only because the caller vouches for what they check: the
-``signature`` function must return a key that changes whenever the graph could differ (the
-dtypes, devices, tensor types and flags of the call), and the caller must guarantee the
+signature it passes with each call must change whenever the graph could differ (the dtypes,
+devices, tensor types and flags of the call), and the caller must guarantee the
 shape facts the graph was traced under (here: every tensor 1-D and contiguous, a param, its
 grad, momentum and residual of equal length, lengths of at least 2). A signature whose graph
 inputs cannot be matched to the call's arguments is simply always called through dynamo.
@@ -17,7 +17,7 @@ inputs cannot be matched to the call's arguments is simply always called through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -90,39 +90,38 @@ def _detached(arg: Any) -> Any:
 
 class DirectCompiled:
     """``fn`` compiled by ``torch.compile(dynamic=True, fullgraph=True)`` with inductor and
-    ``options``; calls whose ``signature(*args)`` was compiled before skip dynamo.
+    ``options``; a call whose signature was compiled before skips dynamo.
 
-    ``signature`` returns None for a call that must always go through dynamo; such calls run
-    under the caller's config. ``patches`` is a factory of context managers (dynamo/fx config)
-    entered around the other calls that go through dynamo, the only ones that compile (entering
-    dynamo's config costs ~1 ms on this CPU, so a caller making many unsigned calls should enter
-    it once around them).
+    The caller passes each call's signature (any hashable; None for a call that must always go
+    through dynamo, which then runs under the caller's config). ``patches`` is a factory of
+    context managers (dynamo/fx config) entered around the other calls that go through dynamo,
+    the only ones that compile (entering dynamo's config costs ~1 ms on this CPU, so a caller
+    making many unsigned calls should enter it once around them).
+
     """
 
     def __init__(
         self,
         fn: Callable[..., None],
         *,
-        signature: Callable[..., Any],
         options: dict[str, Any],
         patches: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
-        self._signature = signature
         self._options = options
         self._patches = patches
         self._dynamo = torch.compile(fn, dynamic=True, fullgraph=True, backend=self._compile)
-        self._direct: dict[Any, tuple[Callable, Callable]] = {}
-        self._pending: tuple[Any, tuple] | None = None  # (signature, args) of the call being compiled
+        self._direct: dict[Hashable, tuple[Callable, Callable]] = {}
+        self._pending: tuple[Hashable, tuple] | None = None  # (signature, args) of the call being compiled
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
         compiled = compile_fx(gm, example_inputs, config_patches=self._options)
         if self._pending is not None:
-            key, args = self._pending
+            signature, args = self._pending
             reader = _input_reader(gm, example_inputs, args)
             if reader is not None:
-                self._direct[key] = (compiled, _reader_function(reader))
+                self._direct[signature] = (compiled, _reader_function(reader))
         return compiled
 
     @property
@@ -130,19 +129,21 @@ class DirectCompiled:
         """How many signatures are called without dynamo."""
         return len(self._direct)
 
-    def __call__(self, *args: Any) -> None:
-        key = self._signature(*args)
-        direct = self._direct.get(key) if key is not None else None
+    def __call__(self, signature: Hashable | None, *args: Any) -> None:
+        direct = self._direct.get(signature) if signature is not None else None
         if direct is not None:
             compiled, read = direct
             compiled(*read(args))
-            return
+        else:
+            self._through_dynamo(signature, args)
+
+    def _through_dynamo(self, signature: Hashable | None, args: tuple[Any, ...]) -> None:
         # Dynamo sees detached tensors: a view's link to its base would make it guard on the
         # base's shape and compile again whenever the bases differ (the direct calls ignore it).
         args = tuple(_detached(arg) for arg in args)
-        self._pending = None if key is None else (key, args)
+        self._pending = None if signature is None else (signature, args)
         try:
-            if self._patches is None or key is None:
+            if self._patches is None or signature is None:
                 self._dynamo(*args)
             else:
                 with self._patches():

@@ -475,17 +475,16 @@ _RECOMPILE_LIMIT = 64
 _INDUCTOR_OPTIONS = {"cpp.min_chunk_size": 1, "emulate_precision_casts": True, "size_asserts": False}
 
 
-def _chunk_signature(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None,
-                     hyper: Tensor, seeds: Tensor | None, *flags: bool) -> tuple | None:
-    """What the chunk's graph depends on beyond the facts ``_compiled_lion`` guarantees (1-D
+def _chunk_signature(bucket: tuple, seeds: Tensor | None, *flags: bool) -> tuple | None:
+    """What a chunk's graph depends on beyond the facts ``_compiled_lion`` guarantees (1-D
     contiguous tensors, equal lengths per param, lengths >= 2): chunks with the same signature
-    run the same graph, called without dynamo after the first (see ``compiled_call``). None
-    (always through dynamo, with its guards) off the CPU and for tensor subclasses. A chunk
-    holds one bucket, so its first param, grad and momentum stand for all of them."""
-    p, g, m = ps[0], gs[0], ms[0]
-    if p.device.type != "cpu" or not type(p) is type(g) is type(m) is Tensor:
+    run the same graph, called without dynamo after the first (see ``compiled_call``). Taken
+    from the chunk's bucket key (device, dtypes, Kahan, tensor types: one for all its tensors).
+    None (always through dynamo, with its guards) off the CPU and for tensor subclasses."""
+    device, p_dtype, g_dtype, m_dtype, kahan, *types = bucket
+    if device.type != "cpu" or any(t is not Tensor for t in types):
         return None
-    return p.dtype, g.dtype, m.dtype, cs is not None, seeds is not None, torch.is_grad_enabled(), *flags
+    return p_dtype, g_dtype, m_dtype, kahan, seeds is not None, torch.is_grad_enabled(), *flags
 
 
 def _compile_patches() -> contextlib.ExitStack:
@@ -507,8 +506,7 @@ def _get_compiled_chunk() -> Callable[..., None]:
     if _compiled_chunk is None:
         from lion_hf.optim.compiled_call import DirectCompiled
 
-        _compiled_chunk = DirectCompiled(_lion_chunk, signature=_chunk_signature, options=_INDUCTOR_OPTIONS,
-                                         patches=_compile_patches)
+        _compiled_chunk = DirectCompiled(_lion_chunk, options=_INDUCTOR_OPTIONS, patches=_compile_patches)
     return _compiled_chunk
 
 
@@ -670,24 +668,25 @@ def _compiled_lion(
     plan = _plan_for(params, grads, exp_avgs, kahan_comps)
     flat_grads = plan.flat_grads(grads)
     hyper_by_device: dict[torch.device, Tensor] = {}
+    flags = (maximize, cautious, skip_nonfinite)
     failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
     off_cpu = any(chunk[0][0].type != "cpu" for chunk in plan.chunks)
     with _compile_patches() if off_cpu else contextlib.nullcontext():
-        for n_done, (key, idx, ps, ms, cs, grad_pad) in enumerate(plan.chunks):
-            device, p_dtype, _, m_dtype = key[:4]
+        for n_done, (bucket, idx, ps, ms, cs, grad_pad) in enumerate(plan.chunks):
+            device, p_dtype, _, m_dtype = bucket[:4]
             hyper = hyper_by_device.get(device)
             if hyper is None:
                 hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
                 hyper_by_device[device] = hyper
-            gs = [flat_grads[i] for i in idx] + grad_pad
             param_stochastic = _param_stochastic(p_dtype, param_rounding)
             seeds = (
                 torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
                 if param_stochastic or m_dtype == torch.bfloat16 else None
             )
+            gs = [flat_grads[i] for i in idx] + grad_pad
             try:
-                step(ps, gs, ms, cs, hyper, seeds, param_stochastic, maximize, cautious, skip_nonfinite)
+                step(_chunk_signature(bucket, seeds, *flags), ps, gs, ms, cs, hyper, seeds, param_stochastic, *flags)
             except Exception as exc:
                 failure = (n_done, exc)
                 break
