@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lion_hf import Lion
+from lion_hf.optim import compiled
 from lion_hf.optim import lion as lion_module
 from lion_hf.optim.lion import _stochastic_round_to_bf16, resolve_impl
 from lion_hf.optim.reference import lion_reference_step
@@ -348,7 +349,7 @@ def test_auto_picks_by_device_and_size(monkeypatch):
     with pytest.raises(RuntimeError, match="TORCHDYNAMO_DISABLE"):
         resolve_impl("compiled", torch.device("cpu"))
     monkeypatch.delenv("TORCHDYNAMO_DISABLE")
-    monkeypatch.setattr(lion_module, "_compile_failure", RuntimeError("no compiler"))
+    monkeypatch.setattr(compiled, "compile_failure", RuntimeError("no compiler"))
     assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "foreach"
     with pytest.raises(RuntimeError, match=r"failed earlier in this process.*no compiler"):
         resolve_impl("compiled", torch.device("cpu"))
@@ -553,11 +554,11 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated inductor failure")
-        lion_module._lion_chunk(*args)
+        compiled._lion_chunk(*args)
 
-    monkeypatch.setattr(lion_module, "_get_compiled_chunk", lambda: flaky_chunk)
+    monkeypatch.setattr(compiled, "_get_compiled_chunk", lambda: flaky_chunk)
     monkeypatch.setattr(lion_module, "AUTO_COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(lion_module, "_compile_failure", None)  # restored after the test
+    monkeypatch.setattr(compiled, "compile_failure", None)  # restored after the test
     gen = torch.Generator().manual_seed(9)
     params = [torch.nn.Parameter(torch.randn(n + 2, generator=gen)) for n in range(19)]
     params.append(torch.nn.Parameter(torch.randn(1, generator=gen)))
@@ -569,7 +570,7 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
         opt.step()
     # The failure is handled inside the compiled impl and recorded: no later step compiles again,
     # and "auto" now resolves to foreach.
-    assert isinstance(lion_module._compile_failure, RuntimeError) and len(calls) == 2
+    assert isinstance(compiled.compile_failure, RuntimeError) and len(calls) == 2
     assert resolve_impl("auto", torch.device("cpu"), numel=10**9) == "foreach"
     for p, p0 in zip(params, before):
         ref_p, ref_m = lion_reference_step(p0, p.grad, torch.zeros_like(p0, dtype=torch.float64), lr=0.1,
