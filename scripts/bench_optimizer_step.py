@@ -239,13 +239,17 @@ def _start(factory: Callable, base: list[torch.Tensor], grads: list[torch.Tensor
 
 
 def bench_profile(
-    name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None
+    name: str, device: str, steps: int, warmup: int, include_for_loop: bool, only: list[str] | None,
+    rounds: int = 1,
 ) -> dict:
     """Time every optimizer on one profile.
 
     Each optimizer's steps alternate with steps of fused AdamW (kept alive for the whole
     profile), and its ratio is to AdamW's median over that same window: on a shared machine
-    memory bandwidth drifts from minute to minute, and alternating cancels the drift.
+    memory bandwidth drifts from minute to minute, and alternating cancels the drift. With
+    ``rounds`` > 1 the whole list runs that many times (each optimizer rebuilt every round); a
+    row then reports the median of its per-round ratios and their range, and its median step
+    over all rounds.
     """
     shapes = profile_shapes(name)
     numel = sum(s.numel() for s in shapes)
@@ -253,44 +257,58 @@ def bench_profile(
     # One set of params/grads, cloned per optimizer so every optimizer sees the same data.
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
-    result = {"profile": name, "tensors": len(shapes), "params": numel, "optimizers": {}}
+    result = {"profile": name, "tensors": len(shapes), "params": numel, "rounds": rounds, "optimizers": {}}
     factories = optimizer_factories(device, include_for_loop)
     _, baseline, baseline_first, allocated = _start(factories["adamw_fused"][1], base, grads, device, warmup)
     baseline_peak = torch.cuda.max_memory_allocated() - allocated if device == "cuda" else None
     baseline_times: list[float] = []
-    for opt_name, (kind, factory) in factories.items():
-        if opt_name == "adamw_fused" or (only and opt_name not in only):
+    runs: dict[str, dict] = {}  # per optimizer: step times, per-round ratios, first step, state, memory
+    for round_index in range(rounds):
+        for opt_name, (kind, factory) in factories.items():
+            if opt_name == "adamw_fused" or (only and opt_name not in only) or opt_name in result["optimizers"]:
+                continue
+            try:
+                params, opt, first, allocated = _start(factory, base, grads, device, warmup, KINDS[kind][1])
+                times, window = [], []
+                for _ in range(steps):
+                    window.append(time_step(baseline, device))
+                    times.append(time_step(opt, device))
+            except Exception as exc:  # one failing optimizer must not lose the rest of the table
+                result["optimizers"][opt_name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"  {opt_name:28s} failed: {exc}")
+                continue
+            baseline_times += window
+            run = runs.setdefault(opt_name, {"kind": kind, "times": [], "ratios": [], "first": first,
+                                             "state_bytes": state_bytes(opt), "adamw_window": []})
+            run["times"] += times
+            run["adamw_window"] += window
+            run["ratios"].append(statistics.median(times) / statistics.median(window))
+            if device == "cuda":
+                run["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - allocated
+            print(f"  [{round_index + 1}/{rounds}] {opt_name:28s} {statistics.median(times) * 1e3:9.2f} ms  "
+                  f"x{run['ratios'][-1]:.2f} (AdamW {statistics.median(window) * 1e3:.2f} ms alongside)  "
+                  f"first {first:6.2f} s")
+            del opt, params
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for opt_name, run in runs.items():
+        if opt_name in result["optimizers"]:  # failed in a later round
             continue
-        try:
-            params, opt, first, allocated = _start(factory, base, grads, device, warmup, KINDS[kind][1])
-            times, window = [], []
-            for _ in range(steps):
-                window.append(time_step(baseline, device))
-                times.append(time_step(opt, device))
-        except Exception as exc:  # one failing optimizer must not lose the rest of the table
-            result["optimizers"][opt_name] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"  {opt_name:28s} failed: {exc}")
-            continue
-        baseline_times += window
-        median = statistics.median(times)
+        median = statistics.median(run["times"])
         row = {
             "ms_per_step": median * 1e3,
-            "first_step_s": first,
-            "gb_per_s": KINDS[kind][0] * numel / median / 1e9,
-            "state_bytes": state_bytes(opt),
-            "ratio_to_adamw_fused": median / statistics.median(window),
-            "adamw_fused_ms_in_window": statistics.median(window) * 1e3,
+            "first_step_s": run["first"],
+            "gb_per_s": KINDS[run["kind"]][0] * numel / median / 1e9,
+            "state_bytes": run["state_bytes"],
+            "ratio_to_adamw_fused": statistics.median(run["ratios"]),
+            "adamw_fused_ms_in_window": statistics.median(run["adamw_window"]) * 1e3,
         }
-        if device == "cuda":
-            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - allocated
+        if rounds > 1:
+            row["ratio_range"] = [min(run["ratios"]), max(run["ratios"])]
+        if "peak_memory_bytes" in run:
+            row["peak_memory_bytes"] = run["peak_memory_bytes"]
         result["optimizers"][opt_name] = row
-        print(f"  {opt_name:28s} {row['ms_per_step']:9.2f} ms  x{row['ratio_to_adamw_fused']:.2f} "
-              f"(AdamW {row['adamw_fused_ms_in_window']:.2f} ms alongside)  first {first:6.2f} s  "
-              f"{row['gb_per_s']:6.1f} GB/s")
-        del opt, params
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
     if not baseline_times:  # nothing else ran: time the baseline on its own
         baseline_times = [time_step(baseline, device) for _ in range(steps)]
     median = statistics.median(baseline_times)
@@ -312,7 +330,8 @@ def to_markdown(results: dict) -> str:
         f"Machine: {env['machine']}; torch {env['torch']}; {env['threads']} threads; device {env['device']}"
         + (f"; copy bandwidth {env['copy_gb_per_s']:.0f} GB/s" if env.get("copy_gb_per_s") else ""),
         "",
-        "| profile | params (tensors) | optimizer | ms/step | x fused AdamW | GB/s | state MB | first step s |",
+        "| profile | params (tensors) | optimizer | ms/step | x fused AdamW (range over rounds) | GB/s | state MB "
+        "| first step s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for prof in results["profiles"]:
@@ -320,9 +339,12 @@ def to_markdown(results: dict) -> str:
             if "error" in row:
                 lines.append(f"| {prof['profile']} | | {name} | failed: {row['error'][:60]} | | | | |")
                 continue
+            ratio = f"{row.get('ratio_to_adamw_fused', float('nan')):.2f}"
+            if "ratio_range" in row:
+                ratio += " ({:.2f}-{:.2f})".format(*row["ratio_range"])
             lines.append(
                 f"| {prof['profile']} | {prof['params'] / 1e6:.1f}M ({prof['tensors']}) | {name} | "
-                f"{row['ms_per_step']:.2f} | {row.get('ratio_to_adamw_fused', float('nan')):.2f} | "
+                f"{row['ms_per_step']:.2f} | {ratio} | "
                 f"{row['gb_per_s']:.1f} | {row['state_bytes'] / 2**20:.0f} | {row['first_step_s']:.2f} |"
             )
     return "\n".join(lines) + "\n"
@@ -334,10 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profiles", nargs="+", default=["minilm"], choices=list(PROFILES))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole list this many times; rows report the median ratio and its range")
     parser.add_argument("--no-for-loop", action="store_true", help="skip the slow per-tensor baselines")
     parser.add_argument("--only", nargs="*", help="optimizer names to run (adamw_fused always runs)")
     parser.add_argument("--out", default="runs/bench_optimizer_step", help="output path prefix (.json and .md)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        parser.error(f"--rounds and --steps must be at least 1, got {args.rounds} and {args.steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
 
@@ -355,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.profiles:
         print(f"profile {name}")
         results["profiles"].append(
-            bench_profile(name, args.device, args.steps, args.warmup, not args.no_for_loop, args.only)
+            bench_profile(name, args.device, args.steps, args.warmup, not args.no_for_loop, args.only, args.rounds)
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
