@@ -116,3 +116,17 @@ def test_a_kept_plan_dies_with_its_optimizer_and_its_params():
     del opt, p  # and a plan dies with its params
     gc.collect()
     assert len(compiled._plans) == n_plans - 1
+
+
+def test_kept_plans_are_bounded_and_an_evicted_one_is_rebuilt(monkeypatch):
+    monkeypatch.setattr(compiled, "_MAX_PLANS", 2)
+    monkeypatch.setattr(compiled, "_plans", {})
+    params = [torch.nn.Parameter(torch.zeros(6)) for _ in range(3)]
+    opts = [Lion([p], lr=0.1, impl="compiled", nonfinite_grad="propagate") for p in params]
+    for _ in range(2):  # the second round steps with plans evicted by the first
+        for p, opt in zip(params, opts):
+            p.grad = torch.ones(6)
+            opt.step()
+            assert len(compiled._plans) <= 2 and _kept_plan(opt) is not None
+    for p in params:
+        torch.testing.assert_close(p.detach(), torch.full((6,), -0.2))
