@@ -130,3 +130,21 @@ def test_kept_plans_are_bounded_and_an_evicted_one_is_rebuilt(monkeypatch):
             assert len(compiled._plans) <= 2 and _kept_plan(opt) is not None
     for p in params:
         torch.testing.assert_close(p.detach(), torch.full((6,), -0.2))
+
+
+def test_each_param_rounding_runs_its_own_graph():
+    # bf16 weights and momentum: both roundings take seeds, so only the rounding flag tells their
+    # graphs apart. Weights in [1, 2) have an ulp of 2**-7, over 7x lr: round-to-nearest keeps
+    # every weight, stochastic rounding moves ~13% of them per step.
+    gen = torch.Generator().manual_seed(3)
+    init = (1 + torch.rand(64, generator=gen)).to(torch.bfloat16)
+    grad = torch.randn(64, generator=gen).to(torch.bfloat16)
+    moved = {}
+    for rounding in ("stochastic", "nearest"):  # the stochastic graph exists first
+        p = torch.nn.Parameter(init.clone())
+        opt = Lion([p], lr=1e-3, impl="compiled", state_dtype="bf16", param_rounding=rounding)
+        for _ in range(3):  # compiled, then direct calls
+            p.grad = grad.clone()
+            opt.step()
+        moved[rounding] = int((p.detach() != init).sum())
+    assert moved["nearest"] == 0 and moved["stochastic"] > 0

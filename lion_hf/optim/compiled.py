@@ -78,8 +78,9 @@ _INDUCTOR_OPTIONS = {"cpp.min_chunk_size": 1, "emulate_precision_casts": True, "
 
 
 def _chunk_signature(bucket: tuple, seeds: Tensor | None, *flags: bool) -> tuple | None:
-    """What a chunk's graph depends on beyond the facts ``_compiled_lion`` guarantees (1-D
-    contiguous tensors, equal lengths per param, lengths >= 2): chunks with the same signature
+    """What a chunk's graph depends on beyond the facts ``compiled_lion`` guarantees (1-D
+    contiguous tensors, equal lengths per param, lengths >= 2) and the call's flags (all of them:
+    each is its own graph): chunks with the same signature
     run the same graph, called without dynamo after the first (see ``compiled_call``). Taken
     from the chunk's bucket key (device, dtypes, Kahan, tensor types: one for all its tensors).
     None (always through dynamo, with its guards) off the CPU and for tensor subclasses."""
@@ -274,7 +275,6 @@ def compiled_lion(
     plan = _plan_for(params, grads, exp_avgs, kahan_comps)
     flat_grads = plan.flat_grads(grads)
     hyper_by_device: dict[torch.device, Tensor] = {}
-    flags = (maximize, cautious, skip_nonfinite)
     failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
     off_cpu = any(chunk[0][0].type != "cpu" for chunk in plan.chunks)
@@ -292,7 +292,9 @@ def compiled_lion(
             )
             gs = [flat_grads[i] for i in idx] + grad_pad
             try:
-                step(_chunk_signature(bucket, seeds, *flags), ps, gs, ms, cs, hyper, seeds, param_stochastic, *flags)
+                # Every flag _lion_chunk branches on is in the signature (each is its own graph).
+                flags = (param_stochastic, maximize, cautious, skip_nonfinite)
+                step(_chunk_signature(bucket, seeds, *flags), ps, gs, ms, cs, hyper, seeds, *flags)
             except Exception as exc:
                 failure = (n_done, exc)
                 break
