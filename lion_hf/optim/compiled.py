@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -77,17 +78,17 @@ _RECOMPILE_LIMIT = 64
 _INDUCTOR_OPTIONS = {"cpp.min_chunk_size": 1, "emulate_precision_casts": True, "size_asserts": False}
 
 
-def _chunk_signature(bucket: tuple, seeds: Tensor | None, *flags: bool) -> tuple | None:
-    """What a chunk's graph depends on beyond the facts ``compiled_lion`` guarantees (1-D
-    contiguous tensors, equal lengths per param, lengths >= 2) and the call's flags (all of them:
-    each is its own graph): chunks with the same signature
-    run the same graph, called without dynamo after the first (see ``compiled_call``). Taken
-    from the chunk's bucket key (device, dtypes, Kahan, tensor types: one for all its tensors).
-    None (always through dynamo, with its guards) off the CPU and for tensor subclasses."""
+def _bucket_signature(bucket: tuple) -> tuple | None:
+    """The part of a chunk's signature its bucket fixes (dtypes, Kahan), or None when its chunks
+    must always go through dynamo, with its guards: off the CPU and for tensor subclasses. A
+    chunk's full signature adds whether it has seeds, the grad mode and every flag of the call;
+    beyond it, the graph depends only on facts ``compiled_lion`` guarantees (1-D contiguous
+    tensors, equal lengths per param, lengths >= 2). Chunks with the same signature run the same
+    graph, called without dynamo after the first (see ``compiled_call``)."""
     device, p_dtype, g_dtype, m_dtype, kahan, *types = bucket
     if device.type != "cpu" or any(t is not Tensor for t in types):
         return None
-    return p_dtype, g_dtype, m_dtype, kahan, seeds is not None, torch.is_grad_enabled(), *flags
+    return p_dtype, g_dtype, m_dtype, kahan
 
 
 def _compile_patches() -> contextlib.ExitStack:
@@ -119,21 +120,30 @@ def _flat(t: Tensor) -> Tensor:
     return t if type(t) is Tensor and t.dim() == 1 else t.view(-1)
 
 
+class _Chunk(NamedTuple):
+    bucket: tuple  # (device, p dtype, g dtype, m dtype, Kahan, tensor types of p, g, m)
+    signature: tuple | None  # _bucket_signature(bucket), computed once
+    indices: list[int]  # of its tensors in the step's lists
+    params: list[Tensor]  # flat views, padded to COMPILE_CHUNK
+    exp_avgs: list[Tensor]
+    kahan_comps: list[Tensor] | None
+    grad_pad: list[Tensor]  # padding for the grads
+
+
 class _ChunkPlan:
     """How one list of (param, grad, momentum, residual) splits into compiled chunks; kept from
     step to step for the same tensors (:func:`_plan_for`).
 
-    ``chunks``: per chunk, its bucket key, the indices of its tensors, the flat views of its
-    params, momenta and residuals (padded to COMPILE_CHUNK) and the padding for its grads.
-    ``leftovers``: the indices the for-loop updates (1-element or strided tensors). A kept plan
-    holds while its tensors still sit on the memory its views were taken of (``memory``) and
-    the grads keep their types, dtypes and lengths (``grad_meta``) and are contiguous.
+    ``chunks``: the :class:`_Chunk` list. ``leftovers``: the indices the for-loop updates
+    (1-element or strided tensors). A kept plan holds while its tensors still sit on the memory
+    its views were taken of (``memory``) and the grads keep their types, dtypes and lengths
+    (``grad_meta``) and are contiguous.
     """
 
     __slots__ = ("chunks", "grad_meta", "grad_views", "leftovers", "memory", "refs")
 
     def __init__(self) -> None:
-        self.chunks: list[tuple] = []
+        self.chunks: list[_Chunk] = []
         self.leftovers: list[int] = []
         self.memory: tuple[list[int], ...] = ()
         self.grad_meta: tuple[list, ...] = ()
@@ -148,7 +158,7 @@ class _ChunkPlan:
                 flat[i] = flat[i].view(-1)
         else:
             for chunk in self.chunks:
-                for i in chunk[1]:
+                for i in chunk.indices:
                     flat[i] = _flat(_local(grads[i]))
         return flat
 
@@ -201,7 +211,7 @@ def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         # would stop the weak references that drop a kept plan from ever firing.
         p, m, c = (None if t is None else t.view(-1).detach() for t in (p, m, c))
         # The tensor types are in the key so that a chunk's first tensors speak for all of them
-        # (_chunk_signature); a grad's is that of its flat form.
+        # (_bucket_signature); a grad's is that of its flat form.
         key = (p.device, p.dtype, g.dtype, m.dtype, c is not None, type(p), type(_flat(g)), type(m))
         for lst, t in zip(buckets[key], (i, p, m, c)):
             lst.append(t)
@@ -214,11 +224,12 @@ def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
                         for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
             _padding[key] = pad
+        signature = _bucket_signature(key)
         for start in range(0, len(idx), COMPILE_CHUNK):
             end = start + COMPILE_CHUNK
             missing = max(0, end - len(idx))
-            plan.chunks.append((
-                key, idx[start:end], ps[start:end] + pad[0][:missing], ms[start:end] + pad[2][:missing],
+            plan.chunks.append(_Chunk(
+                key, signature, idx[start:end], ps[start:end] + pad[0][:missing], ms[start:end] + pad[2][:missing],
                 cs[start:end] + pad[3][:missing] if kahan else None, pad[1][:missing]))
     return plan
 
@@ -238,7 +249,7 @@ def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     plan = _build_plan(params, grads, exp_avgs, kahan_comps)
     if grads_contiguous and all(type(t) in _PLAIN_TENSOR_TYPES for t in (*params, *grads, *states)):
         plan.memory, plan.grad_meta = _memory(params + states), _grad_meta(grads)
-        plan.grad_views = [i for chunk in plan.chunks for i in chunk[1] if _flat(grads[i]) is not grads[i]]
+        plan.grad_views = [i for chunk in plan.chunks for i in chunk.indices if _flat(grads[i]) is not grads[i]]
         plan.refs = [weakref.ref(t, lambda _, key=key: _plans.pop(key, None)) for t in (*params, *states)]
         if len(_plans) >= _MAX_PLANS:
             del _plans[next(iter(_plans))]  # the oldest; its weak references die with it
@@ -277,9 +288,10 @@ def compiled_lion(
     hyper_by_device: dict[torch.device, Tensor] = {}
     failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
-    off_cpu = any(chunk[0][0].type != "cpu" for chunk in plan.chunks)
+    off_cpu = any(chunk.bucket[0].type != "cpu" for chunk in plan.chunks)
+    grad_enabled = torch.is_grad_enabled()
     with _compile_patches() if off_cpu else contextlib.nullcontext():
-        for n_done, (bucket, idx, ps, ms, cs, grad_pad) in enumerate(plan.chunks):
+        for n_done, (bucket, signature, idx, ps, ms, cs, grad_pad) in enumerate(plan.chunks):
             device, p_dtype, _, m_dtype = bucket[:4]
             hyper = hyper_by_device.get(device)
             if hyper is None:
@@ -291,10 +303,12 @@ def compiled_lion(
                 if param_stochastic or m_dtype == torch.bfloat16 else None
             )
             gs = [flat_grads[i] for i in idx] + grad_pad
+            # Every flag _lion_chunk branches on is in the signature (each is its own graph).
+            flags = (param_stochastic, maximize, cautious, skip_nonfinite)
+            if signature is not None:
+                signature = (*signature, seeds is not None, grad_enabled, *flags)
             try:
-                # Every flag _lion_chunk branches on is in the signature (each is its own graph).
-                flags = (param_stochastic, maximize, cautious, skip_nonfinite)
-                step(_chunk_signature(bucket, seeds, *flags), ps, gs, ms, cs, hyper, seeds, *flags)
+                step(signature, ps, gs, ms, cs, hyper, seeds, *flags)
             except Exception as exc:
                 failure = (n_done, exc)
                 break
@@ -305,7 +319,7 @@ def compiled_lion(
         warnings.warn(f"Lion: torch.compile failed ({type(exc).__name__}: {exc}); this and later steps use "
                       "impl='foreach'", stacklevel=3)
         # Compilation fails before the graph runs, so that chunk and the rest are untouched.
-        rest = [i for chunk in plan.chunks[n_done:] for i in chunk[1]] + rest
+        rest = [i for chunk in plan.chunks[n_done:] for i in chunk.indices] + rest
     if rest:
         run = _for_loop_lion if failure is None else _foreach_lion
         run(*([ts[i] for i in rest] for ts in (params, grads, exp_avgs, kahan_comps)), **kwargs)

@@ -1,0 +1,136 @@
+"""Where the compiled Lion step's time goes on CPU, against fused AdamW in the same run.
+
+Usage:
+    python scripts/profile_compiled_step.py --profile minilm --steps 40
+
+One process, the shapes of a real model (random values). Every timed Lion step follows a fused
+AdamW step, as in ``bench_optimizer_step.py``, so both run with the caches another optimizer step
+left behind. Reported, as medians over the timed steps, in ms and as a fraction of AdamW's step:
+
+* ``step``: Lion's whole ``step()``, as ``LionTrainer`` builds it (``skip_step`` with the
+  gradient norm handed over) or with ``--policy propagate``;
+* ``kernel calls``: the compiled chunk calls inside that step (timed around each call);
+* ``collect``, ``plan``, ``grad views``: the Python parts with a function of their own;
+* ``rest``: the remainder (torch's optimizer-step wrapper, dispatch, the per-chunk loop);
+* ``one flat tensor``: the same compiled step over a single tensor as large as the whole model,
+  one call per step: the ceiling for the kernel calls.
+
+Timing a part adds a few microseconds per wrapped call. Ad-hoc numbers quoted in the README come
+from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optimizer_step import PROFILES, profile_shapes
+
+from lion_hf import Lion
+from lion_hf.optim import compiled
+from lion_hf.optim.compiled_call import DirectCompiled
+
+
+class _Timer:
+    """Seconds spent in the wrapped functions since the last ``reset``, per label."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.spent = {}
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.spent[label] = self.spent.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def _model(shapes: list[torch.Size], gen: torch.Generator) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
+
+
+def _stepper(params: list[torch.nn.Parameter], policy: str) -> Callable[[], None]:
+    opt = Lion(params, lr=1e-4, weight_decay=0.1, impl="compiled", nonfinite_grad=policy)
+    norm = torch.tensor(1.0)  # finite: what HF's clipping hands over
+
+    def step() -> None:
+        if policy == "skip_step":
+            opt.set_grad_norm(norm)
+        opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="minilm", choices=list(PROFILES))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--policy", default="skip_step", choices=["skip_step", "propagate"],
+                        help="skip_step with the norm handed over is what LionTrainer builds by default")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+
+    shapes = profile_shapes(args.profile)
+    gen = torch.Generator().manual_seed(0)
+    adamw = torch.optim.AdamW(_model(shapes, gen), lr=1e-4, weight_decay=0.1, fused=True)
+    lion_step = _stepper(_model(shapes, gen), args.policy)
+    numel = sum(s.numel() for s in shapes)
+    flat_step = _stepper(_model([torch.Size([numel])], gen), args.policy)
+    for _ in range(3):  # compiles, then warm-up
+        adamw.step()
+        lion_step()
+        flat_step()
+
+    timer = _Timer()
+    timer.wrap(Lion, "_collect", "collect")
+    timer.wrap(compiled, "_plan_for", "plan")
+    timer.wrap(compiled._ChunkPlan, "flat_grads", "grad views")
+    timer.wrap(DirectCompiled, "__call__", "kernel calls")
+    rows: dict[str, list[float]] = {}
+    for _ in range(args.steps):
+        for label, step in (("step", lion_step), ("one flat tensor", flat_step)):
+            start = time.perf_counter()
+            adamw.step()
+            rows.setdefault("fused AdamW", []).append(time.perf_counter() - start)
+            timer.reset()
+            start = time.perf_counter()
+            step()
+            total = time.perf_counter() - start
+            rows.setdefault(label, []).append(total)
+            if label == "step":
+                for part, seconds in timer.spent.items():
+                    rows.setdefault(part, []).append(seconds)
+                rows.setdefault("rest", []).append(total - sum(timer.spent.values()))
+
+    adamw_ms = statistics.median(rows["fused AdamW"]) * 1e3
+    print(f"{args.profile}: {len(shapes)} tensors, {numel / 1e6:.1f}M params, policy {args.policy}, "
+          f"{args.steps} steps; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    medians = {}
+    for label in ("fused AdamW", "step", "kernel calls", "collect", "plan", "grad views", "rest", "one flat tensor"):
+        ms = statistics.median(rows[label]) * 1e3
+        medians[label] = ms
+        print(f"  {label:16s} {ms:8.3f} ms  {ms / adamw_ms:6.3f} x AdamW")
+    return medians
+
+
+if __name__ == "__main__":
+    main()
