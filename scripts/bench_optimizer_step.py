@@ -1,7 +1,8 @@
 """Optimizer step time and memory: every Lion impl against torch's fused AdamW, in one run.
 
-Usage (CPU, the README table):
-    python scripts/bench_optimizer_step.py --device cpu --profiles tiny minilm base --steps 20 --out runs/bench_cpu
+Usage (CPU, the README's MiniLM table; its BERT-base table adds --profiles base and --only):
+    python scripts/bench_optimizer_step.py --device cpu --profiles minilm --steps 15 --rounds 3 \\
+        --no-for-loop --out runs/bench_cpu
 GPU (an H200 in the README, when one is lent):
     python scripts/bench_optimizer_step.py --device cuda --profiles minilm base large llama-1b --out runs/bench_cuda
 
