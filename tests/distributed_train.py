@@ -27,6 +27,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--workdir", required=True)
 parser.add_argument("--max_steps", type=int, default=-1)
 parser.add_argument("--optims", default="adamw,lion", help="comma-separated; each trains in turn from the same start")
+parser.add_argument("--lion_impl", default="foreach", help="Lion's impl (compiled: its kept chunk plans under DDP)")
 args = parser.parse_args()
 
 
@@ -47,7 +48,7 @@ def train(optim: str) -> dict:
             report_to=[],
             use_cpu=True,
             seed=0,
-            lion_impl="foreach",
+            lion_impl=args.lion_impl,
             disable_tqdm=True,
             logging_steps=1,
             dataloader_drop_last=True,

@@ -182,9 +182,8 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
 DDP_STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
+def _ddp_one_and_two(tmp, extra: list[str]) -> tuple[dict, dict]:
+    """distributed_train.py as one process (batch 8) and as two DDP processes (batch 4 each)."""
     one, two = tmp / "one.pt", tmp / "two.pt"
     stdout = _run(
         [
@@ -198,6 +197,7 @@ def ddp_runs(tmp_path_factory):
             str(one),
             "--workdir",
             str(tmp / "w1"),
+            *extra,
         ],
         tmp,
         _env(ACCELERATE_USE_CPU="1"),
@@ -208,12 +208,18 @@ def ddp_runs(tmp_path_factory):
     stdout = _launch(
         ["--multi_gpu"],
         TRAIN_SCRIPT,
-        ["--per_device_batch", "4", "--max_steps", str(DDP_STEPS), "--out", str(two), "--workdir", str(tmp / "w2")],
+        ["--per_device_batch", "4", "--max_steps", str(DDP_STEPS), "--out", str(two), "--workdir", str(tmp / "w2"),
+         *extra],
         tmp,
         _env(ACCELERATE_USE_CPU="1"),
     )
     assert f"optim=lion world_size=2 steps={DDP_STEPS}" in stdout, stdout
     return torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    return _ddp_one_and_two(tmp_path_factory.mktemp("ddp"), [])
 
 
 @pytest.mark.parametrize("optim", ["adamw", "lion"])
@@ -232,6 +238,17 @@ def test_ddp_two_cpu_processes_match_one(ddp_runs, optim):
             assert float((p - two["params"][name]).abs().max()) <= 1e-5, name
     else:
         _assert_lion_close(one["params"], two["params"], lr=1e-3, steps=DDP_STEPS)
+
+
+def test_ddp_two_cpu_processes_match_one_with_the_compiled_impl(tmp_path, ddp_runs):
+    # The compiled impl keeps its chunk plans per process and calls its graphs without dynamo;
+    # under DDP the grads are all-reduced in place between steps. Both runs are also held to
+    # the single-process foreach run, so a compiled step that went wrong everywhere shows too.
+    one, two = (run["lion"] for run in _ddp_one_and_two(tmp_path, ["--optims", "lion", "--lion_impl", "compiled"]))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    foreach_one = ddp_runs[0]["lion"]
+    for run in (one, two):
+        _assert_lion_close(foreach_one["params"], run["params"], lr=1e-3, steps=DDP_STEPS)
 
 
 # --------------------------------------------------------------------------------------
