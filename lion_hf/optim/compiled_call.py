@@ -69,9 +69,9 @@ def _input_reader(gm: torch.fx.GraphModule, example_inputs: list[Any], args: tup
 
 
 def _reader_function(reader: list[tuple]) -> Callable[[tuple[Any, ...]], list[Any]]:
-    """``reader`` as one list display, ``lambda a: [a[0][0], a[0][0].shape[0], ...]``: a chunk
-    has ~65 inputs, and a Python loop over them costs ~30 us per call on this CPU, this ~5 us.
-    The source holds only the reader's integer indices."""
+    """``reader`` as one list display, ``lambda a: [a[0][0], a[0][0].shape[0], ...]``: for 81
+    inputs a Python loop took 13 us per call on this CPU, the list display 6 us. The source holds
+    only the reader's integer indices."""
     items = []
     for entry in reader:
         i, j = entry[1]
@@ -97,7 +97,6 @@ class DirectCompiled:
     context managers (dynamo/fx config) entered around the other calls that go through dynamo,
     the only ones that compile (entering dynamo's config costs ~1 ms on this CPU, so a caller
     making many unsigned calls should enter it once around them).
-
     """
 
     def __init__(
