@@ -151,15 +151,11 @@ class _ChunkPlan:
         self.refs: list[weakref.ref] = []  # kept plans: weak references that drop the plan
 
     def flat_grads(self, grads: list[Tensor]) -> list[Tensor]:
-        """``grads`` with each chunked grad replaced by its 1-D plain form."""
+        """A kept plan's ``grads`` (plain, contiguous, of the types and dims in ``grad_meta``) with
+        each chunked grad replaced by its 1-D form."""
         flat = list(grads)
-        if self.refs:  # kept: plain contiguous grads whose types and dims are in grad_meta
-            for i in self.grad_views:
-                flat[i] = flat[i].view(-1)
-        else:
-            for chunk in self.chunks:
-                for i in chunk.indices:
-                    flat[i] = _flat(_local(grads[i]))
+        for i in self.grad_views:
+            flat[i] = flat[i].view(-1)
         return flat
 
 
@@ -186,10 +182,12 @@ def _plan_key(params: list[Tensor], exp_avgs: list[Tensor], kahan_comps: list[Te
 
 
 def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                kahan_comps: list[Tensor | None]) -> _ChunkPlan:
-    """Buckets by device, dtypes and tensor types, cut into chunks of COMPILE_CHUNK. Raises
-    ValueError for a grad, momentum or residual whose length is not its param's."""
+                kahan_comps: list[Tensor | None]) -> tuple[_ChunkPlan, list[Tensor]]:
+    """Buckets by device, dtypes and tensor types, cut into chunks of COMPILE_CHUNK, and this
+    step's grads with each chunked one in its 1-D plain form. Raises ValueError for a grad,
+    momentum or residual whose length is not its param's."""
     plan = _ChunkPlan()
+    flat_grads = list(grads)
     buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], []])
     for i, (param, grad, exp_avg, comp) in enumerate(zip(params, grads, exp_avgs, kahan_comps)):
         p, g, m = _local(param), _local(grad), _local(exp_avg)
@@ -210,9 +208,10 @@ def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         # Detached: a view links to its base, which keeps the base's Python object alive and so
         # would stop the weak references that drop a kept plan from ever firing.
         p, m, c = (None if t is None else t.view(-1).detach() for t in (p, m, c))
+        flat_grads[i] = _flat(g)
         # The tensor types are in the key so that a chunk's first tensors speak for all of them
         # (_bucket_signature); a grad's is that of its flat form.
-        key = (p.device, p.dtype, g.dtype, m.dtype, c is not None, type(p), type(_flat(g)), type(m))
+        key = (p.device, p.dtype, g.dtype, m.dtype, c is not None, type(p), type(flat_grads[i]), type(m))
         for lst, t in zip(buckets[key], (i, p, m, c)):
             lst.append(t)
     for key, (idx, ps, ms, cs) in buckets.items():
@@ -231,30 +230,31 @@ def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             plan.chunks.append(_Chunk(
                 key, signature, idx[start:end], ps[start:end] + pad[0][:missing], ms[start:end] + pad[2][:missing],
                 cs[start:end] + pad[3][:missing] if kahan else None, pad[1][:missing]))
-    return plan
+    return plan, flat_grads
 
 
 def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-              kahan_comps: list[Tensor | None]) -> _ChunkPlan:
-    """The chunk plan for these tensors: the kept one while it holds (checked in 0.1-0.3 ms for
-    all-MiniLM-L6-v2's 105 tensors on this CPU; bucketing and viewing them again costs ~1 ms),
-    else a new one, kept when every tensor is a plain tensor and every grad contiguous."""
+              kahan_comps: list[Tensor | None]) -> tuple[_ChunkPlan, list[Tensor]]:
+    """The chunk plan for these tensors and the grads in the form its chunks take: the kept
+    plan while it holds (checked in 0.1-0.3 ms for all-MiniLM-L6-v2's 105 tensors on this CPU;
+    bucketing and viewing them again costs ~1 ms), else a new one, kept when every tensor is a
+    plain tensor and every grad contiguous."""
     states = [*exp_avgs, *(c for c in kahan_comps if c is not None)]
     key = _plan_key(params, exp_avgs, kahan_comps)
     plan = _plans.get(key)
     grads_contiguous = all(map(Tensor.is_contiguous, grads))
     if (plan is not None and grads_contiguous and plan.grad_meta == _grad_meta(grads)
             and plan.memory == _memory(params + states)):
-        return plan
-    plan = _build_plan(params, grads, exp_avgs, kahan_comps)
+        return plan, plan.flat_grads(grads)
+    plan, flat_grads = _build_plan(params, grads, exp_avgs, kahan_comps)
     if grads_contiguous and all(type(t) in _PLAIN_TENSOR_TYPES for t in (*params, *grads, *states)):
         plan.memory, plan.grad_meta = _memory(params + states), _grad_meta(grads)
-        plan.grad_views = [i for chunk in plan.chunks for i in chunk.indices if _flat(grads[i]) is not grads[i]]
+        plan.grad_views = [i for chunk in plan.chunks for i in chunk.indices if flat_grads[i] is not grads[i]]
         plan.refs = [weakref.ref(t, lambda _, key=key: _plans.pop(key, None)) for t in (*params, *states)]
         if len(_plans) >= _MAX_PLANS:
             del _plans[next(iter(_plans))]  # the oldest; its weak references die with it
         _plans[key] = plan
-    return plan
+    return plan, flat_grads
 
 
 def compiled_lion(
@@ -283,8 +283,7 @@ def compiled_lion(
         _foreach_lion(params, grads, exp_avgs, kahan_comps, **kwargs)
         return
     step = _get_compiled_chunk()
-    plan = _plan_for(params, grads, exp_avgs, kahan_comps)
-    flat_grads = plan.flat_grads(grads)
+    plan, flat_grads = _plan_for(params, grads, exp_avgs, kahan_comps)
     hyper_by_device: dict[torch.device, Tensor] = {}
     failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
