@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -116,6 +119,28 @@ def test_a_kept_plan_dies_with_its_optimizer_and_its_params():
     del opt, p  # and a plan dies with its params
     gc.collect()
     assert len(compiled._plans) == n_plans - 1
+
+
+def test_a_model_alive_at_interpreter_exit_leaves_no_error_behind():
+    # At exit this module's globals may be cleared before a global model dies. A plan that
+    # something else still holds (here a global of the script, as in a profiling session) keeps
+    # its weak references, whose callbacks must still work then (they printed one
+    # "Exception ignored" per tensor).
+    script = (
+        "import torch\n"
+        "from lion_hf import Lion\n"
+        "params = [torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.zeros(3, 4))]\n"
+        "opt = Lion(params, lr=0.1, impl='compiled')\n"
+        "for p in params:\n"
+        "    p.grad = torch.ones_like(p)\n"
+        "opt.step()\n"
+        "from lion_hf.optim import compiled\n"
+        "assert len(compiled._plans) == 1\n"
+        "plan = next(iter(compiled._plans.values()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
 
 
 def test_kept_plans_are_bounded_and_an_evicted_one_is_rebuilt(monkeypatch):

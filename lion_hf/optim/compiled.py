@@ -250,7 +250,9 @@ def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     if grads_contiguous and all(type(t) in _PLAIN_TENSOR_TYPES for t in (*params, *grads, *states)):
         plan.memory, plan.grad_meta = _memory(params + states), _grad_meta(grads)
         plan.grad_views = [i for chunk in plan.chunks for i in chunk.indices if flat_grads[i] is not grads[i]]
-        plan.refs = [weakref.ref(t, lambda _, key=key: _plans.pop(key, None)) for t in (*params, *states)]
+        # The callback holds the dict itself: at interpreter exit this module's globals may be
+        # cleared before a model that is still alive dies.
+        plan.refs = [weakref.ref(t, lambda _, key=key, plans=_plans: plans.pop(key, None)) for t in (*params, *states)]
         if len(_plans) >= _MAX_PLANS:
             del _plans[next(iter(_plans))]  # the oldest; its weak references die with it
         _plans[key] = plan
