@@ -100,6 +100,20 @@ def test_a_kept_plan_is_reused_and_renewed_when_a_param_moves():
     assert _kept_plan(opt) is not plan
 
 
+def test_a_kept_plan_rewrites_its_hyperparameter_tensor_every_step():
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = Lion([p], lr=0.5, weight_decay=0.2, impl="compiled", nonfinite_grad="propagate")
+    p.grad = torch.ones(6)
+    opt.step()  # p = -0.5
+    hyper = _kept_plan(opt).cpu_hyper[0]
+    opt.param_groups[0]["lr"] = 0.25  # what a scheduler does between steps
+    p.grad = torch.ones(6)
+    opt.step()  # p = -0.5 * (1 - 0.25 * 0.2) - 0.25
+    assert _kept_plan(opt).cpu_hyper[0] is hyper
+    torch.testing.assert_close(hyper, torch.tensor([0.25, 0.95, 0.9, 0.99]))
+    torch.testing.assert_close(p.detach(), torch.full((6,), -0.5 * 0.95 - 0.25))
+
+
 def test_a_kept_plan_dies_with_its_optimizer_and_its_params():
     import gc
 

@@ -12,11 +12,12 @@ chunks rebuilt every step and 0.4 ms with a kept plan; the kernels themselves ta
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -130,6 +131,26 @@ class _Chunk(NamedTuple):
     grad_pad: list[Tensor]  # padding for the grads
 
 
+class _Call(NamedTuple):
+    """What one chunk's compiled call takes, but the grads and per-step tensors, for given flags."""
+
+    device: torch.device
+    on_cpu: bool
+    signature: tuple | None
+    grads_of: Callable[[list[Tensor]], tuple[Tensor, ...]]  # the chunk's grads from the step's list
+    grad_pad: list[Tensor]
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    kahan_comps: list[Tensor] | None
+    seeded: bool  # something is rounded stochastically: the call takes seeds
+    flags: tuple[bool, ...]  # param_stochastic, maximize, cautious, skip_nonfinite
+
+
+def _grads_of(indices: list[int]) -> Callable[[list[Tensor]], tuple[Tensor, ...]]:
+    # itemgetter of one index returns the item itself, not a 1-tuple.
+    return operator.itemgetter(*indices) if len(indices) > 1 else lambda grads, i=indices[0]: (grads[i],)
+
+
 class _ChunkPlan:
     """How one list of (param, grad, momentum, residual) splits into compiled chunks; kept from
     step to step for the same tensors (:func:`_plan_for`).
@@ -137,26 +158,28 @@ class _ChunkPlan:
     ``chunks``: the :class:`_Chunk` list. ``leftovers``: the indices the for-loop updates
     (1-element or strided tensors). A kept plan holds while its tensors still sit on the memory
     its views were taken of (``memory``) and the grads keep their types, dtypes and lengths
-    (``grad_meta``) and are contiguous.
+    (``grad_meta``) and are contiguous. Its check costs a handful of passes over the lists
+    (each ~10-25 us for 105 tensors on a 2-core CPU, more with cold caches): it keeps to
+    what could make a kept plan's views wrong.
     """
 
-    __slots__ = ("chunks", "grad_meta", "grad_views", "leftovers", "memory", "refs")
+    __slots__ = ("calls", "chunks", "cpu_hyper", "grad_meta", "leftovers", "memory", "refs")
 
     def __init__(self) -> None:
         self.chunks: list[_Chunk] = []
         self.leftovers: list[int] = []
-        self.memory: tuple[list[int], ...] = ()
+        self.calls: dict[tuple, list[_Call]] = {}  # per flags of a call: see _calls
+        self.cpu_hyper: tuple[Tensor, Any] | None = None  # see _hyper
+        self.memory: list[int] = []
         self.grad_meta: tuple[list, ...] = ()
-        self.grad_views: list[int] = []  # kept plans: the chunked grads that need a 1-D view
         self.refs: list[weakref.ref] = []  # kept plans: weak references that drop the plan
 
-    def flat_grads(self, grads: list[Tensor]) -> list[Tensor]:
-        """A kept plan's ``grads`` (plain, contiguous, of the types and dims in ``grad_meta``) with
-        each chunked grad replaced by its 1-D form."""
-        flat = list(grads)
-        for i in self.grad_views:
-            flat[i] = flat[i].view(-1)
-        return flat
+
+
+def _flat_grads(grads: list[Tensor]) -> list[Tensor]:
+    """A kept plan's ``grads`` (plain and contiguous, checked) in their 1-D form; the for-loop's
+    leftovers take the grads as they are, from the step's own list."""
+    return [g if g.dim() == 1 else g.view(-1) for g in grads]
 
 
 # Plans of plain-tensor lists, keyed by the ids of their params and states. A plan holds views
@@ -168,16 +191,21 @@ _MAX_PLANS = 64
 _padding: dict[tuple, tuple[list[Tensor], ...]] = {}
 
 
-def _memory(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
-    return list(map(Tensor.data_ptr, tensors)), list(map(Tensor.numel, tensors))
+def _memory(params: list[Tensor], states: list[Tensor]) -> list[int]:
+    # Data pointers only: a param whose length changed on the same memory (p.data = p.data[:k])
+    # gets grads of the new length, which the grads' check catches; the states are this
+    # optimizer's own, replaced as objects (a new key), never resized in place.
+    return [*map(Tensor.data_ptr, params), *map(Tensor.data_ptr, states)]
 
 
 def _grad_meta(grads: list[Tensor]) -> tuple[list, ...]:
-    return (list(map(type, grads)), [g.dtype for g in grads], list(map(Tensor.numel, grads)),
-            list(map(Tensor.dim, grads)))
+    # No dims: a kept plan views every grad that is not 1-D (_flat_grads).
+    return list(map(type, grads)), [g.dtype for g in grads], list(map(Tensor.numel, grads))
 
 
 def _plan_key(params: list[Tensor], exp_avgs: list[Tensor], kahan_comps: list[Tensor | None]) -> tuple[int, ...]:
+    if kahan_comps.count(None) == len(kahan_comps):  # no residuals: the same key, one pass less
+        return (*map(id, params), *map(id, exp_avgs))
     return (*map(id, params), *map(id, exp_avgs), *map(id, kahan_comps))
 
 
@@ -239,17 +267,16 @@ def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     plan while it holds (checked in 0.1-0.3 ms for all-MiniLM-L6-v2's 105 tensors on this CPU;
     bucketing and viewing them again costs ~1 ms), else a new one, kept when every tensor is a
     plain tensor and every grad contiguous."""
-    states = [*exp_avgs, *(c for c in kahan_comps if c is not None)]
     key = _plan_key(params, exp_avgs, kahan_comps)
+    states = exp_avgs if len(key) == 2 * len(params) else [*exp_avgs, *(c for c in kahan_comps if c is not None)]
     plan = _plans.get(key)
     grads_contiguous = all(map(Tensor.is_contiguous, grads))
     if (plan is not None and grads_contiguous and plan.grad_meta == _grad_meta(grads)
-            and plan.memory == _memory(params + states)):
-        return plan, plan.flat_grads(grads)
+            and plan.memory == _memory(params, states)):
+        return plan, _flat_grads(grads)
     plan, flat_grads = _build_plan(params, grads, exp_avgs, kahan_comps)
     if grads_contiguous and all(type(t) in _PLAIN_TENSOR_TYPES for t in (*params, *grads, *states)):
-        plan.memory, plan.grad_meta = _memory(params + states), _grad_meta(grads)
-        plan.grad_views = [i for chunk in plan.chunks for i in chunk.indices if flat_grads[i] is not grads[i]]
+        plan.memory, plan.grad_meta = _memory(params, states), _grad_meta(grads)
         # The callback holds the dict itself: at interpreter exit this module's globals may be
         # cleared before a model that is still alive dies.
         plan.refs = [weakref.ref(t, lambda _, key=key, plans=_plans: plans.pop(key, None)) for t in (*params, *states)]
@@ -257,6 +284,43 @@ def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             del _plans[next(iter(_plans))]  # the oldest; its weak references die with it
         _plans[key] = plan
     return plan, flat_grads
+
+
+def _hyper(plan: _ChunkPlan, device: torch.device, on_cpu: bool, values: tuple[float, ...]) -> Tensor:
+    """``values`` ([lr, decay, beta1, beta2]) as an fp32 tensor on ``device``. On the CPU a plan
+    keeps one and writes the values into it through a numpy view: the kernels read it before
+    their call returns, and a new tensor per step cost ~10 us, ~60 us with the caches cold
+    after the backward pass (2-core CPU). Elsewhere, where kernels run asynchronously, every
+    step gets its own."""
+    if not on_cpu:
+        return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+    if plan.cpu_hyper is None:
+        hyper = torch.tensor(values, dtype=torch.float32)
+        plan.cpu_hyper = (hyper, hyper.numpy())
+    else:
+        plan.cpu_hyper[1][:] = values  # rounded to fp32 as torch.tensor rounds them
+    return plan.cpu_hyper[0]
+
+
+def _calls(plan: _ChunkPlan, param_rounding: str, maximize: bool, cautious: bool, skip_nonfinite: bool,
+           grad_enabled: bool) -> list[_Call]:
+    """The plan's chunks as calls for these flags, built once per plan and flags."""
+    key = (param_rounding, maximize, cautious, skip_nonfinite, grad_enabled)
+    calls = plan.calls.get(key)
+    if calls is None:
+        calls = []
+        for bucket, signature, idx, ps, ms, cs, grad_pad in plan.chunks:
+            device, p_dtype, _, m_dtype = bucket[:4]
+            param_stochastic = _param_stochastic(p_dtype, param_rounding)
+            seeded = param_stochastic or m_dtype == torch.bfloat16
+            # Every flag _lion_chunk branches on is in the signature (each is its own graph).
+            flags = (param_stochastic, maximize, cautious, skip_nonfinite)
+            if signature is not None:
+                signature = (*signature, seeded, grad_enabled, *flags)
+            calls.append(_Call(device, device.type == "cpu", signature, _grads_of(idx), grad_pad, ps, ms, cs, seeded,
+                               flags))
+        plan.calls[key] = calls
+    return calls
 
 
 def compiled_lion(
@@ -286,30 +350,23 @@ def compiled_lion(
         return
     step = _get_compiled_chunk()
     plan, flat_grads = _plan_for(params, grads, exp_avgs, kahan_comps)
+    calls = _calls(plan, param_rounding, maximize, cautious, skip_nonfinite, torch.is_grad_enabled())
     hyper_by_device: dict[torch.device, Tensor] = {}
     failure: tuple[int, Exception] | None = None
     # Chunks off the CPU always go through dynamo (no signature): enter its config once for all.
-    off_cpu = any(chunk.bucket[0].type != "cpu" for chunk in plan.chunks)
-    grad_enabled = torch.is_grad_enabled()
+    off_cpu = any(call.signature is None for call in calls)
     with _compile_patches() if off_cpu else contextlib.nullcontext():
-        for n_done, (bucket, signature, idx, ps, ms, cs, grad_pad) in enumerate(plan.chunks):
-            device, p_dtype, _, m_dtype = bucket[:4]
+        for n_done, (device, on_cpu, signature, grads_of, grad_pad, ps, ms, cs, seeded, flags) in enumerate(calls):
             hyper = hyper_by_device.get(device)
             if hyper is None:
-                hyper = torch.tensor([lr, decay, beta1, beta2], dtype=torch.float32).to(device, non_blocking=True)
-                hyper_by_device[device] = hyper
-            param_stochastic = _param_stochastic(p_dtype, param_rounding)
-            seeds = (
-                torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32).to(device, non_blocking=True)
-                if param_stochastic or m_dtype == torch.bfloat16 else None
-            )
-            gs = [flat_grads[i] for i in idx] + grad_pad
-            # Every flag _lion_chunk branches on is in the signature (each is its own graph).
-            flags = (param_stochastic, maximize, cautious, skip_nonfinite)
-            if signature is not None:
-                signature = (*signature, seeds is not None, grad_enabled, *flags)
+                hyper = hyper_by_device[device] = _hyper(plan, device, on_cpu, (lr, decay, beta1, beta2))
+            seeds = None
+            if seeded:  # drawn from the CPU generator on every device (its state is what a checkpoint saves)
+                seeds = torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32)
+                if not on_cpu:
+                    seeds = seeds.to(device, non_blocking=True)
             try:
-                step(signature, ps, gs, ms, cs, hyper, seeds, *flags)
+                step(signature, ps, [*grads_of(flat_grads), *grad_pad], ms, cs, hyper, seeds, *flags)
             except Exception as exc:
                 failure = (n_done, exc)
                 break

@@ -510,13 +510,34 @@ def lion(
         kahan_comps = [None] * len(params)
     if not _step_may_proceed(nonfinite_grad, grads):
         return False
-    kwargs = dict(
-        lr=float(lr), decay=1.0 - float(lr) * float(weight_decay), beta1=float(beta1), beta2=float(beta2),
-        maximize=maximize, cautious=cautious, skip_nonfinite=nonfinite_grad == "skip_elements",
-        param_rounding=param_rounding,
-    )
-    _IMPL_FUNCTIONS[impl](params, grads, exp_avgs, kahan_comps, **kwargs)
+    _lion_step(params, grads, exp_avgs, kahan_comps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+               maximize=maximize, cautious=cautious, skip_nonfinite=nonfinite_grad == "skip_elements",
+               param_rounding=param_rounding, impl=impl)
     return True
+
+
+def _lion_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    param_rounding: str,
+    impl: str,
+) -> None:
+    """The dispatch to ``impl``, on inputs already checked: by :func:`lion`, or by :class:`Lion`,
+    which checks its groups once, when they are added, and builds the lists itself."""
+    _IMPL_FUNCTIONS[impl](
+        params, grads, exp_avgs, kahan_comps, lr=float(lr), decay=1.0 - float(lr) * float(weight_decay),
+        beta1=float(beta1), beta2=float(beta2), maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
+        param_rounding=param_rounding)
 
 
 def _compile_failure() -> Exception | None:
@@ -759,32 +780,38 @@ class Lion(Optimizer):
         return impl
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:
-        params, grads, exp_avgs, comps = [], [], [], []
+        """The group's params with a gradient, their gradients, momenta and Kahan residuals (None
+        where there is none); creates missing state. Runs every step, so it works list by list
+        (comprehensions, each state looked up once): on all-MiniLM-L6-v2's 105 tensors a loop
+        with appends took about twice as long on a 2-core CPU."""
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Lion does not support sparse gradients")
+        state = self.state
+        states = [state[p] for p in params]
         state_dtype = STATE_DTYPES[group["state_dtype"]]
-        kahan = group["param_rounding"] == "kahan"
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("Lion does not support sparse gradients")
-            state = self.state[p]
-            exp_avg = state.get("exp_avg")
-            if exp_avg is None:
-                exp_avg = state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-            elif exp_avg.dtype != state_dtype:
-                exp_avg = state["exp_avg"] = exp_avg.to(state_dtype)
-            comp = None
-            if kahan and p.dtype != torch.float32:
-                comp = state.get("kahan_comp")
-                if comp is None:
-                    comp = state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif "kahan_comp" in state:
-                del state["kahan_comp"]  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
-            params.append(p)
-            grads.append(grad)
-            exp_avgs.append(exp_avg)
-            comps.append(comp)
+        exp_avgs = [s.get("exp_avg") for s in states]
+        if not all(m is not None and m.dtype == state_dtype for m in exp_avgs):
+            for i, (p, s, exp_avg) in enumerate(zip(params, states, exp_avgs)):
+                if exp_avg is None:
+                    exp_avg = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                elif exp_avg.dtype != state_dtype:
+                    exp_avg = exp_avg.to(state_dtype)
+                s["exp_avg"] = exp_avgs[i] = exp_avg
+        comps: list[Tensor | None] = [None] * len(params)
+        if group["param_rounding"] == "kahan":
+            for i, (p, s) in enumerate(zip(params, states)):
+                if p.dtype != torch.float32:
+                    comp = s.get("kahan_comp")
+                    if comp is None:
+                        comp = s["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    comps[i] = comp
+                else:
+                    s.pop("kahan_comp", None)
+        elif any("kahan_comp" in s for s in states):
+            for s in states:
+                s.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
         return params, grads, exp_avgs, comps
 
     def set_grad_norm(self, norm: float | Tensor) -> None:
@@ -809,10 +836,12 @@ class Lion(Optimizer):
         grad_norm, self._grad_norm = self._grad_norm, None  # used by this step only
         if policy in ("skip_step", "raise"):
             # Checked across all groups first, so a skipped step leaves every group untouched.
-            if not _step_may_proceed(policy, [g for _, _, grads, _, _ in work for g in grads], grad_norm):
+            all_grads = [] if grad_norm is not None else [g for _, _, grads, _, _ in work for g in grads]
+            if not _step_may_proceed(policy, all_grads, grad_norm):
                 self.skipped_steps += 1
                 return loss
             policy = "propagate"  # all finite: the masked path would change nothing
+        skip_nonfinite = policy == "skip_elements"
 
         for group, params, grads, exp_avgs, comps in work:
             if not params:
@@ -828,17 +857,13 @@ class Lion(Optimizer):
                     by_device[device].append(i)
                 split = [(device, tuple([ts[i] for i in idx] for ts in tensors)) for device, idx in by_device.items()]
             for device, device_tensors in split:
-                self._run(
-                    device,
+                _lion_step(
                     *device_tensors,
                     lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                    maximize=group["maximize"], cautious=group["cautious"], nonfinite_grad=policy,
-                    param_rounding=group["param_rounding"],
+                    maximize=group["maximize"], cautious=group["cautious"], skip_nonfinite=skip_nonfinite,
+                    param_rounding=group["param_rounding"], impl=self._impl_for(device),
                 )
         return loss
-
-    def _run(self, device: torch.device, *tensors: list[Tensor], **kwargs: Any) -> None:
-        lion(*tensors, impl=self._impl_for(device), **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps full precision and takes the ``state_dtype``
