@@ -204,7 +204,7 @@ def _grad_meta(grads: list[Tensor]) -> tuple[list, ...]:
 
 
 def _plan_key(params: list[Tensor], exp_avgs: list[Tensor], kahan_comps: list[Tensor | None]) -> tuple[int, ...]:
-    if kahan_comps.count(None) == len(kahan_comps):  # no residuals: the same key, one pass less
+    if all([c is None for c in kahan_comps]):  # no residuals: the same key, one pass less
         return (*map(id, params), *map(id, exp_avgs))
     return (*map(id, params), *map(id, exp_avgs), *map(id, kahan_comps))
 

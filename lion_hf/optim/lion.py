@@ -781,18 +781,26 @@ class Lion(Optimizer):
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:
         """The group's params with a gradient, their gradients, momenta and Kahan residuals (None
-        where there is none); creates missing state. Runs every step, so it works list by list
-        (comprehensions, each state looked up once): on all-MiniLM-L6-v2's 105 tensors a loop
-        with appends took about twice as long on a 2-core CPU."""
-        params = [p for p in group["params"] if p.grad is not None]
+        where there is none); creates missing state. It runs every step, so it works list by
+        list, each fact read once: on all-MiniLM-L6-v2's 105 tensors (2-core CPU) a loop with
+        per-param branches and appends took about twice as long."""
+        params = list(group["params"])
         grads = [p.grad for p in params]
-        if any(g.is_sparse for g in grads):
+        # Identity tests only: `None in grads` would call Tensor.__eq__(None) on every grad.
+        if not all([g is not None for g in grads]):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if True in [g.is_sparse for g in grads]:
             raise RuntimeError("Lion does not support sparse gradients")
-        state = self.state
-        states = [state[p] for p in params]
+        # self.state is keyed by the params, whose __hash__ is a Python function: one pass over
+        # the existing entries, by id, spares a call of it per param (~0.4 us each).
+        by_id = {id(p): s for p, s in self.state.items()}
+        states = [by_id.get(id(p)) for p in params]
+        if not all([s is not None for s in states]):
+            states = [self.state[p] if s is None else s for p, s in zip(params, states)]
         state_dtype = STATE_DTYPES[group["state_dtype"]]
         exp_avgs = [s.get("exp_avg") for s in states]
-        if not all(m is not None and m.dtype == state_dtype for m in exp_avgs):
+        if not all([m is not None for m in exp_avgs]) or {m.dtype for m in exp_avgs} != {state_dtype}:
             for i, (p, s, exp_avg) in enumerate(zip(params, states, exp_avgs)):
                 if exp_avg is None:
                     exp_avg = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
@@ -809,7 +817,7 @@ class Lion(Optimizer):
                     comps[i] = comp
                 else:
                     s.pop("kahan_comp", None)
-        elif any("kahan_comp" in s for s in states):
+        elif True in ["kahan_comp" in s for s in states]:
             for s in states:
                 s.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
         return params, grads, exp_avgs, comps
