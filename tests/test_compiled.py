@@ -72,7 +72,7 @@ def test_the_policy_is_part_of_the_signature():
 
 
 def _kept_plan(opt):
-    params, _, exp_avgs, comps = opt._collect(opt.param_groups[0])
+    params, _, exp_avgs, comps = opt._collect(opt.param_groups[0], opt._states_by_id())
     return compiled._plans.get(compiled._plan_key(params, exp_avgs, comps))
 
 

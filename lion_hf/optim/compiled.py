@@ -204,9 +204,10 @@ def _grad_meta(grads: list[Tensor]) -> tuple[list, ...]:
 
 
 def _plan_key(params: list[Tensor], exp_avgs: list[Tensor], kahan_comps: list[Tensor | None]) -> tuple[int, ...]:
-    if all([c is None for c in kahan_comps]):  # no residuals: the same key, one pass less
-        return (*map(id, params), *map(id, exp_avgs))
-    return (*map(id, params), *map(id, exp_avgs), *map(id, kahan_comps))
+    # Led by whether residuals follow, so keys with and without them never meet.
+    if all([c is None for c in kahan_comps]):  # no residuals: their ids would all be id(None)
+        return (0, *map(id, params), *map(id, exp_avgs))
+    return (1, *map(id, params), *map(id, exp_avgs), *map(id, kahan_comps))
 
 
 def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -268,7 +269,7 @@ def _plan_for(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     bucketing and viewing them again costs ~1 ms), else a new one, kept when every tensor is a
     plain tensor and every grad contiguous."""
     key = _plan_key(params, exp_avgs, kahan_comps)
-    states = exp_avgs if len(key) == 2 * len(params) else [*exp_avgs, *(c for c in kahan_comps if c is not None)]
+    states = exp_avgs if key[0] == 0 else [*exp_avgs, *(c for c in kahan_comps if c is not None)]
     plan = _plans.get(key)
     grads_contiguous = all(map(Tensor.is_contiguous, grads))
     if (plan is not None and grads_contiguous and plan.grad_meta == _grad_meta(grads)
