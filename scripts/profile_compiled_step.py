@@ -15,7 +15,9 @@ left behind. Reported, as medians over the timed steps, in ms and as a fraction 
 * ``one flat tensor``: the same compiled step over a single tensor as large as the whole model,
   one call per step: the ceiling for the kernel calls.
 
-Timing a part adds a few microseconds per wrapped call. Ad-hoc numbers quoted in the README come
+Then, timed before the parts, the step's Python alone: the same step with every compiled chunk
+call replaced by a no-op, back to back and right after an AdamW step. Timing a part adds a few
+microseconds per wrapped call. Ad-hoc numbers quoted in the README come
 from this script.
 """
 
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         lion_step()
         flat_step()
 
+    python_alone = _python_alone(adamw, lion_step, args.steps)
+
     timer = _Timer()
     timer.wrap(Lion, "_collect", "collect")
     timer.wrap(compiled, "_plan_for", "plan")
@@ -131,7 +135,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ms = statistics.median(rows[label]) * 1e3
         medians[label] = ms
         print(f"  {label:16s} {ms:8.3f} ms  {ms / adamw_ms:6.3f} x AdamW")
+    print("  the step's Python alone (kernel calls stubbed out, timed before the parts above):")
+    for label, seconds in python_alone.items():
+        medians[label] = seconds * 1e3
+        print(f"    {label:30s} {seconds * 1e3:8.3f} ms")
     return medians
+
+
+def _python_alone(adamw: torch.optim.Optimizer, lion_step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Median seconds of Lion's step with every compiled chunk call replaced by a no-op: back to
+    back (warm caches), and right after a fused AdamW step (the caches a real step meets)."""
+    saved = compiled._compiled_chunk
+    compiled._compiled_chunk = lambda *args: None
+    try:
+        rows: dict[str, list[float]] = {"back to back": [], "after an AdamW step": []}
+        for _ in range(steps):
+            start = time.perf_counter()
+            lion_step()
+            rows["back to back"].append(time.perf_counter() - start)
+            adamw.step()
+            start = time.perf_counter()
+            lion_step()
+            rows["after an AdamW step"].append(time.perf_counter() - start)
+    finally:
+        compiled._compiled_chunk = saved
+    return {label: statistics.median(times) for label, times in rows.items()}
 
 
 if __name__ == "__main__":
