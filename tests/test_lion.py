@@ -706,6 +706,17 @@ def test_nonfinite_gradients_leave_low_precision_weights_untouched(impl, roundin
     assert not torch.equal(p.detach()[~bad], p_before[~bad]), "the finite elements should have been updated"
 
 
+def test_a_kahan_residual_that_does_not_match_its_param_is_a_value_error():
+    p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.bfloat16))
+    opt = Lion([p], lr=0.1, impl="foreach", param_rounding="kahan")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[p]["kahan_comp"] = torch.zeros(12, dtype=torch.bfloat16)  # e.g. a checkpoint of another model
+    with pytest.raises(ValueError, match="Kahan residual"):
+        opt.step()
+    torch.testing.assert_close(p.detach().float(), torch.full((4, 3), -0.1), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("src,dst", [("foreach", "compiled"), ("compiled", "triton"), ("triton", "for_loop"),
                                      ("for_loop", "foreach")])
 def test_kahan_residual_is_state_that_moves_between_impls_and_resumes(src, dst):

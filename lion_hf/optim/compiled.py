@@ -175,7 +175,6 @@ class _ChunkPlan:
         self.refs: list[weakref.ref] = []  # kept plans: weak references that drop the plan
 
 
-
 def _flat_grads(grads: list[Tensor]) -> list[Tensor]:
     """A kept plan's ``grads`` (plain and contiguous, checked) in their 1-D form; the for-loop's
     leftovers take the grads as they are, from the step's own list."""

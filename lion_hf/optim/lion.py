@@ -818,6 +818,10 @@ class Lion(Optimizer):
                     comp = s.get("kahan_comp")
                     if comp is None:
                         comp = s["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    elif comp.dtype != p.dtype or comp.shape != p.shape:  # a checkpoint of another model
+                        raise ValueError(
+                            f"Lion: the Kahan residual of a {p.dtype} param of shape {tuple(p.shape)} is "
+                            f"{comp.dtype} of shape {tuple(comp.shape)}; it must match its param")
                     comps[i] = comp
                 else:
                     s.pop("kahan_comp", None)
