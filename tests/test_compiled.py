@@ -98,6 +98,9 @@ def test_a_kept_plan_is_reused_and_renewed_when_a_param_moves():
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((4,), 4.8))
     assert _kept_plan(opt) is not plan
+    p.data = p.data[:2]  # cut again, and the grad left from the last step is still 4 long
+    with pytest.raises(ValueError, match="grad of shape"):
+        opt.step()
 
 
 def test_a_kept_plan_rewrites_its_hyperparameter_tensor_every_step():
@@ -112,6 +115,18 @@ def test_a_kept_plan_rewrites_its_hyperparameter_tensor_every_step():
     assert _kept_plan(opt).cpu_hyper[0] is hyper
     torch.testing.assert_close(hyper, torch.tensor([0.25, 0.95, 0.9, 0.99]))
     torch.testing.assert_close(p.detach(), torch.full((6,), -0.5 * 0.95 - 0.25))
+
+
+def test_cpu_params_step_under_another_default_device():
+    # torch.set_default_device("cuda") with a CPU model: the step's own small tensors (the
+    # hyperparameters, the rounding seeds) must still be made on the CPU. "meta" stands in.
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = Lion([p], lr=0.1, impl="compiled", nonfinite_grad="propagate", state_dtype="bf16")
+    p.grad = torch.ones(6)
+    with torch.device("meta"):
+        opt.step()
+        opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((6,), -0.2))
 
 
 def test_a_kept_plan_dies_with_its_optimizer_and_its_params():

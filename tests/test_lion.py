@@ -706,6 +706,31 @@ def test_nonfinite_gradients_leave_low_precision_weights_untouched(impl, roundin
     assert not torch.equal(p.detach()[~bad], p_before[~bad]), "the finite elements should have been updated"
 
 
+def test_a_param_listed_twice_in_a_group_keeps_one_momentum_with_both_updates():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = Lion([p, p], lr=0.1, impl="foreach", nonfinite_grad="propagate")
+    p.grad = torch.ones(3)
+    opt.step()
+    # Both entries update the one momentum: 0.99 * (0.01 * 1) + 0.01 * 1.
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((3,), 0.0199))
+
+
+@pytest.mark.parametrize("attribute,value", [("nonfinite_grad", "skip_element"), ("impl", "fused")])
+def test_an_option_changed_to_a_bad_value_after_init_is_a_value_error_at_the_step(attribute, value):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Lion([p], lr=0.1, impl="foreach")
+    setattr(opt, attribute, value)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=attribute):
+        opt.step()
+    opt.param_groups[0]["param_rounding"] = "Kahan"
+    setattr(opt, attribute, {"nonfinite_grad": "skip_elements", "impl": "foreach"}[attribute])
+    with pytest.raises(ValueError, match="param_rounding"):
+        opt.step()
+    torch.testing.assert_close(p.detach(), torch.zeros(3))
+
+
 def test_a_kahan_residual_that_does_not_match_its_param_is_a_value_error():
     p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.bfloat16))
     opt = Lion([p], lr=0.1, impl="foreach", param_rounding="kahan")

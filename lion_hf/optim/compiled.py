@@ -159,8 +159,7 @@ class _ChunkPlan:
     (1-element or strided tensors). A kept plan holds while its tensors still sit on the memory
     its views were taken of (``memory``) and the grads keep their types, dtypes and lengths
     (``grad_meta``) and are contiguous. Its check costs a handful of passes over the lists
-    (each ~10-25 us for 105 tensors on a 2-core CPU, more with cold caches): it keeps to
-    what could make a kept plan's views wrong.
+    (each ~10-25 us for 105 tensors on a 2-core CPU, more with cold caches).
     """
 
     __slots__ = ("calls", "chunks", "cpu_hyper", "grad_meta", "leftovers", "memory", "refs")
@@ -170,7 +169,7 @@ class _ChunkPlan:
         self.leftovers: list[int] = []
         self.calls: dict[tuple, list[_Call]] = {}  # per flags of a call: see _calls
         self.cpu_hyper: tuple[Tensor, Any] | None = None  # see _hyper
-        self.memory: list[int] = []
+        self.memory: tuple[list[int], list[int]] = ([], [])
         self.grad_meta: tuple[list, ...] = ()
         self.refs: list[weakref.ref] = []  # kept plans: weak references that drop the plan
 
@@ -190,11 +189,11 @@ _MAX_PLANS = 64
 _padding: dict[tuple, tuple[list[Tensor], ...]] = {}
 
 
-def _memory(params: list[Tensor], states: list[Tensor]) -> list[int]:
-    # Data pointers only: a param whose length changed on the same memory (p.data = p.data[:k])
-    # gets grads of the new length, which the grads' check catches; the states are this
-    # optimizer's own, replaced as objects (a new key), never resized in place.
-    return [*map(Tensor.data_ptr, params), *map(Tensor.data_ptr, states)]
+def _memory(params: list[Tensor], states: list[Tensor]) -> tuple[list[int], list[int]]:
+    # Lengths too: a param cut on the same memory (p.data = p.data[:k]) keeps its data pointer,
+    # and its grad may still be the old one, of the old length.
+    tensors = [*params, *states]
+    return list(map(Tensor.data_ptr, tensors)), list(map(Tensor.numel, tensors))
 
 
 def _grad_meta(grads: list[Tensor]) -> tuple[list, ...]:
@@ -293,9 +292,9 @@ def _hyper(plan: _ChunkPlan, device: torch.device, on_cpu: bool, values: tuple[f
     after the backward pass (2-core CPU). Elsewhere, where kernels run asynchronously, every
     step gets its own."""
     if not on_cpu:
-        return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-    if plan.cpu_hyper is None:
-        hyper = torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(values, dtype=torch.float32, device="cpu").to(device, non_blocking=True)
+    if plan.cpu_hyper is None:  # on the CPU whatever torch's default device is
+        hyper = torch.tensor(values, dtype=torch.float32, device="cpu")
         plan.cpu_hyper = (hyper, hyper.numpy())
     else:
         plan.cpu_hyper[1][:] = values  # rounded to fp32 as torch.tensor rounds them
@@ -362,7 +361,7 @@ def compiled_lion(
                 hyper = hyper_by_device[device] = _hyper(plan, device, on_cpu, (lr, decay, beta1, beta2))
             seeds = None
             if seeded:  # drawn from the CPU generator on every device (its state is what a checkpoint saves)
-                seeds = torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32)
+                seeds = torch.randint(0, 1 << 16, (COMPILE_CHUNK, 2), dtype=torch.int32, device="cpu")
                 if not on_cpu:
                     seeds = seeds.to(device, non_blocking=True)
             try:

@@ -805,7 +805,8 @@ class Lion(Optimizer):
         state_dtype = STATE_DTYPES[group["state_dtype"]]
         exp_avgs = [s.get("exp_avg") for s in states]
         if not all([m is not None for m in exp_avgs]) or {m.dtype for m in exp_avgs} != {state_dtype}:
-            for i, (p, s, exp_avg) in enumerate(zip(params, states, exp_avgs)):
+            for i, (p, s) in enumerate(zip(params, states)):
+                exp_avg = s.get("exp_avg")  # read again: a param listed twice shares its first entry's
                 if exp_avg is None:
                     exp_avg = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                 elif exp_avg.dtype != state_dtype:
@@ -847,6 +848,10 @@ class Lion(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # The options may have been changed since __init__ checked them (they are plain
+        # attributes and group entries); the dispatch below no longer goes through lion().
+        for group in self.param_groups:
+            _validate_options(self.impl, self.nonfinite_grad, group["param_rounding"])
         states_by_id = self._states_by_id()
         work = [(group, *self._collect(group, states_by_id)) for group in self.param_groups]
         policy = self.nonfinite_grad
