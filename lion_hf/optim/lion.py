@@ -849,7 +849,7 @@ class Lion(Optimizer):
                 loss = closure()
 
         # The options may have been changed since __init__ checked them (they are plain
-        # attributes and group entries); the dispatch below no longer goes through lion().
+        # attributes and group entries), and the dispatch below does not go through lion().
         for group in self.param_groups:
             _validate_options(self.impl, self.nonfinite_grad, group["param_rounding"])
         states_by_id = self._states_by_id()
