@@ -255,7 +255,9 @@ def bench_profile(
     shapes = profile_shapes(name)
     numel = sum(s.numel() for s in shapes)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    # One set of params/grads, cloned per optimizer so every optimizer sees the same data.
+    # One set of params/grads for every optimizer. Each gets its own Parameter objects, but where no
+    # dtype or device change is needed (fp32 on the CPU) they share this memory: values drift
+    # from optimizer to optimizer, which timing does not notice.
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     result = {"profile": name, "tensors": len(shapes), "params": numel, "rounds": rounds, "optimizers": {}}

@@ -17,8 +17,7 @@ left behind. Reported, as medians over the timed steps, in ms and as a fraction 
 
 Then, timed before the parts, the step's Python alone: the same step with every compiled chunk
 call replaced by a no-op, back to back and right after an AdamW step. Timing a part adds a few
-microseconds per wrapped call. Ad-hoc numbers quoted in the README come
-from this script.
+microseconds per wrapped call. Ad-hoc numbers quoted in the README come from this script.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optimizer_step import PROFILES, profile_shapes
+from bench_optimizer_step import PROFILES, TrainerDefaultLion, profile_shapes
 
 from lion_hf import Lion
 from lion_hf.optim import compiled
@@ -70,15 +69,9 @@ def _model(shapes: list[torch.Size], gen: torch.Generator) -> list[torch.nn.Para
 
 
 def _stepper(params: list[torch.nn.Parameter], policy: str) -> Callable[[], None]:
-    opt = Lion(params, lr=1e-4, weight_decay=0.1, impl="compiled", nonfinite_grad=policy)
-    norm = torch.tensor(1.0)  # finite: what HF's clipping hands over
-
-    def step() -> None:
-        if policy == "skip_step":
-            opt.set_grad_norm(norm)
-        opt.step()
-
-    return step
+    if policy == "skip_step":  # what LionTrainer builds, norm handed over, as the benchmark drives it
+        return TrainerDefaultLion(params, lr=1e-4, weight_decay=0.1, impl="compiled").step
+    return Lion(params, lr=1e-4, weight_decay=0.1, impl="compiled", nonfinite_grad=policy).step
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -123,7 +123,6 @@ def _flat(t: Tensor) -> Tensor:
 
 class _Chunk(NamedTuple):
     bucket: tuple  # (device, p dtype, g dtype, m dtype, Kahan, tensor types of p, g, m)
-    signature: tuple | None  # _bucket_signature(bucket), computed once
     indices: list[int]  # of its tensors in the step's lists
     params: list[Tensor]  # flat views, padded to COMPILE_CHUNK
     exp_avgs: list[Tensor]
@@ -175,9 +174,10 @@ class _ChunkPlan:
 
 
 def _flat_grads(grads: list[Tensor]) -> list[Tensor]:
-    """A kept plan's ``grads`` (plain and contiguous, checked) in their 1-D form; the for-loop's
-    leftovers take the grads as they are, from the step's own list."""
-    return [g if g.dim() == 1 else g.view(-1) for g in grads]
+    """A kept plan's ``grads`` (plain and contiguous, checked) in their 1-D form, as
+    :func:`_build_plan` flattens them; the for-loop's leftovers take the grads as they are,
+    from the step's own list."""
+    return list(map(_flat, grads))
 
 
 # Plans of plain-tensor lists, keyed by the ids of their params and states. A plan holds views
@@ -197,7 +197,7 @@ def _memory(params: list[Tensor], states: list[Tensor]) -> tuple[list[int], list
 
 
 def _grad_meta(grads: list[Tensor]) -> tuple[list, ...]:
-    # No dims: a kept plan views every grad that is not 1-D (_flat_grads).
+    # No dims: a kept plan flattens every grad again (_flat_grads).
     return list(map(type, grads)), [g.dtype for g in grads], list(map(Tensor.numel, grads))
 
 
@@ -250,12 +250,11 @@ def _build_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             pad = tuple([torch.zeros(2, dtype=dt, device=device) for _ in range(COMPILE_CHUNK)]
                         for dt in (p_dtype, g_dtype, m_dtype, p_dtype))
             _padding[key] = pad
-        signature = _bucket_signature(key)
         for start in range(0, len(idx), COMPILE_CHUNK):
             end = start + COMPILE_CHUNK
             missing = max(0, end - len(idx))
             plan.chunks.append(_Chunk(
-                key, signature, idx[start:end], ps[start:end] + pad[0][:missing], ms[start:end] + pad[2][:missing],
+                key, idx[start:end], ps[start:end] + pad[0][:missing], ms[start:end] + pad[2][:missing],
                 cs[start:end] + pad[3][:missing] if kahan else None, pad[1][:missing]))
     return plan, flat_grads
 
@@ -308,8 +307,9 @@ def _calls(plan: _ChunkPlan, param_rounding: str, maximize: bool, cautious: bool
     calls = plan.calls.get(key)
     if calls is None:
         calls = []
-        for bucket, signature, idx, ps, ms, cs, grad_pad in plan.chunks:
+        for bucket, idx, ps, ms, cs, grad_pad in plan.chunks:
             device, p_dtype, _, m_dtype = bucket[:4]
+            signature = _bucket_signature(bucket)
             param_stochastic = _param_stochastic(p_dtype, param_rounding)
             seeded = param_stochastic or m_dtype == torch.bfloat16
             # Every flag _lion_chunk branches on is in the signature (each is its own graph).

@@ -500,12 +500,8 @@ def lion(
         raise ValueError(f"lion(): kahan_comps must have one entry per param, got {len(kahan_comps)} for {len(params)}")
     if param_rounding == "kahan":
         for i, (p, c) in enumerate(zip(params, kahan_comps)):
-            if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape):
-                raise ValueError(
-                    f"lion(): param_rounding='kahan' needs a compensation tensor of the param's dtype and shape for "
-                    f"every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) has "
-                    f"{None if c is None else (c.dtype, tuple(c.shape))}"
-                )
+            if p.dtype != torch.float32:
+                _check_kahan_comp(i, p, c)
     else:
         kahan_comps = [None] * len(params)
     if not _step_may_proceed(nonfinite_grad, grads):
@@ -514,6 +510,16 @@ def lion(
                maximize=maximize, cautious=cautious, skip_nonfinite=nonfinite_grad == "skip_elements",
                param_rounding=param_rounding, impl=impl)
     return True
+
+
+def _check_kahan_comp(i: int, p: Tensor, c: Tensor | None) -> None:
+    """The residual of bf16/fp16 param ``i`` under param_rounding='kahan' has its dtype and shape."""
+    if c is None or c.dtype != p.dtype or c.shape != p.shape:
+        raise ValueError(
+            f"Lion: param_rounding='kahan' needs a compensation tensor (the Kahan residual) of the param's dtype "
+            f"and shape for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) has "
+            f"{None if c is None else (c.dtype, tuple(c.shape))}"
+        )
 
 
 def _lion_step(
@@ -533,7 +539,7 @@ def _lion_step(
     impl: str,
 ) -> None:
     """The dispatch to ``impl``, on inputs already checked: by :func:`lion`, or by :class:`Lion`,
-    which checks its groups once, when they are added, and builds the lists itself."""
+    which checks its options at every step and builds the lists itself."""
     _IMPL_FUNCTIONS[impl](
         params, grads, exp_avgs, kahan_comps, lr=float(lr), decay=1.0 - float(lr) * float(weight_decay),
         beta1=float(beta1), beta2=float(beta2), maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
@@ -819,10 +825,7 @@ class Lion(Optimizer):
                     comp = s.get("kahan_comp")
                     if comp is None:
                         comp = s["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    elif comp.dtype != p.dtype or comp.shape != p.shape:  # a checkpoint of another model
-                        raise ValueError(
-                            f"Lion: the Kahan residual of a {p.dtype} param of shape {tuple(p.shape)} is "
-                            f"{comp.dtype} of shape {tuple(comp.shape)}; it must match its param")
+                    _check_kahan_comp(i, p, comp)  # a checkpoint of another model would not match
                     comps[i] = comp
                 else:
                     s.pop("kahan_comp", None)
