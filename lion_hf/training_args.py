@@ -99,7 +99,8 @@ class LionTrainingArguments(TrainingArguments):
     lion_beta2: float = field(default=0.99, metadata={"help": "Lion beta2: decay of the momentum."})
     lion_impl: str = field(
         default="auto",
-        metadata={"help": f"Lion implementation, one of {IMPLS}. 'auto' = triton on CUDA, compiled/foreach on CPU."},
+        metadata={"help": f"Lion implementation, one of {IMPLS}. 'auto' = triton on CUDA; on CPU cpp (a C++ "
+                          "kernel built with g++), else compiled/foreach."},
     )
     lion_state_dtype: str = field(
         default="fp32", metadata={"help": f"Momentum dtype, one of {tuple(STATE_DTYPES)} (bf16 halves state memory)."}

@@ -154,6 +154,10 @@ def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[
         "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", nonfinite_grad="propagate"))
     table["lion_compiled_bf16_state"] = (
         "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", state_dtype="bf16"))
+    if device == "cpu":  # the C++ kernel; what "auto" (and so the trainer's default row) runs on CPU
+        table["lion_cpp"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp"))
+        table["lion_cpp_nocheck"] = (
+            "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp", nonfinite_grad="propagate"))
     # Pure bf16 (bf16 weights, grads and state), the GPU fine-tuning setup. Lion's default keeps
     # every step by stochastic rounding; Kahan and round-to-nearest for comparison.
     table["adamw_fused_bf16"] = ("adamw_bf16", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True))

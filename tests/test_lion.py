@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from lion_hf import Lion
-from lion_hf.optim import compiled
+from lion_hf.optim import compiled, cpu_kernel
 from lion_hf.optim import lion as lion_module
 from lion_hf.optim.lion import _stochastic_round_to_bf16, resolve_impl
 from lion_hf.optim.reference import lion_reference_step
 
-CPU_IMPLS = ["for_loop", "foreach", "compiled"]
+CPU_IMPLS = ["for_loop", "foreach", "compiled", "cpp"]
 PARAM_RTOL = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 STATE_RTOL = {"fp32": 1e-6, "bf16": 2**-7}
 SHAPES = [(0,), (1,), (7,), (33, 5), (2, 3, 4), (300,)]
@@ -73,7 +73,8 @@ def _run_against_reference(impl, param_dtype, state_dtype, steps=4, device="cpu"
     return opt
 
 
-@pytest.mark.parametrize("impl", ["for_loop", "foreach"])
+# cpp: its kernel takes the fp32 params; low-precision ones go to foreach (tests/test_cpu_kernel.py).
+@pytest.mark.parametrize("impl", ["for_loop", "foreach", "cpp"])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
 def test_eager_impls_match_reference(impl, param_dtype, state_dtype):
@@ -342,6 +343,14 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 def test_auto_picks_by_device_and_size(monkeypatch):
+    # cpp whenever it can run on the CPU; compiled or foreach (by size) when it cannot.
+    assert resolve_impl("auto", torch.device("cpu"), numel=1000) == "cpp"
+    assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "cpp"
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        resolve_impl("cpp", torch.device("meta"))
+    monkeypatch.setattr(cpu_kernel, "build_failure", RuntimeError("no g++"))
+    with pytest.raises(RuntimeError, match=r"failed to build earlier in this process.*no g\+\+"):
+        resolve_impl("cpp", torch.device("cpu"))
     assert resolve_impl("auto", torch.device("cpu"), numel=1000) == "foreach"
     assert resolve_impl("auto", torch.device("cpu"), numel=50_000_000) == "compiled"
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
@@ -367,7 +376,8 @@ def _roundtrip(state_dict):
     return torch.load(buffer, weights_only=True)  # how HF Trainer loads optimizer.pt
 
 
-@pytest.mark.parametrize("src,dst", [("foreach", "compiled"), ("compiled", "for_loop"), ("for_loop", "foreach")])
+@pytest.mark.parametrize("src,dst", [("foreach", "compiled"), ("compiled", "for_loop"), ("for_loop", "foreach"),
+                                     ("cpp", "foreach"), ("for_loop", "cpp")])
 def test_state_dict_moves_between_impls(src, dst):
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(s, generator=gen) for s in [(4, 5), (5,), (1,)]]
@@ -559,6 +569,7 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
     monkeypatch.setattr(compiled, "_get_compiled_chunk", lambda: flaky_chunk)
     monkeypatch.setattr(lion_module, "AUTO_COMPILE_MIN_NUMEL", 0)
     monkeypatch.setattr(compiled, "compile_failure", None)  # restored after the test
+    monkeypatch.setattr(cpu_kernel, "build_failure", RuntimeError("no g++"))  # so that "auto" is compiled
     gen = torch.Generator().manual_seed(9)
     params = [torch.nn.Parameter(torch.randn(n + 2, generator=gen)) for n in range(19)]
     params.append(torch.nn.Parameter(torch.randn(1, generator=gen)))
@@ -583,7 +594,8 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
 # Low-precision weights: every step is kept (param_rounding)
 # --------------------------------------------------------------------------------------
 
-ALL_IMPLS = ["for_loop", "foreach", "compiled", "triton"]  # triton runs under TRITON_INTERPRET=1 on CPU
+# triton runs under TRITON_INTERPRET=1 on CPU; cpp hands low-precision params to foreach.
+ALL_IMPLS = ["for_loop", "foreach", "compiled", "cpp", "triton"]
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)

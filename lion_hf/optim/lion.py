@@ -8,11 +8,14 @@ step to flat lists of tensors and dispatches on ``impl`` to one of
   cache-sized rounds);
 * ``_compiled_lion``  - a ``torch.compile``-d elementwise step over chunks of 16 flattened
   tensors (``lion_hf/optim/compiled.py``, imported only when used);
+* ``_cpp_lion``       - one call of a C++ kernel (OpenMP, built with the system's g++ at first
+  use) over all fp32 CPU tensors of a step (``lion_hf/optim/cpu_kernel.py``; the rest of a
+  step runs as ``auto`` would run it without this impl);
 * ``_triton_lion``    - the fused multi-tensor Triton kernel (``lion_hf/optim/triton.py``,
   imported only when used).
 
-All four run the same per-tensor arithmetic (``_lion_tensor``; foreach spells it in
-``_foreach_*`` ops, the Triton kernel in registers) in fp32 whatever the storage dtype, and
+All five run the same per-tensor arithmetic (``_lion_tensor``; foreach spells it in
+``_foreach_*`` ops, the C++ and Triton kernels in registers) in fp32 whatever the storage dtype, and
 store a bf16/fp16 result the same way (``param_rounding``: stochastic rounding by default,
 Kahan-compensated, or round-to-nearest; a bf16 momentum is always rounded stochastically).
 They share the state layout (``state[p]["exp_avg"]`` and, under Kahan, ``"kahan_comp"``), so a
@@ -34,7 +37,7 @@ from torch.optim import Optimizer
 
 __all__ = ["IMPLS", "NONFINITE_POLICIES", "PARAM_ROUNDINGS", "STATE_DTYPES", "Lion", "lion", "resolve_impl"]
 
-IMPLS = ("auto", "for_loop", "foreach", "compiled", "triton")
+IMPLS = ("auto", "for_loop", "foreach", "compiled", "cpp", "triton")
 NONFINITE_POLICIES = ("skip_elements", "skip_step", "raise", "propagate")
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # How a bf16/fp16 param stores its new fp32 value (fp32 params are exact whatever is chosen).
@@ -433,6 +436,12 @@ def _compiled_lion(*args: Any, **kwargs: Any) -> None:
     compiled_lion(*args, **kwargs)
 
 
+def _cpp_lion(*args: Any, **kwargs: Any) -> None:
+    from lion_hf.optim.cpu_kernel import cpp_lion
+
+    cpp_lion(*args, **kwargs)
+
+
 def _triton_lion(
     params: list[Tensor],
     grads: list[Tensor],
@@ -454,6 +463,7 @@ _IMPL_FUNCTIONS: dict[str, Callable[..., None]] = {
     "for_loop": _for_loop_lion,
     "foreach": _foreach_lion,
     "compiled": _compiled_lion,
+    "cpp": _cpp_lion,
     "triton": _triton_lion,
 }
 
@@ -554,6 +564,18 @@ def _compile_failure() -> Exception | None:
     return None if compiled is None else compiled.compile_failure
 
 
+def _cpp_build_failure() -> Exception | None:
+    # Recorded by the cpp impl (lion_hf/optim/cpu_kernel.py), which is imported only once used.
+    import sys
+
+    kernel = sys.modules.get("lion_hf.optim.cpu_kernel")
+    return None if kernel is None else kernel.build_failure
+
+
+def _cxx_on_path() -> bool:
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+
+
 def _triton_importable() -> bool:
     import importlib.util
 
@@ -574,18 +596,29 @@ def impl_unavailable(impl: str, device: torch.device | str) -> str | None:
     """Why ``impl`` cannot run on ``device``, or None if it can: the one place that decides.
 
     ``compiled`` needs torch.compile with a C++ compiler (and dynamo not disabled) and no earlier
-    compile failure in this process; ``triton`` needs the triton package and a usable CUDA device,
+    compile failure in this process; ``cpp`` needs the CPU, a C++ compiler and no earlier build
+    failure in this process; ``triton`` needs the triton package and a usable CUDA device,
     or a CPU with triton in interpreter mode (``TRITON_INTERPRET=1`` before triton's first import).
     """
     device = torch.device(device)
     if impl == "compiled":
         if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
             return "impl='compiled' needs torch.compile, and TORCHDYNAMO_DISABLE=1 is set"
-        if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        if not _cxx_on_path():
             return "impl='compiled' needs torch.compile with a C++ compiler (g++) on the PATH"
         failure = _compile_failure()
         if failure is not None:
             return f"torch.compile failed earlier in this process ({type(failure).__name__}: {failure})"
+        return None
+    if impl == "cpp":
+        if device.type != "cpu":
+            return (f"impl='cpp' runs on the CPU; params are on {device.type!r}. Use impl='triton' or "
+                    "'foreach' there.")
+        if not _cxx_on_path():
+            return "impl='cpp' needs a C++ compiler (g++) on the PATH, or $CXX"
+        failure = _cpp_build_failure()
+        if failure is not None:
+            return f"impl='cpp' failed to build earlier in this process ({type(failure).__name__}: {failure})"
         return None
     if impl == "triton":
         if not _triton_importable():
@@ -602,8 +635,9 @@ def impl_unavailable(impl: str, device: torch.device | str) -> str | None:
 def resolve_impl(impl: str, device: torch.device, numel: int = 0) -> str:
     """Turn ``impl`` (possibly ``"auto"``) into the implementation that will run on ``device``.
 
-    ``auto``: ``triton`` on CUDA when it can run there; on CPU ``compiled`` if the job has at
-    least ``AUTO_COMPILE_MIN_NUMEL`` elements and it can run; else ``foreach``. An explicit impl
+    ``auto``: ``triton`` on CUDA when it can run there; on CPU ``cpp`` when it can run, else
+    ``compiled`` if the job has at least ``AUTO_COMPILE_MIN_NUMEL`` elements and it can run;
+    else ``foreach``. An explicit impl
     that cannot run on the device raises ``RuntimeError`` saying why (:func:`impl_unavailable`).
     """
     if impl not in IMPLS:
@@ -612,6 +646,8 @@ def resolve_impl(impl: str, device: torch.device, numel: int = 0) -> str:
     if impl == "auto":
         if device.type == "cuda" and impl_unavailable("triton", device) is None:
             return "triton"
+        if device.type == "cpu" and impl_unavailable("cpp", device) is None:
+            return "cpp"
         if device.type == "cpu" and numel >= AUTO_COMPILE_MIN_NUMEL and impl_unavailable("compiled", device) is None:
             return "compiled"
         return "foreach"
@@ -683,13 +719,16 @@ class Lion(Optimizer):
             * ``"raise"``: raise ``RuntimeError`` before anything is updated (same cost).
             * ``"propagate"``: no check: the NaN enters the momentum (and, depending on the kernel,
               the weight); that element stops learning. For benchmarking the check's cost only.
-        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"compiled"`` or ``"triton"``.
-            ``auto`` picks ``triton`` on CUDA when triton is installed; on CPU it picks
-            ``compiled`` (torch.compile of the fused elementwise step: fastest per step, but the
-            first step pays a one-off compile of several seconds) for models of at least
-            ``AUTO_COMPILE_MIN_NUMEL`` (1M) elements, and ``foreach`` below that, where the compile
-            would cost more than it saves. If compiling fails under ``auto`` the optimizer warns
-            and continues with ``foreach``.
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"compiled"``, ``"cpp"`` or
+            ``"triton"``. ``auto`` picks ``triton`` on CUDA when triton is installed. On CPU it
+            picks ``cpp`` when a C++ compiler is found: one multi-tensor kernel call per step,
+            built in about a second at first use and cached; the fastest CPU step, bit for bit
+            ``for_loop``'s for fp32. What that kernel does not take (bf16/fp16 params or momenta,
+            Kahan residuals) and every step without a compiler run as before: ``compiled``
+            (torch.compile of the fused elementwise step; the first step pays a one-off compile of
+            several seconds) for models of at least ``AUTO_COMPILE_MIN_NUMEL`` (1M) elements,
+            ``foreach`` below that, where the compile would cost more than it saves. If building
+            or compiling fails, the optimizer warns and continues with the next of these.
 
     All implementations compute in fp32 for fp32, bf16 and fp16 parameters, share one state
     layout (``state[p]["exp_avg"]``, a plain tensor) and so load each other's state dicts.

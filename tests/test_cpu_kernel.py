@@ -1,0 +1,172 @@
+"""impl="cpp": the C++ kernel against impl="for_loop" bit for bit; how a step splits between the
+kernel and the other impls; its build, cache and fallback."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from lion_hf import Lion
+from lion_hf.optim import cpu_kernel
+from lion_hf.optim.lion import impl_unavailable, lion, resolve_impl
+
+pytestmark = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="needs a C++ compiler")
+
+# Lengths around the kernel's 16384-element block and its 8-wide vectors, an empty tensor and a
+# one-element one.
+SHAPES = [(0,), (1,), (7,), (33, 5), (16384,), (40000,), (3, 16385)]
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns, NaN to NaN: a NaN's sign bit depends on how a negation was spelt."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
+
+
+def _tensors(seed: int, nonfinite: bool):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    moms = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
+    grads[2][0] = 0.0
+    moms[2][0] = 0.0  # c = 0: sign(0) = 0
+    if nonfinite:  # in one block of the large tensors; the others stay on the fast path
+        grads[3][4, 1] = float("nan")
+        grads[5][20000] = float("inf")
+        grads[6][2, 7] = -float("inf")
+    return params, grads, moms
+
+
+def _step(impl: str, tensors, **kwargs):
+    params, grads, moms = ([t.clone() for t in ts] for ts in tensors)
+    lion(params, grads, moms, lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, impl=impl, **kwargs)
+    return params, moms
+
+
+@pytest.mark.parametrize("maximize,cautious", list(itertools.product([False, True], repeat=2)))
+@pytest.mark.parametrize("policy", ["skip_elements", "propagate"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_is_bit_for_bit_the_for_loop_step(maximize, cautious, policy, threads, monkeypatch):
+    def elsewhere(*args, **kwargs):
+        raise AssertionError("the kernel should have taken every tensor")
+
+    monkeypatch.setattr(cpu_kernel, "_run_elsewhere", elsewhere)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tensors = _tensors(seed=threads, nonfinite=True)
+        flags = dict(maximize=maximize, cautious=cautious, nonfinite_grad=policy)
+        expected, got = _step("for_loop", tensors, **flags), _step("cpp", tensors, **flags)
+    finally:
+        torch.set_num_threads(previous)
+    for kind, want, have in zip(("param", "momentum"), expected, got):
+        for shape, a, b in zip(SHAPES, want, have):
+            assert _bits_equal(a, b), f"{kind} {shape} differs from for_loop's"
+    params, _, moms = tensors
+    if policy == "skip_elements":  # the non-finite elements kept their values
+        assert got[0][3][4, 1] == params[3][4, 1] and got[1][5][20000] == moms[5][20000]
+    else:
+        assert torch.isinf(got[1][5][20000])
+
+
+def test_a_step_splits_between_the_kernel_and_the_other_impls():
+    """fp32 params go to the kernel (bit for bit for_loop); a bf16 param, a bf16 momentum and a
+    strided grad go where "auto" would send them without cpp (foreach here, under 1M elements)."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(300, generator=gen), torch.randn(64, generator=gen).bfloat16(),
+              torch.randn(40, generator=gen), torch.randn(8, 6, generator=gen), torch.randn(50, generator=gen)]
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    grads[3] = torch.randn(6, 8, generator=gen).t()  # not contiguous
+    moms = [torch.randn(p.shape, generator=gen) for p in params]
+    moms[2] = moms[2].bfloat16()
+    kernel_part, other_part = [0, 4], [1, 2, 3]
+    tensors = (params, grads, moms)
+    flags = dict(param_rounding="nearest", nonfinite_grad="propagate")
+    torch.manual_seed(0)  # the bf16 momentum's stochastic rounding draws its seed
+    got = _step("cpp", tensors, **flags)
+    want_kernel = _step("for_loop", [[ts[i] for i in kernel_part] for ts in tensors], **flags)
+    torch.manual_seed(0)
+    want_other = _step("foreach", [[ts[i] for i in other_part] for ts in tensors], **flags)
+    for k, (p_want, m_want) in zip(kernel_part, zip(*want_kernel)):
+        assert _bits_equal(got[0][k], p_want) and _bits_equal(got[1][k], m_want), f"tensor {k}"
+    for k, (p_want, m_want) in zip(other_part, zip(*want_other)):
+        assert torch.equal(got[0][k], p_want) and torch.equal(got[1][k], m_want), f"tensor {k}"
+    assert got[0][1].dtype == torch.bfloat16 and got[1][2].dtype == torch.bfloat16
+
+
+def test_a_grad_of_another_length_is_a_value_error():
+    params, grads = [torch.zeros(5), torch.zeros(4)], [torch.ones(5), torch.ones(3)]
+    moms = [torch.zeros(5), torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"shape \(4,\) has a grad of shape \(3,\)"):
+        lion(params, grads, moms, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")
+    assert torch.equal(params[0], torch.zeros(5)), "nothing may be written before the check"
+
+
+def test_lion_under_auto_runs_the_kernel(monkeypatch):
+    calls = []
+    kernel = cpu_kernel._load()
+    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: (calls.append(args[0]), kernel(*args)))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    opt = Lion(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert opt._impl_for(torch.device("cpu")) == "cpp" and calls == [4], "one call for all 4 tensors"
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """No kernel loaded yet in this process, and an empty cache."""
+    monkeypatch.setattr(cpu_kernel, "_kernel", None)
+    monkeypatch.setattr(cpu_kernel, "build_failure", None)
+    monkeypatch.setenv("LION_HF_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_a_failed_build_warns_once_and_the_step_runs_elsewhere(fresh_kernel, monkeypatch):
+    broken = fresh_kernel / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'simulated compiler error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    tensors = _tensors(seed=5, nonfinite=False)
+    with pytest.warns(UserWarning, match="impl='cpp' is unavailable.*simulated compiler error"):
+        got = _step("cpp", tensors)
+    want = _step("foreach", tensors)
+    assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1]))
+    assert "simulated compiler error" in impl_unavailable("cpp", "cpu")
+    assert resolve_impl("auto", torch.device("cpu"), numel=10) == "foreach"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step("cpp", tensors)  # no second build, no second warning
+
+
+def test_the_library_is_built_once_and_then_read_from_the_cache(fresh_kernel, monkeypatch):
+    path = cpu_kernel.build()
+    assert path.exists() and path.parent == fresh_kernel / "cache"
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("the cached library should have been used")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert cpu_kernel.build() == path
+    assert cpu_kernel._load() is not None
+
+
+def test_processes_building_at_once_all_load_a_whole_library(tmp_path):
+    """Ranks of one job build into the same cache at the same time."""
+    script = ("import torch\nfrom lion_hf.optim.lion import lion\n"
+              "p, g, m = [torch.ones(10)], [torch.ones(10)], [torch.zeros(10)]\n"
+              "lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "assert torch.equal(p[0], torch.full((10,), 0.5)), p\n")
+    env = {**os.environ, "LION_HF_CACHE": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-W", "error::UserWarning", "-c", script], env=env,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for run in runs:
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+    assert len(list(tmp_path.glob("*.so"))) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]
