@@ -70,7 +70,7 @@ class LionTrainingArguments(TrainingArguments):
     Args:
         lion_beta1: interpolation between momentum and gradient for the update (default 0.9).
         lion_beta2: momentum decay (default 0.99).
-        lion_impl: ``auto`` | ``for_loop`` | ``foreach`` | ``compiled`` | ``triton`` (see ``Lion``).
+        lion_impl: ``auto`` | ``for_loop`` | ``foreach`` | ``compiled`` | ``cpp`` | ``triton`` (see ``Lion``).
         lion_state_dtype: ``fp32`` or ``bf16`` momentum (bf16 is stochastically rounded).
         lion_param_rounding: how bf16/fp16 weights store each step: ``stochastic`` (default,
             unbiased, no memory), ``kahan`` (compensation buffer, +2 bytes/param) or ``nearest``

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="needs a C
 
 # Lengths around the kernel's 16384-element block and its 8-wide vectors, an empty tensor and a
 # one-element one.
-SHAPES = [(0,), (1,), (7,), (33, 5), (16384,), (40000,), (3, 16385)]
+SHAPES = [(0,), (1,), (7,), (33, 5), (2000,), (40000,), (3, 16385), (300,)]
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -36,6 +36,12 @@ def _tensors(seed: int, nonfinite: bool):
     moms = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
     grads[2][0] = 0.0
     moms[2][0] = 0.0  # c = 0: sign(0) = 0
+    grads[2][1], moms[2][2] = -0.0, float("nan")
+    # Cautious: 1 element of 2000 agrees with its gradient (the fraction is clamped to 1e-3), and
+    # none of another tensor's (when minimising; maximize flips which ones agree).
+    moms[4][:2000] = -10 * grads[4][:2000].sign()
+    moms[4][0] = 0.0
+    moms[7] = -10 * grads[7].sign()
     if nonfinite:  # in one block of the large tensors; the others stay on the fast path
         grads[3][4, 1] = float("nan")
         grads[5][20000] = float("inf")
@@ -69,6 +75,8 @@ def test_the_kernel_is_bit_for_bit_the_for_loop_step(maximize, cautious, policy,
         for shape, a, b in zip(SHAPES, want, have):
             assert _bits_equal(a, b), f"{kind} {shape} differs from for_loop's"
     params, _, moms = tensors
+    if cautious and not maximize:  # the clamped fraction scaled the one agreeing update by 1000
+        assert abs(float(got[0][4][0] - params[4][0] * (1 - 0.01 * 0.1))) > 5
     if policy == "skip_elements":  # the non-finite elements kept their values
         assert got[0][3][4, 1] == params[3][4, 1] and got[1][5][20000] == moms[5][20000]
     else:
@@ -100,10 +108,60 @@ def test_a_step_splits_between_the_kernel_and_the_other_impls():
     assert got[0][1].dtype == torch.bfloat16 and got[1][2].dtype == torch.bfloat16
 
 
-def test_a_grad_of_another_length_is_a_value_error():
-    params, grads = [torch.zeros(5), torch.zeros(4)], [torch.ones(5), torch.ones(3)]
+def test_version_counters_are_bumped():
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = Lion([p], lr=0.1, impl="cpp")
+    saved = p * 1.0
+    loss = (saved * p).sum()  # saves p for the backward pass
+    before = p._version
+    opt.step()
+    assert p._version > before and opt.state[p]["exp_avg"]._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("threshold,expected", [(0, "compiled"), (10**9, "foreach")])
+def test_what_the_kernel_does_not_take_runs_as_auto_would(threshold, expected, monkeypatch):
+    from lion_hf.optim import lion as lion_module
+
+    ran = []
+    for name in ("compiled", "foreach"):
+        monkeypatch.setitem(lion_module._IMPL_FUNCTIONS, name,
+                            lambda params, *args, name=name, **kwargs: ran.append((name, len(params))))
+    monkeypatch.setattr(lion_module, "AUTO_COMPILE_MIN_NUMEL", threshold)
+    params = [torch.zeros(10), torch.zeros(10, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16)]
+    grads = [torch.ones_like(p) for p in params]
+    moms = [torch.zeros(p.shape) for p in params]
+    lion(params, grads, moms, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")
+    assert ran == [(expected, 2)] and torch.equal(params[0], torch.full((10,), -0.5))
+
+
+def test_overlapping_tensors_run_elsewhere(monkeypatch):
+    """Two views sharing elements: the kernel's threads could race on them, so the call runs as
+    auto would without cpp (foreach here), which updates them one after the other."""
+
+    def kernel(*args):
+        raise AssertionError("the kernel must not see overlapping tensors")
+
+    monkeypatch.setattr(cpu_kernel, "_kernel", kernel)
+    base = torch.zeros(40000)
+    views = [base[:30000], base[10000:]]
+    grads = [torch.ones(30000), torch.ones(30000)]
+    moms = [torch.zeros(30000), torch.zeros(30000)]
+    lion(views, grads, moms, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")
+    assert float(base[15000]) == -1.0 and float(base[0]) == -0.5 and float(base[-1]) == -0.5
+    p = torch.zeros(8)
+    lion([p, p], [torch.ones(8)] * 2, [torch.zeros(8)] * 2, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0,
+         impl="cpp")  # a param listed twice, sharing its momentum as Lion's state does
+    assert torch.equal(p, torch.full((8,), -1.0))
+
+
+@pytest.mark.parametrize("grad_shape", [(3,), (2, 2)])
+def test_a_grad_of_another_shape_is_a_value_error(grad_shape):
+    params, grads = [torch.zeros(5), torch.zeros(4)], [torch.ones(5), torch.ones(grad_shape)]
     moms = [torch.zeros(5), torch.zeros(4)]
-    with pytest.raises(ValueError, match=r"shape \(4,\) has a grad of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"shape \(4,\) has a grad of shape \(" + str(grad_shape[0])):
         lion(params, grads, moms, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")
     assert torch.equal(params[0], torch.zeros(5)), "nothing may be written before the check"
 
@@ -137,7 +195,7 @@ def test_a_failed_build_warns_once_and_the_step_runs_elsewhere(fresh_kernel, mon
     with pytest.warns(UserWarning, match="impl='cpp' is unavailable.*simulated compiler error"):
         got = _step("cpp", tensors)
     want = _step("foreach", tensors)
-    assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1]))
+    assert all(_bits_equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1]))
     assert "simulated compiler error" in impl_unavailable("cpp", "cpu")
     assert resolve_impl("auto", torch.device("cpu"), numel=10) == "foreach"
     with warnings.catch_warnings():
@@ -149,10 +207,14 @@ def test_the_library_is_built_once_and_then_read_from_the_cache(fresh_kernel, mo
     path = cpu_kernel.build()
     assert path.exists() and path.parent == fresh_kernel / "cache"
 
-    def no_compiler(*args, **kwargs):
-        raise AssertionError("the cached library should have been used")
+    run = subprocess.run
 
-    monkeypatch.setattr(subprocess, "run", no_compiler)
+    def no_build(command, *args, **kwargs):
+        if "-shared" in command:
+            raise AssertionError("the cached library should have been used")
+        return run(command, *args, **kwargs)  # the compiler's --version, for the cache key
+
+    monkeypatch.setattr(subprocess, "run", no_build)
     assert cpu_kernel.build() == path
     assert cpu_kernel._load() is not None
 

@@ -1,7 +1,7 @@
 // Lion's step over many fp32 CPU tensors in one call: the kernel of impl="cpp".
 //
 // Built by lion_hf/optim/cpu_kernel.py with the system's C++ compiler (-O3 -march=native
-// -fopenmp -ffp-contract=off) and called through ctypes with arrays of data pointers. The
+// -fopenmp -ffp-contract=off -fno-trapping-math) and called through ctypes with arrays of data pointers. The
 // Python side checks every tensor first (fp32, CPU, contiguous, equal lengths): nothing here
 // can check a raw pointer.
 //
@@ -22,6 +22,7 @@
 // norms) cost no call and no thread barrier of their own.
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -34,8 +35,20 @@ struct Hyper {
 
 inline float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
 
-// A finite float minus itself is 0; NaN and inf give NaN.
-inline bool finite(float x) { return x - x == 0.f; }
+// The new value where the gradient is finite, else the old one, bit for bit (the where() of
+// nonfinite_grad="skip_elements"). A blend of bit patterns: a select on a float comparison is
+// vectorised only under -fno-trapping-math, and the inf/NaN test is one on the exponent bits.
+inline float unless_nonfinite(float g, float updated, float old) {
+  uint32_t g_bits, new_bits, old_bits;
+  std::memcpy(&g_bits, &g, 4);
+  std::memcpy(&new_bits, &updated, 4);
+  std::memcpy(&old_bits, &old, 4);
+  const uint32_t keep = 0u - static_cast<uint32_t>((g_bits & 0x7f800000u) == 0x7f800000u);  // exponent all ones
+  const uint32_t bits = (new_bits & ~keep) | (old_bits & keep);
+  float result;
+  std::memcpy(&result, &bits, 4);
+  return result;
+}
 
 // Elements of [begin, end) whose update agrees in sign with the gradient (cautious Lion).
 int64_t count_agreeing(const float* __restrict g, const float* __restrict m, int64_t begin, int64_t end,
@@ -50,62 +63,51 @@ int64_t count_agreeing(const float* __restrict g, const float* __restrict m, int
 }
 
 // The update of [begin, end). `fraction` is the tensor's agreeing fraction (cautious only).
-// Branch-free, so g++ vectorises it.
-template <bool kCautious>
+// Branch-free, so g++ vectorises it; the non-finite check costs no extra pass over memory.
+template <bool kCautious, bool kSkipNonfinite>
 void update_block(float* __restrict p, const float* __restrict g, float* __restrict m, int64_t begin, int64_t end,
                   const Hyper& h, float fraction) {
   for (int64_t i = begin; i < end; ++i) {
     const float gi = g[i] * h.grad_sign;
     const float mi = m[i];
+    const float pi = p[i];
     float u = sign_of(mi * h.beta1 + gi * h.one_minus_beta1);
     if constexpr (kCautious) {
       u = u * static_cast<float>(u * gi > 0.f) / fraction;
     }
-    p[i] = p[i] * h.decay - u * h.lr;
-    m[i] = mi * h.beta2 + gi * h.one_minus_beta2;
-  }
-}
-
-// The same update, leaving every element whose gradient is NaN or inf untouched
-// (nonfinite_grad="skip_elements"). Runs only on blocks that hold such an element.
-template <bool kCautious>
-void update_block_masked(float* __restrict p, const float* __restrict g, float* __restrict m, int64_t begin,
-                         int64_t end, const Hyper& h, float fraction) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float gi = g[i] * h.grad_sign;
-    if (!finite(gi)) continue;
-    const float mi = m[i];
-    float u = sign_of(mi * h.beta1 + gi * h.one_minus_beta1);
-    if constexpr (kCautious) {
-      u = u * static_cast<float>(u * gi > 0.f) / fraction;
+    float new_p = pi * h.decay - u * h.lr;
+    float new_m = mi * h.beta2 + gi * h.one_minus_beta2;
+    if constexpr (kSkipNonfinite) {
+      new_p = unless_nonfinite(gi, new_p, pi);
+      new_m = unless_nonfinite(gi, new_m, mi);
     }
-    p[i] = p[i] * h.decay - u * h.lr;
-    m[i] = mi * h.beta2 + gi * h.one_minus_beta2;
+    p[i] = new_p;
+    m[i] = new_m;
   }
 }
 
-bool block_all_finite(const float* __restrict g, int64_t begin, int64_t end) {
-  int bad = 0;
-  for (int64_t i = begin; i < end; ++i) bad |= !finite(g[i]);
-  return bad == 0;
-}
-
-template <bool kCautious>
+template <bool kCautious, bool kSkipNonfinite>
 void run(int64_t n_blocks, const std::vector<int64_t>& block_tensor, const std::vector<int64_t>& block_start,
          float* const* ps, const float* const* gs, float* const* ms, const int64_t* numels, const Hyper& h,
-         const std::vector<float>& fractions, bool skip_nonfinite, int n_threads) {
+         const std::vector<float>& fractions, int n_threads) {
   // Static schedule: each thread streams one contiguous run of blocks.
 #pragma omp parallel for schedule(static) num_threads(n_threads)
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t t = block_tensor[b];
     const int64_t begin = block_start[b];
     const int64_t end = begin + kBlock < numels[t] ? begin + kBlock : numels[t];
-    const float fraction = kCautious ? fractions[t] : 1.f;
-    if (skip_nonfinite && !block_all_finite(gs[t], begin, end)) {
-      update_block_masked<kCautious>(ps[t], gs[t], ms[t], begin, end, h, fraction);
-    } else {
-      update_block<kCautious>(ps[t], gs[t], ms[t], begin, end, h, fraction);
-    }
+    update_block<kCautious, kSkipNonfinite>(ps[t], gs[t], ms[t], begin, end, h, kCautious ? fractions[t] : 1.f);
+  }
+}
+
+template <bool kCautious>
+void run(int64_t n_blocks, const std::vector<int64_t>& block_tensor, const std::vector<int64_t>& block_start,
+         float* const* ps, const float* const* gs, float* const* ms, const int64_t* numels, const Hyper& h,
+         const std::vector<float>& fractions, bool skip_nonfinite, int n_threads) {
+  if (skip_nonfinite) {
+    run<kCautious, true>(n_blocks, block_tensor, block_start, ps, gs, ms, numels, h, fractions, n_threads);
+  } else {
+    run<kCautious, false>(n_blocks, block_tensor, block_start, ps, gs, ms, numels, h, fractions, n_threads);
   }
 }
 
@@ -130,8 +132,9 @@ extern "C" void lion_hf_fp32_step(int64_t n_tensors, float* const* params, const
                n_threads);
     return;
   }
-  // Cautious: a first pass counts each tensor's agreeing elements (non-finite ones never agree),
-  // then the fraction is rounded as torch's agree.mean().clamp(min=1e-3) rounds it.
+  // Cautious: a first pass counts each tensor's agreeing elements (over all of them, as torch's
+  // mean does; an inf gradient can agree), then the fraction is rounded as torch's
+  // agree.mean().clamp(min=1e-3) rounds it.
   std::vector<int64_t> counts(n_blocks);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
   for (int64_t b = 0; b < n_blocks; ++b) {

@@ -31,13 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from lion_hf.optim import lion as _lion
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # -ffp-contract=off: no product is fused into an FMA, so every result rounds as torch's separate
 # ops round it (the step is bit for bit impl="for_loop"'s). -march=native: vectorised for this CPU.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# -fno-trapping-math: nothing reads floating-point exception flags, and without it g++ leaves
+# the cautious update's loop scalar (20x slower); it changes no value (no reassociation).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared",
+         "-fPIC")
 
 # Set when the kernel failed to build in this process; later steps use the other impls.
 build_failure: Exception | None = None
@@ -72,9 +76,18 @@ def _cpu_features() -> str:
     return platform.machine() + platform.processor()
 
 
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def library_path(cxx: str) -> Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), " ".join(FLAGS).encode(), _cpu_features().encode()):
+    parts = (SOURCE.read_bytes(), cxx.encode(), _compiler_version(cxx).encode(), " ".join(FLAGS).encode(),
+             _cpu_features().encode())
+    for part in parts:
         digest.update(part)
         digest.update(b"\0")
     return cache_dir() / f"lion_cpu_kernel_{digest.hexdigest()[:20]}.so"
@@ -93,7 +106,9 @@ def build() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
-        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        # A bound, so that a hung compiler cannot hang training (it takes ~1 s).
+        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} could not build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
         os.replace(built, path)
@@ -106,7 +121,7 @@ def _load() -> Callable[..., None] | None:
     if _kernel is None and build_failure is None:
         try:
             function = ctypes.CDLL(str(build())).lion_hf_fp32_step
-        except (RuntimeError, OSError, AttributeError) as exc:
+        except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as exc:
             build_failure = exc
             warnings.warn(f"Lion: impl='cpp' is unavailable ({exc}); this and later steps use impl='compiled' or "
                           "'foreach'", stacklevel=4)
@@ -127,13 +142,25 @@ def _takes(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None) -> bool:
 
 
 def _run_elsewhere(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                   kahan_comps: list[Tensor | None], **kwargs) -> None:
-    """What the kernel does not take, run as ``impl="auto"`` would run it without ``cpp``."""
-    numel = sum(p.numel() for p in params)
-    use_compiled = (numel >= _lion.AUTO_COMPILE_MIN_NUMEL
+                   kahan_comps: list[Tensor | None], call_numel: int, **kwargs) -> None:
+    """What the kernel does not take, run as ``impl="auto"`` would run it without ``cpp``:
+    ``compiled`` when the call (a param group on one device, under :class:`Lion`) has at least
+    ``AUTO_COMPILE_MIN_NUMEL`` elements, else ``foreach``."""
+    use_compiled = (call_numel >= _lion.AUTO_COMPILE_MIN_NUMEL
                     and _lion.impl_unavailable("compiled", params[0].device) is None)
     run = _lion._IMPL_FUNCTIONS["compiled" if use_compiled else "foreach"]
     run(params, grads, exp_avgs, kahan_comps, **kwargs)
+
+
+def _overlapping(pointers: np.ndarray, numels: np.ndarray) -> bool:
+    """Whether any two of these non-empty fp32 memory ranges overlap: a param listed twice, a
+    grad that is its param, overlapping views. The kernel's threads would then race on one
+    element (and its ``__restrict`` promise would not hold), so such a call runs elsewhere."""
+    nonempty = numels > 0
+    starts = pointers[nonempty]
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], starts[order] + 4 * numels[nonempty][order]
+    return bool((ends[:-1] > starts[1:]).any())
 
 
 def cpp_lion(
@@ -152,13 +179,14 @@ def cpp_lion(
     param_rounding: str,
 ) -> None:
     """The ``cpp`` step: one kernel call over the tensors it takes (:func:`_takes`), the rest
-    through :func:`_run_elsewhere`. Raises ValueError for a grad or momentum whose length is not
+    through :func:`_run_elsewhere`. Raises ValueError for a grad or momentum whose shape is not
     its param's (the kernel reads all three with the param's length)."""
     kwargs = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious,
                   skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
     kernel = _load()
+    call_numel = sum(map(Tensor.numel, params))
     if kernel is None:
-        _run_elsewhere(params, grads, exp_avgs, kahan_comps, **kwargs)
+        _run_elsewhere(params, grads, exp_avgs, kahan_comps, call_numel, **kwargs)
         return
     takes = [_takes(*ts) for ts in zip(params, grads, exp_avgs, kahan_comps)]
     if all(takes):
@@ -167,16 +195,24 @@ def cpp_lion(
         ps, gs, ms = ([t for t, ok in zip(ts, takes) if ok] for ts in (params, grads, exp_avgs))
     n = len(ps)
     if n:
-        numels = np.fromiter(map(Tensor.numel, [*ps, *gs, *ms]), np.int64, 3 * n).reshape(3, n)
-        if not ((numels[0] == numels[1]).all() and (numels[0] == numels[2]).all()):
-            i = int(np.flatnonzero((numels[0] != numels[1]) | (numels[0] != numels[2]))[0])
+        shapes = list(map(Tensor.size, ps))
+        if shapes != list(map(Tensor.size, gs)) or shapes != list(map(Tensor.size, ms)):
+            i = next(i for i, (p, g, m) in enumerate(zip(ps, gs, ms)) if not p.shape == g.shape == m.shape)
             raise ValueError(f"Lion: a param of shape {tuple(ps[i].shape)} has a grad of shape {tuple(gs[i].shape)} "
                              f"and a momentum of shape {tuple(ms[i].shape)}")
-        pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms]), np.int64, 3 * n)
-        address = pointers.ctypes.data
-        # The lengths are the params' row of `numels` (C order: the first n entries).
-        kernel(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data, lr, decay, beta1, 1.0 - beta1,
-               beta2, 1.0 - beta2, maximize, cautious, skip_nonfinite, torch.get_num_threads())
+        tensors = [*ps, *gs, *ms]
+        numels = np.fromiter(map(Tensor.numel, tensors), np.int64, 3 * n)
+        pointers = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, 3 * n)
+        if _overlapping(pointers, numels):
+            takes, n = [False] * len(params), 0
+        else:
+            address = pointers.ctypes.data  # p, g, m pointers, then the params' lengths (the first n numels)
+            kernel(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data, lr, decay, beta1,
+                   1.0 - beta1, beta2, 1.0 - beta2, maximize, cautious, skip_nonfinite, torch.get_num_threads())
+            # Written through raw pointers, which autograd cannot see: bump the version counters
+            # as an in-place op would (a stale saved tensor is then caught, as in the other impls).
+            increment_version([*ps, *ms])
     if n < len(params):
         rest = [i for i, ok in enumerate(takes) if not ok]
-        _run_elsewhere(*([ts[i] for i in rest] for ts in (params, grads, exp_avgs, kahan_comps)), **kwargs)
+        _run_elsewhere(*([ts[i] for i in rest] for ts in (params, grads, exp_avgs, kahan_comps)), call_numel,
+                       **kwargs)

@@ -706,7 +706,8 @@ class Lion(Optimizer):
 
             * ``"skip_elements"`` (default): that element's parameter and momentum are left
               unchanged; the rest of the step proceeds. In ``compiled`` and ``triton`` it is
-              fused into the update (a ``where`` in registers): no extra pass over memory;
+              fused into the update (a ``where`` in registers), in ``cpp`` each block of 16K
+              elements checks its gradients while they are in cache: no extra pass over memory;
               ``foreach`` and ``for_loop`` add one read of the gradients.
             * ``"skip_step"``: if any gradient of the step is non-finite, nothing is updated and
               :attr:`skipped_steps` is incremented. Costs one extra read of the gradients and a
