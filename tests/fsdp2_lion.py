@@ -20,7 +20,7 @@ from lion_hf import Lion
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-for impl in ("for_loop", "foreach", "compiled"):
+for impl in ("for_loop", "foreach", "compiled", "cpp"):  # cpp hands DTensor shards to foreach
     torch.manual_seed(0)
     replica = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5))
     sharded = copy.deepcopy(replica)

@@ -240,11 +240,13 @@ def test_ddp_two_cpu_processes_match_one(ddp_runs, optim):
         _assert_lion_close(one["params"], two["params"], lr=1e-3, steps=DDP_STEPS)
 
 
-def test_ddp_two_cpu_processes_match_one_with_the_compiled_impl(tmp_path, ddp_runs):
+@pytest.mark.parametrize("impl", ["compiled", "cpp"])
+def test_ddp_two_cpu_processes_match_one_with_the_compiled_and_cpp_impls(tmp_path, ddp_runs, impl):
     # The compiled impl keeps its chunk plans per process and calls its graphs without dynamo;
-    # under DDP the grads are all-reduced in place between steps. Both runs are also held to
-    # the single-process foreach run, so a compiled step that went wrong everywhere shows too.
-    one, two = (run["lion"] for run in _ddp_one_and_two(tmp_path, ["--optims", "lion", "--lion_impl", "compiled"]))
+    # cpp (what auto picks on CPU) hands its kernel raw pointers, and both ranks may build it at
+    # once; under DDP the grads are all-reduced in place between steps. Both runs are also held to
+    # the single-process foreach run, so a step that went wrong everywhere shows too.
+    one, two = (run["lion"] for run in _ddp_one_and_two(tmp_path, ["--optims", "lion", "--lion_impl", impl]))
     assert (one["world_size"], two["world_size"]) == (1, 2)
     foreach_one = ddp_runs[0]["lion"]
     for run in (one, two):
@@ -515,7 +517,7 @@ def test_lion_on_fsdp2_dtensor_shards(tmp_path):
         tmp_path,
         _env(),
     )
-    for impl in ("for_loop", "foreach", "compiled"):
+    for impl in ("for_loop", "foreach", "compiled", "cpp"):
         assert f"{impl}: sharded=True max_diff=" in stdout, stdout
     assert "skip_step: verdicts=[(1, True), (1, True)]" in stdout, stdout
     assert "dcp resume: key types=['str'] same=True" in stdout, stdout
