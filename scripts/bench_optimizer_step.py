@@ -158,10 +158,14 @@ def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[
         table["lion_cpp"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp"))
         table["lion_cpp_nocheck"] = (
             "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp", nonfinite_grad="propagate"))
+        table["lion_cpp_bf16_state"] = (
+            "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp", state_dtype="bf16"))
     # Pure bf16 (bf16 weights, grads and state), the GPU fine-tuning setup. Lion's default keeps
     # every step by stochastic rounding; Kahan and round-to-nearest for comparison.
     table["adamw_fused_bf16"] = ("adamw_bf16", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True))
-    bf16_impls = ["compiled", "triton"] if device == "cuda" else ["compiled", "foreach"]
+    # On CPU, cpp's kernel stores bf16 by stochastic rounding or round-to-nearest; its Kahan rows
+    # run the compiled impl (the kernel does not take residuals).
+    bf16_impls = ["compiled", "triton"] if device == "cuda" else ["compiled", "cpp", "foreach"]
     for impl in bf16_impls:
         for rounding, kind in (("stochastic", "lion_bf16"), ("kahan", "lion_bf16_kahan"), ("nearest", "lion_bf16")):
             table[f"lion_{impl}_bf16_{rounding}"] = (

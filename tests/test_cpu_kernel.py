@@ -24,9 +24,11 @@ SHAPES = [(0,), (1,), (7,), (33, 5), (2000,), (40000,), (3, 16385), (300,)]
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit patterns, NaN to NaN: a NaN's sign bit depends on how a negation was spelt."""
+    """Equal bit patterns, NaN to NaN: a NaN's payload and sign depend on how a conversion or a
+    negation was spelt."""
     nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
+    as_int = torch.int16 if a.element_size() == 2 else torch.int32
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(as_int)[~nan], b.view(as_int)[~nan])
 
 
 def _tensors(seed: int, nonfinite: bool):
@@ -53,6 +55,34 @@ def _step(impl: str, tensors, **kwargs):
     params, grads, moms = ([t.clone() for t in ts] for ts in tensors)
     lion(params, grads, moms, lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, impl=impl, **kwargs)
     return params, moms
+
+
+@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                     (torch.bfloat16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("cautious", [False, True])
+@pytest.mark.parametrize("policy", ["skip_elements", "propagate"])
+def test_bf16_storage_is_bit_for_bit_the_for_loop_step_given_the_same_generator(
+        param_dtype, state_dtype, rounding, cautious, policy, monkeypatch):
+    """Stochastic rounding included: the kernel draws its seeds in for_loop's order and hashes
+    each element's index as lion.py does."""
+
+    def elsewhere(*args, **kwargs):
+        raise AssertionError("the kernel should have taken every tensor")
+
+    monkeypatch.setattr(cpu_kernel, "_run_elsewhere", elsewhere)
+    params, grads, moms = _tensors(seed=7, nonfinite=True)
+    tensors = ([p.to(param_dtype) for p in params], [g.to(param_dtype) for g in grads],
+               [m.to(state_dtype) for m in moms])
+    flags = dict(cautious=cautious, nonfinite_grad=policy, param_rounding=rounding)
+    results = []
+    for impl in ("for_loop", "cpp"):
+        torch.manual_seed(11)
+        results.append(_step(impl, tensors, **flags))
+    for kind, want, have in zip(("param", "momentum"), *results):
+        for shape, a, b in zip(SHAPES, want, have):
+            assert a.dtype == b.dtype and _bits_equal(a, b), f"{kind} {shape} differs from for_loop's"
+    assert any(not torch.equal(a, b) for a, b in zip(results[1][0], tensors[0])), "nothing moved"
 
 
 @pytest.mark.parametrize("maximize,cautious", list(itertools.product([False, True], repeat=2)))
@@ -84,28 +114,27 @@ def test_the_kernel_is_bit_for_bit_the_for_loop_step(maximize, cautious, policy,
 
 
 def test_a_step_splits_between_the_kernel_and_the_other_impls():
-    """fp32 params go to the kernel (bit for bit for_loop); a bf16 param, a bf16 momentum and a
-    strided grad go where "auto" would send them without cpp (foreach here, under 1M elements)."""
+    """fp32 and bf16 params go to the kernel (bit for bit for_loop); an fp16 param, an fp32 param
+    with a bf16 grad and a strided grad go where "auto" would send them without cpp (foreach
+    here, under 1M elements)."""
     gen = torch.Generator().manual_seed(4)
-    params = [torch.randn(300, generator=gen), torch.randn(64, generator=gen).bfloat16(),
-              torch.randn(40, generator=gen), torch.randn(8, 6, generator=gen), torch.randn(50, generator=gen)]
+    params = [torch.randn(300, generator=gen), torch.randn(64, generator=gen).half(), torch.randn(40, generator=gen),
+              torch.randn(8, 6, generator=gen), torch.randn(50, generator=gen).bfloat16()]
     grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    grads[2] = grads[2].bfloat16()
     grads[3] = torch.randn(6, 8, generator=gen).t()  # not contiguous
     moms = [torch.randn(p.shape, generator=gen) for p in params]
-    moms[2] = moms[2].bfloat16()
     kernel_part, other_part = [0, 4], [1, 2, 3]
     tensors = (params, grads, moms)
     flags = dict(param_rounding="nearest", nonfinite_grad="propagate")
-    torch.manual_seed(0)  # the bf16 momentum's stochastic rounding draws its seed
     got = _step("cpp", tensors, **flags)
     want_kernel = _step("for_loop", [[ts[i] for i in kernel_part] for ts in tensors], **flags)
-    torch.manual_seed(0)
     want_other = _step("foreach", [[ts[i] for i in other_part] for ts in tensors], **flags)
     for k, (p_want, m_want) in zip(kernel_part, zip(*want_kernel)):
         assert _bits_equal(got[0][k], p_want) and _bits_equal(got[1][k], m_want), f"tensor {k}"
     for k, (p_want, m_want) in zip(other_part, zip(*want_other)):
         assert torch.equal(got[0][k], p_want) and torch.equal(got[1][k], m_want), f"tensor {k}"
-    assert got[0][1].dtype == torch.bfloat16 and got[1][2].dtype == torch.bfloat16
+    assert got[0][1].dtype == torch.float16 and got[0][4].dtype == torch.bfloat16
 
 
 def test_version_counters_are_bumped():
@@ -130,7 +159,7 @@ def test_what_the_kernel_does_not_take_runs_as_auto_would(threshold, expected, m
         monkeypatch.setitem(lion_module._IMPL_FUNCTIONS, name,
                             lambda params, *args, name=name, **kwargs: ran.append((name, len(params))))
     monkeypatch.setattr(lion_module, "AUTO_COMPILE_MIN_NUMEL", threshold)
-    params = [torch.zeros(10), torch.zeros(10, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16)]
+    params = [torch.zeros(10), torch.zeros(10, dtype=torch.float16), torch.zeros(4, dtype=torch.float16)]
     grads = [torch.ones_like(p) for p in params]
     moms = [torch.zeros(p.shape) for p in params]
     lion(params, grads, moms, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")

@@ -73,7 +73,7 @@ def _run_against_reference(impl, param_dtype, state_dtype, steps=4, device="cpu"
     return opt
 
 
-# cpp: its kernel takes the fp32 params; low-precision ones go to foreach (tests/test_cpu_kernel.py).
+# cpp: its kernel takes fp32 and bf16 params; fp16 ones go to foreach (tests/test_cpu_kernel.py).
 @pytest.mark.parametrize("impl", ["for_loop", "foreach", "cpp"])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
@@ -594,7 +594,8 @@ def test_compile_failure_under_auto_updates_every_tensor_exactly_once(monkeypatc
 # Low-precision weights: every step is kept (param_rounding)
 # --------------------------------------------------------------------------------------
 
-# triton runs under TRITON_INTERPRET=1 on CPU; cpp hands low-precision params to foreach.
+# triton runs under TRITON_INTERPRET=1 on CPU; cpp's kernel takes bf16 (stochastic or nearest), not fp16 or
+# Kahan residuals, which it hands to foreach.
 ALL_IMPLS = ["for_loop", "foreach", "compiled", "cpp", "triton"]
 
 
@@ -643,7 +644,8 @@ def test_round_to_nearest_loses_the_steps(impl, dtype):
     assert torch.equal(p.detach(), torch.ones_like(p))
 
 
-TRAJECTORY_CASES = [("for_loop", 65536, 150), ("foreach", 65536, 150), ("compiled", 65536, 150), ("triton", 8192, 100)]
+TRAJECTORY_CASES = [("for_loop", 65536, 150), ("foreach", 65536, 150), ("compiled", 65536, 150), ("cpp", 65536, 150),
+                    ("triton", 8192, 100)]
 
 
 def _bf16_trajectory(impl, n, steps, rounding):
@@ -795,7 +797,7 @@ def test_kahan_residual_is_state_that_moves_between_impls_and_resumes(src, dst):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+@pytest.mark.parametrize("impl", ["foreach", "compiled", "cpp"])
 def test_stochastic_rounding_resume_with_the_rng_state_equals_the_uninterrupted_run(impl):
     # Stochastic rounding draws from torch's default generator, which HF's Trainer checkpoints
     # (rng_state.pth) and restores: with it restored, a resumed run is the same run, bit for bit.

@@ -1,4 +1,4 @@
-"""The ``cpp`` impl of Lion: one call of a C++ kernel over every fp32 tensor of a step, on the CPU.
+"""The ``cpp`` impl of Lion: one call of a C++ kernel over every fp32 or bf16 tensor of a step, on the CPU.
 
 ``cpu_kernel.cpp`` is built at first use with the system's C++ compiler (g++, ~1 s) into a
 cache directory (``$LION_HF_CACHE``, else ``~/.cache/lion_hf``; the file name carries a hash of
@@ -8,10 +8,13 @@ pointers. One call updates all tensors: the compiled impl needs one call per 16 
 Python around each. The step as ``LionTrainer`` builds it was 0.74x torch's fused AdamW on
 all-MiniLM-L6-v2 and 0.72x on BERT-base (2-core CPU, README benchmark), the compiled one 0.80x.
 
-The kernel takes plain, contiguous fp32 CPU tensors (param, grad and momentum) without a Kahan
-residual, which is how CPU models train. The rest of a step (low-precision params or momenta,
-Kahan residuals, strided or subclass tensors) runs as ``impl="auto"`` would run it without this
-impl: ``compiled`` when the call (a param group on one device) has at least
+The kernel takes plain, contiguous CPU tensors: an fp32 or bf16 param with a grad of its dtype,
+an fp32 or bf16 momentum, no Kahan residual. A bf16 value is stored by stochastic rounding (the
+momentum always; the param under ``param_rounding="stochastic"``) or round-to-nearest, with
+the same hash and the same draws of seeds as ``impl="for_loop"``, which it equals bit for bit
+given the same generator state. The rest of a step (fp16 params, Kahan residuals, strided or
+subclass tensors) runs as ``impl="auto"`` would run it without this impl: ``compiled`` when
+the call (a param group on one device) has at least
 :data:`~lion_hf.optim.lion.AUTO_COMPILE_MIN_NUMEL` elements, else ``foreach``; so do calls whose
 tensors overlap in memory (the kernel's threads would race on them). If the build fails, a
 warning says why and this and every later step run with those impls;
@@ -50,9 +53,8 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fo
 build_failure: Exception | None = None
 _kernel: Callable[..., None] | None = None
 
-_FP32 = torch.float32
 _P = ctypes.c_void_p
-_ARGTYPES = [ctypes.c_int64, _P, _P, _P, _P, *[ctypes.c_float] * 6, *[ctypes.c_int] * 4]
+_ARGTYPES = [ctypes.c_int64, *[_P] * 6, *[ctypes.c_float] * 6, *[ctypes.c_int] * 4]
 
 
 def compiler() -> str | None:
@@ -123,7 +125,7 @@ def _load() -> Callable[..., None] | None:
     global _kernel, build_failure
     if _kernel is None and build_failure is None:
         try:
-            function = ctypes.CDLL(str(build())).lion_hf_fp32_step
+            function = ctypes.CDLL(str(build())).lion_hf_cpu_step
         except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as exc:
             build_failure = exc
             warnings.warn(f"Lion: impl='cpp' is unavailable ({exc}); this and later steps use impl='compiled' or "
@@ -135,13 +137,27 @@ def _load() -> Callable[..., None] | None:
     return _kernel
 
 
-def _takes(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None) -> bool:
-    """Whether the kernel updates this param: plain contiguous fp32 CPU tensors, no residual."""
+# The kernel's tensor kinds (cpu_kernel.cpp) by (param, grad, momentum) dtypes; a bf16 param
+# stored by stochastic rounding adds _PARAM_STOCHASTIC.
+_KINDS = {
+    (torch.float32, torch.float32, torch.float32): 0,
+    (torch.float32, torch.float32, torch.bfloat16): 2,
+    (torch.bfloat16, torch.bfloat16, torch.float32): 1,
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16): 3,
+}
+_BF16_PARAM, _BF16_MOMENTUM, _PARAM_STOCHASTIC = 1, 2, 4
+
+
+def _kind(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None, param_stochastic: bool) -> int:
+    """The kernel's kind for this param, or -1 where it does not take it: plain contiguous CPU
+    tensors, fp32 or bf16 (the grad of the param's dtype), no Kahan residual."""
     plain = _lion._PLAIN_TENSOR_TYPES
-    return (c is None and type(p) in plain and type(g) in plain and type(m) in plain
-            and p.dtype is _FP32 and g.dtype is _FP32 and m.dtype is _FP32
+    if not (c is None and type(p) in plain and type(g) in plain and type(m) in plain
             and p.is_cpu and g.is_cpu and m.is_cpu
-            and p.is_contiguous() and g.is_contiguous() and m.is_contiguous())
+            and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
+        return -1
+    kind = _KINDS.get((p.dtype, g.dtype, m.dtype), -1)
+    return kind | _PARAM_STOCHASTIC if kind & _BF16_PARAM and param_stochastic else kind
 
 
 def _run_elsewhere(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -155,15 +171,31 @@ def _run_elsewhere(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     run(params, grads, exp_avgs, kahan_comps, **kwargs)
 
 
-def _overlapping(pointers: np.ndarray, numels: np.ndarray) -> bool:
-    """Whether any two of these non-empty fp32 memory ranges overlap: a param listed twice, a
-    grad that is its param, overlapping views. The kernel's threads would then race on one
-    element (and its ``__restrict`` promise would not hold), so such a call runs elsewhere."""
-    nonempty = numels > 0
+def _overlapping(pointers: np.ndarray, nbytes: np.ndarray) -> bool:
+    """Whether any two of these non-empty memory ranges overlap: a param listed twice, a grad
+    that is its param, overlapping views. The kernel's threads would then race on one element
+    (and its ``__restrict`` promise would not hold), so such a call runs elsewhere."""
+    nonempty = nbytes > 0
     starts = pointers[nonempty]
     order = np.argsort(starts, kind="stable")
-    starts, ends = starts[order], starts[order] + 4 * numels[nonempty][order]
+    starts, ends = starts[order], starts[order] + nbytes[nonempty][order]
     return bool((ends[:-1] > starts[1:]).any())
+
+
+def _seeds(kinds: np.ndarray, numels: np.ndarray) -> np.ndarray:
+    """Stochastic-rounding seeds, [param, momentum] per tensor, drawn from torch's default
+    generator in the order impl="for_loop" draws them (a non-empty tensor's param seed, then its
+    momentum seed), so that with the same generator state the two impls round alike. None is
+    drawn for an all-fp32 step."""
+    nonempty = numels > 0
+    needed = np.stack([((kinds & _PARAM_STOCHASTIC) != 0) & nonempty, ((kinds & _BF16_MOMENTUM) != 0) & nonempty],
+                      axis=1)
+    seeds = np.zeros(needed.shape, dtype=np.int32)
+    count = int(needed.sum())
+    if count:
+        # One draw of `count` values is the same sequence as `count` draws of one (_new_seed).
+        seeds[needed] = torch.randint(0, 1 << 16, (count,)).numpy()
+    return seeds
 
 
 def cpp_lion(
@@ -181,7 +213,7 @@ def cpp_lion(
     skip_nonfinite: bool,
     param_rounding: str,
 ) -> None:
-    """The ``cpp`` step: one kernel call over the tensors it takes (:func:`_takes`), the rest
+    """The ``cpp`` step: one kernel call over the tensors it takes (:func:`_kind`), the rest
     through :func:`_run_elsewhere`. Raises ValueError for a grad or momentum whose shape is not
     its param's (the kernel reads all three with the param's length)."""
     kwargs = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious,
@@ -191,11 +223,13 @@ def cpp_lion(
     if kernel is None:
         _run_elsewhere(params, grads, exp_avgs, kahan_comps, call_numel, **kwargs)
         return
-    takes = [_takes(*ts) for ts in zip(params, grads, exp_avgs, kahan_comps)]
+    stochastic = param_rounding == "stochastic"
+    all_kinds = [_kind(*ts, stochastic) for ts in zip(params, grads, exp_avgs, kahan_comps)]
+    takes = [k >= 0 for k in all_kinds]
     if all(takes):
-        ps, gs, ms = params, grads, exp_avgs
+        ps, gs, ms, kinds = params, grads, exp_avgs, all_kinds
     else:
-        ps, gs, ms = ([t for t, ok in zip(ts, takes) if ok] for ts in (params, grads, exp_avgs))
+        ps, gs, ms, kinds = ([t for t, ok in zip(ts, takes) if ok] for ts in (params, grads, exp_avgs, all_kinds))
     n = len(ps)
     if n:
         shapes = list(map(Tensor.size, ps))
@@ -206,12 +240,17 @@ def cpp_lion(
         tensors = [*ps, *gs, *ms]
         numels = np.fromiter(map(Tensor.numel, tensors), np.int64, 3 * n)
         pointers = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, 3 * n)
-        if _overlapping(pointers, numels):
+        kind_array = np.array(kinds, dtype=np.int32)
+        p_bytes = np.where(kind_array & _BF16_PARAM, 2, 4)
+        m_bytes = np.where(kind_array & _BF16_MOMENTUM, 2, 4)
+        if _overlapping(pointers, numels * np.concatenate([p_bytes, p_bytes, m_bytes])):
             takes, n = [False] * len(params), 0
         else:
+            seeds = _seeds(kind_array, numels[:n])
             address = pointers.ctypes.data  # p, g, m pointers, then the params' lengths (the first n numels)
-            kernel(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data, lr, decay, beta1,
-                   1.0 - beta1, beta2, 1.0 - beta2, maximize, cautious, skip_nonfinite, torch.get_num_threads())
+            kernel(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data, kind_array.ctypes.data,
+                   seeds.ctypes.data, lr, decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, maximize, cautious,
+                   skip_nonfinite, torch.get_num_threads())
             # Written through raw pointers, which autograd cannot see: bump the version counters
             # as an in-place op would (a stale saved tensor is then caught, as in the other impls).
             increment_version([*ps, *ms])

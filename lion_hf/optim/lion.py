@@ -9,8 +9,8 @@ step to flat lists of tensors and dispatches on ``impl`` to one of
 * ``_compiled_lion``  - a ``torch.compile``-d elementwise step over chunks of 16 flattened
   tensors (``lion_hf/optim/compiled.py``, imported only when used);
 * ``_cpp_lion``       - one call of a C++ kernel (OpenMP, built with the system's g++ at first
-  use) over all fp32 CPU tensors of a step (``lion_hf/optim/cpu_kernel.py``; the rest of a
-  step runs as ``auto`` would run it without this impl);
+  use) over all fp32 and bf16 CPU tensors of a step (``lion_hf/optim/cpu_kernel.py``; the rest
+  of a step runs as ``auto`` would run it without this impl);
 * ``_triton_lion``    - the fused multi-tensor Triton kernel (``lion_hf/optim/triton.py``,
   imported only when used).
 
@@ -724,7 +724,7 @@ class Lion(Optimizer):
             ``"triton"``. ``auto`` picks ``triton`` on CUDA when triton is installed. On CPU it
             picks ``cpp`` when a C++ compiler is found: one multi-tensor kernel call per step,
             built in about a second at first use and cached; the fastest CPU step, bit for bit
-            ``for_loop``'s for fp32. What that kernel does not take (bf16/fp16 params or momenta,
+            ``for_loop``'s for fp32 and bf16 storage. What that kernel does not take (fp16 params,
             Kahan residuals) and every step without a compiler run as before: ``compiled``
             (torch.compile of the fused elementwise step; the first step pays a one-off compile of
             several seconds) for models of at least ``AUTO_COMPILE_MIN_NUMEL`` (1M) elements,
