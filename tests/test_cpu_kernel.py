@@ -18,9 +18,9 @@ from lion_hf.optim.lion import impl_unavailable, lion, resolve_impl
 
 pytestmark = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="needs a C++ compiler")
 
-# Lengths around the kernel's 16384-element block and its 8-wide vectors, an empty tensor and a
-# one-element one.
-SHAPES = [(0,), (1,), (7,), (33, 5), (2000,), (40000,), (3, 16385), (300,)]
+# Lengths around the kernel's 16384-element block and its 8-wide vectors, an empty tensor, a
+# one-element one, and one past 2**16 elements (stochastic rounding hashes the index mod 2**16).
+SHAPES = [(0,), (1,), (7,), (33, 5), (2000,), (40000,), (3, 16385), (300,), (70000,)]
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -186,6 +186,14 @@ def test_overlapping_tensors_run_elsewhere(monkeypatch):
     assert torch.equal(p, torch.full((8,), -1.0))
 
 
+def test_a_kind_the_kernel_does_not_know_is_an_error_before_any_update(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_kind", lambda *args: cpu_kernel._BF16_MOMENTUM | cpu_kernel._PARAM_STOCHASTIC)
+    params, grads, moms = [torch.zeros(5)], [torch.ones(5)], [torch.zeros(5)]
+    with pytest.raises(RuntimeError, match="does not know 1 tensor kind"):
+        lion(params, grads, moms, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")
+    assert torch.equal(params[0], torch.zeros(5)) and torch.equal(moms[0], torch.zeros(5))
+
+
 @pytest.mark.parametrize("grad_shape", [(3,), (2, 2)])
 def test_a_grad_of_another_shape_is_a_value_error(grad_shape):
     params, grads = [torch.zeros(5), torch.zeros(4)], [torch.ones(5), torch.ones(grad_shape)]
@@ -198,7 +206,7 @@ def test_a_grad_of_another_shape_is_a_value_error(grad_shape):
 def test_lion_under_auto_runs_the_kernel(monkeypatch):
     calls = []
     kernel = cpu_kernel._load()
-    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: (calls.append(args[0]), kernel(*args)))
+    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: calls.append(args[0]) or kernel(*args))
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     opt = Lion(model.parameters(), lr=1e-3)
     model(torch.randn(3, 8)).sum().backward()

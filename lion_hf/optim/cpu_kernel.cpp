@@ -17,8 +17,9 @@
 // and a bf16 result is rounded as lion.py's _round_to rounds it (the same 16-bit hash of the
 // element's index and a per-tensor seed for stochastic rounding). With -ffp-contract=off no
 // product is fused into an FMA, so each result rounds as torch's separate ops round it: given
-// the same seeds the step is bit for bit that of impl="for_loop" (tested), except that a
-// cautious tensor of more than 2**24 elements may round its agreeing fraction differently.
+// the same seeds the step is bit for bit that of impl="for_loop" (tested), except for NaN
+// payloads and a cautious tensor of more than 2**24 elements, which may round its agreeing
+// fraction differently.
 //
 // Why one call: torch.compile's graph takes a fixed number of tensors, so the compiled impl
 // makes one call per 16 tensors, each with its own Python around it. Here all tensors are cut
@@ -199,7 +200,7 @@ void update_block_of_kind(const Step& s, int64_t b) {
     case kBf16Param | kBf16Momentum | kParamStochastic:
       return update_block<Bf16, Bf16, true, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
     default:
-      return;  // cpu_kernel.py sends no other kind
+      return;  // unreachable: lion_hf_cpu_step refuses unknown kinds before any update
   }
 }
 
@@ -223,13 +224,31 @@ void run(const Step& s, int n_threads) {
   for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind<kCautious, kSkip>(s, b);
 }
 
+inline bool known_kind(int32_t kind) {
+  switch (kind) {
+    case 0:
+    case kBf16Momentum:
+    case kBf16Param:
+    case kBf16Param | kParamStochastic:
+    case kBf16Param | kBf16Momentum:
+    case kBf16Param | kBf16Momentum | kParamStochastic:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
-extern "C" void lion_hf_cpu_step(int64_t n_tensors, void* const* params, const void* const* grads,
-                                 void* const* exp_avgs, const int64_t* numels, const int32_t* kinds,
-                                 const int32_t* seeds, float lr, float decay, float beta1, float one_minus_beta1,
-                                 float beta2, float one_minus_beta2, int maximize, int cautious, int skip_nonfinite,
-                                 int n_threads) {
+// Returns how many tensors have a kind it does not know; then it has updated nothing.
+extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, const void* const* grads,
+                                    void* const* exp_avgs, const int64_t* numels, const int32_t* kinds,
+                                    const int32_t* seeds, float lr, float decay, float beta1,
+                                    float one_minus_beta1, float beta2, float one_minus_beta2, int maximize,
+                                    int cautious, int skip_nonfinite, int n_threads) {
+  int64_t unknown = 0;
+  for (int64_t t = 0; t < n_tensors; ++t) unknown += !known_kind(kinds[t]);
+  if (unknown) return unknown;
   Step s{n_tensors, params, grads, exp_avgs, numels, kinds, seeds,
          Hyper{lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, maximize ? -1.f : 1.f}, {}, {}, {}};
   for (int64_t t = 0; t < n_tensors; ++t) {
@@ -261,4 +280,5 @@ extern "C" void lion_hf_cpu_step(int64_t n_tensors, void* const* params, const v
   } else {
     run<false, false>(s, n_threads);
   }
+  return 0;
 }

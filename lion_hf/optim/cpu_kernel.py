@@ -1,23 +1,25 @@
 """The ``cpp`` impl of Lion: one call of a C++ kernel over every fp32 or bf16 tensor of a step, on the CPU.
 
-``cpu_kernel.cpp`` is built at first use with the system's C++ compiler (g++, ~1 s) into a
+``cpu_kernel.cpp`` is built at first use with the system's C++ compiler (g++, ~2 s) into a
 cache directory (``$LION_HF_CACHE``, else ``~/.cache/lion_hf``; the file name carries a hash of
 the source, the compiler's path and version, its flags and the CPU's feature flags, since it is
 built for this CPU with ``-march=native``), and called through ctypes with arrays of data
 pointers. One call updates all tensors: the compiled impl needs one call per 16 tensors, with
-Python around each. The step as ``LionTrainer`` builds it was 0.74x torch's fused AdamW on
-all-MiniLM-L6-v2 and 0.72x on BERT-base (2-core CPU, README benchmark), the compiled one 0.80x.
+Python around each. The step as ``LionTrainer`` builds it was 0.74-0.78x torch's fused AdamW on
+all-MiniLM-L6-v2 and 0.72-0.75x on BERT-base over three runs (2-core CPU, README benchmark), the
+compiled one 0.79-0.81x.
 
 The kernel takes plain, contiguous CPU tensors: an fp32 or bf16 param with a grad of its dtype,
 an fp32 or bf16 momentum, no Kahan residual. A bf16 value is stored by stochastic rounding (the
 momentum always; the param under ``param_rounding="stochastic"``) or round-to-nearest, with
-the same hash and the same draws of seeds as ``impl="for_loop"``, which it equals bit for bit
-given the same generator state. The rest of a step (fp16 params, Kahan residuals, strided or
-subclass tensors) runs as ``impl="auto"`` would run it without this impl: ``compiled`` when
-the call (a param group on one device) has at least
-:data:`~lion_hf.optim.lion.AUTO_COMPILE_MIN_NUMEL` elements, else ``foreach``; so do calls whose
-tensors overlap in memory (the kernel's threads would race on them). If the build fails, a
-warning says why and this and every later step run with those impls;
+the same hash and the same draws of seeds as ``impl="for_loop"``: when it takes every tensor of
+a call, it equals that impl bit for bit given the same generator state (with tensors that run
+elsewhere the seeds are drawn in another order). The rest of a step (fp16 params, a grad of
+another dtype than its param, Kahan residuals, strided or subclass tensors) runs as
+``impl="auto"`` would run it without this impl: ``compiled`` when the call (a param group on one
+device) has at least :data:`~lion_hf.optim.lion.AUTO_COMPILE_MIN_NUMEL` elements, else
+``foreach``; so do calls whose tensors overlap in memory (the kernel's threads would race on
+them). If the build fails, a warning says why and this and every later step run with those impls;
 :func:`~lion_hf.optim.lion.impl_unavailable` then reports the failure.
 """
 
@@ -111,7 +113,7 @@ def build() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
-        # A bound, so that a hung compiler cannot hang training (it takes ~1 s).
+        # A bound, so that a hung compiler cannot hang training (it takes ~2 s).
         result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode != 0:
@@ -132,7 +134,7 @@ def _load() -> Callable[..., None] | None:
                           "'foreach'", stacklevel=4)
             return None
         function.argtypes = _ARGTYPES
-        function.restype = None
+        function.restype = ctypes.c_int64  # tensors of a kind it does not know (nothing was updated)
         _kernel = function
     return _kernel
 
@@ -157,7 +159,9 @@ def _kind(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None, param_stochastic: b
             and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
         return -1
     kind = _KINDS.get((p.dtype, g.dtype, m.dtype), -1)
-    return kind | _PARAM_STOCHASTIC if kind & _BF16_PARAM and param_stochastic else kind
+    if kind >= 0 and kind & _BF16_PARAM and param_stochastic:
+        kind |= _PARAM_STOCHASTIC
+    return kind
 
 
 def _run_elsewhere(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -193,8 +197,9 @@ def _seeds(kinds: np.ndarray, numels: np.ndarray) -> np.ndarray:
     seeds = np.zeros(needed.shape, dtype=np.int32)
     count = int(needed.sum())
     if count:
-        # One draw of `count` values is the same sequence as `count` draws of one (_new_seed).
-        seeds[needed] = torch.randint(0, 1 << 16, (count,)).numpy()
+        # One draw of `count` values is the same sequence as `count` draws of one (_new_seed),
+        # from the same generator: that of torch's default device, as _new_seed draws.
+        seeds[needed] = torch.randint(0, 1 << 16, (count,)).cpu().numpy()
     return seeds
 
 
@@ -248,9 +253,12 @@ def cpp_lion(
         else:
             seeds = _seeds(kind_array, numels[:n])
             address = pointers.ctypes.data  # p, g, m pointers, then the params' lengths (the first n numels)
-            kernel(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data, kind_array.ctypes.data,
-                   seeds.ctypes.data, lr, decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, maximize, cautious,
-                   skip_nonfinite, torch.get_num_threads())
+            unknown = kernel(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data,
+                             kind_array.ctypes.data, seeds.ctypes.data, lr, decay, beta1, 1.0 - beta1, beta2,
+                             1.0 - beta2, maximize, cautious, skip_nonfinite, torch.get_num_threads())
+            if unknown:  # _kind and the kernel disagree: a bug here, never a silent no-op
+                raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of "
+                                   f"{sorted(set(kinds))}")
             # Written through raw pointers, which autograd cannot see: bump the version counters
             # as an in-place op would (a stale saved tensor is then caught, as in the other impls).
             increment_version([*ps, *ms])

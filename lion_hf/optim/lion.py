@@ -723,9 +723,10 @@ class Lion(Optimizer):
         impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"compiled"``, ``"cpp"`` or
             ``"triton"``. ``auto`` picks ``triton`` on CUDA when triton is installed. On CPU it
             picks ``cpp`` when a C++ compiler is found: one multi-tensor kernel call per step,
-            built in about a second at first use and cached; the fastest CPU step, bit for bit
-            ``for_loop``'s for fp32 and bf16 storage. What that kernel does not take (fp16 params,
-            Kahan residuals) and every step without a compiler run as before: ``compiled``
+            built in about 2 s at first use and cached; the fastest CPU step, bit for bit
+            ``for_loop``'s for fp32 and bf16 storage when it takes every tensor. What that kernel
+            does not take (fp16 params, Kahan residuals) and every step without a compiler run as
+            before: ``compiled``
             (torch.compile of the fused elementwise step; the first step pays a one-off compile of
             several seconds) for models of at least ``AUTO_COMPILE_MIN_NUMEL`` (1M) elements,
             ``foreach`` below that, where the compile would cost more than it saves. If building
