@@ -14,9 +14,10 @@ import torch
 
 from lion_hf import Lion
 from lion_hf.optim import cpu_kernel
+from lion_hf.optim import lion as lion_module
 from lion_hf.optim.lion import impl_unavailable, lion, resolve_impl
 
-pytestmark = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="needs a C++ compiler")
+pytestmark = pytest.mark.skipif(lion_module.cxx_compiler() is None, reason="needs a C++ compiler")
 
 # Lengths around the kernel's 16384-element block and its 8-wide vectors, an empty tensor, a
 # one-element one, and one past 2**16 elements (stochastic rounding hashes the index mod 2**16).
@@ -152,8 +153,6 @@ def test_version_counters_are_bumped():
 
 @pytest.mark.parametrize("threshold,expected", [(0, "compiled"), (10**9, "foreach")])
 def test_what_the_kernel_does_not_take_runs_as_auto_would(threshold, expected, monkeypatch):
-    from lion_hf.optim import lion as lion_module
-
     ran = []
     for name in ("compiled", "foreach"):
         monkeypatch.setitem(lion_module._IMPL_FUNCTIONS, name,

@@ -29,7 +29,6 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import warnings
@@ -57,11 +56,6 @@ _kernel: Callable[..., None] | None = None
 
 _P = ctypes.c_void_p
 _ARGTYPES = [ctypes.c_int64, *[_P] * 6, *[ctypes.c_float] * 6, *[ctypes.c_int] * 4]
-
-
-def compiler() -> str | None:
-    """The C++ compiler the kernel is built with: ``$CXX``, else g++, else c++ (None if none is found)."""
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
 def cache_dir() -> Path:
@@ -104,7 +98,7 @@ def build() -> Path:
     """Build the kernel's shared library unless the cache holds it already; its path. Raises
     RuntimeError with the compiler's output if it fails. Processes that build at once (ranks of
     one job) each write their own file and rename it into place, so none loads a partial one."""
-    cxx = compiler()
+    cxx = _lion.cxx_compiler()
     if cxx is None:
         raise RuntimeError("impl='cpp' needs a C++ compiler (g++) on the PATH, or $CXX")
     path = library_path(cxx)
@@ -224,9 +218,8 @@ def cpp_lion(
     kwargs = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious,
                   skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
     kernel = _load()
-    call_numel = sum(map(Tensor.numel, params))
     if kernel is None:
-        _run_elsewhere(params, grads, exp_avgs, kahan_comps, call_numel, **kwargs)
+        _run_elsewhere(params, grads, exp_avgs, kahan_comps, sum(map(Tensor.numel, params)), **kwargs)
         return
     stochastic = param_rounding == "stochastic"
     all_kinds = [_kind(*ts, stochastic) for ts in zip(params, grads, exp_avgs, kahan_comps)]
@@ -262,7 +255,7 @@ def cpp_lion(
             # Written through raw pointers, which autograd cannot see: bump the version counters
             # as an in-place op would (a stale saved tensor is then caught, as in the other impls).
             increment_version([*ps, *ms])
-    if n < len(params):
+    if n < len(params):  # counted only here: the common step hands every tensor to the kernel
         rest = [i for i, ok in enumerate(takes) if not ok]
-        _run_elsewhere(*([ts[i] for i in rest] for ts in (params, grads, exp_avgs, kahan_comps)), call_numel,
-                       **kwargs)
+        _run_elsewhere(*([ts[i] for i in rest] for ts in (params, grads, exp_avgs, kahan_comps)),
+                       sum(map(Tensor.numel, params)), **kwargs)

@@ -556,24 +556,19 @@ def _lion_step(
         param_rounding=param_rounding)
 
 
-def _compile_failure() -> Exception | None:
-    # Recorded by the compiled impl (lion_hf/optim/compiled.py), which is imported only once used.
+def _recorded_failure(module: str, attribute: str) -> Exception | None:
+    """A failure an impl's module recorded in this process (``compiled.compile_failure``,
+    ``cpu_kernel.build_failure``); None when it was never imported, which is only once used."""
     import sys
 
-    compiled = sys.modules.get("lion_hf.optim.compiled")
-    return None if compiled is None else compiled.compile_failure
+    recorder = sys.modules.get(f"lion_hf.optim.{module}")
+    return None if recorder is None else getattr(recorder, attribute)
 
 
-def _cpp_build_failure() -> Exception | None:
-    # Recorded by the cpp impl (lion_hf/optim/cpu_kernel.py), which is imported only once used.
-    import sys
-
-    kernel = sys.modules.get("lion_hf.optim.cpu_kernel")
-    return None if kernel is None else kernel.build_failure
-
-
-def _cxx_on_path() -> bool:
-    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile and the cpp impl's build use: ``$CXX``, else g++, else c++
+    (None if none is on the PATH)."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
 def _triton_importable() -> bool:
@@ -604,9 +599,9 @@ def impl_unavailable(impl: str, device: torch.device | str) -> str | None:
     if impl == "compiled":
         if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
             return "impl='compiled' needs torch.compile, and TORCHDYNAMO_DISABLE=1 is set"
-        if not _cxx_on_path():
+        if cxx_compiler() is None:
             return "impl='compiled' needs torch.compile with a C++ compiler (g++) on the PATH"
-        failure = _compile_failure()
+        failure = _recorded_failure("compiled", "compile_failure")
         if failure is not None:
             return f"torch.compile failed earlier in this process ({type(failure).__name__}: {failure})"
         return None
@@ -614,9 +609,9 @@ def impl_unavailable(impl: str, device: torch.device | str) -> str | None:
         if device.type != "cpu":
             return (f"impl='cpp' runs on the CPU; params are on {device.type!r}. Use impl='triton' or "
                     "'foreach' there.")
-        if not _cxx_on_path():
+        if cxx_compiler() is None:
             return "impl='cpp' needs a C++ compiler (g++) on the PATH, or $CXX"
-        failure = _cpp_build_failure()
+        failure = _recorded_failure("cpu_kernel", "build_failure")
         if failure is not None:
             return f"impl='cpp' failed to build earlier in this process ({type(failure).__name__}: {failure})"
         return None
