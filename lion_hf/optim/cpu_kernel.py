@@ -6,8 +6,8 @@ the source, the compiler's path and version, its flags and the CPU's feature fla
 built for this CPU with ``-march=native``), and called through ctypes with arrays of data
 pointers. One call updates all tensors: the compiled impl needs one call per 16 tensors, with
 Python around each. The step as ``LionTrainer`` builds it was 0.74-0.78x torch's fused AdamW on
-all-MiniLM-L6-v2 and 0.72-0.75x on BERT-base over three runs (2-core CPU, README benchmark), the
-compiled one 0.79-0.81x.
+all-MiniLM-L6-v2 and 0.72-0.75x on BERT-base over four runs (2-core CPU, README benchmark), the
+compiled one 0.76-0.85x.
 
 The kernel takes plain, contiguous CPU tensors: an fp32 or bf16 param with a grad of its dtype,
 an fp32 or bf16 momentum, no Kahan residual. A bf16 value is stored by stochastic rounding (the
