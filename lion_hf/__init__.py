@@ -7,8 +7,7 @@ transformers on first use, and the Triton kernel loads only when ``impl="triton"
 from importlib import import_module
 from typing import Any
 
-from lion_hf.optim import Lion, lion_reference_step
-from lion_hf.optim.lion import lion
+from lion_hf.optim import Lion, lion, lion_reference_step
 
 __version__ = "0.1.0"
 

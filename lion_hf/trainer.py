@@ -20,7 +20,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim.lion import Lion, _validate_hyperparameters, _validate_options
+from lion_hf.optim import IMPLS, Lion
+from lion_hf.optim.validation import validate_group, validate_options
 from lion_hf.param_groups import lion_param_groups, matrices_only
 from lion_hf.training_args import LionTrainingArguments, default_nonfinite_policy
 
@@ -227,7 +228,9 @@ class LionFactory:
         return Lion(lion_param_groups(model, weight_decay), **kwargs)
 
 
-_LION_KWARGS = set(inspect.signature(Lion.__init__).parameters) - {"self", "params"}
+_LION_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(Lion.__init__).parameters.items()
+                  if name not in ("self", "params")}
+_LION_KWARGS = set(_LION_DEFAULTS)
 
 
 def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, Any]]:
@@ -243,12 +246,9 @@ def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, A
     if "lr" not in lion_kwargs:
         raise ValueError("lr is required: HF does not pass args.learning_rate to an optimizer_cls_and_kwargs factory")
     # Fail here, not when the Trainer first builds the optimizer deep inside train().
-    _validate_options(lion_kwargs.get("impl", "auto"), lion_kwargs.get("nonfinite_grad", "skip_elements"),
-                      lion_kwargs.get("param_rounding", "stochastic"))
-    _validate_hyperparameters(
-        lion_kwargs["lr"], lion_kwargs.get("betas", (0.9, 0.99)), lion_kwargs.get("weight_decay", 0.0),
-        lion_kwargs.get("state_dtype", "fp32"),
-    )
+    merged = {**_LION_DEFAULTS, **lion_kwargs}
+    validate_options(merged.pop("impl"), merged.pop("nonfinite_grad"), impls=IMPLS)
+    validate_group(merged)
     return LionFactory, dict(lion_kwargs)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
+from lion_hf.optim import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = ["LION_OPTIM", "LionTrainingArguments", "default_nonfinite_policy", "scale_from_adamw"]
 
@@ -70,7 +70,7 @@ class LionTrainingArguments(TrainingArguments):
     Args:
         lion_beta1: interpolation between momentum and gradient for the update (default 0.9).
         lion_beta2: momentum decay (default 0.99).
-        lion_impl: ``auto`` | ``for_loop`` | ``foreach`` | ``compiled`` | ``cpp`` | ``triton`` (see ``Lion``).
+        lion_impl: ``auto`` | ``for_loop`` | ``foreach`` | ``cpp`` | ``triton`` (see ``Lion``).
         lion_state_dtype: ``fp32`` or ``bf16`` momentum (bf16 is stochastically rounded).
         lion_param_rounding: how bf16/fp16 weights store each step: ``stochastic`` (default,
             unbiased, no memory), ``kahan`` (compensation buffer, +2 bytes/param) or ``nearest``
@@ -99,8 +99,8 @@ class LionTrainingArguments(TrainingArguments):
     lion_beta2: float = field(default=0.99, metadata={"help": "Lion beta2: decay of the momentum."})
     lion_impl: str = field(
         default="auto",
-        metadata={"help": f"Lion implementation, one of {IMPLS}. 'auto' = triton on CUDA; on CPU cpp (a C++ "
-                          "kernel built with g++), else compiled/foreach."},
+        metadata={"help": f"Lion implementation, one of {IMPLS}. 'auto' = triton on CUDA, cpp (a C++ kernel "
+                          "built with g++) on the CPU, else foreach."},
     )
     lion_state_dtype: str = field(
         default="fp32", metadata={"help": f"Momentum dtype, one of {tuple(STATE_DTYPES)} (bf16 halves state memory)."}

@@ -7,7 +7,8 @@ GPU (an H200 in the README, when one is lent):
     python scripts/bench_optimizer_step.py --device cuda --profiles minilm base large llama-1b --out runs/bench_cuda
 
 Each profile is the list of parameter shapes of a real model, built on the meta device (no
-weights are loaded). For every optimizer the script runs warm-up steps (which include
+weights are loaded). The peers are other Lion implementations (and DeepSpeed's CPU Adam) where
+installed (``pip install -e ".[bench]"``). For every optimizer the script runs warm-up steps (which include
 torch.compile / Triton compilation, reported as "first step"), then times ``--steps`` steps
 and reports the median. Ratios are against ``torch.optim.AdamW(fused=True)``, whose steps
 alternate with each optimizer's (the ratio uses AdamW's median over the same window, which
@@ -63,6 +64,8 @@ KINDS = {
     "adamw": (28, torch.float32),
     "lion_bf16": (10, torch.bfloat16),          # bf16 weights + bf16 momentum: pure bf16
     "lion_bf16_kahan": (14, torch.bfloat16),
+    "lion_fp16": (14, torch.float16),           # fp16 weights and grads, fp32 momentum (the default state)
+    "lion_fp16_kahan": (18, torch.float16),
     "adamw_bf16": (14, torch.bfloat16),
     "lion_8bit_state": (13, torch.float32),     # fp32 p, g; 8-bit momentum (+ block scales, ignored)
 }
@@ -102,6 +105,17 @@ class TrainerDefaultLion:
 def peer_factories(device: str, lr: float, wd: float) -> dict[str, tuple[str, Callable]]:
     """Other Lion implementations users pick, where installed (pip install 'lion_hf[bench]')."""
     table: dict[str, tuple[str, Callable]] = {}
+    if device == "cpu":
+        try:  # ZeRO-Offload's CPU optimizers (their C++ extensions build at first use, ~80 s)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            from deepspeed.ops.lion import DeepSpeedCPULion
+
+            table["deepspeed_cpu_lion"] = (
+                "lion", lambda ps: DeepSpeedCPULion(ps, lr=lr, betas=(0.9, 0.99), weight_decay=wd))
+            table["deepspeed_cpu_adam"] = (
+                "adamw", lambda ps: DeepSpeedCPUAdam(ps, lr=lr, weight_decay=wd, adamw_mode=True))
+        except ImportError:
+            pass
     try:
         import optimi
 
@@ -136,47 +150,34 @@ def peer_factories(device: str, lr: float, wd: float) -> dict[str, tuple[str, Ca
 def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[str, Callable]]:
     """name -> (bytes kind, factory(params) -> optimizer)."""
     lr, wd = 1e-4, 0.1
+
+    def lion(**kwargs) -> Callable:
+        return lambda ps: Lion(ps, lr=lr, weight_decay=wd, **kwargs)
+
     table: dict[str, tuple[str, Callable]] = {
         "adamw_fused": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)),
         "adamw_foreach": ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, foreach=True)),
     }
     if include_for_loop:
         table["adamw_for_loop"] = ("adamw", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, foreach=False))
-        table["lion_for_loop"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="for_loop"))
+        table["lion_for_loop"] = ("lion", lion(impl="for_loop"))
     table["lion_trainer_default"] = ("lion", lambda ps: TrainerDefaultLion(ps, lr=lr, weight_decay=wd))
-    table["lion_standalone_skip_step"] = (
-        "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, nonfinite_grad="skip_step"))
-    table["lion_foreach"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="foreach"))
-    table["lion_foreach_nocheck"] = (
-        "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="foreach", nonfinite_grad="propagate"))
-    table["lion_compiled"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled"))
-    table["lion_compiled_nocheck"] = (
-        "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", nonfinite_grad="propagate"))
-    table["lion_compiled_bf16_state"] = (
-        "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="compiled", state_dtype="bf16"))
-    if device == "cpu":  # the C++ kernel; what "auto" (and so the trainer's default row) runs on CPU
-        table["lion_cpp"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp"))
-        table["lion_cpp_nocheck"] = (
-            "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp", nonfinite_grad="propagate"))
-        table["lion_cpp_bf16_state"] = (
-            "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="cpp", state_dtype="bf16"))
-    # Pure bf16 (bf16 weights, grads and state), the GPU fine-tuning setup. Lion's default keeps
-    # every step by stochastic rounding; Kahan and round-to-nearest for comparison.
+    table["lion_standalone_skip_step"] = ("lion", lion(nonfinite_grad="skip_step"))
+    kernel = "triton" if device == "cuda" else "cpp"  # what "auto" (so the trainer's default row) runs
+    for impl in (kernel, "foreach"):
+        table[f"lion_{impl}"] = ("lion", lion(impl=impl))
+        table[f"lion_{impl}_nocheck"] = ("lion", lion(impl=impl, nonfinite_grad="propagate"))
+        table[f"lion_{impl}_bf16_state"] = ("lion_bf16_state", lion(impl=impl, state_dtype="bf16"))
+    # Pure bf16 (bf16 weights, grads and state), the GPU fine-tuning setup, and fp16 weights (fp32
+    # state): Lion's default keeps every step by stochastic rounding; Kahan and round-to-nearest
+    # for comparison. foreach rounds tensor by tensor (slow): its stochastic rows only.
     table["adamw_fused_bf16"] = ("adamw_bf16", lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True))
-    # On CPU, cpp's kernel stores bf16 by stochastic rounding or round-to-nearest; its Kahan rows
-    # run the compiled impl (the kernel does not take residuals).
-    bf16_impls = ["compiled", "triton"] if device == "cuda" else ["compiled", "cpp", "foreach"]
-    for impl in bf16_impls:
-        for rounding, kind in (("stochastic", "lion_bf16"), ("kahan", "lion_bf16_kahan"), ("nearest", "lion_bf16")):
+    for impl in (kernel, "foreach"):
+        for rounding in ("stochastic", "kahan", "nearest") if impl == kernel else ("stochastic",):
+            suffix = "_kahan" if rounding == "kahan" else ""
             table[f"lion_{impl}_bf16_{rounding}"] = (
-                kind, lambda ps, impl=impl, rounding=rounding: Lion(
-                    ps, lr=lr, weight_decay=wd, impl=impl, state_dtype="bf16", param_rounding=rounding))
-    if device == "cuda":
-        table["lion_triton"] = ("lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton"))
-        table["lion_triton_nocheck"] = (
-            "lion", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton", nonfinite_grad="propagate"))
-        table["lion_triton_bf16_state"] = (
-            "lion_bf16_state", lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="triton", state_dtype="bf16"))
+                f"lion_bf16{suffix}", lion(impl=impl, state_dtype="bf16", param_rounding=rounding))
+            table[f"lion_{impl}_fp16_{rounding}"] = (f"lion_fp16{suffix}", lion(impl=impl, param_rounding=rounding))
     table.update(peer_factories(device, lr, wd))
     return table
 

@@ -1,4 +1,6 @@
-"""The package's two layers: the core (optimizer, Trainer integration) never imports the experiments layer."""
+"""The package's layers: the core never imports the experiments layer, and inside lion_hf/optim
+imports flow one way (numerics at the bottom, the impls above it, the dispatcher and the class on
+top), with no private name imported from another module."""
 
 import ast
 import subprocess
@@ -6,19 +8,63 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lion_hf"
+OPTIM = PACKAGE / "optim"
+
+# Which lion_hf.optim modules each module may import (lazily or not): the layering, bottom to top.
+ALLOWED = {
+    "numerics": set(),
+    "reference": set(),
+    "cpu_kernel_build": set(),
+    "validation": {"numerics"},
+    "for_loop": {"numerics"},
+    "foreach": {"numerics"},
+    "triton_kernel": {"numerics"},
+    "cpu_kernel": {"numerics", "cpu_kernel_build"},
+    "dispatch": {"numerics", "validation", "for_loop", "foreach", "cpu_kernel", "cpu_kernel_build", "triton_kernel"},
+    "lion": {"numerics", "validation", "dispatch"},
+    "__init__": {"numerics", "dispatch", "lion", "reference"},
+}
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names imported from it) for every import in the file, function bodies included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "lion_hf.optim":  # `from lion_hf.optim import cpu_kernel_build`
+                found += [(f"lion_hf.optim.{alias.name}", []) for alias in node.names]
+            else:
+                found.append((node.module, [alias.name for alias in node.names]))
+    return found
 
 
 def test_core_modules_do_not_import_the_experiments_layer():
     core = [p for p in PACKAGE.rglob("*.py") if "experiments" not in p.relative_to(PACKAGE).parts]
-    assert len(core) >= 8, core  # __init__, optim/*, trainer, training_args, param_groups
+    assert len(core) >= 12, core  # __init__, optim/*, trainer, training_args, param_groups
     for path in core:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            assert not any(n.startswith("lion_hf.experiments") for n in names), f"{path} imports {names}"
+        for module, _ in _imports(path):
+            assert not module.startswith("lion_hf.experiments"), f"{path} imports {module}"
+
+
+def test_optim_modules_import_only_the_layers_below_them():
+    modules = {p.stem for p in OPTIM.glob("*.py")}
+    assert modules == set(ALLOWED), f"a module was added or removed: update the layering: {modules ^ set(ALLOWED)}"
+    for name in sorted(modules):
+        imported = {module.removeprefix("lion_hf.optim.") for module, _ in _imports(OPTIM / f"{name}.py")
+                    if module.startswith("lion_hf.optim.")}
+        assert imported <= ALLOWED[name], f"lion_hf/optim/{name}.py imports {sorted(imported - ALLOWED[name])}"
+        assert not any(module.startswith("lion_hf.") and not module.startswith("lion_hf.optim")
+                       for module, _ in _imports(OPTIM / f"{name}.py")), f"{name} imports outside lion_hf.optim"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    for path in PACKAGE.rglob("*.py"):
+        for module, names in _imports(path):
+            if module.startswith("lion_hf"):
+                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+                assert not private, f"{path.relative_to(PACKAGE)} imports private {private} from {module}"
 
 
 def test_importing_the_whole_core_loads_no_experiments_module():

@@ -265,12 +265,12 @@ def test_inf_gradient_under_default_clipping_leaves_weights_untouched(tmp_path):
 def test_lion_trainer_hands_hf_grad_norm_to_lion_so_skip_step_reads_no_gradient(tmp_path, monkeypatch):
     """The default under clipping (skip_step) takes its verdict from the norm HF already
     computed: no extra pass over the gradients, and a poisoned step is still skipped."""
-    from lion_hf.optim import lion as lion_module
+    from lion_hf.optim import numerics
 
     def no_scan(*args, **kwargs):
         raise AssertionError("skip_step read the gradients although HF's grad norm was handed over")
 
-    monkeypatch.setattr(lion_module, "_all_finite", no_scan)
+    monkeypatch.setattr(numerics, "all_finite", no_scan)
     model = tiny_bert()
     weight = model.bert.encoder.layer[0].attention.self.query.weight
     poison = {"on": False}

@@ -1,10 +1,20 @@
-"""Lion optimizer: the class and the float64 reference.
+"""Lion optimizer: the class, the functional step, the impl choice and the float64 reference.
 
-The functional step is ``lion_hf.lion`` (defined in ``lion_hf.optim.lion``); it is not
-re-exported here so that ``lion_hf.optim.lion`` keeps naming the module.
+Layers, bottom to top (imports flow one way; ``tests/test_layout.py`` checks):
+
+* ``numerics``: the per-tensor update, rounding, the hash, the non-finite gate;
+* ``validation``: options, hyperparameters, loaded state and step tensors;
+* the impls, each importing only the layers below: ``for_loop``, ``foreach``, ``cpu_kernel``
+  (with ``cpu_kernel_build`` and ``cpu_kernel.cpp``), ``triton_kernel``;
+* ``dispatch``: which impl runs, and the one path of every step;
+* ``lion``: the ``Lion`` class and the functional ``lion()``.
+
+``reference`` (the float64 ground truth for tests) stands apart.
 """
 
-from lion_hf.optim.lion import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES, Lion, resolve_impl
+from lion_hf.optim.dispatch import IMPLS, impl_unavailable, resolve_impl
+from lion_hf.optim.lion import Lion, lion
+from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 from lion_hf.optim.reference import lion_reference_step
 
 __all__ = [
@@ -13,6 +23,8 @@ __all__ = [
     "PARAM_ROUNDINGS",
     "STATE_DTYPES",
     "Lion",
+    "impl_unavailable",
+    "lion",
     "lion_reference_step",
     "resolve_impl",
 ]

@@ -1,33 +1,37 @@
 // Lion's step over many CPU tensors in one call: the kernel of impl="cpp".
 //
-// Built by lion_hf/optim/cpu_kernel.py with the system's C++ compiler (-O3 -march=native
-// -fopenmp -ffp-contract=off -fno-trapping-math) and called through ctypes with arrays of data
-// pointers. The Python side checks every tensor first (dtypes, CPU, contiguous, the param's
-// shape, no overlap): nothing here can check a raw pointer.
+// Built by lion_hf/optim/cpu_kernel_build.py with the system's C++ compiler and called through
+// ctypes (lion_hf/optim/cpu_kernel.py) with arrays of data pointers. The Python side checks every
+// tensor first (dtypes, CPU, contiguous, the param's shape, no overlap): nothing here can check a
+// raw pointer.
 //
-// Each tensor has a kind: its param (and grad) is fp32 or bf16, its momentum fp32 or bf16, and a
-// bf16 param is stored by stochastic rounding or round-to-nearest-even. The arithmetic is
-// _lion_tensor's (lion.py), operation for operation, in fp32:
+// Each tensor has a kind: its param is fp32, bf16 or fp16; its grad has the param's dtype or is
+// fp32; its momentum is fp32 or bf16; and a bf16/fp16 param is stored by round-to-nearest-even,
+// by stochastic rounding, or by round-to-nearest with a Kahan residual of the param's dtype. The
+// arithmetic is lion_tensor's (numerics.py), operation for operation, in fp32:
 //   g' = -g if maximize else g
-//   c  = m * beta1 + g' * (1 - beta1)
-//   u  = sign(c)                        torch's sign: (c > 0) - (c < 0), so NaN -> 0
+//   w  = p + c under Kahan summation, else p
+//   u  = sign(m * beta1 + g' * (1 - beta1))     torch's sign: (x > 0) - (x < 0), so NaN -> 0
 //   u  = u * agree / max(mean(agree), 1e-3), agree = (u * g' > 0)      (cautious only)
-//   p  = p * decay - u * lr             decay = 1 - lr * weight_decay
-//   m  = m * beta2 + g' * (1 - beta2)
-// and a bf16 result is rounded as lion.py's _round_to rounds it (the same 16-bit hash of the
-// element's index and a per-tensor seed for stochastic rounding). With -ffp-contract=off no
-// product is fused into an FMA, so each result rounds as torch's separate ops round it: given
-// the same seeds the step is bit for bit that of impl="for_loop" (tested), except for NaN
-// payloads and a cautious tensor of more than 2**24 elements, which may round its agreeing
-// fraction differently.
+//   w' = w * decay - u * lr                     decay = 1 - lr * weight_decay
+//   m' = m * beta2 + g' * (1 - beta2)
+//   p  = round(w');  c = nearest(w' - p) under Kahan summation
+// and a bf16/fp16 value is rounded as numerics.py rounds it (the same 16-bit hash of the
+// element's index and a per-tensor seed for stochastic rounding; fp16's two neighbours found
+// the same way). It is built with -ffp-contract=off, so no product is fused into an FMA and
+// each result rounds as torch's separate ops round it: given the same seeds the step is bit
+// for bit impl="for_loop"'s (tested), except for NaN payloads and a cautious tensor of more
+// than 2**24 elements, which may round its agreeing fraction differently.
 //
-// Why one call: torch.compile's graph takes a fixed number of tensors, so the compiled impl
-// makes one call per 16 tensors, each with its own Python around it. Here all tensors are cut
-// into blocks of equal length and the threads split the blocks, so small tensors (biases,
-// norms) cost no call and no thread barrier of their own.
+// Why one call: all tensors are cut into blocks of equal length and the threads split the
+// blocks, so small tensors (biases, norms) cost no call and no thread barrier of their own.
+// Every conversion is integer arithmetic on bit patterns, with selects instead of branches, so
+// that the compiler vectorises every loop (it leaves _Float16 conversions scalar).
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -35,9 +39,11 @@ namespace {
 constexpr int64_t kBlock = 1 << 14;  // elements per unit of work: 64 KiB of an fp32 array
 
 // Tensor kinds, as cpu_kernel.py numbers them.
-constexpr int kBf16Param = 1;       // param and grad are bf16 (else fp32)
-constexpr int kBf16Momentum = 2;    // momentum is bf16, stored by stochastic rounding (else fp32)
-constexpr int kParamStochastic = 4; // a bf16 param is stored by stochastic rounding (else nearest)
+constexpr int kParamFp32 = 0, kParamBf16 = 1, kParamFp16 = 2, kParamMask = 3;
+constexpr int kGradFp32 = 4;      // the grad is fp32 (else the param's dtype)
+constexpr int kMomentumBf16 = 8;  // the momentum is bf16, stored by stochastic rounding (else fp32)
+constexpr int kRoundingShift = 4;
+constexpr int kNearest = 0, kStochastic = 1, kKahan = 2;  // how a bf16/fp16 param is stored
 
 struct Hyper {
   float lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, grad_sign;
@@ -55,23 +61,7 @@ inline float float_of(uint32_t b) {
   return x;
 }
 
-// Storage types: fp32, or bf16 as the high half of an fp32 bit pattern.
-struct Fp32 {
-  using T = float;
-  static float load(float v) { return v; }
-};
-
-struct Bf16 {
-  using T = uint16_t;
-  static float load(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
-};
-
-inline float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
-
-// All ones where x is NaN or inf (exponent all ones), else 0.
-inline uint32_t nonfinite_mask(float x) { return 0u - static_cast<uint32_t>((bits_of(x) & 0x7f800000u) == 0x7f800000u); }
-
-// lion.py's _random_bits16: a bijection of 16-bit integers applied to (index + seed) mod 2**16.
+// numerics.random_bits16: a bijection of 16-bit integers applied to (index + seed) mod 2**16.
 inline uint32_t random_bits16(int64_t index, uint32_t seed) {
   uint32_t x = (static_cast<uint32_t>(index & 0xFFFF) + seed) & 0xFFFFu;
   x = ((x ^ (x >> 8)) * 0x6D2Bu) & 0xFFFFu;
@@ -79,37 +69,93 @@ inline uint32_t random_bits16(int64_t index, uint32_t seed) {
   return x ^ (x >> 8);
 }
 
-// fp32 -> bf16, up or down with probability given by the distance (lion.py's
-// _stochastic_round_to_bf16); a NaN stays a NaN (the quiet one torch's conversion gives).
-inline uint16_t stochastic_bf16(float x, int64_t index, uint32_t seed) {
-  const uint32_t noisy = (bits_of(x) + random_bits16(index, seed)) >> 16;
-  return static_cast<uint16_t>(x != x ? 0x7FC0u : noisy);
-}
+// ---------------------------------------------------------------------------------------------
+// Storage types: load as fp32; store an fp32 value by round-to-nearest-even or stochastically.
+// ---------------------------------------------------------------------------------------------
 
-// fp32 -> bf16, round to nearest even, as torch's conversion rounds.
-inline uint16_t nearest_bf16(float x) {
-  const uint32_t b = bits_of(x);
-  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
-}
+struct Fp32 {
+  using T = float;
+  static constexpr int kind = kParamFp32;
+  static float load(float v) { return v; }
+  static float nearest(float x) { return x; }
+  static float stochastic(float x, uint32_t) { return x; }
+};
 
-// The stored value of a new fp32 param or momentum in storage S.
-template <class S, bool kStochastic>
-inline typename S::T store(float x, int64_t index, uint32_t seed) {
-  if constexpr (sizeof(typename S::T) == 4) {
-    return x;
-  } else if constexpr (kStochastic) {
-    return stochastic_bf16(x, index, seed);
-  } else {
-    return nearest_bf16(x);
+// bf16 is the high half of an fp32 bit pattern.
+struct Bf16 {
+  using T = uint16_t;
+  static constexpr int kind = kParamBf16;
+  static float load(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
+  // A NaN stays a NaN (the quiet one torch's conversion gives), whatever its payload.
+  static uint16_t nearest(float x) {
+    const uint32_t b = bits_of(x);
+    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
   }
-}
+  // numerics.stochastic_round_to_bf16: add 16 random bits below the kept half and truncate.
+  static uint16_t stochastic(float x, uint32_t noise) {
+    const uint32_t noisy = (bits_of(x) + noise) >> 16;
+    return static_cast<uint16_t>(x != x ? 0x7FC0u : noisy);
+  }
+};
 
-// The new stored value where the gradient is finite, else the old one, bit for bit (the where()
-// of nonfinite_grad="skip_elements"). A blend of bit patterns, not a select on a float
-// comparison, which g++ vectorises only under -fno-trapping-math.
+// IEEE half precision: 1 sign, 5 exponent, 10 mantissa bits.
+struct Fp16 {
+  using T = uint16_t;
+  static constexpr int kind = kParamFp16;
+
+  // Exact: normal numbers re-bias the exponent, subnormals are their mantissa times 2**-24
+  // (exact in fp32), inf and NaN keep an all-ones exponent.
+  static float load(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t rest = h & 0x7FFFu;
+    const uint32_t normal = (rest << 13) + 0x38000000u;
+    const uint32_t special = (rest << 13) | 0x7F800000u;
+    const uint32_t subnormal = bits_of(static_cast<float>(static_cast<int32_t>(rest)) * 0x1p-24f);
+    const uint32_t magnitude = rest >= 0x7C00u ? special : (rest < 0x0400u ? subnormal : normal);
+    return float_of(sign | magnitude);
+  }
+
+  // Round to nearest even, as torch's conversion rounds (overflow to inf, gradual underflow).
+  static uint16_t nearest(float x) {
+    const uint32_t b = bits_of(x);
+    const uint32_t sign = (b >> 16) & 0x8000u;
+    const uint32_t a = b & 0x7FFFFFFFu;
+    // |x| >= 2**16 rounds to inf; a NaN becomes the quiet NaN.
+    const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;
+    // Normal results: re-bias the exponent and round the 13 dropped bits to nearest even (a carry
+    // into the exponent is the next binade, or inf just under 2**16).
+    const uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;  // 0xC8000000 = (15 - 127) << 23
+    // |x| < 2**-14: adding 0.5 leaves |x| * 2**24 rounded to an integer (by the FPU, to nearest
+    // even) in the low mantissa bits, which is the subnormal's bit pattern.
+    const uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+    const uint32_t magnitude = a >= 0x47800000u ? big : (a < 0x38800000u ? subnormal : normal);
+    return static_cast<uint16_t>(sign | magnitude);
+  }
+
+  // numerics.stochastic_round_to_fp16: the nearest value, or the next one past it towards x
+  // (one step of the 16-bit pattern, which is monotone in magnitude) with probability
+  // distance / spacing; a NaN probability (x NaN or inf) keeps the nearest value.
+  static uint16_t stochastic(float x, uint32_t noise) {
+    const uint16_t near = nearest(x);
+    const float near32 = load(near);
+    const bool away = std::fabs(x) > std::fabs(near32);
+    const uint16_t other = static_cast<uint16_t>(near + (away ? 1u : 0xFFFFu));
+    const float prob = (x - near32) / (load(other) - near32);
+    const float uniform = static_cast<float>(static_cast<int32_t>(noise)) * 0x1p-16f;
+    return uniform < prob ? other : near;
+  }
+};
+
+inline float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
+
+// All ones where x is NaN or inf (exponent all ones), else 0.
+inline uint32_t nonfinite_mask(float x) { return 0u - static_cast<uint32_t>((bits_of(x) & 0x7f800000u) == 0x7f800000u); }
+
+// The new stored value where the gradient is finite, else the old one, bit for bit: a blend of
+// bit patterns, not a select on a float comparison, so that it vectorises.
 template <class T>
-inline T unless_nonfinite(uint32_t bad, T updated, T old) {
+inline T keep_where(uint32_t bad, T updated, T old) {
   if constexpr (sizeof(T) == 4) {
     return float_of((bits_of(updated) & ~bad) | (bits_of(old) & bad));
   } else {
@@ -118,13 +164,13 @@ inline T unless_nonfinite(uint32_t bad, T updated, T old) {
 }
 
 // Elements of [begin, end) whose update agrees in sign with the gradient (cautious Lion).
-template <class P, class M>
+template <class G, class M>
 int64_t count_agreeing(const void* g_, const void* m_, int64_t begin, int64_t end, const Hyper& h) {
-  const auto* __restrict g = static_cast<const typename P::T*>(g_);
+  const auto* __restrict g = static_cast<const typename G::T*>(g_);
   const auto* __restrict m = static_cast<const typename M::T*>(m_);
   int64_t count = 0;
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = P::load(g[i]) * h.grad_sign;
+    const float gi = G::load(g[i]) * h.grad_sign;
     const float u = sign_of(M::load(m[i]) * h.beta1 + gi * h.one_minus_beta1);
     count += (u * gi > 0.f);
   }
@@ -132,42 +178,66 @@ int64_t count_agreeing(const void* g_, const void* m_, int64_t begin, int64_t en
 }
 
 // The update of [begin, end) of one tensor. `fraction` is its agreeing fraction (cautious only),
-// the seeds its stochastic-rounding seeds. Branch-free, so g++ vectorises it; the non-finite
-// check costs no extra pass over memory.
-template <class P, class M, bool kParamStochastic, bool kCautious, bool kSkipNonfinite>
-void update_block(void* p_, const void* g_, void* m_, int64_t begin, int64_t end, const Hyper& h, float fraction,
-                  uint32_t p_seed, uint32_t m_seed) {
+// the seeds its stochastic-rounding seeds, `skip` all ones under nonfinite_grad="skip_elements".
+// Branch-free, so that it vectorises; the non-finite check costs no extra pass over memory.
+template <class P, class G, class M, int kRounding, bool kCautious>
+void update_block(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end, const Hyper& h,
+                  float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
   auto* __restrict p = static_cast<typename P::T*>(p_);
-  const auto* __restrict g = static_cast<const typename P::T*>(g_);
+  const auto* __restrict g = static_cast<const typename G::T*>(g_);
   auto* __restrict m = static_cast<typename M::T*>(m_);
+  auto* __restrict c = static_cast<typename P::T*>(c_);
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = P::load(g[i]) * h.grad_sign;
+    const float gi = G::load(g[i]) * h.grad_sign;
     const float mi = M::load(m[i]);
+    const float pi = P::load(p[i]);
+    float wi = pi;
+    if constexpr (kRounding == kKahan) wi = pi + P::load(c[i]);
     float u = sign_of(mi * h.beta1 + gi * h.one_minus_beta1);
-    if constexpr (kCautious) {
-      u = u * static_cast<float>(u * gi > 0.f) / fraction;
+    if constexpr (kCautious) u = u * static_cast<float>(u * gi > 0.f) / fraction;
+    const float new_w = wi * h.decay - u * h.lr;
+    const float new_m = mi * h.beta2 + gi * h.one_minus_beta2;
+    typename P::T new_p;
+    if constexpr (kRounding == kStochastic) {
+      new_p = P::stochastic(new_w, random_bits16(i, p_seed));
+    } else {
+      new_p = P::nearest(new_w);
     }
-    auto new_p = store<P, kParamStochastic>(P::load(p[i]) * h.decay - u * h.lr, i, p_seed);
-    auto new_m = store<M, true>(mi * h.beta2 + gi * h.one_minus_beta2, i, m_seed);
-    if constexpr (kSkipNonfinite) {
-      const uint32_t bad = nonfinite_mask(gi);
-      new_p = unless_nonfinite(bad, new_p, p[i]);
-      new_m = unless_nonfinite(bad, new_m, m[i]);
-    }
-    p[i] = new_p;
-    m[i] = new_m;
+    const uint32_t bad = nonfinite_mask(gi) & skip;
+    if constexpr (kRounding == kKahan) c[i] = keep_where(bad, P::nearest(new_w - P::load(new_p)), c[i]);
+    p[i] = keep_where(bad, new_p, p[i]);
+    m[i] = keep_where(bad, M::stochastic(new_m, random_bits16(i, m_seed)), m[i]);
   }
 }
+
+template <class P, class G, class M, int kRounding>
+constexpr int kind_of() {
+  return P::kind | (std::is_same_v<G, P> ? 0 : kGradFp32) | (std::is_same_v<M, Bf16> ? kMomentumBf16 : 0) |
+         (kRounding << kRoundingShift);
+}
+
+// Every kind the kernel takes: fp32 params (exact, so one rounding), and bf16 and fp16 params
+// with a grad of their dtype or fp32, either momentum and each rounding.
+#define LION_LOW_PRECISION_KINDS(X, P) \
+  X(P, P, Fp32, kNearest) X(P, P, Fp32, kStochastic) X(P, P, Fp32, kKahan) \
+  X(P, P, Bf16, kNearest) X(P, P, Bf16, kStochastic) X(P, P, Bf16, kKahan) \
+  X(P, Fp32, Fp32, kNearest) X(P, Fp32, Fp32, kStochastic) X(P, Fp32, Fp32, kKahan) \
+  X(P, Fp32, Bf16, kNearest) X(P, Fp32, Bf16, kStochastic) X(P, Fp32, Bf16, kKahan)
+#define LION_KINDS(X) \
+  X(Fp32, Fp32, Fp32, kNearest) X(Fp32, Fp32, Bf16, kNearest) \
+  LION_LOW_PRECISION_KINDS(X, Bf16) LION_LOW_PRECISION_KINDS(X, Fp16)
 
 struct Step {
   int64_t n_tensors;
   void* const* params;
   const void* const* grads;
   void* const* exp_avgs;
+  void* const* residuals;  // the Kahan residual of each tensor (unused by other kinds)
   const int64_t* numels;
   const int32_t* kinds;
   const int32_t* seeds;  // [n_tensors][2]: param, momentum
   Hyper h;
+  uint32_t skip;
   std::vector<int64_t> block_tensor, block_start;
   std::vector<float> fractions;
 
@@ -177,28 +247,19 @@ struct Step {
   }
 };
 
-template <bool kCautious, bool kSkip>
+template <bool kCautious>
 void update_block_of_kind(const Step& s, int64_t b) {
   const int64_t t = s.block_tensor[b];
   const int64_t begin = s.block_start[b], end = s.end_of(b);
   const float fraction = kCautious ? s.fractions[t] : 1.f;
   const auto p_seed = static_cast<uint32_t>(s.seeds[2 * t]), m_seed = static_cast<uint32_t>(s.seeds[2 * t + 1]);
-  void* p = s.params[t];
-  const void* g = s.grads[t];
-  void* m = s.exp_avgs[t];
   switch (s.kinds[t]) {
-    case 0:
-      return update_block<Fp32, Fp32, false, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
-    case kBf16Momentum:
-      return update_block<Fp32, Bf16, false, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
-    case kBf16Param:
-      return update_block<Bf16, Fp32, false, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
-    case kBf16Param | kParamStochastic:
-      return update_block<Bf16, Fp32, true, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
-    case kBf16Param | kBf16Momentum:
-      return update_block<Bf16, Bf16, false, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
-    case kBf16Param | kBf16Momentum | kParamStochastic:
-      return update_block<Bf16, Bf16, true, kCautious, kSkip>(p, g, m, begin, end, s.h, fraction, p_seed, m_seed);
+#define LION_UPDATE_CASE(P, G, M, R)                                                                         \
+  case kind_of<P, G, M, R>():                                                                               \
+    return update_block<P, G, M, R, kCautious>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t], begin, \
+                                               end, s.h, fraction, p_seed, m_seed, s.skip);
+    LION_KINDS(LION_UPDATE_CASE)
+#undef LION_UPDATE_CASE
     default:
       return;  // unreachable: lion_hf_cpu_step refuses unknown kinds before any update
   }
@@ -207,32 +268,37 @@ void update_block_of_kind(const Step& s, int64_t b) {
 int64_t count_agreeing_of_kind(const Step& s, int64_t b) {
   const int64_t t = s.block_tensor[b];
   const int64_t begin = s.block_start[b], end = s.end_of(b);
-  const int kind = s.kinds[t] & (kBf16Param | kBf16Momentum);
+  const int kind = s.kinds[t];
   const void* g = s.grads[t];
   const void* m = s.exp_avgs[t];
-  if (kind == 0) return count_agreeing<Fp32, Fp32>(g, m, begin, end, s.h);
-  if (kind == kBf16Momentum) return count_agreeing<Fp32, Bf16>(g, m, begin, end, s.h);
-  if (kind == kBf16Param) return count_agreeing<Bf16, Fp32>(g, m, begin, end, s.h);
-  return count_agreeing<Bf16, Bf16>(g, m, begin, end, s.h);
+  const bool bf16_momentum = kind & kMomentumBf16;
+  const int grad = (kind & kGradFp32) ? kParamFp32 : (kind & kParamMask);
+  if (grad == kParamBf16) {
+    return bf16_momentum ? count_agreeing<Bf16, Bf16>(g, m, begin, end, s.h)
+                         : count_agreeing<Bf16, Fp32>(g, m, begin, end, s.h);
+  }
+  if (grad == kParamFp16) {
+    return bf16_momentum ? count_agreeing<Fp16, Bf16>(g, m, begin, end, s.h)
+                         : count_agreeing<Fp16, Fp32>(g, m, begin, end, s.h);
+  }
+  return bf16_momentum ? count_agreeing<Fp32, Bf16>(g, m, begin, end, s.h)
+                       : count_agreeing<Fp32, Fp32>(g, m, begin, end, s.h);
 }
 
-template <bool kCautious, bool kSkip>
+template <bool kCautious>
 void run(const Step& s, int n_threads) {
   const auto n_blocks = static_cast<int64_t>(s.block_tensor.size());
   // Static schedule: each thread streams one contiguous run of blocks.
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-  for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind<kCautious, kSkip>(s, b);
+  for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind<kCautious>(s, b);
 }
 
 inline bool known_kind(int32_t kind) {
   switch (kind) {
-    case 0:
-    case kBf16Momentum:
-    case kBf16Param:
-    case kBf16Param | kParamStochastic:
-    case kBf16Param | kBf16Momentum:
-    case kBf16Param | kBf16Momentum | kParamStochastic:
-      return true;
+#define LION_KNOWN_CASE(P, G, M, R) case kind_of<P, G, M, R>():
+    LION_KINDS(LION_KNOWN_CASE)
+#undef LION_KNOWN_CASE
+    return true;
     default:
       return false;
   }
@@ -242,15 +308,16 @@ inline bool known_kind(int32_t kind) {
 
 // Returns how many tensors have a kind it does not know; then it has updated nothing.
 extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, const void* const* grads,
-                                    void* const* exp_avgs, const int64_t* numels, const int32_t* kinds,
-                                    const int32_t* seeds, float lr, float decay, float beta1,
+                                    void* const* exp_avgs, void* const* residuals, const int64_t* numels,
+                                    const int32_t* kinds, const int32_t* seeds, float lr, float decay, float beta1,
                                     float one_minus_beta1, float beta2, float one_minus_beta2, int maximize,
                                     int cautious, int skip_nonfinite, int n_threads) {
   int64_t unknown = 0;
   for (int64_t t = 0; t < n_tensors; ++t) unknown += !known_kind(kinds[t]);
   if (unknown) return unknown;
-  Step s{n_tensors, params, grads, exp_avgs, numels, kinds, seeds,
-         Hyper{lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, maximize ? -1.f : 1.f}, {}, {}, {}};
+  Step s{n_tensors, params, grads, exp_avgs, residuals, numels, kinds, seeds,
+         Hyper{lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, maximize ? -1.f : 1.f},
+         skip_nonfinite ? 0xFFFFFFFFu : 0u, {}, {}, {}};
   for (int64_t t = 0; t < n_tensors; ++t) {
     for (int64_t start = 0; start < numels[t]; start += kBlock) {
       s.block_tensor.push_back(t);
@@ -274,11 +341,9 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
       const float fraction = static_cast<float>(agreeing[t]) / static_cast<float>(numels[t]);
       s.fractions[t] = fraction < 1e-3f ? 1e-3f : fraction;
     }
-    if (skip_nonfinite) run<true, true>(s, n_threads); else run<true, false>(s, n_threads);
-  } else if (skip_nonfinite) {
-    run<false, true>(s, n_threads);
+    run<true>(s, n_threads);
   } else {
-    run<false, false>(s, n_threads);
+    run<false>(s, n_threads);
   }
   return 0;
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_models
 from tiny_models import TokenDataset, tiny_bert
 
 from lion_hf import LionTrainer, LionTrainingArguments
@@ -27,7 +27,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--workdir", required=True)
 parser.add_argument("--max_steps", type=int, default=-1)
 parser.add_argument("--optims", default="adamw,lion", help="comma-separated; each trains in turn from the same start")
-parser.add_argument("--lion_impl", default="foreach", help="Lion's impl (compiled: its kept chunk plans under DDP)")
+parser.add_argument("--lion_impl", default="foreach", help="Lion's impl")
 args = parser.parse_args()
 
 

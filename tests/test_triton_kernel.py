@@ -1,4 +1,4 @@
-"""The fused Triton Lion kernel (lion_hf/optim/triton.py) against the float64 reference.
+"""The fused Triton Lion kernel (lion_hf/optim/triton_kernel.py) against the float64 reference.
 
 Without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1). That mode
 is fixed when triton is first imported, so the variable is set here before the import (and
@@ -38,19 +38,19 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-import lion_hf.optim.triton as lion_triton  # noqa: E402
+import lion_hf.optim.triton_kernel as lion_triton  # noqa: E402
 from lion_hf.optim.reference import lion_reference_step  # noqa: E402
-from lion_hf.optim.triton import BLOCK_SIZE, is_triton_available, triton_lion_  # noqa: E402
+from lion_hf.optim.triton_kernel import BLOCK_SIZE, triton_lion_  # noqa: E402
 
-if not lion_triton._INTERPRET and not torch.cuda.is_available():
+if not lion_triton.INTERPRET and not torch.cuda.is_available():
     pytest.skip(
         "triton was imported in compiled mode (TRITON_INTERPRET=1 was not set before its first import) "
         "and there is no GPU; set TRITON_INTERPRET=1 in the environment or in tests/conftest.py",
         allow_module_level=True,
     )
 
-DEVICE = torch.device("cpu" if lion_triton._INTERPRET else "cuda")
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or lion_triton._INTERPRET, reason="needs a CUDA GPU (compiled)")
+DEVICE = torch.device("cpu" if lion_triton.INTERPRET else "cuda")
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or lion_triton.INTERPRET, reason="needs a CUDA GPU (compiled)")
 
 ROUND = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 # bf16/fp16 params are rounded stochastically by default: to either neighbour, up to one ulp away.
@@ -437,7 +437,7 @@ def test_invalid_tensors_raise_before_anything_is_updated():
     cases = [
         # transposed: dense, so accepted when all three share it, refused when they differ
         ((base.t(), base.t().clone(), torch.zeros(8, 8, device=DEVICE)), "different memory layouts"),
-        ((base[:, ::2], base[:, ::2].clone(), torch.zeros(8, 4, device=DEVICE)), "non-contiguous"),
+        ((base[:, ::2], base[:, ::2].clone(), torch.zeros(8, 4, device=DEVICE)), "not dense"),
         ((torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE).half(), torch.zeros(4, device=DEVICE)),
          "dtype"),
         ((torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE), torch.zeros(4, device=DEVICE).half()),
@@ -455,10 +455,12 @@ def test_invalid_tensors_raise_before_anything_is_updated():
 
 
 def test_refuses_devices_it_cannot_run_on(monkeypatch):
-    assert is_triton_available(DEVICE)
-    assert not is_triton_available("meta")
-    monkeypatch.setattr(lion_triton, "_INTERPRET", False)
-    assert not is_triton_available("cpu")
+    from lion_hf.optim.dispatch import impl_unavailable
+
+    assert impl_unavailable("triton", DEVICE) is None
+    assert impl_unavailable("triton", "meta") is not None
+    monkeypatch.setattr(lion_triton, "INTERPRET", False)
+    assert impl_unavailable("triton", "cpu") is not None
     t = torch.zeros(4)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         triton_lion_([t], [t.clone()], [t.clone()], **HYPER, **_flags())
@@ -477,8 +479,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import lion_hf.optim.triton as lt
-assert not lt._INTERPRET
+import lion_hf.optim.triton_kernel as lt
+assert not lt.INTERPRET
 scalars = {"ptr_table": "*i64", "layout": "*i64", "counts": "*i64", "n_tensors": "i32"}
 step_sig = dict(scalars, lr="fp32", decay="fp32", beta1="fp32", one_minus_beta1="fp32", beta2="fp32",
                 one_minus_beta2="fp32", seed="i64")

@@ -1,8 +1,8 @@
 """Lion under DeepSpeed ZeRO-2/3 on CPU (gloo), and the same training in one plain process.
 
     accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml --num_processes 2 \\
-        --mixed_precision no tests/deepspeed_lion.py --out ds.pt --workdir w
-    python tests/deepspeed_lion.py --out one.pt --workdir w1        # the one-process reference
+        --mixed_precision no tests/launchers/deepspeed_lion.py --out ds.pt --workdir w
+    python tests/launchers/deepspeed_lion.py --out one.pt --workdir w1        # the one-process reference
 
 LionTrainer trains the tiny BERT for 4 steps of global batch 8 (weight decay 0.5); under
 DeepSpeed the process state is started on gloo by the recipe's own helper
@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "recipes"))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))  # tiny_models
+sys.path.insert(0, str(TESTS.parent / "recipes"))
 from tiny_models import TokenDataset, tiny_bert  # noqa: E402
 
 from lion_hf import Lion, LionTrainer, LionTrainingArguments  # noqa: E402

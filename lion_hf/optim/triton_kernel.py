@@ -79,13 +79,13 @@ matter. Anything else raises ``ValueError``. DTensor (FSDP2) arguments are repla
 local shard (``to_local()``); the update is elementwise, so shards are independent, except
 that the ``cautious`` mean is then taken per local shard rather than over the whole tensor.
 
-Interpreter (``TRITON_INTERPRET=1``)
+Interpreter (``TRITONINTERPRET=1``)
 ------------------------------------
 Tests run the same ``@triton.jit`` kernels on CPU tensors through Triton's interpreter
 (numpy). Raw pointer tables work there because CPU tensors' addresses are host addresses,
 so the multi-tensor launch scheme is exercised unchanged. Interpreter mode is decided when
 triton is first imported (``triton.language``'s own jit functions such as Philox are built
-then), so ``TRITON_INTERPRET=1`` must be in the environment before anything imports triton;
+then), so ``TRITONINTERPRET=1`` must be in the environment before anything imports triton;
 this module follows whatever mode triton was imported in. In interpreter mode, CUDA tensors
 (whose addresses the host cannot dereference) are staged through CPU copies and copied back:
 correct, slow, for debugging only. CPU tensors without the interpreter raise ``RuntimeError``.
@@ -100,7 +100,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.lion import PARAM_ROUNDINGS
+from lion_hf.optim.numerics import PARAM_ROUNDINGS, local
 
 try:
     import triton
@@ -111,7 +111,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
         "(or pip install 'lion_hf[triton]')"
     ) from exc
 
-__all__ = ["BLOCK_SIZE", "is_triton_available", "triton_lion_"]
+__all__ = ["BLOCK_SIZE", "INTERPRET", "triton_lion", "triton_lion_"]
 
 _ROWS = 256
 _COLS = 8  # one Philox draw (4 x 32 bits) gives 16 bits to each of 8 elements
@@ -123,7 +123,7 @@ _STATE_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 # Interpreter or compiled mode is fixed when triton.language is first imported (its own jit
 # functions, Philox included, are built then); build this module's kernels in the same mode.
-_INTERPRET = type(tl.randint4x).__name__ == "InterpretedFunction"
+INTERPRET = type(tl.randint4x).__name__ == "InterpretedFunction"
 
 _TABLE_CACHE_SIZE = 16
 _LAYOUT_CACHE_SIZE = 8
@@ -141,7 +141,7 @@ def _jit(fn=None, **kwargs):
     if fn is None:
         return lambda f: _jit(f, **kwargs)
     with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = _INTERPRET
+        triton.knobs.runtime.interpret = INTERPRET
         return triton.jit(fn, **kwargs)
 
 
@@ -377,19 +377,6 @@ def _lion_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def is_triton_available(device: torch.device | str) -> bool:
-    """Whether :func:`triton_lion_` can run on ``device``: CUDA when usable, CPU when triton was
-    imported in interpreter mode. Decided by :func:`lion_hf.optim.lion.impl_unavailable`."""
-    from lion_hf.optim.lion import impl_unavailable
-
-    return impl_unavailable("triton", device) is None
-
-
-def _local(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
 def _dense_strides(t: Tensor) -> bool:
     """True when the tensor's elements fill ``numel`` consecutive slots (any dimension order)."""
     if t.is_contiguous():
@@ -407,37 +394,20 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
-def _check(i: int, p: Tensor, g: Tensor, m: Tensor) -> None:
-    if p.dtype not in _PARAM_DTYPES:
-        raise ValueError(f"triton_lion_: param {i} has dtype {p.dtype}; supported: fp32, bf16, fp16")
+def _layout_problem(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None) -> str | None:
+    """Why the kernel cannot update this param as flat memory, or None: it needs the grad in the
+    param's dtype, and p, g, m (and the residual) contiguous, or dense with identical strides."""
     if g.dtype != p.dtype:
-        raise ValueError(f"triton_lion_: grad {i} has dtype {g.dtype} but its param is {p.dtype}")
-    if m.dtype not in _STATE_DTYPES:
-        raise ValueError(f"triton_lion_: exp_avg {i} has dtype {m.dtype}; supported: fp32, bf16")
-    if not (p.shape == g.shape == m.shape):
-        raise ValueError(
-            f"triton_lion_: param {i}, its grad and exp_avg differ in shape: "
-            f"{tuple(p.shape)}, {tuple(g.shape)}, {tuple(m.shape)}"
-        )
-    if not (p.device == g.device == m.device):
-        raise ValueError(f"triton_lion_: param {i}, its grad and exp_avg are on {p.device}, {g.device}, {m.device}")
-    if g.is_sparse:
-        raise ValueError(f"triton_lion_: grad {i} is sparse; Lion needs dense gradients")
-    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
-        return
-    if p.numel() == 0:
-        return
-    for name, t in (("param", p), ("grad", g), ("exp_avg", m)):
+        return f"its grad is {g.dtype} but the param is {p.dtype}"
+    tensors = (p, g, m) if c is None else (p, g, m, c)
+    if all(t.is_contiguous() for t in tensors) or p.numel() == 0:
+        return None
+    for t in tensors:
         if not _dense_strides(t):
-            raise ValueError(
-                f"triton_lion_: {name} {i} (shape {tuple(t.shape)}, strides {t.stride()}) is non-contiguous; "
-                "the Triton kernel updates flat memory: make it contiguous or use impl='foreach'"
-            )
-    if not (_same_layout(p, g) and _same_layout(p, m)):
-        raise ValueError(
-            f"triton_lion_: param {i}, its grad and exp_avg have different memory layouts (strides "
-            f"{p.stride()}, {g.stride()}, {m.stride()}); the Triton kernel needs them identical"
-        )
+            return f"a tensor of shape {tuple(t.shape)} with strides {t.stride()} is not dense"
+    if not all(_same_layout(p, t) for t in tensors[1:]):
+        return f"its tensors have different memory layouts (strides {[t.stride() for t in tensors]})"
+    return None
 
 
 def _lru_get(cache: OrderedDict, key: tuple) -> Any:
@@ -512,6 +482,96 @@ def _launch_group(
     )
 
 
+
+
+def _launch_all(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor | None], *, lr: float, decay: float,
+    beta1: float, beta2: float, maximize: bool, cautious: bool, skip_nonfinite: bool, param_rounding: str,
+    seed: int | None,
+) -> None:
+    """One launch per (device, param dtype, momentum dtype, Kahan) group over tensors it takes."""
+    groups: dict[tuple, tuple[list[Tensor], ...]] = {}
+    for p, g, m, c in zip(ps, gs, ms, cs):
+        if p.numel() == 0:
+            continue
+        kahan = c is not None
+        group = groups.setdefault((p.device, p.dtype, m.dtype, kahan), ([], [], [], []))
+        for lst, t in zip(group, (p, g, m, c)):
+            if t is not None:
+                lst.append(t)
+    if not groups:
+        return
+    for device, _, _, _ in groups:
+        if device.type == "cuda":
+            if not INTERPRET and not torch.cuda.is_available():
+                raise RuntimeError("Lion: tensors are on CUDA but CUDA is not available")
+        elif device.type != "cpu" or not INTERPRET:
+            hint = (" On CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
+                    "imported (for tests; impl='cpp' and 'foreach' are the CPU implementations)."
+                    if device.type == "cpu" else "")
+            raise RuntimeError(f"Lion: the Triton kernel cannot run on {device.type!r} tensors.{hint}")
+    needs_bits = any(m_dtype == torch.bfloat16 or (p_dtype != torch.float32 and param_rounding == "stochastic")
+                     for _, p_dtype, m_dtype, _ in groups)
+    if seed is None and needs_bits:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = 0 if seed is None else int(seed)
+    hyper = (float(lr), float(decay), float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2))
+
+    for k, ((device, _, _, kahan), (gps, ggs, gms, gcs)) in enumerate(groups.items()):
+        # Philox key: low word the seed, high word the group (+1 keeps the value above 2**32, so the
+        # argument is always an int64 and never selects another specialisation).
+        group_seed = (seed & 0xFFFFFFFF) + ((k + 1) << 32)
+        kwargs = dict(hyper=hyper, seed=group_seed, maximize=bool(maximize), cautious=bool(cautious),
+                      skip_nonfinite=bool(skip_nonfinite), param_rounding=param_rounding)
+        gcs = gcs if kahan else None
+        if device.type == "cpu":
+            _launch_group(gps, ggs, gms, gcs, device=device, **kwargs)
+        elif INTERPRET:
+            # The interpreter dereferences table addresses on the host: stage through CPU copies.
+            cpu = torch.device("cpu")
+            staged = [[t.detach().cpu() for t in ts] for ts in (gps, ggs, gms, gcs or [])]
+            _launch_group(*staged[:3], staged[3] if kahan else None, device=cpu, **kwargs)
+            with torch.no_grad():
+                for dst, src in zip(gps + gms + (gcs or []), staged[0] + staged[2] + staged[3]):
+                    dst.copy_(src)
+        else:
+            with torch.cuda.device(device):
+                _launch_group(gps, ggs, gms, gcs, device=device, **kwargs)
+        # The kernel writes through raw pointers, which autograd cannot see: bump the version
+        # counters as an in-place torch op would (catches use of a stale saved tensor).
+        increment_version(gps + gms + (gcs or []))
+
+
+def triton_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    param_rounding: str,
+    seeds: Tensor | None,
+) -> list[int]:
+    """The ``triton`` impl for the dispatcher: tensors already local and checked. Updates those
+    it takes (:func:`_layout_problem`) and returns the indices of the rest, untouched. Stochastic
+    rounding draws its own Philox seed when ``seeds`` says a store of the step rounds so."""
+    taken = [_layout_problem(p, g, m, c) is None for p, g, m, c in zip(params, grads, exp_avgs, kahan_comps)]
+    left = [i for i, ok in enumerate(taken) if not ok]
+    if left:
+        params, grads, exp_avgs, kahan_comps = ([t for t, ok in zip(ts, taken) if ok]
+                                                for ts in (params, grads, exp_avgs, kahan_comps))
+    _launch_all(params, grads, exp_avgs, kahan_comps, lr=lr, decay=decay, beta1=beta1, beta2=beta2,
+                maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
+                seed=None if seeds is None else int(torch.randint(0, 2**31 - 1, (1,))))
+    return left
+
+
 def triton_lion_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -528,38 +588,17 @@ def triton_lion_(
     kahan_comps: list[Tensor | None] | None = None,
     seed: int | None = None,
 ) -> None:
-    """One Lion step over lists of tensors with the fused Triton kernel, in place.
+    """One Lion step over lists of tensors with the fused Triton kernel alone, in place.
 
     ``params`` and ``exp_avgs`` are updated; see the module docstring for the semantics,
     supported dtypes and layouts. ``param_rounding`` is how bf16/fp16 params are stored:
     ``"stochastic"`` (default), ``"nearest"``, or ``"kahan"``, which needs ``kahan_comps``: one
     residual tensor per bf16/fp16 param, of its dtype and shape (None for fp32 params).
     ``seed`` feeds the stochastic rounding (``None``: drawn from torch's default generator). All
-    inputs are validated before any tensor is modified. Raises ``ValueError`` for unsupported
-    tensors and ``RuntimeError`` when the kernel cannot run on their device.
+    inputs are validated before any tensor is modified: a tensor the kernel cannot update is a
+    ``ValueError`` here (``lion_hf.Lion`` and ``lion()`` run such tensors with ``foreach``
+    instead), and a device it cannot run on a ``RuntimeError``.
     """
-    _triton_step(params, grads, exp_avgs, kahan_comps, lr=lr, decay=1.0 - float(lr) * float(weight_decay),
-                 beta1=beta1, beta2=beta2, maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
-                 param_rounding=param_rounding, seed=seed)
-
-
-def _triton_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    kahan_comps: list[Tensor | None] | None,
-    *,
-    lr: float,
-    decay: float,
-    beta1: float,
-    beta2: float,
-    maximize: bool,
-    cautious: bool,
-    skip_nonfinite: bool,
-    param_rounding: str = "stochastic",
-    seed: int | None = None,
-) -> None:
-    """:func:`triton_lion_` with the decay factor ``1 - lr * weight_decay`` already computed."""
     if param_rounding not in PARAM_ROUNDINGS:
         raise ValueError(f"triton_lion_: param_rounding must be one of {PARAM_ROUNDINGS}, got {param_rounding!r}")
     if kahan_comps is None or param_rounding != "kahan":
@@ -569,73 +608,39 @@ def _triton_step(
             f"triton_lion_: got {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs and "
             f"{len(kahan_comps)} kahan_comps"
         )
-    groups: dict[tuple, tuple[list[Tensor], ...]] = {}
+    ps, gs, ms, cs = [], [], [], []
     for i, (param, grad, exp_avg, comp) in enumerate(zip(params, grads, exp_avgs, kahan_comps)):
-        p, g, m = _local(param), _local(grad), _local(exp_avg)
-        _check(i, p, g, m)
+        p, g, m = local(param), local(grad), local(exp_avg)
+        if p.dtype not in _PARAM_DTYPES:
+            raise ValueError(f"triton_lion_: param {i} has dtype {p.dtype}; supported: fp32, bf16, fp16")
+        if m.dtype not in _STATE_DTYPES:
+            raise ValueError(f"triton_lion_: exp_avg {i} has dtype {m.dtype}; supported: fp32, bf16")
+        if not (p.shape == g.shape == m.shape):
+            raise ValueError(f"triton_lion_: param {i}, its grad and exp_avg differ in shape: "
+                             f"{tuple(p.shape)}, {tuple(g.shape)}, {tuple(m.shape)}")
+        if not (p.device == g.device == m.device):
+            raise ValueError(f"triton_lion_: param {i}, its grad and exp_avg are on {p.device}, {g.device}, "
+                             f"{m.device}")
+        if g.is_sparse:
+            raise ValueError(f"triton_lion_: grad {i} is sparse; Lion needs dense gradients")
+        if g.dtype != p.dtype:
+            raise ValueError(f"triton_lion_: grad {i} has dtype {g.dtype} but its param is {p.dtype}")
         c = None
         if param_rounding == "kahan" and p.dtype != torch.float32:
             if comp is None:
                 raise ValueError(f"triton_lion_: param_rounding='kahan' needs kahan_comps[{i}] for a {p.dtype} param")
-            c = _local(comp)
+            c = local(comp)
             if c.dtype != p.dtype or c.shape != p.shape or c.device != p.device or c.stride() != p.stride():
                 raise ValueError(
                     f"triton_lion_: kahan_comps[{i}] must match its param's dtype, shape, device and strides; got "
                     f"{c.dtype} {tuple(c.shape)} on {c.device} for {p.dtype} {tuple(p.shape)} on {p.device}"
                 )
-        if p.numel() == 0:
-            continue
-        ps, gs, ms, cs = groups.setdefault((p.device, p.dtype, m.dtype, c is not None), ([], [], [], []))
-        ps.append(p)
-        gs.append(g)
-        ms.append(m)
-        if c is not None:
-            cs.append(c)
-    if not groups:
-        return
-    for device, _, _, _ in groups:
-        if device.type == "cuda":
-            if not _INTERPRET and not torch.cuda.is_available():
-                raise RuntimeError("triton_lion_: tensors are on CUDA but CUDA is not available")
-        elif device.type != "cpu" or not _INTERPRET:
-            hint = (
-                " On CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
-                "imported (for tests; impl='foreach' or 'compiled' are the CPU implementations)."
-                if device.type == "cpu" else ""
-            )
-            raise RuntimeError(f"triton_lion_: the Triton Lion kernel cannot run on {device.type!r} tensors.{hint}")
-
-    lr = float(lr)
-    beta1, beta2 = float(beta1), float(beta2)
-    hyper = (lr, float(decay), beta1, 1.0 - beta1, beta2, 1.0 - beta2)
-    needs_bits = any(
-        m_dtype == torch.bfloat16 or (p_dtype != torch.float32 and param_rounding == "stochastic")
-        for _, p_dtype, m_dtype, _ in groups
-    )
-    if seed is None and needs_bits:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    seed = 0 if seed is None else int(seed)
-
-    for k, ((device, _, _, kahan), (ps, gs, ms, cs)) in enumerate(groups.items()):
-        # Philox key: low word the seed, high word the group (+1 keeps the value above 2**32, so the
-        # argument is always an int64 and never selects another specialisation).
-        group_seed = (seed & 0xFFFFFFFF) + ((k + 1) << 32)
-        kwargs = dict(hyper=hyper, seed=group_seed, maximize=bool(maximize), cautious=bool(cautious),
-                      skip_nonfinite=bool(skip_nonfinite), param_rounding=param_rounding)
-        cs = cs if kahan else None
-        if device.type == "cpu":
-            _launch_group(ps, gs, ms, cs, device=device, **kwargs)
-        elif _INTERPRET:
-            # The interpreter dereferences table addresses on the host: stage through CPU copies.
-            cpu = torch.device("cpu")
-            staged = [[t.detach().cpu() for t in ts] for ts in (ps, gs, ms, cs or [])]
-            _launch_group(*staged[:3], staged[3] if kahan else None, device=cpu, **kwargs)
-            with torch.no_grad():
-                for dst, src in zip(ps + ms + (cs or []), staged[0] + staged[2] + staged[3]):
-                    dst.copy_(src)
-        else:
-            with torch.cuda.device(device):
-                _launch_group(ps, gs, ms, cs, device=device, **kwargs)
-        # The kernel writes through raw pointers, which autograd cannot see: bump the version
-        # counters as an in-place torch op would (catches use of a stale saved tensor).
-        increment_version(ps + ms + (cs or []))
+        problem = _layout_problem(p, g, m, c)
+        if problem is not None:
+            raise ValueError(f"triton_lion_: param {i}: {problem}; the Triton kernel updates flat memory: make "
+                             "them contiguous or use impl='foreach'")
+        for lst, t in zip((ps, gs, ms, cs), (p, g, m, c)):
+            lst.append(t)
+    _launch_all(ps, gs, ms, cs, lr=lr, decay=1.0 - float(lr) * float(weight_decay), beta1=beta1, beta2=beta2,
+                maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
+                seed=seed)

@@ -1,0 +1,188 @@
+"""Which impl runs a step, and the one path every step takes to it.
+
+:func:`resolve_impl` is the one function that decides which implementation runs on a device
+(``auto``: ``triton`` on CUDA, ``cpp`` on the CPU, ``foreach`` wherever those cannot run), and
+:func:`impl_unavailable` the one that says why an impl cannot run. :func:`run_step` is the path
+of every step, from ``Lion.step`` and from the functional ``lion()``: it takes the local shards
+of DTensors, checks the tensors for every impl alike, draws the stochastic-rounding seeds, splits
+the tensors by device, and runs each device's impl. The one rule for what a fused kernel does not
+take (``cpp``: tensors that are not contiguous; ``triton``: tensors it cannot update as flat
+memory): the kernel leaves them untouched and they run in ``foreach``, the impl that runs
+everywhere. A call whose tensors share memory (a param listed twice, overlapping views) runs in
+``for_loop``, one tensor after the other, whichever impl was asked for: that is what such a step
+means, and the fused impls would race on (or read stale) shared elements.
+
+The impls' modules are imported only when their impl runs (triton's import is slow, and the C++
+kernel is built at first use).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lion_hf.optim.cpu_kernel_build import cxx_compiler
+from lion_hf.optim.for_loop import for_loop_lion
+from lion_hf.optim.foreach import foreach_lion
+from lion_hf.optim.numerics import draw_seeds, local
+from lion_hf.optim.validation import check_step_tensors, overlapping
+
+__all__ = ["IMPLS", "impl_unavailable", "resolve_impl", "run_step"]
+
+IMPLS = ("auto", "for_loop", "foreach", "cpp", "triton")
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_found(cxx_setting: str | None) -> bool:
+    return cxx_compiler() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    # The mode is fixed when triton.language is first imported; before that, the environment decides it.
+    kernel = sys.modules.get("lion_hf.optim.triton_kernel")
+    if kernel is not None:
+        return kernel.INTERPRET
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cpp_build_failure() -> Exception | None:
+    module = sys.modules.get("lion_hf.optim.cpu_kernel")
+    return None if module is None else module.build_failure
+
+
+def impl_unavailable(impl: str, device: torch.device | str, *, count_build_failure: bool = True) -> str | None:
+    """Why ``impl`` cannot run on ``device``, or None if it can: the one place that decides.
+
+    ``cpp`` needs the CPU, a C++ compiler and no earlier build failure in this process (unless
+    ``count_build_failure`` is False: an explicit ``impl="cpp"`` whose build failed runs its
+    steps in ``foreach``, after one warning); ``triton`` needs the triton package and a usable
+    CUDA device, or a CPU with triton in interpreter mode (``TRITON_INTERPRET=1`` before triton's
+    first import). ``for_loop`` and ``foreach`` run wherever torch does.
+    """
+    device = torch.device(device)
+    if impl == "cpp":
+        if device.type != "cpu":
+            return f"impl='cpp' runs on the CPU; params are on {device.type!r}. Use impl='triton' or 'foreach' there."
+        if not _compiler_found(os.environ.get("CXX")):
+            return "impl='cpp' needs a C++ compiler (g++) on the PATH, or $CXX"
+        failure = _cpp_build_failure() if count_build_failure else None
+        if failure is not None:
+            return f"impl='cpp' failed to build earlier in this process ({type(failure).__name__}: {failure})"
+        return None
+    if impl == "triton":
+        if not _triton_importable():
+            return "impl='triton' needs the triton package: pip install triton"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "impl='triton': CUDA is not usable here"
+        if device.type == "cpu" and _triton_interpreted():
+            return None
+        return (f"impl='triton' runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); params are on "
+                f"{device.type!r}. Use impl='cpp' or 'foreach' there.")
+    return None
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """The implementation that runs ``impl`` on ``device``: ``auto`` is ``triton`` on CUDA and
+    ``cpp`` on the CPU where they can run, else ``foreach``. An explicit impl that cannot run on
+    the device raises RuntimeError saying why (a failed C++ build is not such a reason: its steps
+    run in ``foreach``)."""
+    if impl not in IMPLS:
+        hint = " (the torch.compile impl was removed: 'cpp' is the CPU kernel)" if impl == "compiled" else ""
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}{hint}")
+    device = torch.device(device)
+    if impl == "auto":
+        preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+        if preferred is not None and impl_unavailable(preferred, device) is None:
+            return preferred
+        return "foreach"
+    reason = impl_unavailable(impl, device, count_build_failure=False)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return impl
+
+
+def _cpp(*args: Any, **kwargs: Any) -> list[int]:
+    from lion_hf.optim.cpu_kernel import cpp_lion
+
+    return cpp_lion(*args, **kwargs)
+
+
+def _triton(*args: Any, **kwargs: Any) -> list[int]:
+    from lion_hf.optim.triton_kernel import triton_lion
+
+    return triton_lion(*args, **kwargs)
+
+
+def _whole(run: Callable[..., None]) -> Callable[..., list[int]]:
+    def takes_every_tensor(*args: Any, **kwargs: Any) -> list[int]:
+        run(*args, **kwargs)
+        return []
+
+    return takes_every_tensor
+
+
+# Each impl updates what it takes and returns the indices of the tensors it left.
+_IMPL_FUNCTIONS: dict[str, Callable[..., list[int]]] = {
+    "for_loop": _whole(for_loop_lion),
+    "foreach": _whole(foreach_lion),
+    "cpp": _cpp,
+    "triton": _triton,
+}
+
+
+def run_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    impl: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    param_rounding: str,
+) -> None:
+    """One step over lists of tensors (hyperparameters already validated). ``impl`` may be
+    ``auto`` (resolved per device) or an impl checked at construction; a kernel that turns out
+    unusable at run time (the C++ build failed) leaves its tensors to ``foreach``."""
+    params, grads, exp_avgs = ([local(t) for t in ts] for ts in (params, grads, exp_avgs))
+    kahan_comps = [None if c is None else local(c) for c in kahan_comps]
+    check_step_tensors(params, grads, exp_avgs, kahan_comps, param_rounding)
+    if not params:
+        return
+    seeds = draw_seeds(params, exp_avgs, param_rounding)
+    kwargs = dict(lr=float(lr), decay=1.0 - float(lr) * float(weight_decay), beta1=float(beta1), beta2=float(beta2),
+                  maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
+    devices = [p.device for p in params]
+    if devices.count(devices[0]) == len(devices):  # the common case, without copying the lists
+        split = [(devices[0], list(range(len(params))), (params, grads, exp_avgs, kahan_comps), seeds)]
+    else:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, device in enumerate(devices):
+            by_device.setdefault(device, []).append(i)
+        split = [(device, idx, tuple([ts[i] for i in idx] for ts in (params, grads, exp_avgs, kahan_comps)),
+                  None if seeds is None else seeds[idx]) for device, idx in by_device.items()]
+    for device, _, tensors, device_seeds in split:
+        concrete = resolve_impl(impl, device) if impl == "auto" else impl
+        if concrete != "for_loop" and overlapping([t for ts in tensors for t in ts if t is not None]):
+            concrete = "for_loop"  # tensors that share memory update one after the other
+        left = _IMPL_FUNCTIONS[concrete](*tensors, seeds=device_seeds, **kwargs)
+        if left:
+            rest = tuple([ts[i] for i in left] for ts in tensors)
+            foreach_lion(*rest, seeds=None if device_seeds is None else device_seeds[left], **kwargs)

@@ -1,0 +1,182 @@
+"""``impl="foreach"``: the step in ``torch._foreach_*`` ops, for any device torch runs on.
+
+The portable impl: no compiler, any accelerator, and what the fused kernels do not take (see
+``dispatch``). The arithmetic is :func:`~lion_hf.optim.numerics.lion_tensor`'s, op for op, over
+lists of tensors that share a device and dtypes; a low-precision param or momentum is then
+stored tensor by tensor, with the seeds ``for_loop`` would use for it.
+
+On CPU an all-fp32 list runs in cache-sized rounds: each foreach op streams its whole list
+through memory, so the ops of one step over whole lists would move about a dozen model-sized
+arrays; over rounds that fit in the last-level cache memory sees p, g and m about once. The
+rounds run the same ops on the same elements, so the result is bit for bit the same.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from lion_hf.optim.numerics import any_nonfinite, cautious_update, param_stochastic, store_momentum, store_param
+
+__all__ = ["FOREACH_CACHE_ROUND", "cache_rounds", "foreach_lion"]
+
+# Elements per round of the CPU path: 1 MB of fp32 per list, so that p, g, m and the update of
+# a round (4 MB) stay in the last-level cache of most CPUs. docs/implementations.md has the
+# measurement behind the choice.
+FOREACH_CACHE_ROUND = 1 << 18
+
+
+def cache_rounds(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor]) -> list[tuple[list, ...]]:
+    """Split lists of params, grads and momenta into rounds (params, grads, momenta, Kahan
+    residuals: None) of about :data:`FOREACH_CACHE_ROUND` elements: a large tensor is cut into
+    slices of its flat view, small ones share a round. A non-contiguous tensor (which has no
+    flat view) is a piece of its own."""
+    size = FOREACH_CACHE_ROUND
+    rounds: list[tuple[list, ...]] = []
+    current: tuple[list, ...] = ([], [], [], [])
+    filled = 0
+    for p, g, m in zip(ps, gs, ms):
+        if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
+            flat = (p.view(-1), g.view(-1), m.view(-1))
+            pieces = [tuple(t[i:i + size] for t in flat) for i in range(0, flat[0].numel(), size)]
+        else:
+            pieces = [(p, g, m)]
+        for piece in pieces:
+            current[3].append(None)
+            for lst, t in zip(current, piece):
+                lst.append(t)
+            filled += piece[0].numel()
+            if filled >= size:
+                rounds.append(current)
+                current, filled = ([], [], [], []), 0
+    if current[0]:
+        rounds.append(current)
+    return rounds
+
+
+def foreach_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    param_rounding: str,
+    seeds: Tensor | None,
+) -> None:
+    """One step over plain (local) tensors, already checked by the dispatcher, bucketed by
+    (device, param dtype, grad dtype, momentum dtype, Kahan residual or not). ``seeds``: each
+    tensor's stochastic-rounding seeds (:func:`~lion_hf.optim.numerics.draw_seeds`)."""
+    pairs = [(0, 0)] * len(params) if seeds is None else seeds.tolist()
+    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], [], []])
+    for p, g, m, comp, pair in zip(params, grads, exp_avgs, kahan_comps, pairs):
+        if p.numel() == 0:
+            continue
+        bucket = buckets[(p.device, p.dtype, g.dtype, m.dtype, comp is not None)]
+        for lst, t in zip(bucket, (p, g, m, comp, pair)):
+            lst.append(t)
+
+    for (device, p_dtype, g_dtype, m_dtype, kahan), (ps, gs, ms, cs, bucket_seeds) in buckets.items():
+        all_fp32 = p_dtype == g_dtype == m_dtype == torch.float32
+        if device.type == "cpu" and all_fp32 and not cautious:  # nothing to round: no seeds
+            rounds = [(*r, None) for r in cache_rounds(ps, gs, ms)]
+        else:
+            rounds = [(ps, gs, ms, cs, bucket_seeds)]
+        for round_ps, round_gs, round_ms, round_cs, round_seeds in rounds:
+            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, lr=lr, decay=decay, beta1=beta1,
+                           beta2=beta2, maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
+                           param_rounding=param_rounding, kahan=kahan)
+
+
+def _interpolate(m32: list[Tensor], g32: list[Tensor], beta: float) -> list[Tensor]:
+    """``m * beta + g * (1 - beta)`` as two rounded products and a rounded sum, as lion_tensor
+    computes it. (``_foreach_lerp`` would save a pass but turns an inf momentum into NaN.)"""
+    out = torch._foreach_mul(m32, beta)
+    torch._foreach_add_(out, torch._foreach_mul(g32, 1.0 - beta))
+    return out
+
+
+def _foreach_round(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    cs: list[Tensor | None],
+    seeds: list[tuple[int, int]] | None,
+    *,
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+    cautious: bool,
+    skip_nonfinite: bool,
+    param_rounding: str,
+    kahan: bool,
+) -> None:
+    """One foreach step over lists of one device and dtypes (a bucket, or a round of one), with
+    each tensor's (param, momentum) seeds where it has low-precision storage."""
+    p_dtype, m_dtype = ps[0].dtype, ms[0].dtype
+    fp32_params = p_dtype == torch.float32
+    fp32_state = m_dtype == torch.float32
+    g32 = gs if gs[0].dtype == torch.float32 else [g.float() for g in gs]
+    if maximize:
+        g32 = torch._foreach_neg(g32)
+    # The weight being optimised: the param itself (fp32: updated in place), else an fp32
+    # copy, plus the Kahan residual.
+    w32 = ps if fp32_params else [p.float() for p in ps]
+    if kahan:
+        torch._foreach_add_(w32, [c.float() for c in cs])
+    m32 = ms if fp32_state else [m.float() for m in ms]
+
+    update = _interpolate(m32, g32, beta1)
+    torch._foreach_sign_(update)
+    if cautious:
+        update = [cautious_update(u, g) for u, g in zip(update, g32)]
+        scaled = torch._foreach_mul(update, lr)  # not exact once rescaled: round it as lion_tensor does
+
+    def apply(w: list[Tensor]) -> None:
+        if cautious:
+            torch._foreach_sub_(w, scaled)
+        else:  # u * lr is exact for u in {-1, 0, 1}, so the fused add rounds as w - u * lr does
+            torch._foreach_add_(w, update, alpha=-lr)
+
+    # Masking needs out-of-place temporaries; one read of the grads decides whether the
+    # common all-finite case can stay in place.
+    masked = skip_nonfinite and any_nonfinite(g32)
+    if masked:
+        new_w = torch._foreach_mul(w32, decay)
+        apply(new_w)
+        new_m = _interpolate(m32, g32, beta2)
+        ok = [torch.isfinite(g) for g in g32]
+    else:
+        if decay != 1.0:  # w * 1.0 is w: the no-decay group (biases, norms) skips a pass
+            torch._foreach_mul_(w32, decay)
+        apply(w32)
+        new_m = _interpolate(m32, g32, beta2)
+        if fp32_state:
+            torch._foreach_copy_(m32, new_m)
+            new_m = m32
+        new_w, ok = w32, None
+
+    if fp32_params:
+        if masked:
+            torch._foreach_copy_(ps, [torch.where(o, n, p) for o, n, p in zip(ok, new_w, ps)])
+    else:
+        stochastic = param_stochastic(p_dtype, param_rounding)
+        for i, (p, w) in enumerate(zip(ps, new_w)):
+            store_param(p, w, cs[i] if kahan else None, None if ok is None else ok[i],
+                        seeds[i][0] if stochastic else None)
+    if fp32_state:
+        if masked:
+            torch._foreach_copy_(ms, [torch.where(o, n, m) for o, n, m in zip(ok, new_m, ms)])
+    else:
+        for i, (m, n) in enumerate(zip(ms, new_m)):
+            store_momentum(m, n, None if ok is None else ok[i], seeds[i][1])

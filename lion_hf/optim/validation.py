@@ -1,0 +1,217 @@
+"""Validation of everything that enters a Lion step: options, hyperparameters, loaded state and tensors.
+
+One function checks a param group's hyperparameters and options, :func:`validate_group`, and every
+place they enter calls it: ``Lion.__init__`` (the defaults), ``add_param_group``,
+``load_state_dict`` and the functional ``lion()``. A step then runs only
+:func:`check_step_scalars`, a few float comparisons per group that catch what a scheduler or
+a user changed since (``group["lr"] = nan``). :func:`check_step_tensors` checks the tensors of
+a step for every impl alike, so that a bad input is the same ``ValueError`` whichever impl
+would have run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_DTYPES, PARAM_ROUNDINGS, STATE_DTYPES
+
+__all__ = [
+    "GROUP_OPTIONS",
+    "as_float",
+    "check_loaded_state",
+    "check_step_scalars",
+    "check_step_tensors",
+    "overlapping",
+    "validate_group",
+    "validate_options",
+    "validate_param",
+]
+
+# The keys a Lion param group holds besides "params" (torch adds a few of its own, e.g. "initial_lr").
+GROUP_OPTIONS = ("lr", "betas", "weight_decay", "maximize", "cautious", "state_dtype", "param_rounding")
+_MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
+
+
+def as_float(value: Any, what: str) -> float:
+    """``value`` as a float: a Python or numpy number, or a 1-element tensor, as torch's own
+    optimizers accept; a bool is refused (``lr=True`` is a bug, not 1.0)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{what} must be a real number or a 1-element tensor, got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's bool is no numbers.Real
+        raise ValueError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _in_group(index: int | None) -> str:
+    return "Lion: " if index is None else f"Lion: param group {index}: "
+
+
+def _hyperparameters(group: dict[str, Any], index: int | None) -> tuple[float, tuple[float, float], float]:
+    where = _in_group(index)
+    lr = as_float(group["lr"], f"{where}lr")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
+    betas = group["betas"]
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (as_float(b, f"{where}betas[{i}]") for i, b in enumerate(betas))
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{where}betas: {name} must be in [0, 1), got {beta!r}")
+    weight_decay = as_float(group["weight_decay"], f"{where}weight_decay")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return lr, (beta1, beta2), weight_decay
+
+
+def validate_options(impl: Any = None, nonfinite_grad: Any = None, *, impls: tuple[str, ...] = ()) -> None:
+    """The optimizer-wide options (not part of any param group)."""
+    if impl is not None and impl not in impls:
+        hint = " (the torch.compile impl was removed: 'cpp' is the CPU kernel)" if impl == "compiled" else ""
+        raise ValueError(f"Lion: impl must be one of {impls}, got {impl!r}{hint}")
+    if nonfinite_grad is not None and nonfinite_grad not in NONFINITE_POLICIES:
+        raise ValueError(f"Lion: nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
+
+
+def validate_group(group: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    """Check a param group's hyperparameters and options (every key of :data:`GROUP_OPTIONS`
+    present); returns the group with lr, betas and weight_decay as floats. A bad value is a
+    ValueError naming the group, the key and the value. Warns when ``lr * weight_decay >= 1``:
+    the decay factor ``1 - lr * weight_decay`` is then zero or negative, which flips the weights'
+    sign every step instead of shrinking them."""
+    where = _in_group(index)
+    lr, betas, weight_decay = _hyperparameters(group, index)
+    for key in ("maximize", "cautious"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{where}{key} must be True or False, got {group[key]!r}")
+    if group["state_dtype"] not in STATE_DTYPES:
+        raise ValueError(f"{where}state_dtype must be one of {tuple(STATE_DTYPES)}, got {group['state_dtype']!r}")
+    if group["param_rounding"] not in PARAM_ROUNDINGS:
+        raise ValueError(f"{where}param_rounding must be one of {PARAM_ROUNDINGS}, got {group['param_rounding']!r}")
+    if lr * weight_decay >= 1.0:
+        warnings.warn(f"{where}lr * weight_decay = {lr * weight_decay:g} >= 1: the decay factor 1 - lr * "
+                      "weight_decay is <= 0 and flips the weights' sign every step. Lion's weight_decay is "
+                      "multiplied by lr (decoupled, as in AdamW): use a smaller one.", stacklevel=4)
+    return {**group, "lr": lr, "betas": betas, "weight_decay": weight_decay}
+
+
+def check_step_scalars(groups: list[dict[str, Any]]) -> None:
+    """The per-step check: each group's lr, betas and weight decay are still finite and in range
+    (a buggy scheduler can set NaN), and its options are still valid. Plain float comparisons;
+    the full :func:`validate_group` runs only where a bad value names its cause."""
+    for index, group in enumerate(groups):
+        lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        ok = (type(lr) is float and type(beta1) is float and type(beta2) is float and type(weight_decay) is float
+              and 0.0 <= lr < math.inf and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
+              and 0.0 <= weight_decay < math.inf
+              and group["param_rounding"] in PARAM_ROUNDINGS and group["state_dtype"] in STATE_DTYPES)
+        if not ok:  # raises naming the key, or accepts another real number type as a float
+            group.update(validate_group(group, index))
+
+
+def validate_param(p: Any) -> None:
+    if not isinstance(p, Tensor):
+        raise ValueError(f"Lion: params must be tensors, got {type(p).__name__}")
+    if p.is_complex():
+        raise ValueError("Lion does not support complex parameters (sign() of a complex number is not defined here)")
+    if p.dtype not in PARAM_DTYPES:
+        raise ValueError(f"Lion: params must be float32, bfloat16 or float16, got {p.dtype}")
+
+
+def _first(bad: list[bool]) -> int:
+    return bad.index(True)
+
+
+def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       kahan_comps: list[Tensor | None], param_rounding: str) -> None:
+    """The tensors of one step (local shards), for every impl alike: each grad and momentum has its
+    param's shape and device; dtypes are ones Lion computes with; no param is on the meta
+    device; a Kahan residual matches its param. ValueError naming the tensor; sparse gradients
+    are a RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons)."""
+    if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
+        raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
+                         f"{len(params)}, {len(grads)}, {len(exp_avgs)} and {len(kahan_comps)}")
+    shapes = list(map(Tensor.size, params))
+    for name, tensors in (("grad", grads), ("momentum (exp_avg)", exp_avgs)):
+        if list(map(Tensor.size, tensors)) != shapes:
+            i = _first([t.shape != s for t, s in zip(tensors, shapes)])
+            raise ValueError(f"Lion: param {i} has shape {tuple(shapes[i])} but its {name} has shape "
+                             f"{tuple(tensors[i].shape)}")
+    if True in [g.is_sparse for g in grads]:
+        raise RuntimeError("Lion does not support sparse gradients")
+    p_dtypes, g_dtypes, m_dtypes = ({t.dtype for t in ts} for ts in (params, grads, exp_avgs))
+    if not p_dtypes <= set(PARAM_DTYPES):
+        i = _first([p.dtype not in PARAM_DTYPES for p in params])
+        raise ValueError(f"Lion: param {i} has dtype {params[i].dtype}; Lion params are float32, bfloat16 or float16")
+    if not all(d.is_floating_point for d in g_dtypes):
+        i = _first([not g.dtype.is_floating_point for g in grads])
+        raise ValueError(f"Lion: the grad of param {i} has dtype {grads[i].dtype}; gradients must be floating point")
+    if not m_dtypes <= set(_MOMENTUM_DTYPES):
+        i = _first([m.dtype not in _MOMENTUM_DTYPES for m in exp_avgs])
+        raise ValueError(f"Lion: the momentum (exp_avg) of param {i} has dtype {exp_avgs[i].dtype}; it must be "
+                         "float32 or bfloat16")
+    devices = [p.device for p in params]
+    if [g.device for g in grads] != devices or [m.device for m in exp_avgs] != devices:
+        i = _first([not p.device == g.device == m.device for p, g, m in zip(params, grads, exp_avgs)])
+        raise ValueError(f"Lion: param {i} is on {params[i].device} but its grad is on {grads[i].device} and its "
+                         f"momentum on {exp_avgs[i].device}")
+    if True in [p.is_meta for p in params]:
+        raise ValueError("Lion cannot step params on the meta device: they hold no values. Materialise them first "
+                         "(e.g. module.to_empty(device=...) and load the weights) and build the optimizer after.")
+    if param_rounding == "kahan":
+        for i, (p, c) in enumerate(zip(params, kahan_comps)):
+            if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape
+                                             or c.device != p.device):
+                raise ValueError(
+                    f"Lion: param_rounding='kahan' needs a compensation tensor (the Kahan residual) of the param's "
+                    f"dtype, shape and device for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) "
+                    f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
+                )
+
+
+def check_loaded_state(state: dict[Any, Any]) -> None:
+    """A loaded optimizer state is Lion's: each entry holds an ``exp_avg`` (and at most a Kahan
+    ``kahan_comp``), all finite. Another optimizer's state (AdamW's ``exp_avg_sq``, ``step``) is
+    a ValueError that says so, as is a non-finite momentum: a checkpoint whose momentum is NaN or
+    inf would silently freeze or poison the elements it covers, and which of its values were
+    meant cannot be known, so it is refused rather than repaired."""
+    for key, entry in state.items():
+        if not isinstance(entry, dict) or not entry:
+            continue
+        foreign = sorted(set(entry) - {"exp_avg", "kahan_comp"})
+        if foreign or "exp_avg" not in entry:
+            found = ", ".join(map(repr, sorted(entry)))
+            raise ValueError(f"Lion: the state of param {key!r} holds {found}: this state dict comes from another "
+                             "optimizer (Lion keeps only 'exp_avg', and 'kahan_comp' under Kahan rounding). "
+                             "Resume it with the optimizer that saved it, or start Lion without its state.")
+        for name in ("exp_avg", "kahan_comp"):
+            value = entry.get(name)
+            if name in entry and not isinstance(value, Tensor):
+                raise ValueError(f"Lion: the {name} of param {key!r} is a {type(value).__name__}, not a tensor")
+            if isinstance(value, Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"Lion: the {name} of param {key!r} has {bad} NaN or inf value(s): the checkpoint "
+                                 "is corrupt (or was saved after a step that propagated a non-finite gradient)")
+
+
+def overlapping(tensors: list[Tensor]) -> bool:
+    """Whether any two of these tensors share memory (a param listed twice, a grad that is its
+    param, overlapping views). Such a step is not elementwise-independent: it runs tensor after
+    tensor, as for_loop defines it, in every impl."""
+    sizes = np.fromiter((t.numel() * t.element_size() for t in tensors), np.int64, len(tensors))
+    starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+    nonempty = sizes > 0
+    starts, sizes = starts[nonempty], sizes[nonempty]
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], starts[order] + sizes[order]
+    return bool((ends[:-1] > starts[1:]).any())

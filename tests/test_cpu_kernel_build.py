@@ -1,0 +1,235 @@
+"""The C++ kernel's build, cache and trust model (lion_hf/optim/cpu_kernel_build.py): what this user
+built is loaded; a planted, foreign, world-writable, truncated or garbage library never is; a
+failed or hung build falls back to foreach with a warning and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lion_hf.optim import cpu_kernel, cpu_kernel_build, dispatch
+from lion_hf.optim.cpu_kernel_build import cxx_compiler, library_path, load_library
+from lion_hf.optim.dispatch import impl_unavailable, resolve_impl
+from lion_hf.optim.lion import lion
+
+pytestmark = pytest.mark.skipif(cxx_compiler() is None, reason="needs a C++ compiler")
+as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                             reason="planting a file owned by another user needs root (chown)")
+OTHER_UID = 4242
+
+# A library with the kernel's entry point that does nothing, and a constructor that runs at load
+# time and leaves a marker file: what a planted library could do inside a training process.
+PLANTED_SOURCE = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+  const char* path = getenv("LION_HF_TEST_MARKER");
+  FILE* f = path ? fopen(path, "w") : NULL;
+  if (f) { fputs("the planted constructor ran", f); fclose(f); }
+}
+int64_t lion_hf_cpu_step(void) { return 0; }
+"""
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """No kernel loaded yet in this process, an empty cache, and a marker path for planted code."""
+    monkeypatch.setattr(cpu_kernel, "_kernel", None)
+    monkeypatch.setattr(cpu_kernel, "build_failure", None)
+    monkeypatch.setenv("LION_HF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LION_HF_TEST_MARKER", str(tmp_path / "marker"))
+    return tmp_path
+
+
+def _planted_library(tmp_path: Path) -> bytes:
+    source = tmp_path / "planted.c"
+    source.write_text(PLANTED_SOURCE)
+    built = tmp_path / "planted.so"
+    subprocess.run([cxx_compiler(), "-x", "c", "-shared", "-fPIC", str(source), "-o", str(built)], check=True)
+    return built.read_bytes()
+
+
+def _plant(path: Path, library: bytes, *, uid: int | None = None, mode: int = 0o700) -> None:
+    """Put ``library`` where the cache would look, with a matching checksum record, so that only
+    the ownership and mode checks can stop it."""
+    import hashlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(library)
+    path.with_name(path.name + ".sha256").write_text(hashlib.sha256(library).hexdigest())
+    os.chmod(path, mode)
+    if uid is not None:
+        os.chown(path, uid, -1)
+
+
+def _step_is_correct() -> bool:
+    p, g, m = [torch.ones(10)], [torch.ones(10)], [torch.zeros(10)]
+    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")
+    return torch.equal(p[0], torch.full((10,), 0.5))
+
+
+def test_the_library_is_built_once_and_then_read_from_the_cache_without_running_the_compiler(fresh_cache,
+                                                                                              monkeypatch):
+    load_library()
+    path = library_path(cxx_compiler())
+    assert path.exists() and path.parent == fresh_cache / "cache"
+    assert (path.stat().st_mode & 0o777) == 0o700 and ((fresh_cache / "cache").stat().st_mode & 0o777) == 0o700
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("the cached library should have been used, with no compiler run")
+
+    monkeypatch.setattr(subprocess, "Popen", no_compiler)
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    load_library()
+    assert _step_is_correct()
+
+
+@as_root
+def test_a_library_planted_by_another_user_is_never_loaded(fresh_cache):
+    path = library_path(cxx_compiler())
+    _plant(path, _planted_library(fresh_cache), uid=OTHER_UID)
+    with pytest.warns(UserWarning, match=rf"{path.name} is not loaded: it is owned by uid {OTHER_UID}"):
+        assert _step_is_correct()
+    assert not (fresh_cache / "marker").exists(), "the planted library's constructor ran"
+    assert path.stat().st_uid == os.getuid(), "the cache should hold this user's own rebuild"
+
+
+def test_a_world_writable_library_is_never_loaded(fresh_cache):
+    path = library_path(cxx_compiler())
+    _plant(path, _planted_library(fresh_cache), mode=0o777)
+    with pytest.warns(UserWarning, match="is not loaded: it can be written by others"):
+        assert _step_is_correct()
+    assert not (fresh_cache / "marker").exists()
+
+
+@pytest.mark.parametrize("folder", ["world_writable", pytest.param("foreign", marks=as_root)])
+def test_a_shared_or_foreign_cache_folder_is_refused_for_a_private_one(fresh_cache, folder):
+    shared = fresh_cache / "cache"
+    shared.mkdir(mode=0o700)
+    if folder == "world_writable":
+        os.chmod(shared, 0o1777)  # a cluster's shared /tmp-like folder
+        reason = "can be written by others"
+    else:
+        os.chown(shared, OTHER_UID, -1)
+        reason = f"owned by uid {OTHER_UID}"
+    # Even a library that passes every file check is not loaded from such a folder.
+    _plant(library_path(cxx_compiler(), shared), _planted_library(fresh_cache))
+    with pytest.warns(UserWarning, match=rf"cache {shared} is not used: it .*{reason}.*private folder (\S+) instead"):
+        assert _step_is_correct()
+    assert not (fresh_cache / "marker").exists()
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the record still holds the whole library's checksum
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_record"])
+def test_a_damaged_library_is_rebuilt_once_and_never_crashes_the_process(fresh_cache, damage):
+    """In a subprocess: before the checksum a truncated library killed every process with a bus
+    error on its first step."""
+    load_library()
+    path = library_path(cxx_compiler())
+    if damage == "truncated":
+        _truncate(path)
+    elif damage == "garbage":
+        path.write_bytes(b"not a library")
+    else:
+        path.with_name(path.name + ".sha256").unlink()
+    script = ("import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
+              "p, g, m = [torch.ones(100000)], [torch.ones(100000)], [torch.zeros(100000)]\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "print([str(w.message) for w in caught])\n"
+              "assert torch.equal(p[0], torch.full((100000,), 0.5)), p\n")
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is not loaded" in result.stdout and "Rebuilding it" in result.stdout
+    assert load_library() is not None  # the rebuild is whole: it loads here too, without a warning
+
+
+def test_a_failed_build_warns_once_and_the_step_runs_in_foreach(fresh_cache, monkeypatch):
+    broken = fresh_cache / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'simulated compiler error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    with pytest.warns(UserWarning, match="impl='cpp' is unavailable.*simulated compiler error"):
+        assert _step_is_correct()
+    assert "simulated compiler error" in impl_unavailable("cpp", "cpu")
+    assert resolve_impl("auto", "cpu") == "foreach"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _step_is_correct()  # no second build, no second warning
+
+
+def test_a_hung_build_is_killed_in_time_and_leaves_nothing_behind(fresh_cache, monkeypatch):
+    hung = fresh_cache / "hung-cxx"
+    pid_file = fresh_cache / "child.pid"
+    # The compiler forks a child (as g++ forks cc1plus) and both hang.
+    hung.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pid_file}\nsleep 60\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("CXX", str(hung))
+    monkeypatch.setattr(cpu_kernel_build, "BUILD_TIMEOUT_S", 2)
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="did not build cpu_kernel.cpp within 2 s"):
+        assert _step_is_correct()
+    assert time.monotonic() - start < 20
+    assert not [p.name for p in (fresh_cache / "cache").iterdir()], "a killed build left files behind"
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until its new parent reaps it
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the compiler's child process survived the timeout")
+
+
+def test_a_leftover_of_a_killed_build_is_removed_by_the_next_build(fresh_cache):
+    folder = fresh_cache / "cache"
+    folder.mkdir(mode=0o700)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = folder / f".{library_path(cxx_compiler(), folder).name}.{dead.pid}.tmp"
+    leftover.write_bytes(b"half a library")
+    assert _step_is_correct()
+    assert not leftover.exists()
+
+
+def test_processes_building_at_once_all_load_a_whole_library(tmp_path):
+    """Ranks of one job build into the same cache at the same time."""
+    script = ("import torch\nfrom lion_hf.optim.lion import lion\n"
+              "p, g, m = [torch.ones(10)], [torch.ones(10)], [torch.zeros(10)]\n"
+              "lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "assert torch.equal(p[0], torch.full((10,), 0.5)), p\n")
+    env = {**os.environ, "LION_HF_CACHE": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-W", "error::UserWarning", "-c", script], env=env,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].endswith(".so") and names[1] == names[0] + ".sha256", names
+
+
+def test_auto_does_not_probe_the_compiler_on_every_step(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dispatch, "cxx_compiler", lambda: calls.append(1) or "g++")
+    dispatch._compiler_found.cache_clear()
+    for _ in range(3):
+        resolve_impl("auto", "cpu")
+    dispatch._compiler_found.cache_clear()
+    assert len(calls) == 1

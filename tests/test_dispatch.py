@@ -1,0 +1,110 @@
+"""Which impl runs, and the one path of every step (lion_hf/optim/dispatch.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_helpers import bits_equal
+
+from lion_hf import Lion
+from lion_hf.optim import cpu_kernel, dispatch
+from lion_hf.optim.dispatch import IMPLS, impl_unavailable, resolve_impl, run_step
+
+HYPER = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False, cautious=False, skip_nonfinite=True)
+
+
+def test_there_are_four_impls_and_compiled_is_gone():
+    assert IMPLS == ("auto", "for_loop", "foreach", "cpp", "triton")
+    for call in (lambda: Lion([torch.nn.Parameter(torch.zeros(2))], impl="compiled"),
+                 lambda: resolve_impl("compiled", "cpu")):
+        with pytest.raises(ValueError, match=r"'for_loop', 'foreach', 'cpp', 'triton'.*torch.compile impl was removed"):
+            call()
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: True)
+    monkeypatch.setattr(dispatch, "_triton_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], impl="triton")
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], impl="triton")
+
+
+def test_auto_is_cpp_on_the_cpu_triton_on_cuda_and_foreach_where_they_cannot_run(monkeypatch):
+    assert resolve_impl("auto", "cpu") == "cpp"
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        resolve_impl("cpp", "meta")
+    assert resolve_impl("auto", "meta") == "foreach"
+    monkeypatch.setattr(cpu_kernel, "build_failure", RuntimeError("no g++"))
+    assert "failed to build earlier in this process (RuntimeError: no g++)" in impl_unavailable("cpp", "cpu")
+    assert resolve_impl("auto", "cpu") == "foreach"
+    assert resolve_impl("cpp", "cpu") == "cpp"  # asked for: its steps run in foreach, after one warning
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_impl("auto", "cuda") == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_impl("auto", "cuda") == "foreach"
+    assert "CUDA is not usable" in impl_unavailable("triton", "cuda")
+
+
+def test_without_a_compiler_cpp_is_unavailable_and_auto_is_foreach(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert "needs a C++ compiler" in impl_unavailable("cpp", "cpu")
+    assert resolve_impl("auto", "cpu") == "foreach"
+
+
+def _tensors(seed: int, dtype: torch.dtype = torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in [(40, 3), (7,), (3, 5), (300,)]]
+    grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+    moms = [torch.randn(p.shape, generator=gen) * 0.1 for p in params]
+    # A non-contiguous param (with a grad and momentum of its layout): the kernel leaves it.
+    base = torch.randn(5, 3, generator=gen).to(dtype)
+    params[2] = base.t()
+    grads[2] = torch.randn(5, 3, generator=gen).to(dtype).t()
+    moms[2] = torch.randn(5, 3, generator=gen).t() * 0.1
+    return params, grads, moms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_what_the_kernel_leaves_runs_in_foreach_and_the_step_rounds_as_one_impl(dtype, monkeypatch):
+    """The one rule: the kernel takes the contiguous tensors, foreach the rest, with the seeds
+    drawn for the whole step: the split step is bit for bit for_loop's."""
+    ran = []
+    original = dispatch.foreach_lion
+    monkeypatch.setattr(dispatch, "foreach_lion", lambda ps, *a, **k: ran.append(len(ps)) or original(ps, *a, **k))
+    results = {}
+    for impl in ("for_loop", "cpp"):
+        params, grads, moms = (list(map(torch.clone, ts)) for ts in _tensors(3, dtype))
+        torch.manual_seed(4)
+        run_step(params, grads, moms, [None] * 4, impl=impl, param_rounding="stochastic", **HYPER)
+        results[impl] = (params, moms)
+    assert ran == [1], "only the non-contiguous tensor should run in foreach"
+    for kind, want, have in zip(("param", "momentum"), results["for_loop"], results["cpp"]):
+        for i, (a, b) in enumerate(zip(want, have)):
+            assert bits_equal(a, b), f"{kind} {i} differs from for_loop's"
+
+
+def test_a_step_over_two_devices_runs_each_devices_impl(monkeypatch):
+    ran = []
+    for name in ("cpp", "foreach"):
+        monkeypatch.setitem(dispatch._IMPL_FUNCTIONS, name,
+                            lambda ps, *a, name=name, **k: ran.append((name, ps[0].device.type)) or [])
+    cpu = [torch.zeros(3)]
+    meta = [torch.zeros(3, device="meta")]
+    # meta stands in for a second device; run_step refuses meta params, so route around the check.
+    monkeypatch.setattr(dispatch, "check_step_tensors", lambda *args: None)
+    monkeypatch.setattr(dispatch, "overlapping", lambda tensors: False)  # meta tensors all sit at address 0
+    run_step(cpu + meta, [torch.ones(3), torch.ones(3, device="meta")], [torch.zeros(3), torch.zeros(3, device="meta")],
+             [None, None], impl="auto", param_rounding="stochastic", **HYPER)
+    assert ran == [("cpp", "cpu"), ("foreach", "meta")]
+
+
+@pytest.mark.parametrize("impl", ["for_loop", "foreach", "cpp", "triton"])
+def test_meta_params_are_a_value_error_in_every_impl(impl):
+    p = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        run_step([p], [torch.ones(4, device="meta")], [torch.zeros(4, device="meta")], [None], impl=impl,
+                 param_rounding="stochastic", **HYPER)
