@@ -7,7 +7,8 @@ transformers on first use, and the Triton kernel loads only when ``impl="triton"
 from importlib import import_module
 from typing import Any
 
-from lion_hf.optim import Lion, lion, lion_reference_step
+from lion_hf.optim import Lion, lion_reference_step
+from lion_hf.optim.lion import lion
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,7 @@ bit for bit for every kind of tensor it takes; what it leaves; version counters;
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 
 import pytest
 import torch
@@ -174,7 +175,7 @@ def test_a_grad_of_a_third_dtype_is_taken_as_its_fp32_value(kernel_takes_everyth
 
 
 def test_a_kind_the_kernel_does_not_know_is_an_error_before_any_update(monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "_kind", lambda *args: 3)  # param bits 3: no such dtype
+    monkeypatch.setattr(cpu_kernel, "_kind_table", lambda flags: defaultdict(lambda: 3))  # param bits 3: no dtype
     params, grads, moms = [torch.zeros(5)], [torch.ones(5)], [torch.zeros(5)]
     with pytest.raises(RuntimeError, match="does not know 1 tensor kind"):
         lion(params, grads, moms, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="cpp")

@@ -9,8 +9,13 @@ from optim_helpers import bits_equal
 from lion_hf import Lion
 from lion_hf.optim import cpu_kernel, dispatch
 from lion_hf.optim.dispatch import IMPLS, impl_unavailable, resolve_impl, run_step
+from lion_hf.optim.numerics import StepGroup
 
-HYPER = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False, cautious=False, skip_nonfinite=True)
+
+def _run(params, grads, moms, impl, comps=None, param_rounding="stochastic"):
+    group = StepGroup(params, grads, moms, comps or [None] * len(params), lr=0.01, beta1=0.9, beta2=0.99,
+                      weight_decay=0.1, maximize=False, cautious=False, param_rounding=param_rounding)
+    run_step([group], impl=impl, skip_nonfinite=True)
 
 
 def test_there_are_four_impls_and_compiled_is_gone():
@@ -74,12 +79,13 @@ def test_what_the_kernel_leaves_runs_in_foreach_and_the_step_rounds_as_one_impl(
     drawn for the whole step: the split step is bit for bit for_loop's."""
     ran = []
     original = dispatch.foreach_lion
-    monkeypatch.setattr(dispatch, "foreach_lion", lambda ps, *a, **k: ran.append(len(ps)) or original(ps, *a, **k))
+    monkeypatch.setattr(dispatch, "foreach_lion",
+                        lambda groups, **k: ran.append(sum(len(g.params) for g in groups)) or original(groups, **k))
     results = {}
     for impl in ("for_loop", "cpp"):
         params, grads, moms = (list(map(torch.clone, ts)) for ts in _tensors(3, dtype))
         torch.manual_seed(4)
-        run_step(params, grads, moms, [None] * 4, impl=impl, param_rounding="stochastic", **HYPER)
+        _run(params, grads, moms, impl)
         results[impl] = (params, moms)
     assert ran == [1], "only the non-contiguous tensor should run in foreach"
     for kind, want, have in zip(("param", "momentum"), results["for_loop"], results["cpp"]):
@@ -91,14 +97,15 @@ def test_a_step_over_two_devices_runs_each_devices_impl(monkeypatch):
     ran = []
     for name in ("cpp", "foreach"):
         monkeypatch.setitem(dispatch._IMPL_FUNCTIONS, name,
-                            lambda ps, *a, name=name, **k: ran.append((name, ps[0].device.type)) or [])
+                            lambda groups, name=name, **k: ran.append((name, groups[0].params[0].device.type))
+                            or [[] for _ in groups])
     cpu = [torch.zeros(3)]
     meta = [torch.zeros(3, device="meta")]
     # meta stands in for a second device; run_step refuses meta params, so route around the check.
-    monkeypatch.setattr(dispatch, "check_step_tensors", lambda *args: None)
+    monkeypatch.setattr(dispatch, "check_step_tensors", lambda params, *args: [p.device for p in params])
     monkeypatch.setattr(dispatch, "overlapping", lambda tensors: False)  # meta tensors all sit at address 0
-    run_step(cpu + meta, [torch.ones(3), torch.ones(3, device="meta")], [torch.zeros(3), torch.zeros(3, device="meta")],
-             [None, None], impl="auto", param_rounding="stochastic", **HYPER)
+    _run(cpu + meta, [torch.ones(3), torch.ones(3, device="meta")], [torch.zeros(3), torch.zeros(3, device="meta")],
+         "auto")
     assert ran == [("cpp", "cpu"), ("foreach", "meta")]
 
 
@@ -106,5 +113,24 @@ def test_a_step_over_two_devices_runs_each_devices_impl(monkeypatch):
 def test_meta_params_are_a_value_error_in_every_impl(impl):
     p = torch.zeros(4, device="meta")
     with pytest.raises(ValueError, match="meta device"):
-        run_step([p], [torch.ones(4, device="meta")], [torch.zeros(4, device="meta")], [None], impl=impl,
-                 param_rounding="stochastic", **HYPER)
+        _run([p], [torch.ones(4, device="meta")], [torch.zeros(4, device="meta")], impl)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "cpp", "triton"])
+@pytest.mark.parametrize("sharing", ["param_listed_twice", "overlapping_views", "residual_is_a_param"])
+def test_tensors_that_share_memory_update_one_after_the_other_in_every_impl(impl, sharing, monkeypatch):
+    """The fused impls would race on (or read stale) shared elements: such a step is for_loop's."""
+    ran = []
+    original = dispatch.for_loop_lion
+    monkeypatch.setattr(dispatch, "for_loop_lion", lambda groups, **k: ran.append(1) or original(groups, **k))
+    base = torch.zeros(40000, dtype=torch.bfloat16)
+    if sharing == "param_listed_twice":
+        params, comps = [base, base], None
+    elif sharing == "overlapping_views":
+        params, comps = [base[:30000], base[10000:]], None
+    else:  # one param's Kahan residual lies inside another param
+        params, comps = [base[:10000], base[20000:30000]], [base[25000:35000], torch.zeros(10000, dtype=torch.bfloat16)]
+    grads = [torch.ones(p.shape, dtype=torch.bfloat16) for p in params]
+    moms = [torch.zeros(p.shape) for p in params]
+    _run(params, grads, moms, impl, comps=comps, param_rounding="kahan" if comps else "nearest")
+    assert ran == [1], "the step should have run tensor by tensor"

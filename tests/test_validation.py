@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lion_hf import Lion
-from lion_hf.optim import lion
+from lion_hf.optim.lion import lion
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,13 @@ Layers, bottom to top (imports flow one way; ``tests/test_layout.py`` checks):
 * ``dispatch``: which impl runs, and the one path of every step;
 * ``lion``: the ``Lion`` class and the functional ``lion()``.
 
-``reference`` (the float64 ground truth for tests) stands apart.
+``reference`` (the float64 ground truth for tests) stands apart. The functional step is
+``lion_hf.lion`` (defined in ``lion_hf.optim.lion``); it is not re-exported here, so that
+``lion_hf.optim.lion`` keeps naming the module.
 """
 
 from lion_hf.optim.dispatch import IMPLS, impl_unavailable, resolve_impl
-from lion_hf.optim.lion import Lion, lion
+from lion_hf.optim.lion import Lion
 from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 from lion_hf.optim.reference import lion_reference_step
 
@@ -24,7 +26,6 @@ __all__ = [
     "STATE_DTYPES",
     "Lion",
     "impl_unavailable",
-    "lion",
     "lion_reference_step",
     "resolve_impl",
 ]

@@ -34,6 +34,14 @@
 #include <type_traits>
 #include <vector>
 
+// The element-wise helpers must be inlined into the update loops, or those loops stay scalar
+// around a call per element; the compiler's own heuristic declines for the larger ones.
+#if defined(__GNUC__) || defined(__clang__)
+#define LION_INLINE inline __attribute__((always_inline))
+#else
+#define LION_INLINE inline
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 1 << 14;  // elements per unit of work: 64 KiB of an fp32 array
@@ -45,24 +53,25 @@ constexpr int kMomentumBf16 = 8;  // the momentum is bf16, stored by stochastic 
 constexpr int kRoundingShift = 4;
 constexpr int kNearest = 0, kStochastic = 1, kKahan = 2;  // how a bf16/fp16 param is stored
 
+// A param group's hyperparameters, as the caller lays them out (7 floats).
 struct Hyper {
   float lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, grad_sign;
 };
 
-inline uint32_t bits_of(float x) {
+LION_INLINE uint32_t bits_of(float x) {
   uint32_t b;
   std::memcpy(&b, &x, 4);
   return b;
 }
 
-inline float float_of(uint32_t b) {
+LION_INLINE float float_of(uint32_t b) {
   float x;
   std::memcpy(&x, &b, 4);
   return x;
 }
 
 // numerics.random_bits16: a bijection of 16-bit integers applied to (index + seed) mod 2**16.
-inline uint32_t random_bits16(int64_t index, uint32_t seed) {
+LION_INLINE uint32_t random_bits16(int64_t index, uint32_t seed) {
   uint32_t x = (static_cast<uint32_t>(index & 0xFFFF) + seed) & 0xFFFFu;
   x = ((x ^ (x >> 8)) * 0x6D2Bu) & 0xFFFFu;
   x = ((x ^ (x >> 7)) * 0x5A35u) & 0xFFFFu;
@@ -76,24 +85,24 @@ inline uint32_t random_bits16(int64_t index, uint32_t seed) {
 struct Fp32 {
   using T = float;
   static constexpr int kind = kParamFp32;
-  static float load(float v) { return v; }
-  static float nearest(float x) { return x; }
-  static float stochastic(float x, uint32_t) { return x; }
+  static LION_INLINE float load(float v) { return v; }
+  static LION_INLINE float nearest(float x) { return x; }
+  static LION_INLINE float stochastic(float x, uint32_t) { return x; }
 };
 
 // bf16 is the high half of an fp32 bit pattern.
 struct Bf16 {
   using T = uint16_t;
   static constexpr int kind = kParamBf16;
-  static float load(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
+  static LION_INLINE float load(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
   // A NaN stays a NaN (the quiet one torch's conversion gives), whatever its payload.
-  static uint16_t nearest(float x) {
+  static LION_INLINE uint16_t nearest(float x) {
     const uint32_t b = bits_of(x);
     const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
     return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
   }
   // numerics.stochastic_round_to_bf16: add 16 random bits below the kept half and truncate.
-  static uint16_t stochastic(float x, uint32_t noise) {
+  static LION_INLINE uint16_t stochastic(float x, uint32_t noise) {
     const uint32_t noisy = (bits_of(x) + noise) >> 16;
     return static_cast<uint16_t>(x != x ? 0x7FC0u : noisy);
   }
@@ -106,7 +115,7 @@ struct Fp16 {
 
   // Exact: normal numbers re-bias the exponent, subnormals are their mantissa times 2**-24
   // (exact in fp32), inf and NaN keep an all-ones exponent.
-  static float load(uint16_t h) {
+  static LION_INLINE float load(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t rest = h & 0x7FFFu;
     const uint32_t normal = (rest << 13) + 0x38000000u;
@@ -117,7 +126,7 @@ struct Fp16 {
   }
 
   // Round to nearest even, as torch's conversion rounds (overflow to inf, gradual underflow).
-  static uint16_t nearest(float x) {
+  static LION_INLINE uint16_t nearest(float x) {
     const uint32_t b = bits_of(x);
     const uint32_t sign = (b >> 16) & 0x8000u;
     const uint32_t a = b & 0x7FFFFFFFu;
@@ -135,27 +144,36 @@ struct Fp16 {
 
   // numerics.stochastic_round_to_fp16: the nearest value, or the next one past it towards x
   // (one step of the 16-bit pattern, which is monotone in magnitude) with probability
-  // distance / spacing; a NaN probability (x NaN or inf) keeps the nearest value.
-  static uint16_t stochastic(float x, uint32_t noise) {
+  // |x - nearest| / spacing. The spacing of adjacent fp16 values is a power of two, so the
+  // division is exact, and so is this product by its reciprocal, built from the exponent bits:
+  // 2**(25 - max(e, 1)), or 2**(26 - e) when stepping below a power of two. Past 65504 the next
+  // value is inf (taken with probability finite / inf = 0); inf and NaN keep the nearest value
+  // (their probability is NaN in numerics.py).
+  static LION_INLINE uint16_t stochastic(float x, uint32_t noise) {
     const uint16_t near = nearest(x);
     const float near32 = load(near);
     const bool away = std::fabs(x) > std::fabs(near32);
-    const uint16_t other = static_cast<uint16_t>(near + (away ? 1u : 0xFFFFu));
-    const float prob = (x - near32) / (load(other) - near32);
+    const uint32_t magnitude = near & 0x7FFFu;
+    const uint32_t e = magnitude >> 10;
+    const bool lower_binade = !away & ((magnitude & 0x3FFu) == 0) & (e >= 2u);
+    const uint32_t inverse_exponent = lower_binade ? 127u + 26u - e : 127u + 25u - (e > 1u ? e : 1u);
+    const float prob = std::fabs(x - near32) * float_of(inverse_exponent << 23);
     const float uniform = static_cast<float>(static_cast<int32_t>(noise)) * 0x1p-16f;
-    return uniform < prob ? other : near;
+    const bool stays = (magnitude >= 0x7C00u) | (away & (magnitude == 0x7BFFu));
+    const uint16_t other = static_cast<uint16_t>(near + (away ? 1u : 0xFFFFu));
+    return ((uniform < prob) & !stays) ? other : near;
   }
 };
 
-inline float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
+LION_INLINE float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
 
 // All ones where x is NaN or inf (exponent all ones), else 0.
-inline uint32_t nonfinite_mask(float x) { return 0u - static_cast<uint32_t>((bits_of(x) & 0x7f800000u) == 0x7f800000u); }
+LION_INLINE uint32_t nonfinite_mask(float x) { return 0u - static_cast<uint32_t>((bits_of(x) & 0x7f800000u) == 0x7f800000u); }
 
 // The new stored value where the gradient is finite, else the old one, bit for bit: a blend of
 // bit patterns, not a select on a float comparison, so that it vectorises.
 template <class T>
-inline T keep_where(uint32_t bad, T updated, T old) {
+LION_INLINE T keep_where(uint32_t bad, T updated, T old) {
   if constexpr (sizeof(T) == 4) {
     return float_of((bits_of(updated) & ~bad) | (bits_of(old) & bad));
   } else {
@@ -227,16 +245,18 @@ constexpr int kind_of() {
   X(Fp32, Fp32, Fp32, kNearest) X(Fp32, Fp32, Bf16, kNearest) \
   LION_LOW_PRECISION_KINDS(X, Bf16) LION_LOW_PRECISION_KINDS(X, Fp16)
 
+// One call's tensors. Each tensor belongs to a param group, whose hyperparameters it reads, and
+// its kind may carry kCautious (the group's option).
 struct Step {
-  int64_t n_tensors;
   void* const* params;
   const void* const* grads;
   void* const* exp_avgs;
   void* const* residuals;  // the Kahan residual of each tensor (unused by other kinds)
   const int64_t* numels;
   const int32_t* kinds;
-  const int32_t* seeds;  // [n_tensors][2]: param, momentum
-  Hyper h;
+  const int32_t* groups;   // each tensor's group: its row of `hyper`
+  const int32_t* seeds;    // [n_tensors][2]: param, momentum
+  const Hyper* hyper;
   uint32_t skip;
   std::vector<int64_t> block_tensor, block_start;
   std::vector<float> fractions;
@@ -247,19 +267,24 @@ struct Step {
   }
 };
 
-template <bool kCautious>
+constexpr int kCautious = 64;  // a kind bit: the tensor's group is cautious
+
 void update_block_of_kind(const Step& s, int64_t b) {
   const int64_t t = s.block_tensor[b];
   const int64_t begin = s.block_start[b], end = s.end_of(b);
-  const float fraction = kCautious ? s.fractions[t] : 1.f;
+  const Hyper& h = s.hyper[s.groups[t]];
+  const float fraction = s.kinds[t] & kCautious ? s.fractions[t] : 1.f;
   const auto p_seed = static_cast<uint32_t>(s.seeds[2 * t]), m_seed = static_cast<uint32_t>(s.seeds[2 * t + 1]);
   switch (s.kinds[t]) {
-#define LION_UPDATE_CASE(P, G, M, R)                                                                         \
-  case kind_of<P, G, M, R>():                                                                               \
-    return update_block<P, G, M, R, kCautious>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t], begin, \
-                                               end, s.h, fraction, p_seed, m_seed, s.skip);
-    LION_KINDS(LION_UPDATE_CASE)
-#undef LION_UPDATE_CASE
+#define LION_UPDATE_CASES(P, G, M, R)                                                                         \
+  case kind_of<P, G, M, R>():                                                                                 \
+    return update_block<P, G, M, R, false>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t], begin, end, \
+                                           h, fraction, p_seed, m_seed, s.skip);                               \
+  case kind_of<P, G, M, R>() | kCautious:                                                                     \
+    return update_block<P, G, M, R, true>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t], begin, end,  \
+                                          h, fraction, p_seed, m_seed, s.skip);
+    LION_KINDS(LION_UPDATE_CASES)
+#undef LION_UPDATE_CASES
     default:
       return;  // unreachable: lion_hf_cpu_step refuses unknown kinds before any update
   }
@@ -269,32 +294,22 @@ int64_t count_agreeing_of_kind(const Step& s, int64_t b) {
   const int64_t t = s.block_tensor[b];
   const int64_t begin = s.block_start[b], end = s.end_of(b);
   const int kind = s.kinds[t];
+  const Hyper& h = s.hyper[s.groups[t]];
   const void* g = s.grads[t];
   const void* m = s.exp_avgs[t];
   const bool bf16_momentum = kind & kMomentumBf16;
   const int grad = (kind & kGradFp32) ? kParamFp32 : (kind & kParamMask);
   if (grad == kParamBf16) {
-    return bf16_momentum ? count_agreeing<Bf16, Bf16>(g, m, begin, end, s.h)
-                         : count_agreeing<Bf16, Fp32>(g, m, begin, end, s.h);
+    return bf16_momentum ? count_agreeing<Bf16, Bf16>(g, m, begin, end, h) : count_agreeing<Bf16, Fp32>(g, m, begin, end, h);
   }
   if (grad == kParamFp16) {
-    return bf16_momentum ? count_agreeing<Fp16, Bf16>(g, m, begin, end, s.h)
-                         : count_agreeing<Fp16, Fp32>(g, m, begin, end, s.h);
+    return bf16_momentum ? count_agreeing<Fp16, Bf16>(g, m, begin, end, h) : count_agreeing<Fp16, Fp32>(g, m, begin, end, h);
   }
-  return bf16_momentum ? count_agreeing<Fp32, Bf16>(g, m, begin, end, s.h)
-                       : count_agreeing<Fp32, Fp32>(g, m, begin, end, s.h);
+  return bf16_momentum ? count_agreeing<Fp32, Bf16>(g, m, begin, end, h) : count_agreeing<Fp32, Fp32>(g, m, begin, end, h);
 }
 
-template <bool kCautious>
-void run(const Step& s, int n_threads) {
-  const auto n_blocks = static_cast<int64_t>(s.block_tensor.size());
-  // Static schedule: each thread streams one contiguous run of blocks.
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-  for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind<kCautious>(s, b);
-}
-
-inline bool known_kind(int32_t kind) {
-  switch (kind) {
+LION_INLINE bool known_kind(int32_t kind) {
+  switch (kind & ~kCautious) {
 #define LION_KNOWN_CASE(P, G, M, R) case kind_of<P, G, M, R>():
     LION_KINDS(LION_KNOWN_CASE)
 #undef LION_KNOWN_CASE
@@ -306,17 +321,22 @@ inline bool known_kind(int32_t kind) {
 
 }  // namespace
 
-// Returns how many tensors have a kind it does not know; then it has updated nothing.
+// One Lion step over `n_tensors` tensors of any kinds and groups. `hyper` holds 7 floats per group
+// (lr, decay, beta1, 1 - beta1, beta2, 1 - beta2, and -1 to maximize or 1). Returns how many
+// tensors have a kind it does not know; then it has updated nothing.
 extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, const void* const* grads,
                                     void* const* exp_avgs, void* const* residuals, const int64_t* numels,
-                                    const int32_t* kinds, const int32_t* seeds, float lr, float decay, float beta1,
-                                    float one_minus_beta1, float beta2, float one_minus_beta2, int maximize,
-                                    int cautious, int skip_nonfinite, int n_threads) {
+                                    const int32_t* kinds, const int32_t* groups, const int32_t* seeds,
+                                    const float* hyper, int skip_nonfinite, int n_threads) {
+  static_assert(sizeof(Hyper) == 7 * sizeof(float), "Hyper is read from 7 floats per group");
   int64_t unknown = 0;
-  for (int64_t t = 0; t < n_tensors; ++t) unknown += !known_kind(kinds[t]);
+  bool any_cautious = false;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    unknown += !known_kind(kinds[t]);
+    any_cautious |= (kinds[t] & kCautious) != 0;
+  }
   if (unknown) return unknown;
-  Step s{n_tensors, params, grads, exp_avgs, residuals, numels, kinds, seeds,
-         Hyper{lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, maximize ? -1.f : 1.f},
+  Step s{params, grads, exp_avgs, residuals, numels, kinds, groups, seeds, reinterpret_cast<const Hyper*>(hyper),
          skip_nonfinite ? 0xFFFFFFFFu : 0u, {}, {}, {}};
   for (int64_t t = 0; t < n_tensors; ++t) {
     for (int64_t start = 0; start < numels[t]; start += kBlock) {
@@ -324,15 +344,18 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
       s.block_start.push_back(start);
     }
   }
-  if (n_threads < 1) n_threads = 1;
-  if (cautious) {
-    // A first pass counts each tensor's agreeing elements (over all of them, as torch's mean
-    // does; an inf gradient can agree), then the fraction is rounded as torch's
+  const auto n_blocks = static_cast<int64_t>(s.block_tensor.size());
+  // A few blocks are not worth waking other threads for.
+  if (n_threads < 1 || n_blocks < 4) n_threads = 1;
+  if (any_cautious) {
+    // A first pass counts each cautious tensor's agreeing elements (over all of them, as torch's
+    // mean does; an inf gradient can agree), then the fraction is rounded as torch's
     // agree.mean().clamp(min=1e-3) rounds it.
-    const auto n_blocks = static_cast<int64_t>(s.block_tensor.size());
-    std::vector<int64_t> counts(n_blocks);
+    std::vector<int64_t> counts(n_blocks, 0);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t b = 0; b < n_blocks; ++b) counts[b] = count_agreeing_of_kind(s, b);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      if (kinds[s.block_tensor[b]] & kCautious) counts[b] = count_agreeing_of_kind(s, b);
+    }
     std::vector<int64_t> agreeing(n_tensors, 0);
     for (int64_t b = 0; b < n_blocks; ++b) agreeing[s.block_tensor[b]] += counts[b];
     s.fractions.assign(n_tensors, 1.f);
@@ -341,9 +364,9 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
       const float fraction = static_cast<float>(agreeing[t]) / static_cast<float>(numels[t]);
       s.fractions[t] = fraction < 1e-3f ? 1e-3f : fraction;
     }
-    run<true>(s, n_threads);
-  } else {
-    run<false>(s, n_threads);
   }
+  // Static schedule: each thread streams one contiguous run of blocks.
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind(s, b);
   return 0;
 }

@@ -17,6 +17,8 @@ stops choosing this impl.
 from __future__ import annotations
 
 import ctypes
+import functools
+import operator
 import warnings
 from collections.abc import Callable
 
@@ -26,6 +28,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from lion_hf.optim import cpu_kernel_build
+from lion_hf.optim.numerics import StepGroup, ranges_overlap
 
 __all__ = ["build_failure", "cpp_lion", "kernel"]
 
@@ -34,13 +37,15 @@ build_failure: Exception | None = None
 _kernel: Callable[..., int] | None = None
 
 _P = ctypes.c_void_p
-_ARGTYPES = [ctypes.c_int64, *[_P] * 7, *[ctypes.c_float] * 6, *[ctypes.c_int] * 4]
+# n, params, grads, momenta, residuals, numels, kinds, groups, seeds, hyper, skip_nonfinite, threads
+_ARGTYPES = [ctypes.c_int64, *[_P] * 9, ctypes.c_int, ctypes.c_int]
 
 # The kernel's tensor kinds (cpu_kernel.cpp): param dtype, grad fp32 although the param is not,
 # bf16 momentum, and how a bf16/fp16 param is stored.
 _PARAM_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_GRAD_FP32, _MOMENTUM_BF16 = 4, 8
+_GRAD_FP32, _MOMENTUM_BF16, _CAUTIOUS = 4, 8, 64
 _ROUNDING_KIND = {"nearest": 0, "stochastic": 1 << 4, "kahan": 2 << 4}
+_DTYPE = operator.attrgetter("dtype")
 
 
 def kernel() -> Callable[..., int] | None:
@@ -60,69 +65,97 @@ def kernel() -> Callable[..., int] | None:
     return _kernel
 
 
-def _kind(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None, rounding: int) -> int:
-    """The kernel's kind for a param whose grad is already its dtype or fp32."""
-    kind = _PARAM_KIND[p.dtype]
-    if kind:
-        kind |= rounding | (_GRAD_FP32 if g.dtype != p.dtype else 0)
-    return kind | (_MOMENTUM_BF16 if m.dtype == torch.bfloat16 else 0)
-
-
-def cpp_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    kahan_comps: list[Tensor | None],
-    *,
-    lr: float,
-    decay: float,
-    beta1: float,
-    beta2: float,
-    maximize: bool,
-    cautious: bool,
-    skip_nonfinite: bool,
-    param_rounding: str,
-    seeds: Tensor | None,
-) -> list[int]:
-    """One kernel call over the tensors it takes; returns the indices of those it left (see the
-    module docstring), which it has not touched. Tensors are plain, local and checked by the
-    dispatcher; ``seeds`` as :func:`~lion_hf.optim.numerics.draw_seeds` draws them."""
-    function = kernel()
-    n_all = len(params)
-    if function is None:
-        return list(range(n_all))
+def _split_contiguous(group: StepGroup) -> tuple[StepGroup, list[int]]:
+    """The group's contiguous tensors (param, grad, momentum and residual), and the indices of the
+    rest. The common all-contiguous case costs one C-level pass per list."""
+    comps = [c for c in group.kahan_comps if c is not None]
+    if all(all(map(Tensor.is_contiguous, ts)) for ts in (group.params, group.grads, group.exp_avgs, comps)):
+        return group, []
     contiguous = [p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and (c is None or c.is_contiguous())
-                  for p, g, m, c in zip(params, grads, exp_avgs, kahan_comps)]
-    if all(contiguous):
-        taken, left = list(range(n_all)), []
-    else:
-        taken = [i for i, ok in enumerate(contiguous) if ok]
-        left = [i for i, ok in enumerate(contiguous) if not ok]
-        params, grads, exp_avgs, kahan_comps = ([ts[i] for i in taken] for ts in (params, grads, exp_avgs, kahan_comps))
-    n = len(params)
+                  for p, g, m, c in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps)]
+    return group.subset([i for i, ok in enumerate(contiguous) if ok]), [i for i, ok in enumerate(contiguous) if not ok]
+
+
+@functools.lru_cache(maxsize=64)
+def _kind_table(flags: int) -> dict[tuple[torch.dtype, torch.dtype, torch.dtype], int]:
+    """(param, grad, momentum) dtypes -> the kernel's kind, for a group's rounding and cautious
+    ``flags``; the grad is already the param's dtype or fp32."""
+    table = {}
+    for p_dtype in _PARAM_KIND:
+        for g_dtype in {p_dtype, torch.float32}:
+            for m_dtype in (torch.float32, torch.bfloat16):
+                kind = _PARAM_KIND[p_dtype]
+                if kind:
+                    kind |= flags | (_GRAD_FP32 if g_dtype != p_dtype else 0)
+                else:
+                    kind |= flags & _CAUTIOUS  # an fp32 param stores exactly: no rounding
+                table[(p_dtype, g_dtype, m_dtype)] = kind | (_MOMENTUM_BF16 if m_dtype == torch.bfloat16 else 0)
+    return table
+
+
+def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]] | None:
+    """One kernel call over every tensor of every group that it takes; returns, per group, the
+    indices of the tensors it left (see the module docstring), which it has not touched. None
+    when the tensors share memory (then it has touched nothing: the kernel's threads would race
+    on shared elements, and the dispatcher runs such a step tensor by tensor). The tensors are
+    plain, local and checked by the dispatcher."""
+    function = kernel()
+    if function is None:
+        return [list(range(len(group.params))) for group in groups]
+    ps: list[Tensor] = []
+    gs: list[Tensor] = []
+    ms: list[Tensor] = []
+    cs: list[Tensor | None] = []
+    kinds: list[int] = []
+    members: list[int] = []
+    seed_rows: list[np.ndarray] = []
+    lefts: list[list[int]] = []
+    hyper = np.empty((len(groups), 7), dtype=np.float32)
+    for index, group in enumerate(groups):
+        hyper[index] = (group.lr, group.decay, group.beta1, 1.0 - group.beta1, group.beta2, 1.0 - group.beta2,
+                        -1.0 if group.maximize else 1.0)
+        taken, left = _split_contiguous(group)
+        lefts.append(left)
+        n = len(taken.params)
+        if not n:
+            continue
+        p_dtypes = list(map(_DTYPE, taken.params))
+        grads = taken.grads
+        if list(map(_DTYPE, grads)) != p_dtypes:
+            # A grad of a third dtype is upcast as lion_tensor upcasts it (fp32 from bf16/fp16 is exact).
+            grads = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float()
+                     for p, g in zip(taken.params, grads)]
+        table = _kind_table(_ROUNDING_KIND[group.param_rounding] | (_CAUTIOUS if group.cautious else 0))
+        kinds += map(table.__getitem__, zip(p_dtypes, map(_DTYPE, grads), map(_DTYPE, taken.exp_avgs)))
+        members += [index] * n
+        seed_rows.append(np.zeros((n, 2), dtype=np.int32) if taken.seeds is None else taken.seeds.numpy())
+        ps += taken.params
+        gs += grads
+        ms += taken.exp_avgs
+        cs += taken.kahan_comps
+    n = len(ps)
     if n == 0:
-        return left
-    # A grad of a third dtype is upcast as lion_tensor upcasts it (fp32 from bf16/fp16 is exact).
-    grads = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float() for p, g in zip(params, grads)]
-    rounding = _ROUNDING_KIND[param_rounding]
-    kinds = np.fromiter((_kind(p, g, m, c, rounding) for p, g, m, c in zip(params, grads, exp_avgs, kahan_comps)),
-                        np.int32, n)
-    residuals = [p if c is None else c for p, c in zip(params, kahan_comps)]  # the kernel reads only real ones
-    tensors = [*params, *grads, *exp_avgs, *residuals]
-    pointers = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, 4 * n)
-    numels = np.fromiter(map(Tensor.numel, params), np.int64, n)
-    written = [*params, *exp_avgs, *[c for c in kahan_comps if c is not None]]
-    if seeds is None:
-        seed_array = np.zeros((n, 2), dtype=np.int32)
-    else:
-        seed_array = np.ascontiguousarray(seeds.numpy()[taken] if left else seeds.numpy())
+        return lefts
+    residuals = [p if c is None else c for p, c in zip(ps, cs)]  # the kernel reads only real ones
+    pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms, *residuals]), np.int64, 4 * n)
+    numels = np.fromiter(map(Tensor.numel, ps), np.int64, n)
+    kind_array = np.array(kinds, dtype=np.int32)
+    param_bytes = np.where(kind_array & 3, 2, 4)
+    sizes = np.tile(numels, 4) * np.concatenate([param_bytes, np.where(kind_array & _GRAD_FP32, 4, param_bytes),
+                                     np.where(kind_array & _MOMENTUM_BF16, 2, 4),
+                                     np.where(((kind_array >> 4) & 3) == 2, 2, 0)])  # no residual: no range
+    if ranges_overlap(pointers, sizes):
+        return None
+    member_array = np.array(members, dtype=np.int32)
+    seeds = seed_rows[0] if len(seed_rows) == 1 else np.concatenate(seed_rows)
+    seeds = np.ascontiguousarray(seeds, dtype=np.int32)
     address = pointers.ctypes.data  # params, grads, momenta, residuals: n pointers each
     unknown = function(n, address, address + 8 * n, address + 16 * n, address + 24 * n, numels.ctypes.data,
-                       kinds.ctypes.data, seed_array.ctypes.data, lr, decay, beta1, 1.0 - beta1, beta2,
-                       1.0 - beta2, maximize, cautious, skip_nonfinite, torch.get_num_threads())
+                       kind_array.ctypes.data, member_array.ctypes.data, seeds.ctypes.data, hyper.ctypes.data,
+                       skip_nonfinite, torch.get_num_threads())
     if unknown:  # _kind and the kernel disagree: a bug here, never a silent no-op
         raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of {sorted(set(kinds))}")
     # Written through raw pointers, which autograd cannot see: bump the version counters as an
     # in-place op would (a stale saved tensor is then caught, as in the other impls).
-    increment_version(written)
-    return left
+    increment_version([*ps, *ms, *[c for c in cs if c is not None]])
+    return lefts

@@ -26,12 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lion_hf.optim.cpu_kernel_build import cxx_compiler
 from lion_hf.optim.for_loop import for_loop_lion
 from lion_hf.optim.foreach import foreach_lion
-from lion_hf.optim.numerics import draw_seeds, local
+from lion_hf.optim.numerics import StepGroup, local, with_seeds
 from lion_hf.optim.validation import check_step_tensors, overlapping
 
 __all__ = ["IMPLS", "impl_unavailable", "resolve_impl", "run_step"]
@@ -113,76 +112,67 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
-def _cpp(*args: Any, **kwargs: Any) -> list[int]:
+def _cpp(*args: Any, **kwargs: Any) -> list[list[int]] | None:
     from lion_hf.optim.cpu_kernel import cpp_lion
 
     return cpp_lion(*args, **kwargs)
 
 
-def _triton(*args: Any, **kwargs: Any) -> list[int]:
+def _triton(*args: Any, **kwargs: Any) -> list[list[int]]:
     from lion_hf.optim.triton_kernel import triton_lion
 
     return triton_lion(*args, **kwargs)
 
 
-def _whole(run: Callable[..., None]) -> Callable[..., list[int]]:
-    def takes_every_tensor(*args: Any, **kwargs: Any) -> list[int]:
-        run(*args, **kwargs)
-        return []
-
-    return takes_every_tensor
-
-
-# Each impl updates what it takes and returns the indices of the tensors it left.
-_IMPL_FUNCTIONS: dict[str, Callable[..., list[int]]] = {
-    "for_loop": _whole(for_loop_lion),
-    "foreach": _whole(foreach_lion),
+# Each impl updates what it takes of a step's groups and returns, per group, the indices it left
+# (or None, having touched nothing, when the tensors share memory).
+_IMPL_FUNCTIONS: dict[str, Callable[..., list[list[int]] | None]] = {
+    "for_loop": for_loop_lion,
+    "foreach": foreach_lion,
     "cpp": _cpp,
     "triton": _triton,
 }
 
 
-def run_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    kahan_comps: list[Tensor | None],
-    *,
-    impl: str,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    maximize: bool,
-    cautious: bool,
-    skip_nonfinite: bool,
-    param_rounding: str,
-) -> None:
-    """One step over lists of tensors (hyperparameters already validated). ``impl`` may be
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def _local(group: StepGroup) -> StepGroup:
+    if set(map(type, group.params)) <= _PLAIN:  # no DTensor params: no DTensor grads or momenta either
+        return group
+    return group._replace(params=[local(t) for t in group.params], grads=[local(t) for t in group.grads],
+                          exp_avgs=[local(t) for t in group.exp_avgs],
+                          kahan_comps=[None if c is None else local(c) for c in group.kahan_comps])
+
+
+def run_step(groups: list[StepGroup], *, impl: str, skip_nonfinite: bool) -> None:
+    """One step over the groups' tensors (hyperparameters already validated). ``impl`` may be
     ``auto`` (resolved per device) or an impl checked at construction; a kernel that turns out
     unusable at run time (the C++ build failed) leaves its tensors to ``foreach``."""
-    params, grads, exp_avgs = ([local(t) for t in ts] for ts in (params, grads, exp_avgs))
-    kahan_comps = [None if c is None else local(c) for c in kahan_comps]
-    check_step_tensors(params, grads, exp_avgs, kahan_comps, param_rounding)
-    if not params:
+    groups = [_local(group) for group in groups if group.params]
+    if not groups:
         return
-    seeds = draw_seeds(params, exp_avgs, param_rounding)
-    kwargs = dict(lr=float(lr), decay=1.0 - float(lr) * float(weight_decay), beta1=float(beta1), beta2=float(beta2),
-                  maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
-    devices = [p.device for p in params]
-    if devices.count(devices[0]) == len(devices):  # the common case, without copying the lists
-        split = [(devices[0], list(range(len(params))), (params, grads, exp_avgs, kahan_comps), seeds)]
-    else:
-        by_device: dict[torch.device, list[int]] = {}
-        for i, device in enumerate(devices):
-            by_device.setdefault(device, []).append(i)
-        split = [(device, idx, tuple([ts[i] for i in idx] for ts in (params, grads, exp_avgs, kahan_comps)),
-                  None if seeds is None else seeds[idx]) for device, idx in by_device.items()]
-    for device, _, tensors, device_seeds in split:
+    devices: dict[torch.device, None] = {}  # ordered: the first group's device first
+    for group in groups:
+        devices.update(dict.fromkeys(check_step_tensors(group.params, group.grads, group.exp_avgs,
+                                                        group.kahan_comps, group.param_rounding)))
+    groups = with_seeds(groups)
+    for device in devices:
+        if len(devices) == 1:
+            on_device = groups
+        else:
+            on_device = [group.subset([i for i, p in enumerate(group.params) if p.device == device])
+                         for group in groups]
+            on_device = [group for group in on_device if group.params]
         concrete = resolve_impl(impl, device) if impl == "auto" else impl
-        if concrete != "for_loop" and overlapping([t for ts in tensors for t in ts if t is not None]):
-            concrete = "for_loop"  # tensors that share memory update one after the other
-        left = _IMPL_FUNCTIONS[concrete](*tensors, seeds=device_seeds, **kwargs)
-        if left:
-            rest = tuple([ts[i] for i in left] for ts in tensors)
-            foreach_lion(*rest, seeds=None if device_seeds is None else device_seeds[left], **kwargs)
+        # Tensors that share memory update one after the other. The C++ kernel checks this itself,
+        # from the pointers it builds anyway (None: it took nothing); the others are checked here.
+        shared = concrete in ("foreach", "triton") and overlapping(
+            [t for group in on_device for ts in group[:4] for t in ts if t is not None])
+        lefts = None if shared else _IMPL_FUNCTIONS[concrete](on_device, skip_nonfinite=skip_nonfinite)
+        if lefts is None:
+            for_loop_lion(on_device, skip_nonfinite=skip_nonfinite)
+            continue
+        rest = [group.subset(left) for group, left in zip(on_device, lefts) if left]
+        if rest:
+            foreach_lion(rest, skip_nonfinite=skip_nonfinite)

@@ -18,7 +18,14 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from lion_hf.optim.numerics import any_nonfinite, cautious_update, param_stochastic, store_momentum, store_param
+from lion_hf.optim.numerics import (
+    StepGroup,
+    any_nonfinite,
+    cautious_update,
+    param_stochastic,
+    store_momentum,
+    store_param,
+)
 
 __all__ = ["FOREACH_CACHE_ROUND", "cache_rounds", "foreach_lion"]
 
@@ -56,44 +63,35 @@ def cache_rounds(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor]) -> list[t
     return rounds
 
 
-def foreach_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    kahan_comps: list[Tensor | None],
-    *,
-    lr: float,
-    decay: float,
-    beta1: float,
-    beta2: float,
-    maximize: bool,
-    cautious: bool,
-    skip_nonfinite: bool,
-    param_rounding: str,
-    seeds: Tensor | None,
-) -> None:
-    """One step over plain (local) tensors, already checked by the dispatcher, bucketed by
-    (device, param dtype, grad dtype, momentum dtype, Kahan residual or not). ``seeds``: each
-    tensor's stochastic-rounding seeds (:func:`~lion_hf.optim.numerics.draw_seeds`)."""
-    pairs = [(0, 0)] * len(params) if seeds is None else seeds.tolist()
+def foreach_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
+    """One step over the groups' plain (local) tensors, already checked by the dispatcher; takes
+    every tensor (returns no leftovers). Each group is bucketed by (device, param dtype, grad
+    dtype, momentum dtype, Kahan residual or not)."""
+    for group in groups:
+        _foreach_group(group, skip_nonfinite)
+    return [[] for _ in groups]
+
+
+def _foreach_group(group: StepGroup, skip_nonfinite: bool) -> None:
+    pairs = [(0, 0)] * len(group.params) if group.seeds is None else group.seeds.tolist()
     buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], [], []])
-    for p, g, m, comp, pair in zip(params, grads, exp_avgs, kahan_comps, pairs):
+    for p, g, m, comp, pair in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs):
         if p.numel() == 0:
             continue
         bucket = buckets[(p.device, p.dtype, g.dtype, m.dtype, comp is not None)]
         for lst, t in zip(bucket, (p, g, m, comp, pair)):
             lst.append(t)
 
+    flags = dict(lr=group.lr, decay=group.decay, beta1=group.beta1, beta2=group.beta2, maximize=group.maximize,
+                 cautious=group.cautious, skip_nonfinite=skip_nonfinite, param_rounding=group.param_rounding)
     for (device, p_dtype, g_dtype, m_dtype, kahan), (ps, gs, ms, cs, bucket_seeds) in buckets.items():
         all_fp32 = p_dtype == g_dtype == m_dtype == torch.float32
-        if device.type == "cpu" and all_fp32 and not cautious:  # nothing to round: no seeds
+        if device.type == "cpu" and all_fp32 and not group.cautious:  # nothing to round: no seeds
             rounds = [(*r, None) for r in cache_rounds(ps, gs, ms)]
         else:
             rounds = [(ps, gs, ms, cs, bucket_seeds)]
         for round_ps, round_gs, round_ms, round_cs, round_seeds in rounds:
-            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, lr=lr, decay=decay, beta1=beta1,
-                           beta2=beta2, maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
-                           param_rounding=param_rounding, kahan=kahan)
+            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, kahan=kahan, **flags)
 
 
 def _interpolate(m32: list[Tensor], g32: list[Tensor], beta: float) -> list[Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lion_hf.optim.dispatch import IMPLS, resolve_impl, run_step
-from lion_hf.optim.numerics import STATE_DTYPES, step_may_proceed
+from lion_hf.optim.numerics import STATE_DTYPES, StepGroup, step_may_proceed
 from lion_hf.optim.validation import (
     check_loaded_state,
     check_step_scalars,
@@ -68,9 +68,9 @@ def lion(
     if not step_may_proceed(nonfinite_grad, grads):
         return False
     beta1, beta2 = group["betas"]
-    run_step(params, grads, exp_avgs, list(kahan_comps), impl=impl, lr=group["lr"], beta1=beta1, beta2=beta2,
-             weight_decay=group["weight_decay"], maximize=maximize, cautious=cautious,
-             skip_nonfinite=nonfinite_grad == "skip_elements", param_rounding=param_rounding)
+    step = StepGroup(list(params), list(grads), list(exp_avgs), list(kahan_comps), group["lr"], beta1, beta2,
+                     group["weight_decay"], maximize, cautious, param_rounding)
+    run_step([step], impl=impl, skip_nonfinite=nonfinite_grad == "skip_elements")
     return True
 
 
@@ -288,13 +288,11 @@ class Lion(Optimizer):
             policy = "propagate"  # all finite: the masked path would change nothing
         skip_nonfinite = policy == "skip_elements"
 
-        for group, params, grads, exp_avgs, comps in work:
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            run_step(params, grads, exp_avgs, comps, impl=self.impl, lr=group["lr"], beta1=beta1, beta2=beta2,
-                     weight_decay=group["weight_decay"], maximize=group["maximize"], cautious=group["cautious"],
-                     skip_nonfinite=skip_nonfinite, param_rounding=group["param_rounding"])
+        # All groups in one dispatch: the C++ kernel then updates every tensor of the step in one call.
+        steps = [StepGroup(params, grads, exp_avgs, comps, group["lr"], *group["betas"], group["weight_decay"],
+                           group["maximize"], group["cautious"], group["param_rounding"])
+                 for group, params, grads, exp_avgs, comps in work if params]
+        run_step(steps, impl=self.impl, skip_nonfinite=skip_nonfinite)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

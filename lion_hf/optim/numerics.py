@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,20 +23,22 @@ __all__ = [
     "PARAM_DTYPES",
     "PARAM_ROUNDINGS",
     "STATE_DTYPES",
+    "StepGroup",
     "all_finite",
     "any_nonfinite",
     "cautious_update",
-    "draw_seeds",
     "lion_tensor",
     "local",
     "param_stochastic",
     "random_bits16",
+    "ranges_overlap",
     "round_to",
     "step_may_proceed",
     "stochastic_round_to_bf16",
     "stochastic_round_to_fp16",
     "store_momentum",
     "store_param",
+    "with_seeds",
 ]
 
 NONFINITE_POLICIES = ("skip_elements", "skip_step", "raise", "propagate")
@@ -49,6 +52,40 @@ PARAM_ROUNDINGS = ("stochastic", "kahan", "nearest")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+class StepGroup(NamedTuple):
+    """One param group's share of a step: its tensors (local shards, checked) and hyperparameters.
+
+    Every impl takes a step as a list of these (all on one device) and updates them in place.
+    ``kahan_comps`` holds the Kahan residual of each bf16/fp16 param under ``param_rounding``
+    "kahan" (None elsewhere); ``seeds`` each tensor's stochastic-rounding seeds
+    (:func:`with_seeds`), or None when no store of the group rounds stochastically.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    kahan_comps: list[Tensor | None]
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    maximize: bool
+    cautious: bool
+    param_rounding: str
+    seeds: Tensor | None = None
+
+    @property
+    def decay(self) -> float:
+        """The weight's factor ``1 - lr * weight_decay`` (decoupled decay)."""
+        return 1.0 - self.lr * self.weight_decay
+
+    def subset(self, indices: list[int]) -> StepGroup:
+        """The same group over the tensors at ``indices``, with their seeds."""
+        pick = [[ts[i] for i in indices] for ts in (self.params, self.grads, self.exp_avgs, self.kahan_comps)]
+        return self._replace(params=pick[0], grads=pick[1], exp_avgs=pick[2], kahan_comps=pick[3],
+                             seeds=None if self.seeds is None else self.seeds[indices])
 
 
 def local(t: Tensor) -> Tensor:
@@ -129,25 +166,36 @@ def round_to(x32: Tensor, dtype: torch.dtype, seed: Tensor | int | None) -> Tens
     return stochastic_round_to_fp16(x32, seed)
 
 
-def draw_seeds(params: list[Tensor], exp_avgs: list[Tensor], param_rounding: str) -> Tensor | None:
-    """Stochastic-rounding seeds for one step: an int32 CPU tensor of shape [n, 2], the param's and
-    the momentum's seed per tensor (0 where that store is not stochastic), or None when no store
-    of the step is. Drawn from torch's CPU generator (so ``manual_seed`` reproduces a run and
-    HF's checkpointed RNG state resumes it) in one call, in the order one tensor after the other
-    would draw them: a non-empty tensor's param seed, then its momentum seed. Every impl rounds
-    with these, so a step split between impls rounds as one impl would."""
-    needed = [
-        (bool(p.numel()) and param_stochastic(p.dtype, param_rounding), bool(p.numel()) and m.dtype == torch.bfloat16)
-        for p, m in zip(params, exp_avgs)
-    ]
-    count = sum(a + b for a, b in needed)
+def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
+    """The groups with their stochastic-rounding seeds: per tensor an int32 CPU row of the param's
+    and the momentum's seed (0 where that store is not stochastic; None for a group where none
+    is). Drawn from torch's CPU generator (so ``manual_seed`` reproduces a run and HF's
+    checkpointed RNG state resumes it) in one call, in the order one tensor after the other, group
+    after group, would draw them: a non-empty tensor's param seed, then its momentum seed. Every
+    impl rounds with these, so a step split between impls rounds as one impl would."""
+    needed = []
+    for group in groups:
+        if {p.dtype for p in group.params} == {torch.float32} and {m.dtype for m in group.exp_avgs} == {torch.float32}:
+            needed.append(None)
+            continue
+        needed.append([(bool(p.numel()) and param_stochastic(p.dtype, group.param_rounding),
+                        bool(p.numel()) and m.dtype == torch.bfloat16) for p, m in zip(group.params, group.exp_avgs)])
+    count = sum(a + b for flags in needed if flags is not None for a, b in flags)
     if not count:
-        return None
+        return groups
     drawn = torch.randint(0, 1 << 16, (count,), device="cpu", dtype=torch.int32)
-    mask = torch.tensor(needed, dtype=torch.bool).view(-1, 2)
-    seeds = torch.zeros(mask.shape, dtype=torch.int32)
-    seeds[mask] = drawn  # row-major: each tensor's param seed before its momentum seed
-    return seeds
+    out, used = [], 0
+    for group, flags in zip(groups, needed):
+        mask = None if flags is None else torch.tensor(flags, dtype=torch.bool).view(-1, 2)
+        n = 0 if mask is None else int(mask.sum())
+        if not n:
+            out.append(group)
+            continue
+        seeds = torch.zeros(mask.shape, dtype=torch.int32)
+        seeds[mask] = drawn[used:used + n]  # row-major: each tensor's param seed before its momentum seed
+        used += n
+        out.append(group._replace(seeds=seeds))
+    return out
 
 
 def param_stochastic(dtype: torch.dtype, param_rounding: str) -> bool:
@@ -278,3 +326,14 @@ def all_finite(grads: list[Tensor]) -> bool:
         if not bool(torch.isfinite(torch.stack(torch._foreach_norm(device_grads, 2))).all()):
             return False
     return True
+
+
+def ranges_overlap(starts: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether any two of these non-empty memory ranges (start addresses, byte sizes) overlap: then
+    a step's tensors share memory (a param listed twice, a grad that is its param, overlapping
+    views) and must update one after the other."""
+    nonempty = sizes > 0
+    starts, sizes = starts[nonempty], sizes[nonempty]
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], starts[order] + sizes[order]
+    return bool((ends[:-1] > starts[1:]).any())

@@ -100,7 +100,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.numerics import PARAM_ROUNDINGS, local
+from lion_hf.optim.numerics import PARAM_ROUNDINGS, StepGroup, local
 
 try:
     import triton
@@ -542,34 +542,22 @@ def _launch_all(
         increment_version(gps + gms + (gcs or []))
 
 
-def triton_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    kahan_comps: list[Tensor | None],
-    *,
-    lr: float,
-    decay: float,
-    beta1: float,
-    beta2: float,
-    maximize: bool,
-    cautious: bool,
-    skip_nonfinite: bool,
-    param_rounding: str,
-    seeds: Tensor | None,
-) -> list[int]:
+def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
     """The ``triton`` impl for the dispatcher: tensors already local and checked. Updates those
-    it takes (:func:`_layout_problem`) and returns the indices of the rest, untouched. Stochastic
-    rounding draws its own Philox seed when ``seeds`` says a store of the step rounds so."""
-    taken = [_layout_problem(p, g, m, c) is None for p, g, m, c in zip(params, grads, exp_avgs, kahan_comps)]
-    left = [i for i, ok in enumerate(taken) if not ok]
-    if left:
-        params, grads, exp_avgs, kahan_comps = ([t for t, ok in zip(ts, taken) if ok]
-                                                for ts in (params, grads, exp_avgs, kahan_comps))
-    _launch_all(params, grads, exp_avgs, kahan_comps, lr=lr, decay=decay, beta1=beta1, beta2=beta2,
-                maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
-                seed=None if seeds is None else int(torch.randint(0, 2**31 - 1, (1,))))
-    return left
+    it takes (:func:`_layout_problem`) and returns, per group, the indices of the rest, untouched.
+    Stochastic rounding draws its own Philox seed where a group's seeds say a store rounds so."""
+    lefts = []
+    for group in groups:
+        taken = [_layout_problem(p, g, m, c) is None
+                 for p, g, m, c in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps)]
+        left = [i for i, ok in enumerate(taken) if not ok]
+        lefts.append(left)
+        part = group.subset([i for i, ok in enumerate(taken) if ok]) if left else group
+        _launch_all(part.params, part.grads, part.exp_avgs, part.kahan_comps, lr=part.lr, decay=part.decay,
+                    beta1=part.beta1, beta2=part.beta2, maximize=part.maximize, cautious=part.cautious,
+                    skip_nonfinite=skip_nonfinite, param_rounding=part.param_rounding,
+                    seed=None if part.seeds is None else int(torch.randint(0, 2**31 - 1, (1,))))
+    return lefts
 
 
 def triton_lion_(

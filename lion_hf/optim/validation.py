@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_DTYPES, PARAM_ROUNDINGS, STATE_DTYPES
+from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_DTYPES, PARAM_ROUNDINGS, STATE_DTYPES, ranges_overlap
 
 __all__ = [
     "GROUP_OPTIONS",
@@ -37,6 +38,8 @@ __all__ = [
 # The keys a Lion param group holds besides "params" (torch adds a few of its own, e.g. "initial_lr").
 GROUP_OPTIONS = ("lr", "betas", "weight_decay", "maximize", "cautious", "state_dtype", "param_rounding")
 _MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
+_DTYPE, _IS_SPARSE, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "is_sparse", "is_meta",
+                                                                                 "nbytes"))
 
 
 def as_float(value: Any, what: str) -> float:
@@ -133,11 +136,12 @@ def _first(bad: list[bool]) -> int:
 
 
 def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                       kahan_comps: list[Tensor | None], param_rounding: str) -> None:
-    """The tensors of one step (local shards), for every impl alike: each grad and momentum has its
-    param's shape and device; dtypes are ones Lion computes with; no param is on the meta
+                       kahan_comps: list[Tensor | None], param_rounding: str) -> list[torch.device]:
+    """The tensors of one group's step (local shards), for every impl alike: each grad and momentum
+    has its param's shape and device; dtypes are ones Lion computes with; no param is on the meta
     device; a Kahan residual matches its param. ValueError naming the tensor; sparse gradients
-    are a RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons)."""
+    are a RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons).
+    Returns the devices the params are on, in order of first appearance."""
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
         raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(exp_avgs)} and {len(kahan_comps)}")
@@ -147,9 +151,9 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
             i = _first([t.shape != s for t, s in zip(tensors, shapes)])
             raise ValueError(f"Lion: param {i} has shape {tuple(shapes[i])} but its {name} has shape "
                              f"{tuple(tensors[i].shape)}")
-    if True in [g.is_sparse for g in grads]:
+    if True in map(_IS_SPARSE, grads):
         raise RuntimeError("Lion does not support sparse gradients")
-    p_dtypes, g_dtypes, m_dtypes = ({t.dtype for t in ts} for ts in (params, grads, exp_avgs))
+    p_dtypes, g_dtypes, m_dtypes = (set(map(_DTYPE, ts)) for ts in (params, grads, exp_avgs))
     if not p_dtypes <= set(PARAM_DTYPES):
         i = _first([p.dtype not in PARAM_DTYPES for p in params])
         raise ValueError(f"Lion: param {i} has dtype {params[i].dtype}; Lion params are float32, bfloat16 or float16")
@@ -160,14 +164,19 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         i = _first([m.dtype not in _MOMENTUM_DTYPES for m in exp_avgs])
         raise ValueError(f"Lion: the momentum (exp_avg) of param {i} has dtype {exp_avgs[i].dtype}; it must be "
                          "float32 or bfloat16")
-    devices = [p.device for p in params]
-    if [g.device for g in grads] != devices or [m.device for m in exp_avgs] != devices:
+    if any(True in map(_IS_META, ts) for ts in (params, grads, exp_avgs)):
+        raise ValueError("Lion cannot step params on the meta device: they hold no values. Materialise them first "
+                         "(e.g. module.to_empty(device=...) and load the weights) and build the optimizer after.")
+    # Device indices (-1 for the CPU) are cheaper to compare than device objects.
+    indices = list(map(Tensor.get_device, params))
+    if list(map(Tensor.get_device, grads)) != indices or list(map(Tensor.get_device, exp_avgs)) != indices:
         i = _first([not p.device == g.device == m.device for p, g, m in zip(params, grads, exp_avgs)])
         raise ValueError(f"Lion: param {i} is on {params[i].device} but its grad is on {grads[i].device} and its "
                          f"momentum on {exp_avgs[i].device}")
-    if True in [p.is_meta for p in params]:
-        raise ValueError("Lion cannot step params on the meta device: they hold no values. Materialise them first "
-                         "(e.g. module.to_empty(device=...) and load the weights) and build the optimizer after.")
+    first_of_each = {}
+    for i, index in enumerate(indices):
+        first_of_each.setdefault(index, i)
+    devices = [params[i].device for i in first_of_each.values()]
     if param_rounding == "kahan":
         for i, (p, c) in enumerate(zip(params, kahan_comps)):
             if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape
@@ -177,6 +186,7 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                     f"dtype, shape and device for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) "
                     f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
                 )
+    return devices
 
 
 def check_loaded_state(state: dict[Any, Any]) -> None:
@@ -208,10 +218,5 @@ def overlapping(tensors: list[Tensor]) -> bool:
     """Whether any two of these tensors share memory (a param listed twice, a grad that is its
     param, overlapping views). Such a step is not elementwise-independent: it runs tensor after
     tensor, as for_loop defines it, in every impl."""
-    sizes = np.fromiter((t.numel() * t.element_size() for t in tensors), np.int64, len(tensors))
-    starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
-    nonempty = sizes > 0
-    starts, sizes = starts[nonempty], sizes[nonempty]
-    order = np.argsort(starts, kind="stable")
-    starts, ends = starts[order], starts[order] + sizes[order]
-    return bool((ends[:-1] > starts[1:]).any())
+    return ranges_overlap(np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors)),
+                          np.fromiter(map(_NBYTES, tensors), np.int64, len(tensors)))
