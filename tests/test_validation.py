@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,110 @@ def test_bad_param_rounding_is_a_value_error():
     with pytest.raises(ValueError, match="compensation tensor"):
         lion([p], [torch.ones(3, dtype=torch.bfloat16)], [torch.zeros(3)], lr=0.1, beta1=0.9, beta2=0.99,
              weight_decay=0.0, param_rounding="kahan", impl="foreach")
+
+
+# --------------------------------------------------------------------------------------
+# Hyperparameters, wherever they enter (issue: nothing poisoned)
+# --------------------------------------------------------------------------------------
+
+IMPLS = ["for_loop", "foreach", "cpp", "triton"]
+
+
+def _model_and_lion(**kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    return model, Lion(model.parameters(), lr=1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", float("nan"), r"param group 0: lr must be a finite number >= 0, got nan"),
+    ("lr", -1.0, r"param group 0: lr must be a finite number >= 0, got -1.0"),
+    ("weight_decay", float("inf"), r"param group 0: weight_decay must be a finite number >= 0, got inf"),
+    ("betas", (0.9, 1.5), r"param group 0: betas: beta2 must be in \[0, 1\), got 1.5"),
+    ("lr", True, r"param group 0: lr must be a real number, got True"),
+])
+def test_a_checkpoint_with_a_bad_hyperparameter_is_refused_and_changes_nothing(key, value, match):
+    model, opt = _model_and_lion()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = value
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert all(torch.equal(before[k], opt.state[model.weight][k]) for k in before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("weight_decay", float("inf")), ("betas", (0.9, 1.0)),
+                                       ("lr", -1e-3)])
+def test_a_bad_value_set_mid_run_is_a_value_error_at_the_next_step_in_every_impl(impl, key, value):
+    """A buggy scheduler writing NaN into group["lr"] used to turn every weight NaN."""
+    model, opt = _model_and_lion(impl=impl)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    weights = model.weight.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"param group 0: .*{'beta2' if key == 'betas' else key}"):
+        opt.step()
+    assert torch.equal(model.weight.detach(), weights)
+
+
+def test_adamws_state_dict_is_refused_with_a_message_that_says_so():
+    model, _ = _model_and_lion()
+    adamw = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    fresh = Lion(model.parameters(), lr=1e-4)
+    with pytest.raises(ValueError, match=r"another optimizer.*'amsgrad'|'amsgrad'.*another optimizer"):
+        fresh.load_state_dict(adamw.state_dict())  # before AdamW's first step: its groups give it away
+    model(torch.randn(2, 4)).sum().backward()
+    adamw.step()
+    saved = adamw.state_dict()
+    for group in saved["param_groups"]:  # even stripped of its group keys, the state gives it away
+        for key in ("eps", "amsgrad", "capturable", "decoupled_weight_decay"):
+            group.pop(key, None)
+    with pytest.raises(ValueError, match=r"holds 'exp_avg', 'exp_avg_sq', 'step'.*another optimizer"):
+        fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == 1e-4 and fresh.param_groups[0]["betas"] == (0.9, 0.99)
+    assert not fresh.state
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_momentum_in_a_checkpoint_is_refused(bad):
+    model, opt = _model_and_lion()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg"][0, 1] = bad
+    with pytest.raises(ValueError, match=r"exp_avg of param 0 has 1 NaN or inf value"):
+        Lion(model.parameters(), lr=1e-3).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("lr", [np.float32(1e-4), np.float64(1e-4), torch.tensor(1e-4), torch.tensor([1e-4]), 1])
+def test_what_torch_accepts_as_a_learning_rate_is_accepted(lr):
+    opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=lr, weight_decay=np.float32(0.1), betas=(np.float64(0.9), 0.99))
+    group = opt.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == pytest.approx(float(lr))
+    assert type(group["weight_decay"]) is float and all(type(b) is float for b in group["betas"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=True), "lr must be a real number, got True"),
+    (dict(lr=np.bool_(True)), "lr must be a real number"),
+    (dict(weight_decay=False), "weight_decay must be a real number"),
+    (dict(lr=torch.tensor([1e-4, 2e-4])), "1-element tensor"),
+    (dict(lr="1e-4"), "lr must be a real number"),
+    (dict(betas=(0.9, True)), r"betas\[1\] must be a real number"),
+    (dict(maximize=1), "maximize must be True or False"),
+])
+def test_bools_and_other_non_numbers_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Lion([torch.nn.Parameter(torch.zeros(2))], **{"lr": 1e-4, **kwargs})
+
+
+def test_a_sign_flipping_decay_warns():
+    with pytest.warns(UserWarning, match=r"lr \* weight_decay = 1.5 >= 1"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], lr=0.5, weight_decay=3.0)
+    opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.1)
+    with pytest.warns(UserWarning, match="param group 1: lr \\* weight_decay = 2 >= 1"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0, "weight_decay": 2.0})

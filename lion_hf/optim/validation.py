@@ -131,6 +131,20 @@ def validate_param(p: Any) -> None:
         raise ValueError(f"Lion: params must be float32, bfloat16 or float16, got {p.dtype}")
 
 
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (a stride-0 or interleaved view): a sufficient
+    test for no overlap is that each stride, in increasing order, passes the extent of the ones
+    before it."""
+    if t.is_contiguous():
+        return False
+    extent = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
 def _first(bad: list[bool]) -> int:
     return bad.index(True)
 
@@ -167,6 +181,13 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     if any(True in map(_IS_META, ts) for ts in (params, grads, exp_avgs)):
         raise ValueError("Lion cannot step params on the meta device: they hold no values. Materialise them first "
                          "(e.g. module.to_empty(device=...) and load the weights) and build the optimizer after.")
+    for name, tensors in (("param", params), ("momentum (exp_avg)", exp_avgs)):
+        if not all(map(Tensor.is_contiguous, tensors)):
+            for i, t in enumerate(tensors):
+                if _overlaps_itself(t):
+                    raise ValueError(f"Lion: the {name} of param {i} (shape {tuple(t.shape)}, strides {t.stride()}) "
+                                     "has elements that share memory (an expanded or overlapping view): it cannot "
+                                     "be updated in place. Use a tensor of its own (.clone()).")
     # Device indices (-1 for the CPU) are cheaper to compare than device objects.
     indices = list(map(Tensor.get_device, params))
     if list(map(Tensor.get_device, grads)) != indices or list(map(Tensor.get_device, exp_avgs)) != indices:

@@ -1,0 +1,167 @@
+"""Every impl agrees on every input: a property-based test over shapes, dtypes, layouts, flags, policies,
+special values and bad inputs. for_loop defines the step; foreach and cpp must raise the same error
+or compute the same bits (they run the same fp32 operations in the same order and round with the
+same seeds); the Triton kernel, under the interpreter, is held to the same errors and to the
+for_loop result within one ulp of rounding on a small subset.
+
+Hypothesis draws the cases from a fixed seed (``derandomize``), so a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from optim_helpers import bits_equal
+
+from lion_hf.optim.dispatch import run_step
+from lion_hf.optim.numerics import StepGroup
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, 65519.0, 3e-6]
+
+
+@st.composite
+def tensor_cases(draw, max_numel: int):
+    """One param with its grad, momentum and (under Kahan) residual, as lists of recipes."""
+    kind = draw(st.sampled_from(["0-d", "empty", "vector", "matrix", "transposed", "huge_stride", "offset_view"]))
+    n = draw(st.integers(1, max_numel))
+    shape = {"0-d": (), "empty": (0,), "vector": (n,), "matrix": (max(1, n // 7), 7), "transposed": (7, max(1, n // 7)),
+             "huge_stride": (max(1, n // 50),), "offset_view": (n,)}[kind]
+    return dict(kind=kind, shape=shape, p_dtype=draw(st.sampled_from(list(DTYPES))),
+                g_dtype=draw(st.sampled_from(["same", "fp32", "bf16", "fp16"])),
+                m_dtype=draw(st.sampled_from(["fp32", "bf16"])),
+                special_grads=draw(st.booleans()), special_momentum=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@st.composite
+def steps(draw, max_numel: int = 40000, max_tensors: int = 4):
+    tensors = draw(st.lists(tensor_cases(max_numel), min_size=1, max_size=max_tensors))
+    flags = dict(lr=draw(st.sampled_from([1e-3, 0.1, 0.0])), beta1=draw(st.sampled_from([0.9, 0.0])),
+                 beta2=draw(st.sampled_from([0.99, 0.5])), weight_decay=draw(st.sampled_from([0.0, 0.1])),
+                 maximize=draw(st.booleans()), cautious=draw(st.booleans()),
+                 param_rounding=draw(st.sampled_from(["stochastic", "kahan", "nearest"])))
+    policy = draw(st.sampled_from(["skip_elements", "propagate"]))
+    bad = draw(st.sampled_from([None] * 6 + ["grad_shape", "momentum_shape", "momentum_dtype", "grad_int", "meta",
+                                             "expanded_param"]))
+    return tensors, flags, policy, bad
+
+
+def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The tensor in the case's memory layout (same values)."""
+    if kind == "transposed":
+        return t.t().contiguous().t()
+    if kind == "huge_stride":
+        spread = torch.zeros(t.numel(), 50, dtype=t.dtype)
+        spread[:, 0] = t
+        return spread[:, 0]  # stride 50
+    if kind == "offset_view":
+        holder = torch.zeros(t.numel() + 1, dtype=t.dtype)
+        holder[1:] = t
+        return holder[1:]  # a storage offset of one element: misaligned for vector loads
+    return t
+
+
+def build(tensors, flags, bad):
+    """Fresh tensors for one impl's run (identical for every impl)."""
+    params, grads, moms, comps = [], [], [], []
+    for case in tensors:
+        gen = torch.Generator().manual_seed(case["seed"])
+        p_dtype = DTYPES[case["p_dtype"]]
+        g_dtype = p_dtype if case["g_dtype"] == "same" else DTYPES[case["g_dtype"]]
+        m_dtype = DTYPES[case["m_dtype"]]
+        shape = case["shape"]
+        p = torch.randn(shape, generator=gen)
+        g = torch.randn(shape, generator=gen) * 0.1
+        m = torch.randn(shape, generator=gen) * 0.1
+        if case["special_grads"] and g.numel():
+            flat = g.view(-1)
+            flat[torch.randint(0, flat.numel(), (min(8, flat.numel()),), generator=gen)] = torch.tensor(
+                SPECIAL)[torch.randint(0, len(SPECIAL), (min(8, flat.numel()),), generator=gen)]
+        if case["special_momentum"] and m.numel():
+            m.view(-1)[0] = float("inf")
+        c = (p * 2**-10 * torch.rand(shape, generator=gen)) if flags["param_rounding"] == "kahan" else None
+        params.append(_layout(p.to(p_dtype), case["kind"]))
+        grads.append(_layout(g.to(g_dtype), case["kind"]))
+        moms.append(_layout(m.to(m_dtype), case["kind"]))
+        kahan = c is not None and p_dtype != torch.float32
+        comps.append(_layout(c.to(p_dtype), case["kind"]) if kahan else None)
+    if bad == "grad_shape":
+        grads[-1] = torch.zeros(params[-1].numel() + 1)
+    elif bad == "momentum_shape":
+        moms[-1] = moms[-1].reshape(-1, 1) if moms[-1].dim() != 2 else moms[-1].reshape(-1)
+    elif bad == "momentum_dtype":
+        moms[-1] = moms[-1].half()
+    elif bad == "grad_int":
+        grads[-1] = grads[-1].to(torch.int32)
+    elif bad == "meta":
+        params[-1] = torch.empty(params[-1].shape, device="meta", dtype=params[-1].dtype)
+    elif bad == "expanded_param":
+        params[-1] = torch.zeros(1, dtype=params[-1].dtype).expand(5)
+        grads[-1], moms[-1] = torch.ones(5, dtype=grads[-1].dtype), torch.zeros(5, dtype=moms[-1].dtype)
+        comps[-1] = None if comps[-1] is None else torch.zeros(5, dtype=params[-1].dtype)
+    return params, grads, moms, comps
+
+
+def run(impl, tensors, flags, policy, bad):
+    """(outcome, tensors): the exception type and message, or None and the updated tensors."""
+    params, grads, moms, comps = build(tensors, flags, bad)
+    group = StepGroup(params, grads, moms, comps, **flags)
+    torch.manual_seed(1234)
+    try:
+        run_step([group], impl=impl, skip_nonfinite=policy == "skip_elements")
+    except (ValueError, RuntimeError) as exc:
+        return (type(exc).__name__, str(exc)), None
+    return None, (params, moms, comps)
+
+
+def test_an_expanded_param_is_a_value_error_naming_it():
+    case = ([dict(kind="vector", shape=(3,), p_dtype="fp32", g_dtype="same", m_dtype="fp32", special_grads=False,
+                  special_momentum=False, seed=0)],
+            dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False, cautious=False,
+                 param_rounding="nearest"), "skip_elements", "expanded_param")
+    for impl in ("for_loop", "foreach", "cpp", "triton"):
+        error, _ = run(impl, *case)
+        assert error is not None and error[0] == "ValueError" and "share memory" in error[1], (impl, error)
+
+
+def check_agreement(impl, case, exact: bool):
+    want_error, want = run("for_loop", *case)
+    error, got = run(impl, *case)
+    assert error == want_error, f"{impl} raised {error}, for_loop {want_error}"
+    if want is None:
+        return
+    for name, wants, gots in zip(("param", "momentum", "residual"), want, got):
+        for i, (a, b) in enumerate(zip(wants, gots)):
+            if a is None:
+                continue
+            if exact:
+                assert bits_equal(a, b), f"{impl}: {name} {i} differs from for_loop's"
+            else:  # one ulp of the stored dtype (Triton's own seeds and fused arithmetic)
+                assert torch.equal(a.isnan(), b.isnan()), f"{impl}: {name} {i} NaN pattern differs"
+                ulp = {torch.float32: 2**-20, torch.bfloat16: 2**-7, torch.float16: 2**-10}[a.dtype]
+                finite = torch.isfinite(a)
+                assert torch.equal(a[~finite & ~a.isnan()], b[~finite & ~a.isnan()]), f"{impl}: {name} {i} infs"
+                diff = (a[finite].double() - b[finite].double()).abs()
+                bound = ulp * a[finite].double().abs().clamp(min=1.0) * 2 + 2 * case[1]["lr"]
+                assert bool((diff <= bound).all()), f"{impl}: {name} {i} differs by {float(diff.max()):.3g}"
+
+
+SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(case=steps())
+def test_foreach_and_cpp_raise_what_for_loop_raises_or_compute_its_bits(case):
+    for impl in ("foreach", "cpp"):
+        check_agreement(impl, case, exact=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter subset runs where there is no GPU")
+@settings(max_examples=12, **SETTINGS)
+@given(case=steps(max_numel=3000, max_tensors=2))
+def test_triton_under_the_interpreter_agrees_with_for_loop(case):
+    pytest.importorskip("triton")
+    check_agreement("triton", case, exact=False)
