@@ -15,6 +15,7 @@ from transformers import BertTokenizer, TrainerCallback
 
 from lion_hf.experiments import finetune, study
 from lion_hf.experiments.arguments import parse_recipe_args
+from lion_hf.experiments.checkpoints import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -113,7 +114,7 @@ def test_finetune_with_lora_and_yaml_config_plus_overrides(tiny_model_dir, tiny_
     assert record.peft is True
 
 
-def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     config = tmp_path / "compare.yaml"
     common = common_args(tiny_model_dir, tiny_data_dir, "unused")
     del common["output_dir"]
@@ -123,8 +124,13 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
                        "lion": {"scale_from_adamw": 3}},
     }))
     out = tmp_path / "out"
-    paths = compare([str(config), "--output_dir", str(out), "--", "--eval_steps", "2"])
+    paths = compare([str(config), "--output_dir", str(out), "--progress_seconds", "0", "--", "--eval_steps", "2"])
+    printed = capsys.readouterr().out
     assert paths["json"] == out / "report.json", "--output_dir after the config path must be honoured"
+    # Progress: which run of how many, its step, and the time left for it and for the study.
+    assert "[compare] 4 runs in" in printed and "4 to start" in printed
+    assert "[compare] run 1/4 adamw lr=0.01 wd=0.01 seed=0: step 1/12 (8%)" in printed
+    assert "left; study ~" in printed and "[compare] run 4/4 lion lr=0.00333333 wd=0.03 seed=1: step 12/12" in printed
     run_dirs = sorted(d.name for d in out.iterdir() if d.is_dir())
     assert run_dirs == ["adamw_lr0.01_seed0", "adamw_lr0.01_seed1",
                         "lion_lr0.00333333_seed0", "lion_lr0.00333333_seed1"]
@@ -144,6 +150,10 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
     # effect on it) is identical for both optimizers.
     first = {(r["optimizer"], r["seed"]): r["history"]["train"][0]["loss"] for r in report["runs"]}
     assert first[("adamw", 0)] == first[("lion", 0)] and first[("adamw", 1)] == first[("lion", 1)]
+    assert "4 runs took" in md and "reused" not in md
+    # The same command again reuses every run, and says so (not "0 runs took 0.0 min").
+    again = compare([str(config), "--output_dir", str(out), "--", "--eval_steps", "2"])
+    assert "Nothing ran: reused 4 finished runs from an earlier invocation." in again["markdown"].read_text()
 
 
 def test_compare_config_errors(tmp_path):
@@ -287,8 +297,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_dat
     # Rerunning into the folder without saying what to do is refused, not trained over.
     with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume_from_checkpoint true"):
         finetune.main(argv)
-    # Resuming under other arguments is refused too, naming the difference.
-    with pytest.raises(ValueError, match=r"other arguments.*training\.learning_rate"):
+    # An attempt that fails (a folder that is no checkpoint) records nothing: the next attempt, under another
+    # lr, is still refused, naming the difference, instead of resuming the run at the wrong lr.
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        finetune.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", str(tiny_data_dir)])
+    with pytest.raises(CheckpointError, match=r"other arguments: training\.learning_rate \(0\.0\d+ there, 0\.001 now"):
         finetune.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", "true"])
     resumed = finetune.main(argv + ["--resume_from_checkpoint", "true"])
 
@@ -419,3 +432,127 @@ def test_sweep_config_errors(tmp_path):
                    "optimizers": {"lion_32bit": {"learning_rate": [1e-4, 2e-4]}}})
     assert [(o, lr, a["per_device_train_batch_size"]) for _, o, lr, _, a in points] == [
         ("lion_32bit", 1e-4, 32), ("lion_32bit", 2e-4, 32), ("lion_32bit", 1e-4, 256), ("lion_32bit", 2e-4, 256)]
+
+
+# ---------------------------------------------------------------- resume that cannot be talked into the wrong thing
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """A finished 8-step Lion run with checkpoints at steps 4 and 8 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    args = {**_resume_args(tiny_model_dir, tiny_data_dir, out, {"optim": "lion", "learning_rate": 3e-3}),
+            "max_steps": 8}
+    finetune.main(to_argv(args))
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    return out, args
+
+
+def _copy(checkpointed, tmp_path) -> tuple[Path, list[str]]:
+    import shutil
+
+    source, args = checkpointed
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    return out, to_argv({**args, "output_dir": str(out)})
+
+
+def test_a_damaged_checkpoint_is_named_and_the_intact_one_before_it_offered(checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    state = out / "checkpoint-8" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])  # cut off, as a full disk leaves it
+    for _ in range(2):  # and again on the retry: named every time, never picked silently
+        with pytest.raises(CheckpointError, match=rf"{state}: JSONDecodeError.*newest intact checkpoint before it "
+                                                  rf"is {out / 'checkpoint-4'}"):
+            finetune.main([*argv, "--resume_from_checkpoint", "true"])
+    optimizer = out / "checkpoint-4" / "optimizer.pt"
+    intact = optimizer.read_bytes()
+    optimizer.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(CheckpointError, match=rf"{optimizer}: not a torch archive.*No intact checkpoint precedes"):
+        finetune.main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    optimizer.write_bytes(intact)
+    resumed = finetune.main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    assert resumed.steps == 8 and resumed.resumed_from == [str(out / "checkpoint-4")]
+
+
+def test_a_checkpoint_missing_a_file_or_its_arguments_is_refused_unless_a_partial_resume_is_allowed(
+        checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    (out / "checkpoint-4" / "rng_state.pth").unlink()
+    resume = [*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")]
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 lacks optimizer\.pt; rng_state\.pth: resuming would not "
+                                              r"continue the run exactly.*--allow_partial_resume true"):
+        finetune.main(resume)
+    with pytest.warns(UserWarning, match=r"partial resume.*lacks optimizer\.pt; rng_state\.pth"):
+        record = finetune.main([*resume, "--allow_partial_resume", "true"])
+    assert record.steps == 8 and record.resumed_from == [str(out / "checkpoint-4")]
+    # A checkpoint that does not say what it was trained under (another script, an older recipe).
+    state_file = out / "checkpoint-8" / "trainer_state.json"  # saved again, whole, by the partial resume
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["RunArgumentsRecorder"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"checkpoint-8 lacks the run arguments it was trained under"):
+        finetune.main([*argv, "--resume_from_checkpoint", "true"])
+
+
+def test_nothing_is_deleted_before_the_inputs_are_validated(checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes("sentence\tlabel\nun film très bon\t1\nnul\t0\n".encode("latin-1"))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match=rf"{bad}: not utf-8 text: line 2.*--encoding"):
+        finetune.main([*argv, "--overwrite_output_dir", "true", "--train_file", str(bad)])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, "a bad input cost the old outputs"
+    # A finished run in the folder (its run.json) is not written over without --overwrite_output_dir either.
+    import shutil
+
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    with pytest.raises(CheckpointError, match=r"already holds a finished run \(run\.json\).*--overwrite_output_dir"):
+        finetune.main(argv)
+
+
+def test_a_second_run_into_the_default_folder_is_not_an_error(tiny_encoder_dir, tiny_data_dir, tmp_path,
+                                                               monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    args = {**common_args(tiny_encoder_dir, tiny_data_dir, "unused"), "max_steps": 2, "save_steps": 1,
+            "save_strategy": "steps", "eval_strategy": "no"}
+    del args["output_dir"]
+    first = finetune.main(to_argv(args))
+    second = finetune.main(to_argv(args))
+    folders = sorted((tmp_path / "runs" / "finetune_sentiment").iterdir())
+    assert len(folders) == 2 and all((f / "checkpoint-2").is_dir() and (f / "run.json").is_file() for f in folders)
+    assert first.steps == second.steps == 2
+    printed = capfd.readouterr()
+    # One short line per run for the new head, none of transformers' multi-line LOAD REPORT.
+    assert printed.out.count("[finetune] new classifier head") == 2 and "LOAD REPORT" not in printed.out + printed.err
+    assert "a new folder for this run" in printed.out
+
+
+# ---------------------------------------------------------------- several CPU processes: one DDP job
+
+
+def test_two_processes_without_use_cpu_train_as_one_gloo_job(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    """The trap: `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs, no --use_cpu."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = {**common_args(tiny_encoder_dir, tiny_data_dir, tmp_path / "ddp"), "num_train_epochs": 1}
+    del args["use_cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(RECIPES / "finetune_sentiment.py"), *to_argv(args), "--optim", "adamw"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    record = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert (record["world_size"], record["global_batch_size"], record["steps"]) == (2, 16, 3)
+    assert output.count("2 processes on a machine without a GPU: they train as one DDP job over gloo") == 1
+    assert output.count("[finetune] new classifier head") == 1  # the main process speaks for both
+    for noise in ("Setting accelerator to CPU", "LOAD REPORT", "find_unused_parameters", "pin_memory",
+                  "gemm_4bit"):
+        assert noise not in output, noise

@@ -26,7 +26,16 @@ import os
 RECIPES_EXTRA = {"datasets": "datasets", "evaluate": "evaluate", "peft": "peft", "matplotlib": "matplotlib",
                  "yaml": "pyyaml"}
 
-_missing = sorted(dist for module, dist in RECIPES_EXTRA.items() if importlib.util.find_spec(module) is None)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses the name, or a module left half-imported
+        return False
+
+
+_missing = sorted(dist for module, dist in RECIPES_EXTRA.items() if not _installed(module))
 if _missing:
     raise ImportError(
         f"lion_hf.experiments and the recipes need {', '.join(_missing)}, which are not installed: "

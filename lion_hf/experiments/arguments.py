@@ -477,6 +477,10 @@ def parse_recipe_args(
             )
         values["output_dir"] = _new_run_folder(DEFAULT_OUTPUT_ROOT)
     settle_device(values, notes)
+    if values.get("ddp_find_unused_parameters") is None:
+        # HF's unset default searches every DDP step for parameters without a gradient (and warns that it found
+        # none): a sequence classifier, LoRA-wrapped or not, uses every trainable parameter.
+        values["ddp_find_unused_parameters"] = False
 
     built = []
     for dtype in RECIPE_ARGUMENTS:

@@ -200,6 +200,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
 def _run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments,
          run_args: RunArguments | None, extra_callbacks: Sequence[Any] | None) -> RunRecord:
     run_args = run_args or RunArguments()
+    if not is_main_process():  # every process loads the same data: one set of warnings about it is enough
+        logging.getLogger("lion_hf.experiments.data").setLevel(logging.ERROR)
     arguments = run_arguments(model_args, data_args, training_args)
     out = Path(training_args.output_dir)
     plan = plan_output_dir(out, training_args.resume_from_checkpoint, arguments,

@@ -105,7 +105,7 @@ def summarize(runs: Iterable[Run], target_accuracy: float | None = None) -> dict
 VERDICT_METRICS = (
     ("best_eval_accuracy", "best eval accuracy", "higher", "{:.4f}"),
     ("final_eval_loss", "final eval loss", "lower", "{:.4f}"),
-    ("train_seconds", "train time (s)", "lower", "{:.1f}"),
+    ("train_seconds", "train seconds", "lower", "{:.1f}"),
 )
 
 
@@ -141,7 +141,7 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
         else:
             verdict = (f"no clear winner: {best_name} leads {runner_name} by {lead:.4g}, within the seed spread "
                        f"({spread:.3g})")
-        lines.append(f"- {label}, {better} is better: {'; '.join(parts)}. {verdict[0].upper()}{verdict[1:]}.")
+        lines.append(f"- {label} ({better} is better): {'; '.join(parts)}. {verdict[0].upper()}{verdict[1:]}.")
     t = summary.get("target_accuracy")
     if t is not None:
         for name, o in opts.items():
