@@ -422,7 +422,9 @@ def test_hub_failure_points_to_offline_routes(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"sst2.*nyu-mll/glue.*data_dir=.*vader_movies"):
+    # The recipe's flags first (a recipe user reads this), the Python names after them.
+    with pytest.raises(RuntimeError, match=r"sst2.*nyu-mll/glue.*--data_dir or --train_file \(data_dir=.*leave --task "
+                                           r"unset.*vader_movies"):
         load_sentiment_data("sst2")
 
 

@@ -206,9 +206,13 @@ def test_a_study_config_is_checked_key_by_key(tmp_path):
 
 
 def test_study_options_go_before_the_double_dash_and_run_options_after(tmp_path):
-    with pytest.raises(study.StudyConfigError, match=r"--max_steps 5: argument of each run, not of the study: put "
-                                                     r"it after `--`"):
-        study.main([str(_config(tmp_path)), "--max_steps", "5"], default_config=DEFAULT_CONFIG)
+    for forgot in (["--max_steps", "5"], ["--max-steps=5"]):
+        with pytest.raises(study.StudyConfigError, match=r"--max.steps(=5)?: argument of each run, not of the study: "
+                                                         r"put it after `--`"):
+            study.main([str(_config(tmp_path)), *forgot], default_config=DEFAULT_CONFIG)
+    # A value missing after `--` is an error naming the option, not argparse's usage of every option.
+    with pytest.raises(RecipeArgumentError, match=r"^argument --max_steps/--max-steps: expected one argument$"):
+        study.main([str(_config(tmp_path)), "--", "--max_steps"], default_config=DEFAULT_CONFIG)
     with pytest.raises(study.StudyConfigError, match=r"unknown argument --rerunn"):
         study.main([str(_config(tmp_path)), "--rerunn"], default_config=DEFAULT_CONFIG)
 

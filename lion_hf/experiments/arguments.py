@@ -49,6 +49,7 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "RecipeArgumentError",
+    "RecipeParser",
     "RunArguments",
     "default_learning_rate",
     "explicit_options",
@@ -216,11 +217,18 @@ class _FullHelp(_CompactHelp):
         parser.exit()
 
 
+class RecipeParser(HfArgumentParser):
+    """HF's parser whose errors (a bad value, a missing one) are :class:`RecipeArgumentError`: the recipe prints
+    the one-line message, not argparse's usage of some 170 options."""
+
+    def error(self, message: str):
+        raise RecipeArgumentError(message)
+
+
 def recipe_parser(prog: str | None = None, description: str | None = None) -> HfArgumentParser:
     """The recipe's parser: HF's parser over :data:`RECIPE_ARGUMENTS`, without prefix matching; ``-h`` prints the
     compact help (the recipe's and Lion's options), ``--help_all`` every option."""
-    parser = HfArgumentParser(RECIPE_ARGUMENTS, prog=prog, description=description, allow_abbrev=False,
-                              add_help=False)
+    parser = RecipeParser(RECIPE_ARGUMENTS, prog=prog, description=description, allow_abbrev=False, add_help=False)
     parser.set_defaults(**dict.fromkeys(_SETTLED_AFTER_PARSING))
     parser.add_argument("-h", "--help", action=_CompactHelp, help="The recipe's and Lion's options, with examples.")
     parser.add_argument("--help_all", "--help-all", action=_FullHelp, help="Every option, HF's included.")
@@ -237,6 +245,11 @@ def _field_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
             for option in action.option_strings:
                 actions[option[2:]] = action
     return actions
+
+
+def field_option_names() -> list[str]:
+    """Every option name a recipe run takes (``output_dir`` and ``output-dir`` alike), without the dashes."""
+    return list(_field_actions(recipe_parser()))
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:

@@ -28,8 +28,10 @@ from transformers import HfArgumentParser
 
 from lion_hf.experiments.arguments import (
     RecipeArgumentError,
+    RecipeParser,
     config_defaults,
     explicit_options,
+    field_option_names,
     parse_recipe_args,
     recipe_parser,
 )
@@ -242,8 +244,8 @@ def run_status(run_dir: Path, parsed: tuple) -> tuple[str, RunRecord | None]:
 
 def study_parser(default_config: str | Path, prog: str | None = None,
                  description: str | None = None) -> HfArgumentParser:
-    parser = HfArgumentParser(StudyArguments, prog=prog, description=description, allow_abbrev=False,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = RecipeParser(StudyArguments, prog=prog, description=description, allow_abbrev=False,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(default_config),
                         help=f"YAML config (default: {default_config})")
     parser.epilog = ("Arguments after a lone `--` go to every run of recipes/finetune_sentiment.py "
@@ -255,14 +257,12 @@ def _parse_study_args(parser: HfArgumentParser, argv: list[str]) -> tuple[StudyA
     cut = argv.index("--") if "--" in argv else len(argv)
     namespace, unknown = parser.parse_known_args(argv[:cut])
     if unknown:
-        try:
-            given = explicit_options(unknown)
-        except RecipeArgumentError:
-            given = {}
-        if given:
-            raise StudyConfigError(f"{' '.join(unknown)}: argument{'s' if len(given) > 1 else ''} of each run, "
-                                   f"not of the study: put {'them' if len(given) > 1 else 'it'} after `--` "
-                                   f"(compare_optimizers.py CONFIG -- {' '.join(unknown)})")
+        run_options = set(field_option_names())
+        for_runs = [u for u in unknown if u.startswith("--") and u[2:].split("=", 1)[0] in run_options]
+        if for_runs:
+            raise StudyConfigError(f"{' '.join(for_runs)}: argument{'s' if len(for_runs) > 1 else ''} of each run, "
+                                   f"not of the study: put {'them' if len(for_runs) > 1 else 'it'} after `--` "
+                                   f"(compare_optimizers.py CONFIG -- {' '.join(for_runs)} VALUE)")
         raise StudyConfigError(f"unknown argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)} "
                                "(names are matched exactly; --help lists them)")
     values = vars(namespace)
