@@ -147,14 +147,14 @@ def missing_for_exact_resume(checkpoint: str | Path, world_size: int = 1) -> lis
     missing = []
     if not (checkpoint / TRAINER_STATE).is_file():
         missing.append(TRAINER_STATE)
-    if not any((checkpoint / name).is_file() for name in MODEL_FILES):
-        missing.append("the model weights (" + " or ".join(MODEL_FILES[::2]) + ")")
     latest = checkpoint / "latest"
-    if latest.is_file():  # DeepSpeed keeps optimizer and scheduler state in the folder `latest` names
+    if latest.is_file():  # DeepSpeed keeps weights, optimizer and scheduler state in the folder `latest` names
         tag = latest.read_text().strip()
         if not tag or not (checkpoint / tag).is_dir():
             missing.append(f"DeepSpeed's state folder {tag or '(unnamed in latest)'}")
     else:
+        if not any((checkpoint / name).is_file() for name in MODEL_FILES):
+            missing.append("the model weights (" + " or ".join(MODEL_FILES[::2]) + ")")
         missing += [name for name in ("optimizer.pt", "scheduler.pt") if not (checkpoint / name).is_file()]
     rng = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
     missing += [name for name in rng if not (checkpoint / name).is_file()]
