@@ -422,7 +422,9 @@ def test_hub_failure_points_to_offline_routes(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"sst2.*nyu-mll/glue.*data_dir=.*vader_movies"):
+    # The recipe's flags first (a recipe user reads this), the Python names after them.
+    with pytest.raises(RuntimeError, match=r"sst2.*nyu-mll/glue.*--data_dir or --train_file \(data_dir=.*leave --task "
+                                           r"unset.*vader_movies"):
         load_sentiment_data("sst2")
 
 
@@ -558,3 +560,66 @@ def test_labels_read_as_written_across_reader_chunks(tmp_path):
     data[-1] = ("late name", "positive")
     with pytest.raises(ValueError, match="mix integers"):
         load_sentiment_data(train_file=write_csv(tmp_path / "big.csv", data))
+
+
+# ---------------------------------------------------------------- sanity checks
+
+
+def test_a_validation_label_never_seen_in_training_is_refused(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", rows(12, labels=(0, 1)))
+    val = write_tsv(tmp_path / "val.tsv", rows(9, labels=(0, 1, 2)))
+    with pytest.raises(ValueError, match=rf"{val} \[label\]: label value 2 \(3 rows\) never occurs in the training "
+                                         rf"file {train} \[label\]"):
+        load_sentiment_data(train_file=train, validation_file=val)
+
+
+def test_labels_that_differ_only_in_case_are_refused(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", rows(12, labels=("Positive", "negative", "positive")))
+    with pytest.raises(ValueError, match=r"train\.tsv \[label\]: labels that differ only in case would become "
+                                         r"separate classes: 'Positive' \(4 rows\), 'positive' \(4 rows\)"):
+        load_sentiment_data(train_file=train)
+
+
+def test_labels_that_differ_only_by_surrounding_spaces_are_merged_with_a_warning(tmp_path, caplog):
+    # Written by hand: a trailing space after some labels, as a hand-edited file has it.
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(
+        f"row {i},{'positive ' if i % 4 == 0 else 'positive' if i % 2 else 'negative'}\n" for i in range(12)))
+    data = load_sentiment_data(train_file=tmp_path / "train.csv")
+    assert data.label_names == ["negative", "positive"]
+    assert "differ only by surrounding spaces" in caplog.text and "'positive '" in caplog.text
+
+
+def test_a_label_column_of_mostly_distinct_values_is_refused_and_swapped_columns_named(tmp_path):
+    # --column_names label,text on text<TAB>label lines: the sentences become the labels, "0"/"1" the texts.
+    path = tmp_path / "train.tsv"
+    path.write_text("".join(f"{t}\t{y}\n" for t, y in rows(40)))
+    with pytest.raises(ValueError, match=r"label column has 40 distinct values in 40 training rows.*only 2 distinct "
+                                         r"values \('0', '1'\): are the text and label columns swapped\?"):
+        load_sentiment_data(train_file=path, column_names=["label", "text"])
+    assert load_sentiment_data(train_file=path, column_names=["text", "label"]).num_labels == 2
+
+
+def test_a_small_validation_split_is_a_warning(tmp_path, caplog):
+    train = write_tsv(tmp_path / "train.tsv", rows(40))
+    load_sentiment_data(train_file=train, validation_file=write_tsv(tmp_path / "val.tsv", rows(150)))
+    assert "validation split" not in caplog.text
+    load_sentiment_data(train_file=train, validation_file=write_tsv(tmp_path / "small.tsv", rows(20)))
+    assert "the validation split has 20 rows: one row moves the accuracy by 5.0 points" in caplog.text
+
+
+@pytest.mark.parametrize("ext", ["tsv", "csv", "jsonl"])
+def test_a_file_not_in_its_encoding_is_named_with_its_line_and_encoding_offers_the_fix(tmp_path, ext):
+    data = [("a plain line", 0), ("un film très réussi", 1), ("nul", 0), ("bien", 1)]
+    path = tmp_path / f"train.{ext}"
+    if ext == "jsonl":  # header-less, so the accented sentence is on line 2 as in the others: one blank line first
+        path.write_text("\n" + "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in data))
+    else:
+        {"tsv": write_tsv, "csv": write_csv}[ext](path, data)
+    path.write_bytes(path.read_text(encoding="utf-8").encode("latin-1"))  # the same text, saved as latin-1
+    with pytest.raises(ValueError, match=rf"{path}: not utf-8 text: line 3, column \d+ holds the bytes b'\\xe8s "
+                                         r".*--encoding cp1252 \(Windows\) or --encoding latin-1"):
+        load_sentiment_data(train_file=path, validation_file=path)
+    loaded = load_sentiment_data(train_file=path, validation_file=path, encoding="latin-1")
+    assert loaded.train["text"] == [t for t, _ in data]
+    with pytest.raises(ValueError, match="--encoding 'latin-9000': no such text encoding"):
+        load_sentiment_data(train_file=path, encoding="latin-9000")

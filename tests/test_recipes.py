@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,12 +11,37 @@ import pytest
 import torch
 import yaml
 from tiny_models import tiny_bert
-from transformers import BertTokenizer
+from transformers import BertTokenizer, TrainerCallback
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-sys.path.insert(0, str(RECIPES))
-import compare_optimizers  # noqa: E402
-import finetune_sentiment  # noqa: E402
+from lion_hf.experiments import finetune, study
+from lion_hf.experiments.arguments import parse_recipe_args
+from lion_hf.experiments.checkpoints import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+DEFAULT_CONFIG = RECIPES / "configs" / "offline_default.yaml"
+
+
+def to_argv(config: dict) -> list[str]:
+    """Argument values as a command line, as a user would type them (lists spread)."""
+    argv = []
+    for key, value in config.items():
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def compare(argv: list[str]) -> dict:
+    return study.main(argv, default_config=DEFAULT_CONFIG)
+
+
+def subprocess_env() -> dict[str, str]:
+    """This checkout first on the path, in every child process too (accelerate launch passes it on)."""
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 WORDS = ["good", "great", "fine", "lovely", "bad", "awful", "poor", "dull", "movie", "film", "plot", "the", "a", "was"]
 
@@ -27,6 +53,15 @@ def tiny_model_dir(tmp_path_factory):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizer(str(vocab)).save_pretrained(folder)
     tiny_bert().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_dir(tmp_path_factory, tiny_model_dir):
+    """The encoder alone, as a pretrained checkpoint is: the classifier head is new, as with MiniLM."""
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    BertTokenizer(str(tiny_model_dir / "vocab.txt")).save_pretrained(folder)
+    tiny_bert().bert.save_pretrained(folder)
     return folder
 
 
@@ -55,8 +90,8 @@ def common_args(model_dir, data_dir, out):
 
 
 def test_finetune_one_run_writes_its_record(tiny_model_dir, tiny_data_dir, tmp_path):
-    argv = finetune_sentiment.dict_to_argv(common_args(tiny_model_dir, tiny_data_dir, tmp_path / "run"))
-    record = finetune_sentiment.main(argv + ["--optim", "lion", "--learning_rate", "3e-3", "--weight_decay", "0.1"])
+    argv = to_argv(common_args(tiny_model_dir, tiny_data_dir, tmp_path / "run"))
+    record = finetune.main(argv + ["--optim", "lion", "--learning_rate", "3e-3", "--weight_decay", "0.1"])
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["optimizer"] == "lion" and saved["steps"] == 12 and saved["train_rows"] == 48
     assert saved["eval_rows"] == 16 and len(saved["history"]["eval"]) >= 4
@@ -71,15 +106,15 @@ def test_finetune_with_lora_and_yaml_config_plus_overrides(tiny_model_dir, tiny_
     config.write_text(yaml.safe_dump({**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "lora"),
                                       "use_peft": True, "lora_r": 2, "lora_target_modules": "query,value",
                                       "learning_rate": 1.0e-3}))
-    model_args, data_args, training_args, _ = finetune_sentiment.parse_args([str(config), "--learning_rate", "2e-3"])
+    model_args, data_args, training_args, _ = parse_recipe_args([str(config), "--learning_rate", "2e-3"])
     assert model_args.use_peft and training_args.learning_rate == 2e-3  # the CLI overrides the file
-    record = finetune_sentiment.run(model_args, data_args, training_args)
+    record = finetune.run(model_args, data_args, training_args)
     full_state = sum(p.numel() * 4 for p in tiny_bert().parameters())
     assert 0 < record.optimizer_state_bytes < full_state / 4, "LoRA should optimise only the adapters and head"
     assert record.peft is True
 
 
-def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     config = tmp_path / "compare.yaml"
     common = common_args(tiny_model_dir, tiny_data_dir, "unused")
     del common["output_dir"]
@@ -89,8 +124,13 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
                        "lion": {"scale_from_adamw": 3}},
     }))
     out = tmp_path / "out"
-    paths = compare_optimizers.main([str(config), "--output_dir", str(out), "--", "--eval_steps", "2"])
+    paths = compare([str(config), "--output_dir", str(out), "--progress_seconds", "0", "--", "--eval_steps", "2"])
+    printed = capsys.readouterr().out
     assert paths["json"] == out / "report.json", "--output_dir after the config path must be honoured"
+    # Progress: which run of how many, its step, and the time left for it and for the study.
+    assert "[compare] 4 runs in" in printed and "4 to start" in printed
+    assert "[compare] run 1/4 adamw lr=0.01 wd=0.01 seed=0: step 1/12 (8%)" in printed
+    assert "left; study ~" in printed and "[compare] run 4/4 lion lr=0.00333333 wd=0.03 seed=1: step 12/12" in printed
     run_dirs = sorted(d.name for d in out.iterdir() if d.is_dir())
     assert run_dirs == ["adamw_lr0.01_seed0", "adamw_lr0.01_seed1",
                         "lion_lr0.00333333_seed0", "lion_lr0.00333333_seed1"]
@@ -110,48 +150,46 @@ def test_compare_optimizers_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
     # effect on it) is identical for both optimizers.
     first = {(r["optimizer"], r["seed"]): r["history"]["train"][0]["loss"] for r in report["runs"]}
     assert first[("adamw", 0)] == first[("lion", 0)] and first[("adamw", 1)] == first[("lion", 1)]
+    assert "4 runs took" in md and "reused" not in md
+    # The same command again reuses every run, and says so (not "0 runs took 0.0 min").
+    again = compare([str(config), "--output_dir", str(out), "--", "--eval_steps", "2"])
+    assert "Nothing ran: reused 4 finished runs from an earlier invocation." in again["markdown"].read_text()
 
 
 def test_compare_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"optimizers": {"sgdd": {"learning_rate": [0.1]}}}))
     with pytest.raises(ValueError, match=r"unknown optimizer 'sgdd'.*HF's optimizer names"):
-        compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+        study.optimizer_grid(study.load_config(bad))
     bad.write_text(yaml.safe_dump({"optimizers": {"sgd": {"learning_rate": [0.1]}}}))  # an HF name is a setup
-    assert compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))[0][:3] == ("sgd", "sgd", 0.1)
+    assert study.optimizer_grid(study.load_config(bad))[0][:3] == ("sgd", "sgd", 0.1)
     bad.write_text(yaml.safe_dump({"optimizers": {"lion_bf16": {"optim": "lion", "learning_rate": [1e-4],
                                                                 "args": ["model_dtype", "bfloat16"]}}}))
     with pytest.raises(ValueError, match="args: expected a mapping"):
-        compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+        study.optimizer_grid(study.load_config(bad))
     bad.write_text(yaml.safe_dump({"optimizers": {"lion": {"scale_from_adamw": 3}}}))
     with pytest.raises(ValueError, match="needs an adamw entry"):
-        compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+        study.optimizer_grid(study.load_config(bad))
     bad.write_text(yaml.safe_dump({"seeds": [0]}))
     with pytest.raises(ValueError, match="optimizers"):
-        compare_optimizers.load_config(bad)
+        study.load_config(bad)
     for spec, message in (({"learning_rate": []}, "grid is empty"), (None, "needs a learning_rate")):
         bad.write_text(yaml.safe_dump({"optimizers": {"adamw": spec}}))
         with pytest.raises(ValueError, match=message):
-            compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
-    with pytest.raises(ValueError, match="--output_dir goes before"):
-        compare_optimizers.main([str(bad), "--", "--output_dir=elsewhere"])
-
-
-def test_output_dir_in_either_spelling_is_kept():
-    for argv in (["--output_dir", "mine"], ["--output_dir=mine"]):
-        _, _, training_args, _ = finetune_sentiment.parse_args(["--optim", "adamw", *argv])
-        assert training_args.output_dir == "mine"
+            study.optimizer_grid(study.load_config(bad))
+    with pytest.raises(ValueError, match=r"after `--`: --output_dir would be the same for every run"):
+        compare([str(bad), "--", "--output_dir=elsewhere"])
 
 
 def test_shipped_configs_parse():
     for path in sorted((RECIPES / "configs").glob("*.yaml")):
-        grid = compare_optimizers.optimizer_grid(compare_optimizers.load_config(path))
+        grid = study.optimizer_grid(study.load_config(path))
         optims = {optim for _, optim, *_ in grid}
         assert "lion" in optims and optims <= {"adamw", "lion", "lion_32bit"}, path
-        common = compare_optimizers.load_config(path)["common"]
+        common = study.load_config(path)["common"]
         for _, _, _, _, setup_args in grid:
-            finetune_sentiment.parse_args(
-                finetune_sentiment.dict_to_argv({**common, **setup_args, "output_dir": "unused"}))
+            parse_recipe_args(
+                to_argv({**common, **setup_args, "output_dir": "unused"}))
 
 
 @pytest.mark.parametrize("forward_dtype", [None, "float32"])
@@ -159,11 +197,11 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
         tiny_model_dir, tiny_data_dir, tmp_path, forward_dtype):
     args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "bf16"), "num_train_epochs": 1,
             "model_dtype": "bfloat16", "lion_state_dtype": "bf16", "forward_dtype": forward_dtype}
-    model_args, data_args, training_args, _ = finetune_sentiment.parse_args(
-        finetune_sentiment.dict_to_argv(args) + ["--optim", "lion", "--learning_rate", "3e-3"])
+    model_args, data_args, training_args, _ = parse_recipe_args(
+        to_argv(args) + ["--optim", "lion", "--learning_rate", "3e-3"])
     seen = {}
 
-    class Spy(finetune_sentiment.TrainerCallback):
+    class Spy(TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             seen.setdefault("dtypes", {t.dtype for p in model.parameters() for t in (p, p.grad)})
 
@@ -173,7 +211,7 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
         def on_train_end(self, args, state, control, model=None, **kwargs):
             seen["end"] = [p.detach().clone() for p in model.parameters()]
 
-    record = finetune_sentiment.run(model_args, data_args, training_args, extra_callbacks=[Spy()])
+    record = finetune.run(model_args, data_args, training_args, extra_callbacks=[Spy()])
     assert seen["dtypes"] == {torch.bfloat16}, "weights and gradients must all be bf16: no fp32 master copy"
     per = record.bytes_per_param
     assert (per["weight"], per["grad"], per["optimizer_state"], per["total"]) == (2.0, 2.0, 2.0, 6.0)
@@ -186,10 +224,10 @@ def test_pure_bf16_run_stores_everything_in_bf16_and_counts_six_bytes_per_param(
 def test_fp32_adamw_counts_sixteen_bytes_per_param_and_bad_dtypes_are_refused(tiny_model_dir, tiny_data_dir, tmp_path):
     args = {**common_args(tiny_model_dir, tiny_data_dir, tmp_path / "adamw"), "num_train_epochs": 1,
             "max_train_samples": 8}
-    record = finetune_sentiment.main(finetune_sentiment.dict_to_argv(args) + ["--optim", "adamw"])
+    record = finetune.main(to_argv(args) + ["--optim", "adamw"])
     assert record.bytes_per_param["total"] == pytest.approx(16.0, abs=0.01)  # + a step counter per tensor
     with pytest.raises(ValueError, match="--model_dtype must be one of"):
-        finetune_sentiment.main(finetune_sentiment.dict_to_argv({**args, "model_dtype": "bf16"}))
+        finetune.main(to_argv({**args, "model_dtype": "bf16"}))
 
 
 def test_compare_setups_carry_their_own_arguments(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -203,7 +241,7 @@ def test_compare_setups_carry_their_own_arguments(tiny_model_dir, tiny_data_dir,
                                      "args": {"model_dtype": "bfloat16", "lion_state_dtype": "bf16"}}},
     }))
     out = tmp_path / "out"
-    paths = compare_optimizers.main([str(config), "--output_dir", str(out)])
+    paths = compare([str(config), "--output_dir", str(out)])
     report = json.loads(paths["json"].read_text())
     assert set(report["summary"]["optimizers"]) == {"lion", "lion_bf16"}
     by_setup = {r["setup"]: r for r in report["runs"]}
@@ -217,12 +255,11 @@ def test_compare_setups_carry_their_own_arguments(tiny_model_dir, tiny_data_dir,
 
 def _kill_when(cmd: list[str], ready, cwd: Path, timeout: float = 300.0) -> None:
     """Start ``cmd`` and SIGKILL it as soon as ``ready()`` holds; the run must not have finished."""
-    import os
     import signal
     import subprocess
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**subprocess_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     while not ready():
@@ -252,22 +289,25 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_dat
     from safetensors.torch import load_file
 
     killed = tmp_path / "killed"
-    argv = finetune_sentiment.dict_to_argv(_resume_args(tiny_model_dir, tiny_data_dir, killed, optim_args))
+    argv = to_argv(_resume_args(tiny_model_dir, tiny_data_dir, killed, optim_args))
     _kill_when([sys.executable, str(RECIPES / "finetune_sentiment.py"), *argv],
                lambda: (killed / "checkpoint-8" / "trainer_state.json").is_file(), tmp_path)
     assert not (killed / "run.json").exists() and not (killed / "checkpoint-24").exists()
 
     # Rerunning into the folder without saying what to do is refused, not trained over.
     with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume_from_checkpoint true"):
-        finetune_sentiment.main(argv)
-    # Resuming under other arguments is refused too, naming the difference.
-    with pytest.raises(ValueError, match=r"other arguments.*training\.learning_rate"):
-        finetune_sentiment.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", "true"])
-    resumed = finetune_sentiment.main(argv + ["--resume_from_checkpoint", "true"])
+        finetune.main(argv)
+    # An attempt that fails (a folder that is no checkpoint) records nothing: the next attempt, under another
+    # lr, is still refused, naming the difference, instead of resuming the run at the wrong lr.
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        finetune.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", str(tiny_data_dir)])
+    with pytest.raises(CheckpointError, match=r"other arguments: training\.learning_rate \(0\.0\d+ there, 0\.001 now"):
+        finetune.main(argv + ["--learning_rate", "1e-3", "--resume_from_checkpoint", "true"])
+    resumed = finetune.main(argv + ["--resume_from_checkpoint", "true"])
 
     straight_dir = tmp_path / "straight"
-    straight = finetune_sentiment.main(
-        finetune_sentiment.dict_to_argv(_resume_args(tiny_model_dir, tiny_data_dir, straight_dir, optim_args)))
+    straight = finetune.main(
+        to_argv(_resume_args(tiny_model_dir, tiny_data_dir, straight_dir, optim_args)))
 
     assert resumed.steps == straight.steps == 24 and len(resumed.resumed_from) == 1
     assert int(resumed.resumed_from[0].rsplit("-", 1)[1]) >= 8
@@ -287,14 +327,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_dat
     seconds = [e["seconds"] for e in resumed.history["train"]]
     assert seconds == sorted(seconds) and resumed.train_seconds >= seconds[-1]
     # --overwrite_output_dir trains from scratch and deletes the old checkpoints first.
-    fresh = finetune_sentiment.main(argv + ["--overwrite_output_dir", "true", "--max_steps", "8", "--save_steps", "8"])
+    fresh = finetune.main(argv + ["--overwrite_output_dir", "true", "--max_steps", "8", "--save_steps", "8"])
     assert fresh.resumed_from == [] and sorted(d.name for d in killed.glob("checkpoint-*")) == ["checkpoint-8"]
 
 
 def test_compare_rerun_redoes_only_unfinished_runs(tiny_model_dir, tiny_data_dir, tmp_path):
     config = tmp_path / "study.yaml"
     common = {**_resume_args(tiny_model_dir, tiny_data_dir, "unused", {})}
-    del common["output_dir"]
+    del common["output_dir"], common["seed"]  # the study sets both, run by run
     config.write_text(yaml.safe_dump({
         "seeds": [0], "common": common,
         "optimizers": {"adamw": {"learning_rate": [1e-2], "weight_decay": 0.01},
@@ -309,7 +349,7 @@ def test_compare_rerun_redoes_only_unfinished_runs(tiny_model_dir, tiny_data_dir
     first_written = first.stat().st_mtime_ns
     assert not list(first.parent.glob("checkpoint-*")), "a finished run's checkpoints are deleted"
 
-    paths = compare_optimizers.main([str(config), "--output_dir", str(out)])
+    paths = compare([str(config), "--output_dir", str(out)])
     assert first.stat().st_mtime_ns == first_written, "the finished run was redone"
     report = json.loads(paths["json"].read_text())
     by_setup = {r["setup"]: r for r in report["runs"]}
@@ -318,12 +358,12 @@ def test_compare_rerun_redoes_only_unfinished_runs(tiny_model_dir, tiny_data_dir
 
     # Changed arguments are not mistaken for a finished run: the same grid point with another
     # max_length is run again.
-    parsed = finetune_sentiment.parse_args(finetune_sentiment.dict_to_argv(
+    parsed = parse_recipe_args(to_argv(
         {**common, "optim": "adamw", "learning_rate": 1e-2, "weight_decay": 0.01, "seed": 0, "run_name": "adamw",
          "output_dir": str(first.parent)}))
-    assert compare_optimizers.run_status(first.parent, parsed)[0] == "finished"
+    assert study.run_status(first.parent, parsed)[0] == "finished"
     parsed[1].max_length = 12
-    assert compare_optimizers.run_status(first.parent, parsed)[0] == "new"
+    assert study.run_status(first.parent, parsed)[0] == "new"
 
 
 def test_main_command_does_not_warn_about_its_own_config():
@@ -331,12 +371,12 @@ def test_main_command_does_not_warn_about_its_own_config():
     # project measured as good, so the "looks like an AdamW lr" warning must not fire on it.
     import warnings
 
-    path = compare_optimizers.DEFAULT_CONFIG
-    config = compare_optimizers.load_config(path)
-    for _, optim, lr, wd, setup_args in compare_optimizers.optimizer_grid(config):
+    path = DEFAULT_CONFIG
+    config = study.load_config(path)
+    for _, optim, lr, wd, setup_args in study.optimizer_grid(config):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*looks like an AdamW value")
-            finetune_sentiment.parse_args(finetune_sentiment.dict_to_argv(
+            parse_recipe_args(to_argv(
                 {**config["common"], **setup_args, "optim": optim, "learning_rate": lr, "weight_decay": wd,
                  "output_dir": "unused"}))
 
@@ -353,7 +393,7 @@ def test_compare_sweeps_batch_size_with_a_grid_per_value(tiny_model_dir, tiny_da
                        "lion": {"learning_rate": {4: [1e-3], 16: [3e-3, 6e-3]}, "weight_decay": 0.1}},
     }))
     out = tmp_path / "out"
-    paths = compare_optimizers.main([str(config), "--output_dir", str(out)])
+    paths = compare([str(config), "--output_dir", str(out)])
     assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [
         "adamw_bs16_lr0.02_seed0", "adamw_bs4_lr0.01_seed0", "lion_bs16_lr0.003_seed0", "lion_bs16_lr0.006_seed0",
         "lion_bs4_lr0.001_seed0"]
@@ -366,7 +406,7 @@ def test_compare_sweeps_batch_size_with_a_grid_per_value(tiny_model_dir, tiny_da
     assert "## Best dev accuracy against global_batch_size" in md and "| 16 | 3 |" in md
     assert paths["sweep_accuracy"].read_bytes()[:4] == b"\x89PNG"
     # --report_only runs nothing and reports what has finished.
-    again = compare_optimizers.main([str(config), "--output_dir", str(out), "--report_only"])
+    again = compare([str(config), "--output_dir", str(out), "--report_only"])
     assert json.loads(again["json"].read_text())["summary"] == report["summary"]
 
 
@@ -375,7 +415,7 @@ def test_sweep_config_errors(tmp_path):
 
     def grid(config):
         bad.write_text(yaml.safe_dump(config))
-        return compare_optimizers.optimizer_grid(compare_optimizers.load_config(bad))
+        return study.optimizer_grid(study.load_config(bad))
 
     with pytest.raises(ValueError, match="sweep needs an 'argument'"):
         grid({"sweep": {"argument": "per_device_train_batch_size"}, "optimizers": {"adamw": {"learning_rate": 1}}})
@@ -392,3 +432,127 @@ def test_sweep_config_errors(tmp_path):
                    "optimizers": {"lion_32bit": {"learning_rate": [1e-4, 2e-4]}}})
     assert [(o, lr, a["per_device_train_batch_size"]) for _, o, lr, _, a in points] == [
         ("lion_32bit", 1e-4, 32), ("lion_32bit", 2e-4, 32), ("lion_32bit", 1e-4, 256), ("lion_32bit", 2e-4, 256)]
+
+
+# ---------------------------------------------------------------- resume that cannot be talked into the wrong thing
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """A finished 8-step Lion run with checkpoints at steps 4 and 8 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    args = {**_resume_args(tiny_model_dir, tiny_data_dir, out, {"optim": "lion", "learning_rate": 3e-3}),
+            "max_steps": 8}
+    finetune.main(to_argv(args))
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    return out, args
+
+
+def _copy(checkpointed, tmp_path) -> tuple[Path, list[str]]:
+    import shutil
+
+    source, args = checkpointed
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    return out, to_argv({**args, "output_dir": str(out)})
+
+
+def test_a_damaged_checkpoint_is_named_and_the_intact_one_before_it_offered(checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    state = out / "checkpoint-8" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])  # cut off, as a full disk leaves it
+    for _ in range(2):  # and again on the retry: named every time, never picked silently
+        with pytest.raises(CheckpointError, match=rf"{state}: JSONDecodeError.*newest intact checkpoint before it "
+                                                  rf"is {out / 'checkpoint-4'}"):
+            finetune.main([*argv, "--resume_from_checkpoint", "true"])
+    optimizer = out / "checkpoint-4" / "optimizer.pt"
+    intact = optimizer.read_bytes()
+    optimizer.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(CheckpointError, match=rf"{optimizer}: not a torch archive.*No intact checkpoint precedes"):
+        finetune.main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    optimizer.write_bytes(intact)
+    resumed = finetune.main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    assert resumed.steps == 8 and resumed.resumed_from == [str(out / "checkpoint-4")]
+
+
+def test_a_checkpoint_missing_a_file_or_its_arguments_is_refused_unless_a_partial_resume_is_allowed(
+        checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    (out / "checkpoint-4" / "rng_state.pth").unlink()
+    resume = [*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")]
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 lacks optimizer\.pt; rng_state\.pth: resuming would not "
+                                              r"continue the run exactly.*--allow_partial_resume true"):
+        finetune.main(resume)
+    with pytest.warns(UserWarning, match=r"partial resume.*lacks optimizer\.pt; rng_state\.pth"):
+        record = finetune.main([*resume, "--allow_partial_resume", "true"])
+    assert record.steps == 8 and record.resumed_from == [str(out / "checkpoint-4")]
+    # A checkpoint that does not say what it was trained under (another script, an older recipe).
+    state_file = out / "checkpoint-8" / "trainer_state.json"  # saved again, whole, by the partial resume
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["RunArgumentsRecorder"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"checkpoint-8 lacks the run arguments it was trained under"):
+        finetune.main([*argv, "--resume_from_checkpoint", "true"])
+
+
+def test_nothing_is_deleted_before_the_inputs_are_validated(checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes("sentence\tlabel\nun film très bon\t1\nnul\t0\n".encode("latin-1"))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match=rf"{bad}: not utf-8 text: line 2.*--encoding"):
+        finetune.main([*argv, "--overwrite_output_dir", "true", "--train_file", str(bad)])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, "a bad input cost the old outputs"
+    # A finished run in the folder (its run.json) is not written over without --overwrite_output_dir either.
+    import shutil
+
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    with pytest.raises(CheckpointError, match=r"already holds a finished run \(run\.json\).*--overwrite_output_dir"):
+        finetune.main(argv)
+
+
+def test_a_second_run_into_the_default_folder_is_not_an_error(tiny_encoder_dir, tiny_data_dir, tmp_path,
+                                                               monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    args = {**common_args(tiny_encoder_dir, tiny_data_dir, "unused"), "max_steps": 2, "save_steps": 1,
+            "save_strategy": "steps", "eval_strategy": "no"}
+    del args["output_dir"]
+    first = finetune.main(to_argv(args))
+    second = finetune.main(to_argv(args))
+    folders = sorted((tmp_path / "runs" / "finetune_sentiment").iterdir())
+    assert len(folders) == 2 and all((f / "checkpoint-2").is_dir() and (f / "run.json").is_file() for f in folders)
+    assert first.steps == second.steps == 2
+    printed = capfd.readouterr()
+    # One short line per run for the new head, none of transformers' multi-line LOAD REPORT.
+    assert printed.out.count("[finetune] new classifier head") == 2 and "LOAD REPORT" not in printed.out + printed.err
+    assert "a new folder for this run" in printed.out
+
+
+# ---------------------------------------------------------------- several CPU processes: one DDP job
+
+
+def test_two_processes_without_use_cpu_train_as_one_gloo_job(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    """The trap: `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs, no --use_cpu."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = {**common_args(tiny_encoder_dir, tiny_data_dir, tmp_path / "ddp"), "num_train_epochs": 1}
+    del args["use_cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(RECIPES / "finetune_sentiment.py"), *to_argv(args), "--optim", "adamw"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    record = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert (record["world_size"], record["global_batch_size"], record["steps"]) == (2, 16, 3)
+    assert output.count("2 processes on a machine without a GPU: they train as one DDP job over gloo") == 1
+    assert output.count("[finetune] new classifier head") == 1  # the main process speaks for both
+    for noise in ("Setting accelerator to CPU", "LOAD REPORT", "find_unused_parameters", "pin_memory",
+                  "gemm_4bit"):
+        assert noise not in output, noise

@@ -64,7 +64,9 @@ def test_write_report_files(tmp_path):
     md = paths["markdown"].read_text()
     assert "# T" in md and "note one" in md
     assert "lr 2e-05" in md and "0.8400 +/- 0.0141" in md
-    assert "better: Lion" in md  # lion 0.84 vs adamw 0.82 best accuracy
+    # lion 0.84 +/- 0.014 vs adamw 0.82 +/- 0.028: a lead inside the spread names no winner.
+    assert "- best eval accuracy (higher is better): lion 0.8400; adamw 0.8200 (-0.02, within the seed spread). " \
+           "No clear winner: lion leads adamw by 0.02, within the seed spread (0.0283)." in md
     data = json.loads(paths["json"].read_text())
     assert len(data["runs"]) == 7 and data["summary"]["optimizers"]["adamw"]["learning_rate"] == 5e-5
     for name in ("train_loss", "eval_accuracy"):
@@ -73,10 +75,35 @@ def test_write_report_files(tmp_path):
 
 
 def test_report_says_when_lion_loses(tmp_path):
-    runs = [make_run("adamw", 5e-5, 0, 0.9), make_run("lion", 2e-5, 0, 0.8)]
+    runs = [make_run(opt, lr, seed, acc) for opt, lr, acc in (("adamw", 5e-5, 0.90), ("lion", 2e-5, 0.80))
+            for seed, acc in ((0, acc), (1, acc + 0.01))]
     md = write_report(runs, tmp_path, target_accuracy=0.95)["markdown"].read_text()
-    assert "better: adamw" in md
+    assert "Better: adamw, ahead of lion by 0.1, more than the seed spread (0.00707)." in md
     assert "not reached" in md
+
+
+def test_one_seed_names_no_winner_and_says_it_has_no_spread(tmp_path):
+    # One seed each, Lion twice as fast on the clock: a single pair of runs cannot tell that from machine noise.
+    runs = [{**make_run("adamw", 5e-5, 0, 0.90), "train_seconds": 289.0},
+            {**make_run("lion", 2e-5, 0, 0.80), "train_seconds": 150.0}]
+    md = write_report(runs, tmp_path, target_accuracy=0.95)["markdown"].read_text()
+    assert "One seed per setup: single values with no spread" in md
+    assert "better:" not in md.lower() and "+/-" not in md
+    assert "- train seconds (lower is better): lion 150.0; adamw 289.0 (+139, one seed: no spread to judge it). " \
+           "No winner named: one seed gives no spread to tell a difference from noise." in md
+    assert "1 seeds" not in md and "(lr 5e-05, wd 0.1, 1 seed)" in md and "in 0 of 1 seed." in md
+
+
+def test_every_setup_gets_its_line(tmp_path):
+    runs = [{**make_run(opt, 1e-4, seed, acc + 0.001 * seed), "setup": setup}
+            for setup, opt, acc in (("lion", "lion", 0.85), ("adamw", "adamw", 0.84), ("lion_bf16", "lion", 0.70))
+            for seed in (0, 1)]
+    md = write_report(runs, tmp_path, target_accuracy=0.8)["markdown"].read_text()
+    accuracy = next(line for line in md.splitlines() if line.startswith("- best eval accuracy"))
+    assert "lion 0.8505; adamw 0.8405 (-0.01, beyond the seed spread); lion_bf16 0.7005 (-0.15, beyond" in accuracy
+    for setup in ("lion", "adamw", "lion_bf16"):
+        assert f"- {setup} reached accuracy 0.8 in" in md
+    assert "- lion_bf16 reached accuracy 0.8 in 0 of 2 seeds." in md
 
 
 def test_run_record_round_trips_and_names_bad_fields(tmp_path):

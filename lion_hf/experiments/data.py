@@ -31,6 +31,14 @@ Labels: integers (also integer-valued floats and strings such as ``"1"``) are ke
 ``0/1`` labels are named ``negative``/``positive``. Fractional floats, missing values, lists and
 the like raise ``ValueError`` naming the column and what was found.
 
+Checks that stop a run that would train on the wrong thing (``ValueError`` naming the file, the column and
+the values): a label in validation that never occurs in training; labels that differ only in case
+(``Positive``/``positive``); a label column with more distinct values than half the training rows (no class
+can be learnt from one or two rows: that is a text column, or swapped columns); a file that is not in its
+encoding (``encoding``, UTF-8 by default; the error names the line and offers ``--encoding``). Warnings,
+where the data may be meant so: labels that differ only by surrounding spaces (merged), a validation split
+under :data:`SMALL_VALIDATION` rows.
+
 When only one file is given, a seeded validation split (``validation_fraction``, stratified by
 label) is drawn from it; ``max_train_samples``/``max_eval_samples`` keep a seeded random subset
 (in file order). Both depend on ``seed`` only, so the same arguments give the same data.
@@ -80,6 +88,9 @@ LABEL_COLUMNS = ("label", "labels", "sentiment")
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 VALIDATION_STEMS = ("validation", "dev", "test")  # in data_dir, the first one found is the validation split
 BINARY_NAMES = ["negative", "positive"]
+# Below this many validation rows one row moves the accuracy by more than a point, which is about the gap
+# between optimizers a comparison has to resolve.
+SMALL_VALIDATION = 100
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,44 @@ class SentimentData:
 # --------------------------------------------------------------------------------------------
 
 
-def _string_features(path: Path, delimiter: str, quoting: int, column_names: Sequence[str] | None):
+def _python_encoding(encoding: str) -> str:
+    """UTF-8 files may start with a byte-order mark (Excel writes one): read them as utf-8-sig."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def check_encoding(path: str | os.PathLike, encoding: str = "utf-8") -> None:
+    """A ``ValueError`` naming the file, line, column and bytes if ``path`` is not text in ``encoding``."""
+    import codecs
+
+    path = Path(path)
+    try:
+        codec = codecs.lookup(_python_encoding(encoding))
+    except LookupError:
+        raise ValueError(f"--encoding {encoding!r}: no such text encoding (e.g. utf-8, latin-1, cp1252)") from None
+    decoder = codec.incrementaldecoder("strict")
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        pass
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode(codec.name)
+        except UnicodeDecodeError as exc:
+            bad = line[exc.start: exc.end + 3]
+            raise ValueError(
+                f"{path}: not {encoding} text: line {number}, column {exc.start + 1} holds the bytes {bad!r}. If the "
+                f"file is in another encoding, name it with --encoding (encoding= in Python), e.g. --encoding cp1252 "
+                f"(Windows) or --encoding latin-1"
+            ) from None
+    raise ValueError(f"{path}: not {encoding} text (it ends inside a character)")
+
+
+def _string_features(path: Path, delimiter: str, quoting: int, column_names: Sequence[str] | None,
+                     encoding: str = "utf-8"):
     """Every column as a string, as written: no type guessing per chunk (which would disagree
     between chunks of a large file), and the label checks below see exactly the file's text."""
     from datasets import Features, Value
@@ -169,7 +217,7 @@ def _string_features(path: Path, delimiter: str, quoting: int, column_names: Seq
         import pandas as pd
 
         try:
-            header = pd.read_csv(path, sep=delimiter, quoting=quoting, nrows=0, encoding="utf-8-sig")
+            header = pd.read_csv(path, sep=delimiter, quoting=quoting, nrows=0, encoding=_python_encoding(encoding))
             column_names = list(header.columns)
         except pd.errors.EmptyDataError:
             raise ValueError(f"{path}: the file is empty (no header row, no data)") from None
@@ -202,10 +250,11 @@ def _load_dataset(builder: str, path: Path, **kwargs: Any):
         raise ValueError(f"{path}: could not read it as {builder}: {type(cause).__name__}: {cause}") from exc
 
 
-def _delimited(path: Path, delimiter: str, quoting: int, column_names: Sequence[str] | None):
-    features = _string_features(path, delimiter, quoting, column_names)
+def _delimited(path: Path, delimiter: str, quoting: int, column_names: Sequence[str] | None, encoding: str = "utf-8"):
+    check_encoding(path, encoding)
+    features = _string_features(path, delimiter, quoting, column_names, encoding)
     kwargs: dict[str, Any] = dict(
-        delimiter=delimiter, quoting=quoting, features=features, encoding="utf-8-sig",
+        delimiter=delimiter, quoting=quoting, features=features, encoding=_python_encoding(encoding),
         keep_default_na=False,  # "NA" or "null" in a sentence is text; an empty label is caught below
     )
     if column_names is not None:
@@ -213,14 +262,16 @@ def _delimited(path: Path, delimiter: str, quoting: int, column_names: Sequence[
     return _load_dataset("csv", path, **kwargs)
 
 
-def _json(path: Path):
-    ds = _load_dataset("json", path)
+def _json(path: Path, encoding: str = "utf-8"):
+    check_encoding(path, encoding)
+    kwargs = {} if _python_encoding(encoding) == "utf-8-sig" else {"encoding": encoding}
+    ds = _load_dataset("json", path, **kwargs)
     # datasets reads a top-level JSON object as a single row: {"data": [records]} is a field of
     # records, {"text": [...], "label": [...]} a table of columns.
     if len(ds) == 1 and all(isinstance(ds[0][c], list) for c in ds.column_names):
         row = ds[0]
         if len(row) == 1 and row[ds.column_names[0]] and isinstance(row[ds.column_names[0]][0], dict):
-            return _load_dataset("json", path, field=ds.column_names[0])
+            return _load_dataset("json", path, field=ds.column_names[0], **kwargs)
         lengths = {len(v) for v in row.values()}
         if len(lengths) > 1:
             raise ValueError(f"{path}: columns have different lengths {sorted(lengths)}")
@@ -230,13 +281,14 @@ def _json(path: Path):
     return ds
 
 
-def read_local_file(path: str | os.PathLike, column_names: Sequence[str] | None = None):
+def read_local_file(path: str | os.PathLike, column_names: Sequence[str] | None = None, encoding: str = "utf-8"):
     """A csv/tsv/json/jsonl/parquet file as a ``datasets.Dataset``, read by ``datasets.load_dataset``.
 
     csv and tsv columns are strings as written (tsv with ``csv.QUOTE_NONE``: quotes are text);
     json and parquet keep their types. ``column_names`` names the columns, in order, of a
-    delimited file that has no header row. Raises ``ValueError`` for an unsupported extension, an
-    empty or malformed file, or ``column_names`` on a non-delimited file, naming the file; and
+    delimited file that has no header row; ``encoding`` is the text encoding of csv/tsv/json files.
+    Raises ``ValueError`` for an unsupported extension, an empty, malformed or wrongly encoded file, or
+    ``column_names`` on a non-delimited file, naming the file; and
     ``FileNotFoundError`` for a missing file."""
     path = Path(path)
     ext = path.suffix.lower()
@@ -253,11 +305,11 @@ def read_local_file(path: str | os.PathLike, column_names: Sequence[str] | None 
         if len(column_names) < 2 or len(set(column_names)) != len(column_names):
             raise ValueError(f"column_names must name at least 2 distinct columns, got {column_names}")
     if ext == ".csv":
-        return _delimited(path, ",", csv.QUOTE_MINIMAL, column_names)
+        return _delimited(path, ",", csv.QUOTE_MINIMAL, column_names, encoding)
     if ext == ".tsv":
-        return _delimited(path, "\t", csv.QUOTE_NONE, column_names)
+        return _delimited(path, "\t", csv.QUOTE_NONE, column_names, encoding)
     if ext in (".json", ".jsonl"):
-        return _json(path)
+        return _json(path, encoding)
     return _load_dataset("parquet", path)
 
 
@@ -275,15 +327,16 @@ def _find_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
             return lowered[name]
     raise ValueError(
         f"{path}: no {kind} column found (looked for {list(candidates)}); columns found: {list(columns)}; "
-        f"name it with {kind}_column="
+        f"name it with --{kind}_column ({kind}_column= in Python)"
     )
 
 
 def _load_file(
-    path: Path, text_column: str | None, label_column: str | None, column_names: Sequence[str] | None = None
+    path: Path, text_column: str | None, label_column: str | None, column_names: Sequence[str] | None = None,
+    encoding: str = "utf-8",
 ) -> tuple[list[str], list[Any], str]:
     """(texts, raw labels, label column name) of one local file, texts checked."""
-    table = read_local_file(path, column_names)
+    table = read_local_file(path, column_names, encoding)
     names = list(table.column_names)
     text_col = _find_column(names, text_column, TEXT_COLUMNS, "text", path)
     label_col = _find_column(names, label_column, LABEL_COLUMNS, "label", path)
@@ -337,10 +390,20 @@ def _classify_label(value: Any) -> tuple[str, Any]:
     return "bad", f"{value!r} of type {type(value).__name__}"
 
 
+def _counted(values: Sequence[Any], keep: set[Any]) -> str:
+    counts: dict[Any, int] = {}
+    for v in values:
+        if v in keep:
+            counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{v!r} ({n} row{'s' if n != 1 else ''})" for v, n in sorted(counts.items(), key=str))
+
+
 def _encode_labels(splits: dict[str, tuple[list[Any], str]]) -> tuple[dict[str, list[int]], list[str]]:
-    """Map raw labels of every split (``{split: (values, where)}``) to shared ids ``0..K-1``."""
+    """Map raw labels of every split (``{split: (values, where)}``) to shared ids ``0..K-1``, refusing labels
+    that differ only in case and validation labels never seen in training."""
     kinds: dict[str, set[str]] = {}
     parsed: dict[str, list[Any]] = {}
+    spellings: dict[str, set[str]] = {}  # stripped class name -> the spellings found, spaces included
     for split, (values, where) in splits.items():
         out = []
         for i, value in enumerate(values):
@@ -348,6 +411,8 @@ def _encode_labels(splits: dict[str, tuple[list[Any], str]]) -> tuple[dict[str, 
             if kind == "bad":
                 raise ValueError(f"{where}: label row {i} is {v}; labels must be integers or class-name strings")
             kinds.setdefault(kind, set()).add(where)
+            if kind == "str":
+                spellings.setdefault(v, set()).add(value)
             out.append(v)
         parsed[split] = out
     if len(kinds) > 1:
@@ -355,6 +420,31 @@ def _encode_labels(splits: dict[str, tuple[list[Any], str]]) -> tuple[dict[str, 
             f"labels mix integers ({sorted(kinds['int'])}) and class-name strings ({sorted(kinds['str'])}); "
             "use one kind"
         )
+    where_all = " and ".join(where for _, where in splits.values())
+    spaced = {name: sorted(found) for name, found in spellings.items() if len(found) > 1}
+    if spaced:
+        logger.warning("%s: labels that differ only by surrounding spaces are one class each: %s", where_all,
+                       "; ".join(f"{' / '.join(map(repr, found))} -> {name!r}" for name, found in spaced.items()))
+    by_case: dict[str, set[str]] = {}
+    for name in spellings:
+        by_case.setdefault(name.casefold(), set()).add(name)
+    clashes = [names for names in by_case.values() if len(names) > 1]
+    if clashes:
+        every = [v for vals in parsed.values() for v in vals]
+        raise ValueError(
+            f"{where_all}: labels that differ only in case would become separate classes: "
+            + "; ".join(_counted(every, names) for names in clashes)
+            + ". Write each class one way in the file."
+        )
+    if "validation" in parsed:
+        unseen = set(parsed["validation"]) - set(parsed["train"])
+        if unseen:
+            raise ValueError(
+                f"{splits['validation'][1]}: label value{'s' if len(unseen) > 1 else ''} "
+                f"{_counted(parsed['validation'], unseen)} never occur{'s' if len(unseen) == 1 else ''} in the "
+                f"training file {splits['train'][1]}: the model could never predict "
+                f"{'them' if len(unseen) > 1 else 'it'}. Fix those labels or drop those rows."
+            )
     uniques = sorted({v for vals in parsed.values() for v in vals})
     if len(uniques) < 2:
         logger.warning("only one label value found (%r): a classifier cannot learn from this", uniques)
@@ -366,6 +456,28 @@ def _encode_labels(splits: dict[str, tuple[list[Any], str]]) -> tuple[dict[str, 
     if kinds.get("int") and uniques != list(range(len(uniques))):
         logger.info("integer labels %s are not 0..K-1: mapped in sorted order to 0..%d", uniques, len(uniques) - 1)
     return {split: [mapping[v] for v in vals] for split, vals in parsed.items()}, names
+
+
+def _check_label_column(texts: Sequence[str], labels: Sequence[int], raw: Sequence[Any], where: str) -> None:
+    """Refuse a label column with more distinct values than half the training rows.
+
+    Fewer than two rows per class on average leaves nothing to learn a class from: real label columns (2-5
+    sentiment classes, tens of topics) sit far below that line, a text column read as labels (swapped columns:
+    SST-2's 6,920 training sentences hold 6,912 distinct texts) far above it.
+    """
+    classes = len(set(labels))
+    if classes <= 2 or classes <= len(labels) / 2:
+        return
+    examples = ", ".join(repr(str(v))[:40] for v in list(dict.fromkeys(raw))[:3])
+    text_values = set(texts)
+    swapped = (f" The text column holds only {len(text_values)} distinct values "
+               f"({', '.join(map(repr, sorted(text_values)[:5]))}): are the text and label columns swapped?"
+               if len(text_values) <= 20 else "")
+    raise ValueError(
+        f"{where}: the label column has {classes:,} distinct values in {len(labels):,} training rows (e.g. "
+        f"{examples}): too few rows per class to learn any, so this is not a class column.{swapped} Name the "
+        "columns with --text_column/--label_column, or --column_names for a file without a header row."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +544,7 @@ def _from_rows(
     if validation is not None:
         raw["validation"] = (validation[1], validation[2])
     ids, names = _encode_labels(raw)
+    _check_label_column(train[0], ids["train"], train[1], train[2])
     if validation is not None:
         return {"train": train[0], "validation": validation[0]}, ids, names, source
     tr, va = _stratified_split(ids["train"], validation_fraction, seed)
@@ -518,7 +631,8 @@ def _pip_download_vader(dest: Path) -> Path:
         raise RuntimeError(
             f"could not download {VADER_SDIST} with pip (exit code {proc.returncode}):\n{tail}\n"
             f"Without access to a package index, put {VADER_SDIST} (sha256 {VADER_SDIST_SHA256}) into "
-            f"{dest.parent} yourself, or load other data (data_dir=, train_file= or a Hub task)."
+            f"{dest.parent} yourself, or load other data (--data_dir, --train_file or a Hub --task; data_dir=, "
+            "train_file=, task= in Python)."
         )
     return sdist
 
@@ -647,8 +761,8 @@ def _load_hub_task(
         hub_id = spec.path + (f"/{spec.config}" if spec.config else "")
         raise RuntimeError(
             f"could not load task {task!r} ({hub_id}) from the Hugging Face Hub: {type(exc).__name__}: {exc}. "
-            f"Offline, pass data_dir= or train_file= (local files), or task=None for the offline default "
-            f"{DEFAULT_TASK!r}."
+            f"Offline, load local files with --data_dir or --train_file (data_dir= / train_file= in Python), or "
+            f"leave --task unset (task=None) for the offline default {DEFAULT_TASK!r}."
         ) from exc
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(spec.label_names))}
@@ -702,6 +816,7 @@ def load_sentiment_data(
     text_column: str | None = None,
     label_column: str | None = None,
     column_names: Sequence[str] | None = None,
+    encoding: str = "utf-8",
     validation_fraction: float = 0.1,
     seed: int = 42,
     max_train_samples: int | None = None,
@@ -714,7 +829,7 @@ def load_sentiment_data(
     from the Hub) > the offline default :data:`DEFAULT_TASK` (``task=None``). See the module
     docstring for formats, column detection, label mapping and seeded splits/subsets.
     ``column_names`` reads header-less ``.csv``/``.tsv`` files: it names their columns in order
-    (e.g. ``["text", "label"]`` for ``text<TAB>label`` lines).
+    (e.g. ``["text", "label"]`` for ``text<TAB>label`` lines); ``encoding`` is the local files' text encoding.
     ``cache_dir`` is the ``datasets`` cache for Hub tasks and the download cache of the offline
     default (default ``$LION_HF_CACHE`` or ``~/.cache/lion_hf``).
 
@@ -739,14 +854,15 @@ def load_sentiment_data(
             train_path, val_path = _resolve_data_dir(Path(data_dir))
         if task is not None:
             logger.info("local files given: ignoring task=%s", task)
-        train_rows = _load_file(train_path, text_column, label_column, column_names)
-        val_rows = _load_file(val_path, text_column, label_column, column_names) if val_path is not None else None
+        train_rows = _load_file(train_path, text_column, label_column, column_names, encoding)
+        val_rows = (_load_file(val_path, text_column, label_column, column_names, encoding)
+                    if val_path is not None else None)
         source = f"local files: train {train_path}" + (f", validation {val_path}" if val_path is not None else "")
         texts, labels, names, source = _from_rows(
             train_rows, val_rows, validation_fraction=validation_fraction, seed=seed, source=source
         )
     elif task is not None and task != DEFAULT_TASK:
-        return _load_hub_task(task, TASKS[task], cache_dir, seed, max_train_samples, max_eval_samples)
+        return _warn_if_small(_load_hub_task(task, TASKS[task], cache_dir, seed, max_train_samples, max_eval_samples))
     else:
         texts, labels, names, source = load_vader_movies(
             validation_fraction=validation_fraction, seed=seed, cache_dir=cache_dir
@@ -761,7 +877,18 @@ def load_sentiment_data(
             texts[split] = [texts[split][i] for i in keep]
             labels[split] = [labels[split][i] for i in keep]
             source += f"; {split} subset {limit} (seed={seed})"
-    return _build(texts, labels, names, source)
+    return _warn_if_small(_build(texts, labels, names, source))
+
+
+def _warn_if_small(data: SentimentData) -> SentimentData:
+    rows = len(data.validation)
+    if rows < SMALL_VALIDATION:
+        logger.warning(
+            "the validation split has %d row%s: one row moves the accuracy by %.1f points, so accuracy differences "
+            "below that are noise; %d+ rows resolve a point (--max_eval_samples, --validation_fraction, "
+            "--validation_file)", rows, "" if rows == 1 else "s", 100 / max(rows, 1), SMALL_VALIDATION,
+        )
+    return data
 
 
 def tokenize_sentiment_data(data: SentimentData, tokenizer: Any, max_length: int):

@@ -8,6 +8,10 @@ weight decay, the logged history and summary numbers. The table's rows are
 For each optimizer the report keeps the learning rate with the best mean best-eval-accuracy
 over seeds (the rest of the grid is listed too), then gives mean +/- std over seeds. The
 selection uses the same eval set it reports on, for every optimizer alike: say so when quoting.
+
+The verdict claims only what the runs show: every setup gets its place on each headline metric, with its gap to
+the best; a setup is named better only when that gap exceeds the seed-to-seed spread (the larger of the two
+standard deviations), so a one-seed comparison, which has no spread, names no winner at all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from lion_hf.experiments.records import REPORT_METRICS, RunRecord
 
 __all__ = [
+    "plural",
     "select_best",
     "setup_of",
     "summarize",
@@ -33,6 +38,11 @@ __all__ = [
 ]
 
 Run = RunRecord | Mapping[str, Any]
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 seed``, ``2 seeds``, ``0 runs``."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def _records(runs: Iterable[Run]) -> list[RunRecord]:
@@ -91,29 +101,52 @@ def summarize(runs: Iterable[Run], target_accuracy: float | None = None) -> dict
     return summary
 
 
+# (metric key, label, which way is better, value format) of the headline comparisons.
+VERDICT_METRICS = (
+    ("best_eval_accuracy", "best eval accuracy", "higher", "{:.4f}"),
+    ("final_eval_loss", "final eval loss", "lower", "{:.4f}"),
+    ("train_seconds", "train seconds", "lower", "{:.1f}"),
+)
+
+
 def _verdict(summary: dict[str, Any]) -> list[str]:
+    """One line per headline metric ranking every setup, naming a better one only beyond the seed spread."""
     opts = summary["optimizers"]
-    if "lion" not in opts or not any(k != "lion" for k in opts):
+    if len(opts) < 2:
         return []
-    other = next(k for k in opts if k != "lion")
     lines = []
-    for key, label, better in (("best_eval_accuracy", "best eval accuracy", max),
-                               ("final_eval_loss", "final eval loss", min),
-                               ("train_seconds", "train time", min)):
-        ma, mb = opts["lion"]["metrics"][key], opts[other]["metrics"][key]
-        a, b = ma["mean"], mb["mean"]
-        if math.isnan(a) or math.isnan(b):
+    for key, label, better, fmt in VERDICT_METRICS:
+        entries = [(name, o["metrics"][key]) for name, o in opts.items() if o["metrics"][key]["n"] > 0
+                   and not math.isnan(o["metrics"][key]["mean"])]
+        if len(entries) < 2:
             continue
-        diff = a - b
-        winner = "Lion" if better(a, b) == a and a != b else (other if a != b else "neither")
-        spread = max(ma["std"], mb["std"])
-        noise = f", within the seed-to-seed spread ({spread:.3g})" if a != b and abs(diff) <= spread else ""
-        lines.append(f"- {label}: Lion {a:.4g} vs {other} {b:.4g} (difference {diff:+.4g}); better: {winner}{noise}.")
+        entries.sort(key=lambda e: -e[1]["mean"] if better == "higher" else e[1]["mean"])
+        (best_name, best), (runner_name, runner) = entries[0], entries[1]
+        parts = [f"{best_name} {fmt.format(best['mean'])}"]
+        for name, m in entries[1:]:
+            gap = m["mean"] - best["mean"]
+            spread = max(best["std"], m["std"]) if min(best["n"], m["n"]) > 1 else None
+            judged = ("tied" if gap == 0 else "one seed: no spread to judge it" if spread is None
+                      else "within the seed spread" if abs(gap) <= spread else "beyond the seed spread")
+            parts.append(f"{name} {fmt.format(m['mean'])} ({gap:+.4g}, {judged})")
+        lead = abs(runner["mean"] - best["mean"])
+        spread = max(best["std"], runner["std"]) if min(best["n"], runner["n"]) > 1 else None
+        if lead == 0:
+            verdict = f"{best_name} and {runner_name} tie"
+        elif spread is None:
+            verdict = "no winner named: one seed gives no spread to tell a difference from noise"
+        elif lead > spread:
+            verdict = (f"better: {best_name}, ahead of {runner_name} by {lead:.4g}, more than the seed spread "
+                       f"({spread:.3g})")
+        else:
+            verdict = (f"no clear winner: {best_name} leads {runner_name} by {lead:.4g}, within the seed spread "
+                       f"({spread:.3g})")
+        lines.append(f"- {label} ({better} is better): {'; '.join(parts)}. {verdict[0].upper()}{verdict[1:]}.")
     t = summary.get("target_accuracy")
     if t is not None:
-        for name in ("lion", other):
-            n = opts[name]["metrics"]["steps_to_target"]["n"]
-            lines.append(f"- {name} reached accuracy {t} in {n} of {len(opts[name]['seeds'])} seeds.")
+        for name, o in opts.items():
+            n = o["metrics"]["steps_to_target"]["n"]
+            lines.append(f"- {name} reached accuracy {t:g} in {n} of {plural(len(o['seeds']), 'seed')}.")
     return lines
 
 
@@ -121,9 +154,13 @@ def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
     opts = summary["optimizers"]
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
-    lines += ["", "Mean +/- std over seeds, each optimizer at its best learning rate of the grid.", ""]
+    if all(len(o["seeds"]) == 1 for o in opts.values()):
+        lines += ["", "One seed per setup: single values with no spread, so no difference below is tested against "
+                      "seed-to-seed noise; each setup at its best learning rate of the grid.", ""]
+    else:
+        lines += ["", "Mean +/- std over seeds, each setup at its best learning rate of the grid.", ""]
     header = "| metric | " + " | ".join(
-        f"{name} (lr {o['learning_rate']:g}, wd {o['weight_decay']:g}, {len(o['seeds'])} seeds)"
+        f"{name} (lr {o['learning_rate']:g}, wd {o['weight_decay']:g}, {plural(len(o['seeds']), 'seed')})"
         for name, o in opts.items()
     ) + " |"
     lines += [header, "|---|" + "---:|" * len(opts)]
@@ -141,7 +178,7 @@ def _markdown(summary: dict[str, Any], title: str, notes: list[str]) -> str:
             if len(o["seeds"]) > 1:
                 cell += " +/- " + fmt.format(m["std"])
             if m["n"] < len(o["seeds"]):
-                cell += f" ({m['n']}/{len(o['seeds'])} seeds)"
+                cell += f" ({m['n']}/{plural(len(o['seeds']), 'seed')})"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     verdict = _verdict(summary)
@@ -174,7 +211,7 @@ def _plot(best: dict[str, list[RunRecord]], out_dir: Path) -> list[Path]:
             if not steps:
                 continue
             values = np.array([[s[step] for step in steps] for s in series])
-            label = f"{optimizer} (lr {runs[0].learning_rate:g}, {len(runs)} seeds)"
+            label = f"{optimizer} (lr {runs[0].learning_rate:g}, {plural(len(runs), 'seed')})"
             line = ax.plot(steps, values.mean(axis=0), label=label)[0]
             if len(runs) > 1:
                 ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
@@ -282,8 +319,9 @@ def _sweep_markdown(summary: dict[str, Any], runs: list[RunRecord], title: str, 
         for s in ranked[1:]:
             m = opts[s]["metrics"]["best_eval_accuracy"]
             gap = best["mean"] - m["mean"]
-            spread = max(best["std"], m["std"])
-            tie = " (tied)" if gap == 0 else " (inside the seed spread)" if gap <= spread else ""
+            spread = max(best["std"], m["std"]) if min(best["n"], m["n"]) > 1 else None
+            tie = (" (tied)" if gap == 0 else " (one seed: no spread)" if spread is None
+                   else " (inside the seed spread)" if gap <= spread else "")
             parts.append(f"{s} {-gap:+.4f}{tie}")
         lines.append(f"- {key} {v}: best {ranked[0]} ({best['mean']:.4f})"
                      + (f"; then {', '.join(parts)}" if parts else "") + ".")

@@ -20,6 +20,8 @@ from lion_hf.trainer import unwrap_optimizer
 __all__ = [
     "HistoryCallback",
     "PeakMemory",
+    "ProgressCallback",
+    "StudyClock",
     "TrainingBytesCallback",
     "bytes_per_param",
     "changed_fraction",
@@ -65,6 +67,63 @@ class HistoryCallback(TrainerCallback, ExportableState):
             self.train.append({**entry, "loss": float(logs["loss"])})
         if "eval_accuracy" in logs:
             self.eval.append({**entry, **{k: float(v) for k, v in logs.items() if k.startswith("eval_")}})
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class StudyClock:
+    """How far a study is: runs done and their durations, for the time-left estimate of the runs still to come."""
+
+    def __init__(self, total_runs: int) -> None:
+        self.total_runs = total_runs
+        self.durations: list[float] = []  # runs trained in this invocation
+        self.remaining_after_current = 0  # runs still to train after the current one
+
+    def left_after(self, current_run_seconds: float) -> float:
+        """Seconds for the runs after the current one: each as long as the mean trained so far (else this one)."""
+        typical = sum(self.durations) / len(self.durations) if self.durations else current_run_seconds
+        return typical * self.remaining_after_current
+
+
+class ProgressCallback(TrainerCallback):
+    """A line now and then (every ``every_seconds``, and at the end) with the step, the time spent and the time
+    left, for a run and, inside a study, for the study: ``[compare] run 2/4 lion lr=5e-05 seed=0: step 40/75
+    (53%), 1.1 min in, ~1.0 min left; study ~4.3 min left``. HF's tqdm bar says as much for one run, but a
+    study runs with ``disable_tqdm`` (its bars would interleave with the study's lines)."""
+
+    def __init__(self, label: str, every_seconds: float = 30.0, clock: StudyClock | None = None,
+                 prefix: str = "compare") -> None:
+        self.label, self.every, self.clock, self.prefix = label, every_seconds, clock, prefix
+        self.started = self.last = time.perf_counter()
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last = time.perf_counter()
+        self.first_step = state.global_step  # a resumed run counts its pace from where it resumed
+
+    def _line(self, state, final: bool) -> str:
+        spent = time.perf_counter() - self.started
+        done = state.global_step - self.first_step
+        left = spent / done * (state.max_steps - state.global_step) if done > 0 else float("nan")
+        share = state.global_step / state.max_steps if state.max_steps else 1.0
+        text = f"{self.label}: step {state.global_step}/{state.max_steps} ({share:.0%}), {_minutes(spent)} in"
+        if final:
+            text += ", done"
+        elif left == left:
+            text += f", ~{_minutes(left)} left"
+        if self.clock is not None and left == left:
+            study_left = (0.0 if final else left) + self.clock.left_after(spent + (0.0 if final else left))
+            text += f"; study ~{_minutes(study_left)} left"
+        return f"[{self.prefix}] {text}"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        last_step = state.global_step >= state.max_steps
+        if state.is_world_process_zero and (now - self.last >= self.every or last_step):
+            self.last = now
+            print(self._line(state, final=last_step), flush=True)
 
 
 class PeakMemory:

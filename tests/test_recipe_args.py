@@ -1,0 +1,264 @@
+"""The recipes' command lines and configs, parsed (lion_hf.experiments.arguments, .study): every HF spelling, nothing
+else; configs checked like the command line; the defaults settled after parsing; what a study refuses; --help.
+Nothing here trains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lion_hf.experiments import arguments, study
+from lion_hf.experiments.arguments import RecipeArgumentError, parse_recipe_args
+from lion_hf.training_args import AdamWLikeLearningRateWarning, LionTrainingArguments
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "recipes" / "configs" / "offline_default.yaml"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--output_dir", "mine"], ["--output-dir", "mine"], ["--output_dir=mine"], ["--output-dir=mine"],
+])
+def test_every_spelling_hf_accepts_sets_the_output_dir(argv):
+    _, _, training_args, _ = parse_recipe_args(["--optim", "adamw", *argv])
+    assert training_args.output_dir == "mine"
+
+
+def test_a_config_takes_dashed_keys_too_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("output-dir: from_file\nlearning_rate: 1e-4\noptim: adamw\nuse_peft: true\n")
+    _, _, training_args, _ = parse_recipe_args([str(config)])
+    # "1e-4" is a string to YAML: converted as the command line converts it.
+    assert training_args.output_dir == "from_file" and training_args.learning_rate == 1e-4
+    model_args, _, training_args, _ = parse_recipe_args([str(config), "--output_dir", "cli", "--use_peft", "false"])
+    assert training_args.output_dir == "cli" and model_args.use_peft is False
+
+
+def test_abbreviations_and_unknown_names_are_errors_naming_them(tmp_path):
+    with pytest.raises(RecipeArgumentError, match=r"unknown argument --output_d \(did you mean --output_dir[ )]"):
+        parse_recipe_args(["--output_d", "x"])
+    with pytest.raises(RecipeArgumentError, match=r"--lerning_rate \(did you mean --learning_rate[ )?]"):
+        parse_recipe_args(["--lerning_rate=1e-4"])
+    config = tmp_path / "typo.yaml"
+    config.write_text("learning_rat: 1.0e-4\n")
+    with pytest.raises(RecipeArgumentError, match=r"typo\.yaml: unknown argument 'learning_rat' \(did you mean "
+                                                  r"learning_rate[ )?]"):
+        parse_recipe_args([str(config)])
+    with pytest.raises(RecipeArgumentError, match="unexpected argument stray"):
+        parse_recipe_args(["--optim", "adamw", "stray"])
+
+
+def test_config_values_are_checked_as_on_the_command_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    for text, message in (("learning_rate: fast\n", r"learning_rate: 'fast' is not a valid value"),
+                          ("eval_strategy: sometimes\n", r"eval_strategy: 'sometimes' is not one of"),
+                          ("- a list\n", "expected a mapping"),
+                          ("output_dir: a\noutput-dir: b\n", "output_dir is given twice")):
+        config.write_text(text)
+        with pytest.raises(RecipeArgumentError, match=message):
+            parse_recipe_args([str(config)])
+
+
+def test_the_command_line_is_never_rewritten(monkeypatch):
+    argv = ["--optim", "adamw", "--output-dir", "x"]
+    monkeypatch.setattr(sys, "argv", ["finetune_sentiment.py", *argv])
+    parse_recipe_args()
+    parse_recipe_args(argv)
+    assert sys.argv == ["finetune_sentiment.py", *argv] and argv == ["--optim", "adamw", "--output-dir", "x"]
+
+
+@pytest.mark.parametrize(("optim", "peft", "lr"), [
+    ("lion", False, 5e-5), ("adamw", False, 1e-4), ("lion", True, 1e-3), ("adamw", True, 2e-3),
+    ("adamw_torch", False, 1e-4), ("lion_32bit", True, 1e-3), ("sgd", False, 5e-5),
+])
+def test_measured_lr_default_per_optimizer_and_mode_is_stated(optim, peft, lr):
+    with warnings.catch_warnings():
+        # The LoRA default for Lion (1e-3) is large on purpose: the "AdamW-like lr" warning must not fire on it.
+        warnings.simplefilter("error", AdamWLikeLearningRateWarning)
+        _, _, training_args, run_args = parse_recipe_args(["--optim", optim, "--use_peft", str(peft),
+                                                           "--output_dir", "x"])
+    assert training_args.learning_rate == lr
+    assert any(note.startswith(f"learning_rate {lr:g}:") for note in run_args.notes), run_args.notes
+    _, _, training_args, run_args = parse_recipe_args(["--optim", optim, "--learning_rate", "3e-5",
+                                                       "--output_dir", "x"])
+    assert training_args.learning_rate == 3e-5 and not any("learning_rate" in n for n in run_args.notes)
+
+
+def test_a_run_without_output_dir_gets_a_new_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, _, first, run_args = parse_recipe_args(["--optim", "adamw"])
+    assert Path(first.output_dir).parent == Path(arguments.DEFAULT_OUTPUT_ROOT)
+    assert any("a new folder for this run" in n for n in run_args.notes)
+    Path(first.output_dir).mkdir(parents=True)  # the first run has started (same second or not)
+    _, _, second, _ = parse_recipe_args(["--optim", "adamw"])
+    assert second.output_dir != first.output_dir and not Path(second.output_dir).exists()
+    (Path(first.output_dir) / "checkpoint-4").mkdir()
+    with pytest.raises(RecipeArgumentError, match=rf"--output_dir {first.output_dir}"):
+        parse_recipe_args(["--resume_from_checkpoint", "true"])
+
+
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+
+
+def test_without_an_accelerator_use_cpu_defaults_to_true(no_accelerator):
+    _, _, training_args, _ = parse_recipe_args(["--output_dir", "x"])
+    assert training_args.use_cpu is True and training_args.dataloader_pin_memory is False
+    assert training_args.ddp_find_unused_parameters is False
+
+
+def test_several_cpu_processes_that_could_not_form_one_job_are_errors_naming_the_fix(no_accelerator, monkeypatch):
+    # What torchrun / `accelerate launch --multi_gpu` set for each of 2 processes (checked before any process group).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RecipeArgumentError, match=r"independent copies.*Drop --use_cpu false"):
+        parse_recipe_args(["--output_dir", "x", "--use_cpu", "false"])
+    with pytest.raises(RecipeArgumentError, match=r"--ddp_backend nccl needs GPUs.*--ddp_backend gloo"):
+        parse_recipe_args(["--output_dir", "x", "--ddp_backend", "nccl"])
+
+
+def test_deepspeed_on_cpu_starts_gloo_and_merges_the_accelerator_config(no_accelerator, monkeypatch, tmp_path):
+    import accelerate
+
+    started = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: started.append(kwargs))
+    values = {"accelerator_config": None}
+    assert arguments.start_deepspeed_on_cpu(values) is False and not started  # not under DeepSpeed
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    file = tmp_path / "accelerator.json"
+    file.write_text('{"split_batches": false}')
+    for given in ('{"split_batches": false}', str(file), {"split_batches": False}):
+        values = {"accelerator_config": given}
+        assert arguments.start_deepspeed_on_cpu(values) is True
+        assert values["accelerator_config"] == {"split_batches": False, "use_configured_state": True}
+    values = {"accelerator_config": None}
+    arguments.start_deepspeed_on_cpu(values)
+    assert values["accelerator_config"] == {"use_configured_state": True} and started == [{"backend": "gloo"}] * 4
+    with pytest.raises(RecipeArgumentError, match="neither a JSON mapping nor a JSON file"):
+        arguments.start_deepspeed_on_cpu({"accelerator_config": str(tmp_path / "missing.json")})
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # a GPU: accelerate's own path
+    assert arguments.start_deepspeed_on_cpu({"accelerator_config": None}) is False and len(started) == 5
+
+
+def test_help_shows_the_recipes_and_lions_options_first_with_examples(capsys):
+    from lion_hf.experiments import finetune
+
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--help"], description=(REPO / "recipes" / "finetune_sentiment.py").read_text().split('"""')[1])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 120, len(lines)  # HF's full help is ~770 lines (--help_all)
+    hf_part = next(i for i, line in enumerate(lines) if line.startswith("common Hugging Face"))
+    own = [f.name for dtype in (arguments.ModelArguments, arguments.DataArguments, arguments.RunArguments)
+           for f in __import__("dataclasses").fields(dtype) if f.init]
+    own += [name for name in vars(LionTrainingArguments)["__annotations__"]]
+    first_screen = "\n".join(lines[:hf_part])
+    for name in own:
+        assert f"--{name} " in first_screen, name
+    assert "examples:" in first_screen and "accelerate launch" in first_screen
+    with pytest.raises(SystemExit):
+        finetune.main(["--help_all"])
+    assert len(capsys.readouterr().out.splitlines()) > 500
+
+
+# ------------------------------------------------------------------------------------------- study
+
+
+def _config(tmp_path, **extra):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"optimizers": {"adamw": {"learning_rate": [1e-4]}}, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("extra", [
+    ["--output_dir", "x"], ["--output-dir", "x"], ["--output_dir=x"], ["--run_name", "a"], ["--seed", "3"],
+    ["--learning_rate", "1e-3"], ["--optim", "lion"], ["--weight-decay", "0.1"],
+    ["--resume_from_checkpoint", "true"], ["--overwrite_output_dir"],
+])
+def test_a_study_refuses_extra_arguments_that_would_redirect_its_runs(tmp_path, extra):
+    name = extra[0].split("=")[0][2:].replace("-", "_")
+    with pytest.raises(study.StudyConfigError, match=rf"after `--`: --{name} would be the same for every run"):
+        study.main([str(_config(tmp_path)), "--", *extra], default_config=DEFAULT_CONFIG)
+
+
+def test_a_study_config_is_checked_key_by_key(tmp_path):
+    def refused(message, **config):
+        with pytest.raises(RecipeArgumentError, match=message):  # StudyConfigError is one
+            study.load_config(_config(tmp_path, **config))
+
+    refused(r"common: output_dir cannot be set there", common={"output_dir": "x"})
+    refused(r"unknown key 'seed' \(did you mean 'seeds'\?\)", seed=[0])
+    refused(r"common: unknown argument .max_step. \(did you mean max_steps", common={"max_step": 3})
+    refused(r"optimizers\.adamw: unknown key 'lr'", optimizers={"adamw": {"learning_rate": [1e-4], "lr": 1}})
+    refused(r"optimizers\.lion\.args: unknown argument 'lion_beta'",
+            optimizers={"lion": {"learning_rate": [1e-4], "args": {"lion_beta": 0.9}}})
+    refused(r"sweep\.argument: learning_rate cannot be set there", sweep={"argument": "learning_rate",
+                                                                           "values": [1e-4]})
+    refused(r"sweep: unknown key 'value'", sweep={"argument": "max_length", "values": [8], "value": 3})
+
+
+def test_study_options_go_before_the_double_dash_and_run_options_after(tmp_path):
+    for forgot in (["--max_steps", "5"], ["--max-steps=5"]):
+        with pytest.raises(study.StudyConfigError, match=r"--max.steps(=5)?: argument of each run, not of the study: "
+                                                         r"put it after `--`"):
+            study.main([str(_config(tmp_path)), *forgot], default_config=DEFAULT_CONFIG)
+    # A value missing after `--` is an error naming the option, not argparse's usage of every option.
+    with pytest.raises(RecipeArgumentError, match=r"^argument --max_steps/--max-steps: expected one argument$"):
+        study.main([str(_config(tmp_path)), "--", "--max_steps"], default_config=DEFAULT_CONFIG)
+    with pytest.raises(study.StudyConfigError, match=r"unknown argument --rerunn"):
+        study.main([str(_config(tmp_path)), "--rerunn"], default_config=DEFAULT_CONFIG)
+
+
+def test_a_bad_run_argument_stops_the_study_before_anything_runs(tmp_path):
+    config = _config(tmp_path, common={"max_length": 8})
+    with pytest.raises(RecipeArgumentError, match=r"unknown argument --lion_beta"):
+        study.main([str(config), "--output_dir", str(tmp_path / "out"), "--", "--lion_beta", "0.9"],
+                   default_config=DEFAULT_CONFIG)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- lr guidance
+
+
+def test_lion_lr_warning_says_what_was_measured_and_points_at_the_callers_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    with pytest.warns(AdamWLikeLearningRateWarning) as caught:
+        LionTrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, report_to=[])
+        HfArgumentParser(LionTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--learning_rate", "3e-4", "--weight_decay", "0.1"])
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name] * 2, [w.filename for w in caught]
+    first, second = (str(w.message) for w in caught)
+    assert "AdamW's / 2" in first and "learning_rate=0.0001" in first and "half its lr" in first
+    assert "weight_decay" not in first  # no "weight_decay=0" suggestion when there is no decay to scale
+    assert "weight_decay=0.2" in second and "3-10x" not in first + second
+    help_text = next(f.metadata["help"] for f in __import__("dataclasses").fields(LionTrainingArguments)
+                     if f.name == "learning_rate")
+    assert "AdamW's / 2" in help_text and "3-10x" not in help_text
+
+
+def test_the_layer_says_how_to_install_what_it_misses(tmp_path):
+    # peft hidden from the import system, as on an install without the `recipes` extra.
+    code = "import sys\nsys.modules['peft'] = None\nimport lion_hf.experiments\n"  # None: "not importable"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and 'pip install "lion_hf[recipes]"' in result.stderr
+    assert "peft" in result.stderr.splitlines()[-1]
+
+
+def test_settled_values_are_recorded_in_the_run_arguments(tmp_path):
+    # The lr and the device the recipe chose are part of what a run trained under (a resume must match them).
+    from lion_hf.experiments.finetune import run_arguments
+
+    parsed = parse_recipe_args(["--output_dir", str(tmp_path)])
+    recorded = run_arguments(*parsed[:3])
+    assert recorded["training"]["learning_rate"] == 5e-5 and "output_dir" not in recorded["training"]
+    assert json.loads(json.dumps(recorded)) == recorded
