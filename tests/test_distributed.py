@@ -18,7 +18,7 @@ so the tests allow 0.5% and a max difference of 2 * lr * steps. A DDP or ZeRO bu
 stepping on their own half-batch gradient, a partition stepped twice) makes a large share of
 elements differ from the first step.
 
-DeepSpeed runs on CPU through the recipe's ``start_deepspeed_on_cpu`` (accelerate's state on
+DeepSpeed runs on CPU through the recipes' ``start_deepspeed_on_cpu`` (accelerate's state on
 gloo). ZeRO-2 is in the default run (about 30-40 s with its one-process reference), ZeRO-3 and
 the recipe itself under both stages are ``slow``. FSDP: accelerate applies FSDP only on GPU
 distributed types (its state maps a CPU run to MULTI_CPU, i.e. DDP), so Lion on FSDP2 shards
@@ -405,32 +405,6 @@ def _tiny_recipe_inputs(folder: Path) -> tuple[Path, Path]:
             rows.append(f"{' '.join(filler[:2])} {word} {filler[2]}\t{i % 2}")
         (data_dir / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return model_dir, data_dir
-
-
-def test_recipe_starts_deepspeed_on_cpu_only_under_deepspeed(monkeypatch, tmp_path):
-    import accelerate
-
-    sys.path.insert(0, str(REPO / "recipes"))
-    import finetune_sentiment
-
-    started = []
-    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: started.append(kwargs))
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    start = finetune_sentiment.start_deepspeed_on_cpu
-    assert start(["--x", "1"]) == ["--x", "1"] and not started
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    config = tmp_path / "accelerator.json"
-    config.write_text('{"split_batches": false}')
-    merged = ["--x", "1", "--accelerator_config", json.dumps({"split_batches": False, "use_configured_state": True})]
-    for given in (["--accelerator_config", '{"split_batches": false}'], [f"--accelerator_config={config}"]):
-        assert start(["--x", "1", *given]) == merged
-    assert start(["--x", "1"]) == ["--x", "1", "--accelerator_config", '{"use_configured_state": true}']
-    assert started == [{"backend": "gloo"}] * 3
-    with pytest.raises(ValueError, match="neither a JSON mapping nor a JSON file"):
-        start(["--accelerator_config", str(tmp_path / "missing.json")])
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # a GPU: accelerate's own path
-    assert start(["--x", "1"]) == ["--x", "1"] and len(started) == 4
 
 
 @pytest.mark.slow

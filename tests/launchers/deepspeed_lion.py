@@ -6,7 +6,7 @@
 
 LionTrainer trains the tiny BERT for 4 steps of global batch 8 (weight decay 0.5); under
 DeepSpeed the process state is started on gloo by the recipe's own helper
-(``finetune_sentiment.start_deepspeed_on_cpu``). The lr is constant because the two runs treat
+(``lion_hf.experiments.arguments.start_deepspeed_on_cpu``). The lr is constant because the two runs treat
 the schedule differently at a skipped step: DeepSpeed's engine does not advance it, HF does when
 Lion skips. Two steps are rigged, identically in both runs:
 
@@ -36,7 +36,6 @@ from transformers import TrainerCallback
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # tiny_models
-sys.path.insert(0, str(TESTS.parent / "recipes"))
 from tiny_models import TokenDataset, tiny_bert  # noqa: E402
 
 from lion_hf import Lion, LionTrainer, LionTrainingArguments  # noqa: E402
@@ -61,13 +60,13 @@ if USE_DEEPSPEED:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-    import finetune_sentiment
+    from lion_hf.experiments.arguments import start_deepspeed_on_cpu
 
     # The recipe's own helper: accelerate's process state on gloo, handed to TrainingArguments.
-    argv = finetune_sentiment.start_deepspeed_on_cpu([])
-    if argv != ["--accelerator_config", '{"use_configured_state": true}']:
-        raise SystemExit(f"start_deepspeed_on_cpu did not start DeepSpeed on CPU: {argv}")
-    accelerator_config = {"use_configured_state": True}
+    values: dict = {}
+    if not start_deepspeed_on_cpu(values) or values != {"accelerator_config": {"use_configured_state": True}}:
+        raise SystemExit(f"start_deepspeed_on_cpu did not start DeepSpeed on CPU: {values}")
+    accelerator_config = values["accelerator_config"]
 else:
     accelerator_config = None
 
@@ -269,4 +268,6 @@ if rank == 0:
     torch.save(record, args.out)
     print(f"saved {args.out}", flush=True)
 if dist.is_initialized():
-    finetune_sentiment.end_process_group()
+    from lion_hf.experiments.finetune import end_process_group
+
+    end_process_group()
