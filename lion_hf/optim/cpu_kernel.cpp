@@ -125,43 +125,59 @@ struct Fp16 {
     return float_of(sign | magnitude);
   }
 
-  // Round to nearest even, as torch's conversion rounds (overflow to inf, gradual underflow).
-  static LION_INLINE uint16_t nearest(float x) {
-    const uint32_t b = bits_of(x);
-    const uint32_t sign = (b >> 16) & 0x8000u;
-    const uint32_t a = b & 0x7FFFFFFFu;
+  // |x|'s nearest fp16 magnitude (round to nearest even, as torch's conversion rounds: overflow to
+  // inf, gradual underflow), from the magnitude bits `a` of x: as a 15-bit pattern, and as an fp32
+  // value (not meaningful when the pattern is inf or NaN). Two functions rather than one with two
+  // results, which the vectoriser would not see through; inlined, they share their work.
+  static LION_INLINE uint32_t nearest_bits(uint32_t a) {
     // |x| >= 2**16 rounds to inf; a NaN becomes the quiet NaN.
     const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;
-    // Normal results: re-bias the exponent and round the 13 dropped bits to nearest even (a carry
-    // into the exponent is the next binade, or inf just under 2**16).
-    const uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;  // 0xC8000000 = (15 - 127) << 23
+    // Normal results: round the 13 bits fp16 drops to nearest even (a carry into the exponent is
+    // the next binade, or inf just under 2**16), then re-bias the exponent.
+    const uint32_t normal = (a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;  // (127 - 15) << 23
     // |x| < 2**-14: adding 0.5 leaves |x| * 2**24 rounded to an integer (by the FPU, to nearest
     // even) in the low mantissa bits, which is the subnormal's bit pattern.
     const uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
-    const uint32_t magnitude = a >= 0x47800000u ? big : (a < 0x38800000u ? subnormal : normal);
-    return static_cast<uint16_t>(sign | magnitude);
+    return a >= 0x47800000u ? big : (a < 0x38800000u ? subnormal : normal);
+  }
+  static LION_INLINE float nearest_value(uint32_t a) {
+    const float subnormal = (float_of(a) + 0.5f) - 0.5f;
+    const float normal = float_of((a + 0xFFFu + ((a >> 13) & 1u)) & 0xFFFFE000u);
+    return a < 0x38800000u ? subnormal : normal;
+  }
+
+  static LION_INLINE uint16_t nearest(float x) {
+    const uint32_t b = bits_of(x);
+    return static_cast<uint16_t>(((b >> 16) & 0x8000u) | nearest_bits(b & 0x7FFFFFFFu));
   }
 
   // numerics.stochastic_round_to_fp16: the nearest value, or the next one past it towards x
   // (one step of the 16-bit pattern, which is monotone in magnitude) with probability
-  // |x - nearest| / spacing. The spacing of adjacent fp16 values is a power of two, so the
-  // division is exact, and so is this product by its reciprocal, built from the exponent bits:
-  // 2**(25 - max(e, 1)), or 2**(26 - e) when stepping below a power of two. Past 65504 the next
-  // value is inf (taken with probability finite / inf = 0); inf and NaN keep the nearest value
-  // (their probability is NaN in numerics.py).
+  // |x - nearest| / spacing, worked out on magnitudes (the sign only comes along). The spacing of
+  // adjacent fp16 values is a power of two, so the division is exact, and so is this product by
+  // its reciprocal, built from the exponent bits: 2**(25 - max(e, 1)), or 2**(26 - e) when
+  // stepping below a power of two. Past 65504 the next value is inf (taken with probability
+  // finite / inf = 0); inf and NaN keep the nearest value (their probability is NaN in numerics.py).
   static LION_INLINE uint16_t stochastic(float x, uint32_t noise) {
-    const uint16_t near = nearest(x);
-    const float near32 = load(near);
-    const bool away = std::fabs(x) > std::fabs(near32);
-    const uint32_t magnitude = near & 0x7FFFu;
-    const uint32_t e = magnitude >> 10;
-    const bool lower_binade = !away & ((magnitude & 0x3FFu) == 0) & (e >= 2u);
-    const uint32_t inverse_exponent = lower_binade ? 127u + 26u - e : 127u + 25u - (e > 1u ? e : 1u);
-    const float prob = std::fabs(x - near32) * float_of(inverse_exponent << 23);
+    const uint32_t b = bits_of(x);
+    const uint32_t a = b & 0x7FFFFFFFu;
+    const uint32_t near = nearest_bits(a);
+    const float near_value = nearest_value(a);
+    const float magnitude_x = float_of(a);
+    const bool away = magnitude_x > near_value;
+    const uint32_t e = near >> 10;
+    // Toward zero from a power of two (mantissa 0, exponent >= 2) the spacing halves. (Spelt as
+    // integer arithmetic: a conjunction of comparisons kept this loop scalar.)
+    const uint32_t not_from_power = (near & 0x3FFu) | (near < 0x800u ? 1u : 0u) | (away ? 1u : 0u);
+    const uint32_t inverse_exponent = 127u + 25u - (e > 1u ? e : 1u) + (not_from_power == 0u ? 1u : 0u);
+    const float prob = std::fabs(magnitude_x - near_value) * float_of(inverse_exponent << 23);
     const float uniform = static_cast<float>(static_cast<int32_t>(noise)) * 0x1p-16f;
-    const bool stays = (magnitude >= 0x7C00u) | (away & (magnitude == 0x7BFFu));
-    const uint16_t other = static_cast<uint16_t>(near + (away ? 1u : 0xFFFFu));
-    return ((uniform < prob) & !stays) ? other : near;
+    // inf and NaN stay, and so does 65504 rounding away (to inf): probability 0. (Nested float
+    // selects: conjunctions of comparisons kept this loop scalar.)
+    const float finite_prob = near >= 0x7C00u ? 0.f : prob;
+    const float taken = near == 0x7BFFu ? (away ? 0.f : finite_prob) : finite_prob;
+    const uint32_t other = (near + (away ? 1u : 0x7FFFu)) & 0x7FFFu;
+    return static_cast<uint16_t>(((b >> 16) & 0x8000u) | (uniform < taken ? other : near));
   }
 };
 
