@@ -29,6 +29,10 @@
 // that the compiler vectorises every loop (it leaves _Float16 conversions scalar).
 
 #include <cmath>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LION_FP16_AVX512 1
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -215,8 +219,8 @@ int64_t count_agreeing(const void* g_, const void* m_, int64_t begin, int64_t en
 // the seeds its stochastic-rounding seeds, `skip` all ones under nonfinite_grad="skip_elements".
 // Branch-free, so that it vectorises; the non-finite check costs no extra pass over memory.
 template <class P, class G, class M, int kRounding, bool kCautious>
-void update_block(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end, const Hyper& h,
-                  float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
+void update_elements(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end, const Hyper& h,
+                     float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip, int64_t index_offset = 0) {
   auto* __restrict p = static_cast<typename P::T*>(p_);
   const auto* __restrict g = static_cast<const typename G::T*>(g_);
   auto* __restrict m = static_cast<typename M::T*>(m_);
@@ -233,15 +237,123 @@ void update_block(void* p_, const void* g_, void* m_, void* c_, int64_t begin, i
     const float new_m = mi * h.beta2 + gi * h.one_minus_beta2;
     typename P::T new_p;
     if constexpr (kRounding == kStochastic) {
-      new_p = P::stochastic(new_w, random_bits16(i, p_seed));
+      new_p = P::stochastic(new_w, random_bits16(i + index_offset, p_seed));
     } else {
       new_p = P::nearest(new_w);
     }
     const uint32_t bad = nonfinite_mask(gi) & skip;
     if constexpr (kRounding == kKahan) c[i] = keep_where(bad, P::nearest(new_w - P::load(new_p)), c[i]);
     p[i] = keep_where(bad, new_p, p[i]);
-    m[i] = keep_where(bad, M::stochastic(new_m, random_bits16(i, m_seed)), m[i]);
+    m[i] = keep_where(bad, M::stochastic(new_m, random_bits16(i + index_offset, m_seed)), m[i]);
   }
+}
+
+#if defined(LION_FP16_AVX512)
+// fp16 params with the CPU's own conversions (F16C, at AVX-512 width): the software conversions the
+// portable loop needs are several times the arithmetic of the update itself. A block is staged
+// through fp32 scratch arrays in cache: widen p (+ its Kahan residual) and an fp16 grad, run the
+// fp32 update (which stores the momentum), then round the new weights back. The arithmetic and
+// the roundings are those of the portable loop, bit for bit: vcvtps2ph rounds to nearest even as
+// torch's conversion does, and stochastic rounding divides as numerics.py divides.
+constexpr int64_t kChunk = 512;
+
+LION_INLINE __m512i hash16(__m512i index, __m512i seed) {
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  __m512i x = _mm512_and_si512(_mm512_add_epi32(_mm512_and_si512(index, low16), seed), low16);
+  x = _mm512_and_si512(_mm512_mullo_epi32(_mm512_xor_si512(x, _mm512_srli_epi32(x, 8)), _mm512_set1_epi32(0x6D2B)), low16);
+  x = _mm512_and_si512(_mm512_mullo_epi32(_mm512_xor_si512(x, _mm512_srli_epi32(x, 7)), _mm512_set1_epi32(0x5A35)), low16);
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 8));
+}
+
+LION_INLINE __m512 widen(const uint16_t* h) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))); }
+
+LION_INLINE __m256i narrow_nearest(__m512 x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+// numerics.stochastic_round_to_fp16 on 16 lanes. The spacing of adjacent fp16 values is a power of
+// two (or inf past 65504, or NaN beside a zero): scaling |x - nearest| by its exponent is the
+// division, exactly, and gives 0 or NaN where the division does (then the nearest value stays).
+LION_INLINE __m256i narrow_stochastic(__m512 x, __m512i noise) {
+  const __m256i near = narrow_nearest(x);
+  const __m512 near32 = _mm512_cvtph_ps(near);
+  const __mmask16 away = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_abs_ps(near32), _CMP_GT_OQ);
+  const __m256i other = _mm256_add_epi16(near, _mm256_mask_blend_epi16(away, _mm256_set1_epi16(-1), _mm256_set1_epi16(1)));
+  const __m512 spacing = _mm512_sub_ps(_mm512_cvtph_ps(other), near32);
+  const __m512 prob = _mm512_scalef_ps(_mm512_abs_ps(_mm512_sub_ps(x, near32)),
+                                       _mm512_sub_ps(_mm512_setzero_ps(), _mm512_getexp_ps(spacing)));
+  const __m512 uniform = _mm512_mul_ps(_mm512_cvtepi32_ps(noise), _mm512_set1_ps(0x1p-16f));
+  return _mm256_mask_blend_epi16(_mm512_cmp_ps_mask(uniform, prob, _CMP_LT_OQ), near, other);
+}
+
+template <class G, class M, int kRounding, bool kCautious>
+void update_elements_fp16(uint16_t* p, const typename G::T* g, void* m, uint16_t* c, int64_t begin, int64_t end,
+                          const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
+  alignas(64) float w[kChunk];
+  alignas(64) float g32[kChunk];
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t start = begin; start < end; start += kChunk) {
+    const int64_t n = end - start < kChunk ? end - start : kChunk;
+    const int64_t vectors = n / 16 * 16;
+    for (int64_t j = 0; j < vectors; j += 16) {
+      __m512 wj = widen(p + start + j);
+      if constexpr (kRounding == kKahan) wj = _mm512_add_ps(wj, widen(c + start + j));
+      _mm512_store_ps(w + j, wj);
+      if constexpr (std::is_same_v<G, Fp16>) _mm512_store_ps(g32 + j, widen(g + start + j));
+    }
+    for (int64_t j = vectors; j < n; ++j) {
+      w[j] = Fp16::load(p[start + j]);
+      if constexpr (kRounding == kKahan) w[j] = w[j] + Fp16::load(c[start + j]);
+      if constexpr (std::is_same_v<G, Fp16>) g32[j] = Fp16::load(g[start + j]);
+    }
+    const float* grads = std::is_same_v<G, Fp16> ? g32 : reinterpret_cast<const float*>(g) + start;
+    update_elements<Fp32, Fp32, M, kNearest, kCautious>(w, grads, static_cast<typename M::T*>(m) + start, nullptr, 0,
+                                                        n, h, fraction, 0, m_seed, skip, start);
+    for (int64_t j = 0; j < vectors; j += 16) {
+      const __m512 new_w = _mm512_load_ps(w + j);
+      __m256i new_p;
+      if constexpr (kRounding == kStochastic) {
+        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>((start + j) & 0xFFFF)), lane);
+        new_p = narrow_stochastic(new_w, hash16(index, _mm512_set1_epi32(static_cast<int32_t>(p_seed))));
+      } else {
+        new_p = narrow_nearest(new_w);
+      }
+      // Where the gradient is NaN or inf (and skipped), the param and its residual keep their bits.
+      const __m512i grad_bits = _mm512_castps_si512(_mm512_loadu_ps(grads + j));
+      const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+      __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(grad_bits, exponent), exponent);
+      if (!skip) bad = 0;
+      auto* p_at = reinterpret_cast<__m256i*>(p + start + j);
+      if constexpr (kRounding == kKahan) {
+        auto* c_at = reinterpret_cast<__m256i*>(c + start + j);
+        const __m256i new_c = narrow_nearest(_mm512_sub_ps(new_w, _mm512_cvtph_ps(new_p)));
+        _mm256_storeu_si256(c_at, _mm256_mask_blend_epi16(bad, new_c, _mm256_loadu_si256(c_at)));
+      }
+      _mm256_storeu_si256(p_at, _mm256_mask_blend_epi16(bad, new_p, _mm256_loadu_si256(p_at)));
+    }
+    for (int64_t j = vectors; j < n; ++j) {
+      const int64_t i = start + j;
+      const uint16_t new_p = kRounding == kStochastic ? Fp16::stochastic(w[j], random_bits16(i, p_seed))
+                                                      : Fp16::nearest(w[j]);
+      const uint32_t bad = nonfinite_mask(grads[j]) & skip;
+      if constexpr (kRounding == kKahan) c[i] = keep_where(bad, Fp16::nearest(w[j] - Fp16::load(new_p)), c[i]);
+      p[i] = keep_where(bad, new_p, p[i]);
+    }
+  }
+}
+#endif
+
+// The update of [begin, end) of one tensor: the fp16 path with the CPU's conversions where it
+// has them, else the portable loop.
+template <class P, class G, class M, int kRounding, bool kCautious>
+void update_block(void* p, const void* g, void* m, void* c, int64_t begin, int64_t end, const Hyper& h,
+                  float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
+#if defined(LION_FP16_AVX512)
+  if constexpr (std::is_same_v<P, Fp16>) {
+    return update_elements_fp16<G, M, kRounding, kCautious>(
+        static_cast<uint16_t*>(p), static_cast<const typename G::T*>(g), m, static_cast<uint16_t*>(c), begin, end, h,
+        fraction, p_seed, m_seed, skip);
+  }
+#endif
+  update_elements<P, G, M, kRounding, kCautious>(p, g, m, c, begin, end, h, fraction, p_seed, m_seed, skip);
 }
 
 template <class P, class G, class M, int kRounding>
