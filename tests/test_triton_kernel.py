@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -517,8 +518,8 @@ for target in targets:
             consts = {"P_STOCHASTIC": False, "KAHAN": False, **consts}
         sig = dict(sig, **{k: "constexpr" for k in consts})
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                      target=target, options={"num_warps": lt._NUM_WARPS})
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
+                                      options={"num_warps": lt._NUM_WARPS, "enable_fp_fusion": False})
         except Exception as e:
             if "ptxas" in str(e).lower():
                 print("NO_PTXAS", e)
@@ -526,6 +527,8 @@ for target in targets:
             raise
         compiled_count += 1
         ptx = compiled.asm["ptx"]
+        # Launched without fp fusion, so that each product and sum rounds as torch's ops do.
+        assert "fma.rn.f32" not in ptx, "a multiply-add was contracted into an FMA"
         if consts["ALIGNED"] and kernel is lt._lion_kernel:
             assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, (
                 "aligned full blocks must use 16-byte accesses"
@@ -638,3 +641,80 @@ def test_gpu_many_small_tensors_are_not_launch_bound():
     print(f"\n500 small tensors: {seconds * 1e6:.0f} us/step")
     # 500 separate launches alone would take >= ~2 ms; one launch plus the table lookup is far less.
     assert seconds < 2e-3
+
+
+# --------------------------------------------------------------------------------------
+# The self-check (the kernel's first run per kind on a probe) and misaligned views
+# --------------------------------------------------------------------------------------
+
+
+def _dispatch_step(params, grads, moms, **flags):
+    from lion_hf.optim.dispatch import run_step
+    from lion_hf.optim.numerics import StepGroup
+
+    group = StepGroup(params, grads, moms, [None] * len(params), lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                      maximize=False, cautious=False, param_rounding=flags.get("param_rounding", "nearest"))
+    run_step([group], impl=flags.get("impl", "triton"), skip_nonfinite=True)
+
+
+def _fresh_fp32_tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(n, generator=gen).to(DEVICE) for n in (7, 3000)]
+    gs = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ps]
+    ms = [torch.randn(p.shape, generator=gen).to(DEVICE) * 0.1 for p in ps]
+    return ps, gs, ms
+
+
+def test_a_kernel_that_fails_its_self_check_hands_its_tensors_to_foreach(monkeypatch):
+    monkeypatch.setattr(lion_triton, "_verdicts", {})
+    original = lion_triton._launch_group
+
+    def broken(ps, *args, **kwargs):  # a miscompiled kernel: every weight off by a little
+        original(ps, *args, **kwargs)
+        for p in ps:
+            p.add_(1e-3)
+
+    monkeypatch.setattr(lion_triton, "_launch_group", broken)
+    ps, gs, ms = _fresh_fp32_tensors(1)
+    want = [[t.clone() for t in ts] for ts in (ps, gs, ms)]
+    with pytest.warns(UserWarning, match=r"Triton kernel's step differs from the reference.*param of .* element"):
+        _dispatch_step(ps, gs, ms)
+    _dispatch_step(*want, impl="foreach")
+    for a, b in zip(ps + ms, want[0] + want[2]):
+        assert torch.equal(a, b), "the tensors should have been updated by foreach alone"
+    assert next(iter(lion_triton._verdicts.values())) is not None
+    with warnings.catch_warnings():  # decided once per process: no second probe, no second warning
+        warnings.simplefilter("error")
+        _dispatch_step(ps, gs, ms)
+
+
+def test_the_self_check_runs_once_per_kind_and_agrees_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(lion_triton, "_verdicts", {})
+    probes = []
+    original = lion_triton._probe
+    monkeypatch.setattr(lion_triton, "_probe", lambda *args: probes.append(args) or original(*args))
+    for _ in range(3):
+        _dispatch_step(*_fresh_fp32_tensors(2))
+    assert len(probes) == 1 and list(lion_triton._verdicts.values()) == [None]
+    _dispatch_step(*[[t.bfloat16() if i < 2 else t for t in ts] for i, ts in enumerate(_fresh_fp32_tensors(3))])
+    assert len(probes) == 2, "a new kind (bf16 params) is probed on its first step"
+
+
+def test_a_misaligned_view_gets_its_own_launch_and_the_for_loop_bits(monkeypatch):
+    from optim_helpers import bits_equal
+
+    launches = []
+    original = lion_triton._launch_group
+    monkeypatch.setattr(lion_triton, "_launch_group",
+                        lambda ps, *a, **k: launches.append(ps[0].data_ptr() % 16) or original(ps, *a, **k))
+    monkeypatch.setattr(lion_triton, "_verdicts", {})
+    holder = torch.randn(3001, device=DEVICE)
+    ps, gs, ms = _fresh_fp32_tensors(4)
+    ps[1] = holder[1:]  # a storage offset of 4 bytes: no 16-byte vector loads for this one
+    want = [[t.clone() for t in ts] for ts in (ps, gs, ms)]
+    launches.clear()
+    _dispatch_step(ps, gs, ms)
+    _dispatch_step(*want, impl="for_loop")
+    assert sorted(launches)[-1] != 0 and len([a for a in launches if a == 0]) >= 1, launches
+    for a, b in zip(ps + ms, want[0] + want[2]):
+        assert bits_equal(a, b)

@@ -93,6 +93,8 @@ correct, slow, for debugging only. CPU tensors without the interpreter raise ``R
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -100,7 +102,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.numerics import PARAM_ROUNDINGS, StepGroup, local
+from lion_hf.optim.numerics import PARAM_ROUNDINGS, StepGroup, lion_tensor, local
 
 try:
     import triton
@@ -469,8 +471,10 @@ def _launch_group(
     pointers, layout, n_blocks, aligned = _group_tables(device, ps, gs, ms, cs)
     n_tensors = len(ps)
     grid = (n_blocks,)
+    # enable_fp_fusion=False: no multiply-add is contracted into an FMA, so each product and sum
+    # rounds as torch's separate ops round it (the kernel is memory-bound: this costs nothing).
     common = dict(P_DTYPE=p_dtype, M_DTYPE=m_dtype, MAXIMIZE=maximize, ALIGNED=aligned, ROWS=_ROWS, COLS=_COLS,
-                  num_warps=_NUM_WARPS)
+                  num_warps=_NUM_WARPS, enable_fp_fusion=False)
     counts = layout  # placeholder pointer, never read without CAUTIOUS
     if cautious:
         counts = torch.zeros(n_tensors, dtype=torch.int64, device=device)
@@ -482,64 +486,176 @@ def _launch_group(
     )
 
 
+def _aligned(*tensors: Tensor | None) -> bool:
+    """Whether every data pointer is 16-byte aligned, as the kernel's vector accesses need."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not INTERPRET and not torch.cuda.is_available():
+            raise RuntimeError("Lion: tensors are on CUDA but CUDA is not available")
+    elif device.type != "cpu" or not INTERPRET:
+        hint = (" On CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
+                "imported (for tests; impl='cpp' and 'foreach' are the CPU implementations)."
+                if device.type == "cpu" else "")
+        raise RuntimeError(f"Lion: the Triton kernel cannot run on {device.type!r} tensors.{hint}")
+
+
+def _run_group(ps, gs, ms, cs, *, device: torch.device, **kwargs: Any) -> None:
+    """One group's launch on its device (staged through CPU copies for CUDA tensors under the
+    interpreter, which dereferences table addresses on the host), then the version bump."""
+    if device.type == "cpu":
+        _launch_group(ps, gs, ms, cs, device=device, **kwargs)
+    elif INTERPRET:
+        staged = [[t.detach().cpu() for t in ts] for ts in (ps, gs, ms, cs or [])]
+        _launch_group(*staged[:3], staged[3] if cs is not None else None, device=torch.device("cpu"), **kwargs)
+        with torch.no_grad():
+            for dst, src in zip(ps + ms + (cs or []), staged[0] + staged[2] + staged[3]):
+                dst.copy_(src)
+    else:
+        with torch.cuda.device(device):
+            _launch_group(ps, gs, ms, cs, device=device, **kwargs)
+    # The kernel writes through raw pointers, which autograd cannot see: bump the version counters
+    # as an in-place torch op would (catches use of a stale saved tensor).
+    increment_version(ps + ms + (cs or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# The self-check: the kernel's first run in a process, per device and kind, on a small probe
+# ---------------------------------------------------------------------------------------------
+
+# (device, param dtype, momentum dtype, Kahan, aligned, maximize, cautious, skip, param rounding) -> why the
+# kernel's result differed from the reference on the probe, or None when it agreed.
+_verdicts: dict[tuple, str | None] = {}
+# Seconds spent on self-checks in this process (docs/implementations.md states what they cost).
+self_check_seconds = 0.0
+
+
+def _probe(device: torch.device, p_dtype: torch.dtype, m_dtype: torch.dtype, kahan: bool, aligned: bool):
+    """Params, grads, momenta and residuals of the probe: a lone element, a full block and a partial
+    one; zeros (sign 0), NaN and inf grads, large weights (bf16 steps under half an ulp); views
+    at a storage offset when the kind is the misaligned one."""
+    gen = torch.Generator().manual_seed(20240611)
+    tensors = []
+    for n in (1, BLOCK_SIZE + 37):
+        p = torch.randn(n, generator=gen) * 4
+        g = torch.randn(n, generator=gen)
+        m = torch.randn(n, generator=gen) * 0.1
+        g[: n // 7] = 0.0
+        m[: n // 14] = 0.0
+        if n > 8:
+            g[-4:] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+        c = p * 2**-10 * torch.rand(n, generator=gen)
+        tensors.append([t.to(dtype) for t, dtype in ((p, p_dtype), (g, p_dtype), (m, m_dtype), (c, p_dtype))])
+    out = []
+    for ts in tensors:
+        placed = []
+        for t in ts:
+            holder = torch.zeros(t.numel() + (0 if aligned else 1), dtype=t.dtype, device=device)
+            view = holder[0 if aligned else 1:]
+            view.copy_(t)
+            placed.append(view)
+        out.append(placed)
+    ps, gs, ms, cs = ([t[i] for t in out] for i in range(4))
+    return ps, gs, ms, (cs if kahan else None)
+
+
+def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int) -> str | None:
+    """Where the kernel's tensor differs from the reference's by more than ``steps`` steps of the bit
+    pattern: 0 where the arithmetic and rounding are the same, 1 for stochastic rounding (either
+    neighbour), a few ulps for the cautious scale (a float64 reciprocal); NaN against NaN agrees."""
+    nan = kernel.isnan() | reference.isnan()
+    both_nan = kernel.isnan() & reference.isnan()
+    as_int = {2: torch.int16, 4: torch.int32}[kernel.element_size()]
+    a, b = kernel.view(as_int).long(), reference.view(as_int).long()
+    bad = (a - b).abs() > steps
+    bad = (bad & ~nan) | (nan & ~both_nan)
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0])
+    return (f"{what} of {kernel.numel()} elements, element {i}: kernel {float(kernel[i])!r}, reference "
+            f"{float(reference[i])!r}")
+
+
+def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> str | None:
+    """Run the kernel once on the probe of ``key``'s kind and compare with numerics.lion_tensor."""
+    global self_check_seconds
+    verdict = _verdicts.get(key, ...)
+    if verdict is not ...:
+        return verdict
+    start = time.perf_counter()
+    device, p_dtype, m_dtype, kahan, aligned, maximize, cautious, skip_nonfinite, _ = key
+    ps, gs, ms, cs = _probe(device, p_dtype, m_dtype, kahan, aligned)
+    refs = [[t.clone() for t in ts] for ts in (ps, ms, cs or [])]
+    lr, decay, beta1, _, beta2, _ = hyper
+    _run_group(ps, gs, ms, cs, device=device, hyper=hyper, seed=12345 + (6789 << 32), maximize=maximize,
+               cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
+    for i, g in enumerate(gs):
+        lion_tensor(refs[0][i], g, refs[1][i], refs[2][i] if kahan else None, lr, decay, beta1, beta2, None, None,
+                    maximize, cautious, skip_nonfinite)
+    stochastic_param = p_dtype != torch.float32 and param_rounding == "stochastic"
+    param_steps = 4 if cautious else (1 if stochastic_param else 0)
+    verdict = None
+    for i in range(len(ps)):
+        verdict = (_first_difference(ps[i], refs[0][i], "param", param_steps)
+                   or _first_difference(ms[i], refs[1][i], "momentum", 0 if m_dtype == torch.float32 else 1)
+                   or (_first_difference(cs[i], refs[2][i], "Kahan residual", param_steps) if kahan else None))
+        if verdict is not None:
+            break
+    _verdicts[key] = verdict
+    self_check_seconds += time.perf_counter() - start
+    if verdict is not None:
+        warnings.warn(f"Lion: the Triton kernel's step differs from the reference on {device} for {p_dtype} params "
+                      f"with {m_dtype} momentum (param_rounding={param_rounding!r}, cautious={cautious}, "
+                      f"aligned={aligned}): {verdict}. Tensors of this kind run in foreach in this process.",
+                      stacklevel=4)
+    return verdict
 
 
 def _launch_all(
     ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor | None], *, lr: float, decay: float,
     beta1: float, beta2: float, maximize: bool, cautious: bool, skip_nonfinite: bool, param_rounding: str,
-    seed: int | None,
-) -> None:
-    """One launch per (device, param dtype, momentum dtype, Kahan) group over tensors it takes."""
-    groups: dict[tuple, tuple[list[Tensor], ...]] = {}
-    for p, g, m, c in zip(ps, gs, ms, cs):
+    seed: int | None, self_check: bool,
+) -> list[int]:
+    """One launch per (device, param dtype, momentum dtype, Kahan, 16-byte aligned) group: a
+    misaligned view gets element accesses without taking its group's vector accesses away. With
+    ``self_check``, a kind's first launch in the process is preceded by the probe, and a kind that
+    failed it is not launched: the indices of its tensors are returned."""
+    groups: dict[tuple, tuple[list, ...]] = {}
+    for i, (p, g, m, c) in enumerate(zip(ps, gs, ms, cs)):
         if p.numel() == 0:
             continue
-        kahan = c is not None
-        group = groups.setdefault((p.device, p.dtype, m.dtype, kahan), ([], [], [], []))
-        for lst, t in zip(group, (p, g, m, c)):
+        group = groups.setdefault((p.device, p.dtype, m.dtype, c is not None, _aligned(p, g, m, c)),
+                                  ([], [], [], [], []))
+        for lst, t in zip(group, (p, g, m, c, i)):
             if t is not None:
                 lst.append(t)
     if not groups:
-        return
-    for device, _, _, _ in groups:
-        if device.type == "cuda":
-            if not INTERPRET and not torch.cuda.is_available():
-                raise RuntimeError("Lion: tensors are on CUDA but CUDA is not available")
-        elif device.type != "cpu" or not INTERPRET:
-            hint = (" On CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
-                    "imported (for tests; impl='cpp' and 'foreach' are the CPU implementations)."
-                    if device.type == "cpu" else "")
-            raise RuntimeError(f"Lion: the Triton kernel cannot run on {device.type!r} tensors.{hint}")
+        return []
+    for device, *_ in groups:
+        _check_device(device)
     needs_bits = any(m_dtype == torch.bfloat16 or (p_dtype != torch.float32 and param_rounding == "stochastic")
-                     for _, p_dtype, m_dtype, _ in groups)
+                     for _, p_dtype, m_dtype, _, _ in groups)
     if seed is None and needs_bits:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
     seed = 0 if seed is None else int(seed)
     hyper = (float(lr), float(decay), float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2))
-
-    for k, ((device, _, _, kahan), (gps, ggs, gms, gcs)) in enumerate(groups.items()):
+    flags = dict(maximize=bool(maximize), cautious=bool(cautious), skip_nonfinite=bool(skip_nonfinite))
+    left: list[int] = []
+    for k, (key, (gps, ggs, gms, gcs, indices)) in enumerate(groups.items()):
+        device, p_dtype, _, kahan, _ = key
+        if self_check:
+            rounding = param_rounding if p_dtype != torch.float32 else "nearest"
+            if _self_check((*key, *flags.values(), rounding), hyper, param_rounding) is not None:
+                left += indices
+                continue
         # Philox key: low word the seed, high word the group (+1 keeps the value above 2**32, so the
         # argument is always an int64 and never selects another specialisation).
         group_seed = (seed & 0xFFFFFFFF) + ((k + 1) << 32)
-        kwargs = dict(hyper=hyper, seed=group_seed, maximize=bool(maximize), cautious=bool(cautious),
-                      skip_nonfinite=bool(skip_nonfinite), param_rounding=param_rounding)
-        gcs = gcs if kahan else None
-        if device.type == "cpu":
-            _launch_group(gps, ggs, gms, gcs, device=device, **kwargs)
-        elif INTERPRET:
-            # The interpreter dereferences table addresses on the host: stage through CPU copies.
-            cpu = torch.device("cpu")
-            staged = [[t.detach().cpu() for t in ts] for ts in (gps, ggs, gms, gcs or [])]
-            _launch_group(*staged[:3], staged[3] if kahan else None, device=cpu, **kwargs)
-            with torch.no_grad():
-                for dst, src in zip(gps + gms + (gcs or []), staged[0] + staged[2] + staged[3]):
-                    dst.copy_(src)
-        else:
-            with torch.cuda.device(device):
-                _launch_group(gps, ggs, gms, gcs, device=device, **kwargs)
-        # The kernel writes through raw pointers, which autograd cannot see: bump the version
-        # counters as an in-place torch op would (catches use of a stale saved tensor).
-        increment_version(gps + gms + (gcs or []))
+        _run_group(gps, ggs, gms, gcs if kahan else None, device=device, hyper=hyper, seed=group_seed,
+                   param_rounding=param_rounding, **flags)
+    return sorted(left)
 
 
 def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
@@ -551,12 +667,15 @@ def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[i
         taken = [_layout_problem(p, g, m, c) is None
                  for p, g, m, c in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps)]
         left = [i for i, ok in enumerate(taken) if not ok]
-        lefts.append(left)
-        part = group.subset([i for i, ok in enumerate(taken) if ok]) if left else group
-        _launch_all(part.params, part.grads, part.exp_avgs, part.kahan_comps, lr=part.lr, decay=part.decay,
-                    beta1=part.beta1, beta2=part.beta2, maximize=part.maximize, cautious=part.cautious,
-                    skip_nonfinite=skip_nonfinite, param_rounding=part.param_rounding,
-                    seed=None if part.seeds is None else int(torch.randint(0, 2**31 - 1, (1,))))
+        kept = [i for i, ok in enumerate(taken) if ok]
+        part = group.subset(kept) if left else group
+        failed = _launch_all(part.params, part.grads, part.exp_avgs, part.kahan_comps, lr=part.lr, decay=part.decay,
+                             beta1=part.beta1, beta2=part.beta2, maximize=part.maximize, cautious=part.cautious,
+                             skip_nonfinite=skip_nonfinite, param_rounding=part.param_rounding,
+                             seed=None if part.seeds is None else int(torch.randint(0, 2**31 - 1, (1,))),
+                             self_check=True)
+        left += [kept[i] for i in failed]
+        lefts.append(sorted(left))
     return lefts
 
 
@@ -631,4 +750,4 @@ def triton_lion_(
             lst.append(t)
     _launch_all(ps, gs, ms, cs, lr=lr, decay=1.0 - float(lr) * float(weight_decay), beta1=beta1, beta2=beta2,
                 maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
-                seed=seed)
+                seed=seed, self_check=False)
