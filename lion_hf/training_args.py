@@ -27,8 +27,8 @@ LION_OPTIM = "lion"
 ADAMW_ALIAS, ADAMW_BASELINE = "adamw", "adamw_torch_fused"
 
 # Above this a Lion lr was most likely copied from an AdamW config. Not HF's AdamW default 5e-5:
-# measured here (MiniLM-L6, SST-2, batch 32, 3 seeds) Lion's best full fine-tuning lrs were 5e-5
-# and 1e-4, so warning at those would contradict the project's own results.
+# Lion's best full fine-tuning lrs in this project's studies reach 1e-4 (docs/evidence.md), and
+# warning at those would contradict them.
 _ADAMW_LIKE_LR = 1e-4
 
 
@@ -54,9 +54,8 @@ def scale_from_adamw(learning_rate: float, weight_decay: float, factor: float = 
 
     Chen et al. advise a 3-10x smaller lr and a correspondingly larger weight decay, which keeps
     the effective decay ``lr * weight_decay`` unchanged. ``factor`` 3 is the conservative end of
-    that advice, and at small batch even it undershoots: measured here (MiniLM-L6, SST-2
-    sentences, batch 32, 3 seeds) AdamW's best lr 1e-4 mapped to Lion's best 5e-5 (factor 2),
-    and LoRA adapters wanted factor 1 or less. Run a small grid.
+    that advice, and at small batch even it undershoots: in this project's fine-tunes the best
+    factor was 2, and 2 or less for LoRA adapters (docs/evidence.md). Run a small grid.
     """
     if learning_rate <= 0 or weight_decay < 0 or factor <= 0:
         raise ValueError(
@@ -119,7 +118,7 @@ class LionTrainingArguments(TrainingArguments):
         default=2e-5,
         metadata={"help": "Initial learning rate. Lion wants less than AdamW: measured here (MiniLM-L6 on SST-2, "
                           "batch 32) its best was AdamW's / 2 for a full fine-tune (5e-5 vs 1e-4) and half AdamW's "
-                          "with LoRA (1e-3 vs 2e-3). See scale_from_adamw."},
+                          "with LoRA (1e-3 vs 2e-3); docs/evidence.md. See scale_from_adamw."},
     )
     lion_beta1: float = field(
         default=0.9, metadata={"help": "Lion beta1: momentum/gradient interpolation for the update."}

@@ -158,10 +158,12 @@ def _foreach_round(
         if decay != 1.0:  # w * 1.0 is w: the no-decay group (biases, norms) skips a pass
             torch._foreach_mul_(w32, decay)
         apply(w32)
-        new_m = _interpolate(m32, g32, beta2)
-        if fp32_state:
-            torch._foreach_copy_(m32, new_m)
+        if fp32_state:  # in place: the same three roundings as _interpolate
+            torch._foreach_mul_(m32, beta2)
+            torch._foreach_add_(m32, torch._foreach_mul(g32, 1.0 - beta2))
             new_m = m32
+        else:
+            new_m = _interpolate(m32, g32, beta2)
         new_w, ok = w32, None
 
     if fp32_params:
