@@ -2,8 +2,8 @@
 //
 // Built by lion_hf/optim/cpu_kernel_build.py with the system's C++ compiler and called through
 // ctypes (lion_hf/optim/cpu_kernel.py) with arrays of data pointers. The Python side checks every
-// tensor first (dtypes, CPU, contiguous, the param's shape, no overlap): nothing here can check a
-// raw pointer.
+// tensor first (dtypes, device, contiguous, the param's shape, no overlap: lion_hf/optim/validation.py
+// and cpu_kernel.py): nothing here can check a raw pointer.
 //
 // Each tensor has a kind: its param is fp32, bf16 or fp16; its grad has the param's dtype or is
 // fp32; its momentum is fp32 or bf16; and a bf16/fp16 param is stored by round-to-nearest-even,
@@ -23,10 +23,12 @@
 // for bit impl="for_loop"'s (tested), except for NaN payloads and a cautious tensor of more
 // than 2**24 elements, which may round its agreeing fraction differently.
 //
-// Why one call: all tensors are cut into blocks of equal length and the threads split the
-// blocks, so small tensors (biases, norms) cost no call and no thread barrier of their own.
-// Every conversion is integer arithmetic on bit patterns, with selects instead of branches, so
-// that the compiler vectorises every loop (it leaves _Float16 conversions scalar).
+// Why one call: the tensors of every param group of a step are cut into blocks of equal length
+// and the threads split the blocks, so small tensors (biases, norms) cost no call and no thread
+// barrier of their own; each tensor reads its group's hyperparameters. The portable conversions
+// are integer arithmetic on bit patterns, with selects instead of branches, so that the compiler
+// vectorises every loop (it leaves _Float16 conversions scalar); with AVX-512, fp16 params use
+// the CPU's own conversions instead (update_elements_fp16).
 
 #include <cmath>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
