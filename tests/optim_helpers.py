@@ -30,3 +30,16 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     nan = a.isnan()
     as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(nan, b.isnan()) and torch.equal(a.view(as_int)[~nan], b.view(as_int)[~nan])
+
+
+def stepped_lion(**kwargs):
+    """Two fp32 params (a matrix and a vector) and a Lion that took one step on seeded gradients."""
+    from lion_hf import Lion
+
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 4), (4,)]]
+    opt = Lion(params, lr=1e-2, **kwargs)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    return params, opt

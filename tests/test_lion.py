@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from optim_helpers import assert_close_rel, roundtrip
+from optim_helpers import assert_close_rel, roundtrip, stepped_lion
 
 from lion_hf import Lion
 from lion_hf.optim.reference import lion_reference_step
@@ -303,19 +303,9 @@ def test_converges_on_a_small_classification_problem(impl):
 # --------------------------------------------------------------------------------------
 
 
-def _stepped_lion(**kwargs):
-    gen = torch.Generator().manual_seed(5)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 4), (4,)]]
-    opt = Lion(params, lr=1e-2, **kwargs)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    opt.step()
-    return params, opt
-
-
 def test_load_state_dict_with_parameter_name_keys():
     # FSDP2's distributed checkpoint loading hands the optimizer a state keyed by names.
-    params, opt = _stepped_lion()
+    params, opt = stepped_lion()
     saved = opt.state_dict()
     names = {0: "encoder.weight", 1: "encoder.bias"}
     by_name = {
@@ -330,7 +320,7 @@ def test_load_state_dict_with_parameter_name_keys():
 
 
 def test_state_dtype_asked_for_now_wins_over_the_checkpoint():
-    params, opt = _stepped_lion()  # fp32 momentum
+    params, opt = stepped_lion()  # fp32 momentum
     resumed = Lion([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, state_dtype="bf16")
     resumed.load_state_dict(roundtrip(opt.state_dict()))
     assert resumed.param_groups[0]["state_dtype"] == "bf16"
@@ -344,7 +334,7 @@ def test_deepcopy_and_pickle_keep_the_instance_settings():
     import copy
     import pickle
 
-    _, opt = _stepped_lion(impl="foreach", nonfinite_grad="skip_step")
+    _, opt = stepped_lion(impl="foreach", nonfinite_grad="skip_step")
     opt.skipped_steps = 2
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert (clone.impl, clone.nonfinite_grad, clone.skipped_steps) == ("foreach", "skip_step", 2)

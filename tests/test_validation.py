@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from optim_helpers import stepped_lion
 
 from lion_hf import Lion
 from lion_hf.optim.lion import lion
@@ -29,18 +30,8 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         Lion([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 
-def _stepped_lion(**kwargs):
-    gen = torch.Generator().manual_seed(5)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 4), (4,)]]
-    opt = Lion(params, lr=1e-2, **kwargs)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    opt.step()
-    return params, opt
-
-
 def test_add_param_group_validates_before_adding():
-    _, opt = _stepped_lion()
+    _, opt = stepped_lion()
     extra = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="lr must be"):
         opt.add_param_group({"params": [extra], "lr": -1.0})
