@@ -44,8 +44,8 @@ def steps(draw, max_numel: int = 40000, max_tensors: int = 4):
                  maximize=draw(st.booleans()), cautious=draw(st.booleans()),
                  param_rounding=draw(st.sampled_from(["stochastic", "kahan", "nearest"])))
     policy = draw(st.sampled_from(["skip_elements", "propagate"]))
-    bad = draw(st.sampled_from([None] * 6 + ["grad_shape", "momentum_shape", "momentum_dtype", "grad_int", "meta",
-                                             "expanded_param"]))
+    bad = draw(st.sampled_from([None] * 6 + ["grad_shape", "grad_broadcasts", "momentum_shape", "momentum_dtype",
+                                             "grad_int", "meta", "expanded_param"]))
     return tensors, flags, policy, bad
 
 
@@ -90,6 +90,8 @@ def build(tensors, flags, bad):
         comps.append(_layout(c.to(p_dtype), case["kind"]) if kahan else None)
     if bad == "grad_shape":
         grads[-1] = torch.zeros(params[-1].numel() + 1)
+    elif bad == "grad_broadcasts":  # a (1, n) grad for a (k, n) param: for_loop once broadcast it silently
+        grads[-1] = torch.zeros((1, *params[-1].shape[1:]) if params[-1].dim() else (1, 1), dtype=grads[-1].dtype)
     elif bad == "momentum_shape":
         moms[-1] = moms[-1].reshape(-1, 1) if moms[-1].dim() != 2 else moms[-1].reshape(-1)
     elif bad == "momentum_dtype":
