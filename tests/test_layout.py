@@ -22,7 +22,8 @@ ALLOWED = {
     "cpu_kernel": {"numerics", "cpu_kernel_build"},
     "dispatch": {"numerics", "validation", "for_loop", "foreach", "cpu_kernel", "cpu_kernel_build", "triton_kernel"},
     "lion": {"numerics", "validation", "dispatch"},
-    "__init__": {"numerics", "dispatch", "lion", "reference"},
+    "distributed": {"numerics", "validation", "dispatch", "lion"},
+    "__init__": {"numerics", "dispatch", "lion", "distributed", "reference"},
 }
 
 

@@ -7,7 +7,9 @@ Layers, bottom to top (imports flow one way; ``tests/test_layout.py`` checks):
 * the impls, each importing only the layers below: ``for_loop``, ``foreach``, ``cpu_kernel``
   (with ``cpu_kernel_build`` and ``cpu_kernel.cpp``), ``triton_kernel``;
 * ``dispatch``: which impl runs, and the one path of every step;
-* ``lion``: the ``Lion`` class and the functional ``lion()``.
+* ``lion``: the ``Lion`` class and the functional ``lion()``;
+* ``distributed``: ``DistributedLion`` (each rank its own momentum, signs exchanged and voted) and
+  its wire format (``pack_signs``, ``unpack_signs``, ``combine_signs``).
 
 ``reference`` (the float64 ground truth for tests) stands apart. The functional step is
 ``lion_hf.lion`` (defined in ``lion_hf.optim.lion``); it is not re-exported here, so that
@@ -15,6 +17,7 @@ Layers, bottom to top (imports flow one way; ``tests/test_layout.py`` checks):
 """
 
 from lion_hf.optim.dispatch import IMPLS, impl_unavailable, resolve_impl
+from lion_hf.optim.distributed import DistributedLion, combine_signs, pack_signs, unpack_signs
 from lion_hf.optim.lion import Lion
 from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 from lion_hf.optim.reference import lion_reference_step
@@ -24,8 +27,12 @@ __all__ = [
     "NONFINITE_POLICIES",
     "PARAM_ROUNDINGS",
     "STATE_DTYPES",
+    "DistributedLion",
     "Lion",
+    "combine_signs",
     "impl_unavailable",
     "lion_reference_step",
+    "pack_signs",
     "resolve_impl",
+    "unpack_signs",
 ]

@@ -1,0 +1,303 @@
+"""DistributedLion: the sign vote, its wire format, and LionTrainer's ``lion_distributed``.
+
+The multi-process checks run in few launches (process start-up dominates): all the optimizer's
+checks in one ``torch.distributed.run`` of tests/launchers/distributed_lion_checks.py (2 gloo CPU
+processes; 4 under ``slow``), the Trainer's in one ``accelerate launch`` of
+tests/launchers/distributed_lion_train.py. The tests below assert what those runs recorded,
+against references computed here from each rank's recorded ``c``.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lion_hf import DistributedLion, Lion
+from lion_hf.optim.distributed import HEADER_BYTES, combine_signs, pack_signs, packed_nbytes, unpack_signs
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+CHECKS = TESTS / "launchers" / "distributed_lion_checks.py"
+TRAIN = TESTS / "launchers" / "distributed_lion_train.py"
+LR = 0.01
+DECAYS = [1.0 - LR * 0.1] * 3 + [1.0] * 2  # the launcher's groups: three tensors decayed, two not
+
+sys.path.insert(0, str(TESTS))
+from tiny_models import TokenDataset, tiny_bert  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    path = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def _run(cmd, cwd) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def _signs(t: torch.Tensor) -> torch.Tensor:
+    return (t > 0).to(torch.int16) - (t < 0).to(torch.int16)
+
+
+def _vote(cs: list[torch.Tensor], vote: str) -> torch.Tensor:
+    total = sum(_signs(c) for c in cs)
+    return torch.sign(total).float() if vote == "majority" else total.float() / len(cs)
+
+
+# --------------------------------------------------------------------------------------
+# One process, no launch
+# --------------------------------------------------------------------------------------
+
+
+@st.composite
+def _sign_tensors(draw):
+    sizes = draw(st.lists(st.integers(0, 23), min_size=0, max_size=5))
+    return [torch.tensor(draw(st.lists(st.sampled_from([-2.5, -1.0, -0.0, 0.0, 1e-30, 3.0, float("nan"),
+                                                        float("inf"), float("-inf")]), min_size=n, max_size=n)),
+                         dtype=torch.float32) for n in sizes]
+
+
+@settings(max_examples=150, deadline=None)
+@given(_sign_tensors(), st.integers(0, 7))
+def test_pack_unpack_round_trip(tensors, header):
+    numel = sum(t.numel() for t in tensors)
+    packed = pack_signs(tensors, header_bytes=header)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(numel, header) == header + -(-numel // 5)
+    assert not packed[:header].any() and (int(packed.max()) if packed.numel() else 0) <= 242
+    want = torch.cat([_signs(t) for t in tensors]).to(torch.int8) if tensors else torch.zeros(0, dtype=torch.int8)
+    assert torch.equal(unpack_signs(packed[header:], numel), want)
+    # Two "ranks" with these signs and their negation, and with themselves: ties and agreement.
+    neg = pack_signs([-t for t in tensors])
+    both = torch.stack([packed[header:], neg])
+    assert torch.equal(combine_signs(both, numel, "majority"), torch.zeros(numel))
+    same = torch.stack([packed[header:], packed[header:]])
+    assert torch.equal(combine_signs(same, numel, "majority"), want.float())
+    assert torch.equal(combine_signs(same, numel, "average"), want.float())
+
+
+def test_combine_votes_and_padding():
+    a = pack_signs([torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, 1.0, -1.0])])
+    b = pack_signs([torch.tensor([1.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0])])
+    c = pack_signs([torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0])])
+    assert a.numel() == 2  # 7 elements: two bytes, the last padded with zero signs
+    gathered = torch.stack([a, b, c])
+    assert combine_signs(gathered, 7, "majority").tolist() == [1, 0, 0, -1, 1, 0, -1]
+    third = 1 / 3
+    assert torch.equal(combine_signs(gathered, 7, "average"),
+                       torch.tensor([3, 0, 0, -1, 1, 0, -1], dtype=torch.float32) / 3)
+    assert abs(float(combine_signs(gathered, 7, "average")[3]) + third) < 1e-7
+    with pytest.raises(ValueError, match="vote"):
+        combine_signs(gathered, 7, "median")
+
+
+def test_arguments_are_validated():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="vote"):
+            DistributedLion([p], vote="mean")
+        with pytest.raises(ValueError, match="cautious"):
+            DistributedLion([{"params": [p], "cautious": True}])
+        with pytest.raises(ValueError, match="lr"):
+            DistributedLion([p], lr=-1.0)  # Lion's own validation
+        with pytest.raises(ValueError, match="nonfinite_grad"):
+            DistributedLion([p], nonfinite_grad="ignore")
+
+
+def _lion_pair(dtype, **kwargs):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 3), (7,), (0,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dl = DistributedLion([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:]}], lr=0.01, **kwargs)
+    lion = Lion([{"params": qs[:1], "weight_decay": 0.1}, {"params": qs[1:]}], lr=0.01, **kwargs)
+    return ps, qs, dl, lion, caught
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_process_without_a_process_group_is_lion_bit_for_bit(dtype):
+    ps, qs, dl, lion, caught = _lion_pair(dtype, impl="foreach", nonfinite_grad="skip_step")
+    assert any("not initialised" in str(w.message) for w in caught)
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+        if step == 2:
+            grads[1][0] = float("nan")
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch.manual_seed(step)  # the same stochastic-rounding seeds
+        dl.step()
+        torch.manual_seed(step)
+        lion.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert torch.equal(dl.state[p]["exp_avg"], lion.state[q]["exp_avg"])
+    assert dl.skipped_steps == lion.skipped_steps == 1
+    assert dl.state_dict()["state"].keys() == lion.state_dict()["state"].keys()
+
+
+def test_a_world_of_one_is_lion_without_a_warning_and_without_a_collective(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        calls = []
+        monkeypatch.setattr(dist, "all_gather_single", lambda *a, **k: calls.append(a))
+        ps, qs, dl, lion, caught = _lion_pair(torch.float32, impl="foreach", nonfinite_grad="skip_elements")
+        assert not [w for w in caught if "DistributedLion" in str(w.message)]
+        for step in range(3):
+            for p, q in zip(ps, qs):
+                p.grad = q.grad = torch.randn(p.shape)
+            dl.step()
+            lion.step()
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs)) and not calls
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------
+# Several processes: tests/launchers/distributed_lion_checks.py
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=["2proc", "4proc"])
+def ranks(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"dlion{world}")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+          str(_free_port()), str(CHECKS), str(out)], out)
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    assert [r["world"] for r in results] == [world] * world
+    return results
+
+
+def test_identical_data_on_every_rank_equals_lion(ranks):
+    for rank in ranks:
+        for vote in ("majority", "average"):
+            run = rank["same_data"][vote]
+            for a, b, m, n in zip(run["params"], run["lion"], run["m"], run["lion_m"]):
+                assert torch.equal(a, b), vote
+                assert torch.equal(m, n), vote
+
+
+@pytest.mark.parametrize("case", ["fp32_majority", "fp32_average"])
+def test_different_data_is_combined_as_the_vote_says(ranks, case):
+    vote = case.split("_")[1]
+    for step in range(3):
+        records = [rank[case][step] for rank in ranks]
+        for i, decay in enumerate(DECAYS):
+            update = _vote([r["c"][i] for r in records], vote)
+            want = records[0]["before"][i] * decay - update * LR
+            for r in records:
+                assert torch.equal(r["before"][i], records[0]["before"][i])  # replicas identical
+                assert torch.equal(r["after"][i], want), (case, step, i)
+                m_want = r["m_before"][i] * 0.99 + r["grads"][i] * (1.0 - 0.99)
+                assert torch.equal(r["m_after"][i], m_want)  # each rank's momentum from its own gradient
+        # The momenta are local: they differ between ranks (different data).
+        assert not torch.equal(records[0]["m_after"][0], records[1]["m_after"][0])
+        # The vote really combines: it differs from rank 0's own sign somewhere.
+        assert not torch.equal(_vote([records[0]["c"][0]], vote), _vote([r["c"][0] for r in records], vote))
+
+
+def test_bf16_replicas_stay_bit_identical_under_stochastic_rounding(ranks):
+    for step in range(3):
+        records = [rank["bf16_majority"][step] for rank in ranks]
+        for i, decay in enumerate(DECAYS):
+            after = [r["after"][i] for r in records]
+            assert after[0].dtype == torch.bfloat16
+            assert all(torch.equal(a, after[0]) for a in after), (step, i)
+            update = _vote([r["c"][i] for r in records], "majority")
+            exact = records[0]["before"][i].float() * decay - update * LR
+            # Stochastic rounding: one of the two bf16 neighbours of the exact value.
+            assert bool(((after[0].float() - exact).abs() <= exact.abs() * 2.0**-7 + 1e-30).all())
+    # Seeds came from rank 0, not from each rank's own (different) global generator: some element
+    # was rounded away from nearest, and identically everywhere.
+    last = ranks[0]["bf16_majority"][-1]
+    assert any(not torch.equal(a, (b.float() * d - 0).to(torch.bfloat16)) for a, b, d in
+               zip(last["after"], last["before"], DECAYS))
+
+
+def test_sign_zero_and_ties(ranks):
+    world = len(ranks)
+    sys.path.insert(0, str(CHECKS.parent))
+    from distributed_lion_checks import sign_pattern
+
+    signs = torch.stack([sign_pattern(r, world) for r in range(world)])
+    total = signs.sum(0)
+    for rank in ranks:
+        majority, average = rank["ties"]["majority"], rank["ties"]["average"]
+        assert torch.equal(majority, -torch.sign(total))  # p = 0 - lr * u with lr = 1
+        assert torch.equal(average, -total / world)
+        assert majority[0] == 0 and average[0] == 0  # sign(0) on every rank: never moves
+        assert majority[1] == 0 and average[1] == 0  # +1 and -1 in equal numbers: a tie, no move
+        assert average[2] == -1 / world  # one +1, the rest 0
+        assert majority[2] == -1.0
+    if world == 2:
+        assert ranks[0]["ties"]["average"][2] == -0.5
+
+
+def test_one_collective_per_step_and_at_most_a_sixteenth_of_the_fp32_bytes(ranks):
+    for rank in ranks:
+        record = rank["bytes"]
+        numel = record["numel"]
+        assert len(record["per_step"]) == 3
+        for calls in record["per_step"]:
+            assert len(calls) == 1, calls
+            name, sent = calls[0]
+            assert name in ("all_gather_single", "all_gather_into_tensor")
+            assert sent == HEADER_BYTES + -(-numel // 5) == packed_nbytes(numel)
+            assert sent * 16 <= 4 * numel, (sent, numel)
+        assert record["skipped"] == 1  # the NaN step on rank 1: skipped everywhere, in the same one collective
+
+
+def test_a_nonfinite_gradient_on_one_rank_makes_every_rank_skip(ranks):
+    for rank in ranks:
+        for how in ("grad", "norm"):
+            run = rank["skip"][how]
+            assert run["skipped"] == 1, how
+            for a, b in zip(run["before"], run["after"]):
+                assert torch.equal(a, b), how
+            for a, b in zip(run["m_before"], run["m_after"]):
+                assert torch.equal(a, b), how
+        assert rank["skip"]["raise"] == {"raised": True, "unchanged": True}
+
+
+def test_skip_elements_abstains_on_the_bad_rank_only(ranks):
+    records = [rank["skip"]["skip_elements"] for rank in ranks]
+    assert all(r["skipped"] == 0 for r in records)
+    for i, decay in enumerate(DECAYS):
+        cs = [r["c"][i].clone() for r in records]
+        if i == 1:
+            cs[1][3] = 0.0  # rank 1's NaN element abstains
+        want = records[0]["before"][i] * decay - _vote(cs, "majority") * LR
+        for r in records:
+            assert torch.equal(r["after"][i], want), i
+    bad = records[1]
+    assert bad["m_after"][1][3] == bad["m_before"][1][3]  # its momentum element kept
+    assert torch.isfinite(bad["m_after"][1]).all()
+
+
+def test_state_dict_round_trip_per_rank(ranks):
+    for rank in ranks:
+        run = rank["resume"]
+        assert all(torch.equal(a, b) for a, b in zip(run["straight"], run["resumed"]))
+        assert all(torch.equal(a, b) for a, b in zip(run["m"], run["m_resumed"]))
+    assert not torch.equal(ranks[0]["resume"]["m"][0], ranks[1]["resume"]["m"][0])
