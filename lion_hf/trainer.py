@@ -12,6 +12,7 @@ Three ways in, from most to least integrated:
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from typing import Any
 
@@ -20,12 +21,23 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim import IMPLS, Lion
+from lion_hf.optim import IMPLS, DistributedLion, Lion
 from lion_hf.optim.validation import validate_group, validate_options
 from lion_hf.param_groups import lion_param_groups, matrices_only
 from lion_hf.training_args import LionTrainingArguments, default_nonfinite_policy
 
-__all__ = ["LionFactory", "LionTrainer", "lion_optimizer_cls_and_kwargs", "lion_optimizers", "unwrap_optimizer"]
+__all__ = [
+    "LionFactory",
+    "LionTrainer",
+    "check_distributed_lion",
+    "lion_optimizer_cls_and_kwargs",
+    "lion_optimizers",
+    "local_gradients_hook",
+    "unwrap_optimizer",
+]
+
+# Each rank's DistributedLion momentum, saved beside HF's optimizer.pt (which holds rank 0's only).
+DISTRIBUTED_LION_STATE = "optimizer_rank{rank}.pt"
 
 
 def _lion_kwargs(args: TrainingArguments) -> dict[str, Any]:
@@ -47,6 +59,40 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def local_gradients_hook(state, bucket):  # unannotated: DDP refuses annotations other than its own classes
+    """A DDP communication hook that communicates nothing: the bucket's gradients stay each rank's
+    own, unscaled (DDP's default hook would divide them by the world size and all-reduce them).
+    For :class:`lion_hf.DistributedLion`, which exchanges signs itself:
+    ``ddp_model.register_comm_hook(None, local_gradients_hook)``."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def check_distributed_lion(args: TrainingArguments, *, deepspeed: bool, fsdp: bool) -> str | None:
+    """The vote ``args.lion_distributed`` asks for (None for "none" or plain TrainingArguments); a
+    ValueError where Distributed Lion cannot run: under DeepSpeed (its engine all-reduces and
+    partitions the gradients and steps the optimizer on its own path) or FSDP (each rank holds a
+    shard of the reduced gradient, while the sign vote needs each rank's full local gradient),
+    with an HF optimizer, or with ``lion_cautious`` (its mask is per rank)."""
+    vote = getattr(args, "lion_distributed", "none")
+    if vote == "none":
+        return None
+    if deepspeed or fsdp:
+        what = "DeepSpeed" if deepspeed else "FSDP"
+        why = ("its engine all-reduces and partitions the gradients and steps the optimizer on its own path"
+               if deepspeed else "each rank holds only a shard of the reduced gradient")
+        raise ValueError(f"lion_distributed={vote!r} cannot run under {what}: {why}, while Distributed Lion needs "
+                         "each rank's full local gradient and a replicated model. Use DDP (accelerate launch "
+                         "--multi_gpu), or lion_distributed='none'.")
+    if not getattr(args, "uses_lion", True):
+        raise ValueError(f"lion_distributed={vote!r} needs optim='lion', got optim={args.optim!r}")
+    if getattr(args, "lion_cautious", False):
+        raise ValueError("lion_distributed does not support lion_cautious=True: the cautious mask comes from each "
+                         "rank's own gradient, so the replicas would drift apart")
+    return vote
+
+
 class LionTrainer(Trainer):
     """``transformers.Trainer`` that optimises with :class:`lion_hf.Lion`.
 
@@ -58,12 +104,34 @@ class LionTrainer(Trainer):
     ``optim`` is an HF optimizer name (e.g. ``"adamw_torch_fused"``), HF's optimizer is built
     instead, which lets one script compare both. Everything else is the Trainer's, except the
     one loss-scaling decision described in :meth:`_loss_counts_items`.
+
+    With ``LionTrainingArguments(lion_distributed="majority" | "average")`` on several DDP
+    processes it trains with :class:`lion_hf.DistributedLion`: DDP's gradient all-reduce is
+    replaced by :func:`local_gradients_hook` (registered on the DDP model at the first training
+    step), ``average_tokens_across_devices`` is turned off on these arguments (so a loss that
+    counts items divides by the rank's own count, and no count is gathered), each rank's momentum
+    is saved as ``optimizer_rank{r}.pt`` in every checkpoint and restored on resume. On one
+    process plain Lion trains (with a warning); FSDP and DeepSpeed are refused.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.model_accepts_loss_kwargs and not self._loss_counts_items():
             self.model_accepts_loss_kwargs = False
+        self._lion_vote = check_distributed_lion(self.args, deepspeed=self.is_deepspeed_enabled,
+                                                 fsdp=self.is_fsdp_enabled)
+        if self._lion_vote is not None:
+            if self.args.world_size > 1:
+                # Each rank's loss must be its own mean: no count of the other ranks' items, no
+                # multiplication by the process count (there is no all-reduce to divide it again).
+                self.args.average_tokens_across_devices = False
+            else:
+                warnings.warn(
+                    f"lion_distributed={self._lion_vote!r} on one process: training with plain Lion (Distributed "
+                    "Lion on one rank is the same update). Launch several processes (accelerate launch "
+                    "--multi_gpu --num_processes N) to vote.",
+                    stacklevel=2,
+                )
 
     def _loss_counts_items(self) -> bool:
         """Whether the model's own loss consumes ``num_items_in_batch`` (HF's ``model_accepts_loss_kwargs``).
@@ -176,8 +244,52 @@ class LionTrainer(Trainer):
         # no-decay groups (per device mesh under FSDP2/expert parallelism) and its SageMaker
         # wrapper; LionTrainer only names the class and its arguments.
         if not isinstance(args, LionTrainingArguments) or args.uses_lion:
-            return Lion, _lion_kwargs(args)
+            kwargs = _lion_kwargs(args)
+            if getattr(args, "lion_distributed", "none") != "none" and args.world_size > 1:
+                kwargs.pop("cautious")  # refused by check_distributed_lion when set
+                return DistributedLion, {**kwargs, "vote": args.lion_distributed}
+            return Lion, kwargs
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+    def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The DDP wrapper exists once accelerate has prepared the model, before the first backward.
+        if getattr(self, "_lion_vote", None) is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+            if not getattr(model, "_lion_local_gradients", False):
+                model.register_comm_hook(None, local_gradients_hook)
+                model._lion_local_gradients = True
+        return super().training_step(model, *args, **kwargs)
+
+    def _distributed_lion(self) -> DistributedLion | None:
+        inner = unwrap_optimizer(self.optimizer)
+        return inner if isinstance(inner, DistributedLion) and inner.world_size() > 1 else None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # HF saves rank 0's optimizer state alone; Distributed Lion's momenta differ per rank.
+        super()._save_optimizer_and_scheduler(output_dir)
+        optimizer = self._distributed_lion()
+        if optimizer is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            rank = self.args.process_index
+            torch.save({"optimizer": optimizer.state_dict(), "rank": rank, "world_size": self.args.world_size},
+                       os.path.join(output_dir, DISTRIBUTED_LION_STATE.format(rank=rank)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # every rank: rank 0's state from optimizer.pt
+        optimizer = self._distributed_lion()
+        if checkpoint is None or optimizer is None:
+            return
+        rank = self.args.process_index
+        path = os.path.join(checkpoint, DISTRIBUTED_LION_STATE.format(rank=rank))
+        if not os.path.isfile(path):
+            warnings.warn(f"{path} is missing (a checkpoint of a run without lion_distributed, or of fewer "
+                          "processes): this rank resumes with rank 0's momentum from optimizer.pt.", stacklevel=2)
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["world_size"] != self.args.world_size:
+            warnings.warn(f"{path} was saved by a run of {saved['world_size']} processes, this one has "
+                          f"{self.args.world_size}: each rank resumes with the momentum of the rank of its index.",
+                          stacklevel=2)
+        optimizer.load_state_dict(saved["optimizer"])
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         ds_config = getattr(self.args, "hf_deepspeed_config", None)

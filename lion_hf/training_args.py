@@ -15,6 +15,7 @@ from transformers.training_args import OptimizerNames
 from lion_hf.optim import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = [
+    "LION_DISTRIBUTED",
     "LION_OPTIM",
     "AdamWLikeLearningRateWarning",
     "LionTrainingArguments",
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 LION_OPTIM = "lion"
+# lion_distributed: "none" (Lion on the all-reduced gradient), or DistributedLion's vote.
+LION_DISTRIBUTED = ("none", "majority", "average")
 # Short name for the baseline every comparison in this project uses (HF's default AdamW).
 ADAMW_ALIAS, ADAMW_BASELINE = "adamw", "adamw_torch_fused"
 
@@ -106,6 +109,12 @@ class LionTrainingArguments(TrainingArguments):
             default) and ``skip_elements`` otherwise: clipping by the global norm spreads one
             NaN/inf element to every gradient (all NaN, or all zero), so only skipping the whole
             step keeps that step from moving the weights.
+        lion_distributed: ``none`` (default: Lion on DDP's all-reduced gradient) | ``majority`` |
+            ``average``: train with :class:`lion_hf.DistributedLion` under DDP: DDP's gradient
+            all-reduce is turned off, each rank keeps its own momentum and only the signs of the
+            local updates are exchanged and voted (docs/distributed_lion.md). Clipping and the
+            logged grad norm are then per rank (rank 0's is logged). Refused under FSDP and
+            DeepSpeed; on one process plain Lion trains, with a warning.
     """
 
     optim: str = field(
@@ -148,6 +157,13 @@ class LionTrainingArguments(TrainingArguments):
                           "gradient), else skip_elements."},
     )
 
+    lion_distributed: str = field(
+        default="none",
+        metadata={"help": f"One of {LION_DISTRIBUTED}. 'majority'/'average': Distributed Lion under DDP (no gradient "
+                          "all-reduce; each rank's own momentum; the ranks exchange 1.6 bits per parameter and vote). "
+                          "Clipping and the logged grad norm are per rank. Not under FSDP or DeepSpeed."},
+    )
+
     def __post_init__(self) -> None:
         if str(self.optim) == ADAMW_ALIAS:
             self.optim = ADAMW_BASELINE
@@ -183,6 +199,7 @@ class LionTrainingArguments(TrainingArguments):
             "lion_state_dtype": tuple(STATE_DTYPES),
             "lion_nonfinite_grad": NONFINITE_POLICIES,
             "lion_param_rounding": PARAM_ROUNDINGS,
+            "lion_distributed": LION_DISTRIBUTED,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -301,3 +301,130 @@ def test_state_dict_round_trip_per_rank(ranks):
         assert all(torch.equal(a, b) for a, b in zip(run["straight"], run["resumed"]))
         assert all(torch.equal(a, b) for a, b in zip(run["m"], run["m_resumed"]))
     assert not torch.equal(ranks[0]["resume"]["m"][0], ranks[1]["resume"]["m"][0])
+
+
+# --------------------------------------------------------------------------------------
+# LionTrainer(lion_distributed=...): one process, no launch
+# --------------------------------------------------------------------------------------
+
+
+def _args(tmp_path, **kwargs):
+    from lion_hf import LionTrainingArguments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LionTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+                                     disable_tqdm=True, **kwargs)
+
+
+def test_lion_distributed_is_validated(tmp_path):
+    from lion_hf import LionTrainer
+
+    with pytest.raises(ValueError, match="lion_distributed must be one of"):
+        _args(tmp_path, lion_distributed="vote")
+    assert _args(tmp_path).lion_distributed == "none"
+    with pytest.raises(ValueError, match="needs optim='lion'"):
+        LionTrainer(model=tiny_bert(), args=_args(tmp_path, optim="adamw", lion_distributed="majority"))
+    with pytest.raises(ValueError, match="lion_cautious"):
+        LionTrainer(model=tiny_bert(), args=_args(tmp_path, lion_cautious=True, lion_distributed="average"))
+
+
+def test_fsdp_and_deepspeed_are_refused(tmp_path):
+    from lion_hf import LionTrainer
+    from lion_hf.trainer import check_distributed_lion
+
+    args = _args(tmp_path, lion_distributed="majority")
+    with pytest.raises(ValueError, match="DeepSpeed: its engine"):
+        check_distributed_lion(args, deepspeed=True, fsdp=False)
+    with pytest.raises(ValueError, match="FSDP: each rank holds only a shard"):
+        check_distributed_lion(args, deepspeed=False, fsdp=True)
+    assert check_distributed_lion(_args(tmp_path), deepspeed=True, fsdp=True) is None  # "none": no objection
+
+    class OnFSDP(LionTrainer):  # what HF's accelerator set-up reports under an FSDP plugin
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.is_fsdp_enabled = True
+
+    with pytest.raises(ValueError, match="cannot run under FSDP"):
+        OnFSDP(model=tiny_bert(), args=args)
+
+
+def test_one_process_trains_plain_lion_with_a_warning(tmp_path):
+    from lion_hf import LionTrainer
+
+    args = _args(tmp_path, lion_distributed="majority", max_steps=2, per_device_train_batch_size=8)
+    with pytest.warns(UserWarning, match="on one process: training with plain Lion"):
+        trainer = LionTrainer(model=tiny_bert(), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    from lion_hf.trainer import unwrap_optimizer
+
+    assert type(unwrap_optimizer(trainer.optimizer)) is Lion
+    assert trainer.state.global_step == 2
+
+
+# --------------------------------------------------------------------------------------
+# LionTrainer(lion_distributed="majority") under accelerate launch: tests/launchers/distributed_lion_train.py
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dlion_train")
+    (tmp / "out").mkdir()
+    env_cpu = {"ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(TRAIN), str(tmp / "out"), str(tmp / "w")]
+    result = subprocess.run(cmd, cwd=tmp, env={**_env(), **env_cpu}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [torch.load(tmp / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks, tmp / "w"
+
+
+def test_trainer_votes_with_distributed_lion_and_no_gradient_allreduce(trained):
+    ranks, _ = trained
+    for run in ("straight", "resumed"):
+        a, b = (rank[run] for rank in ranks)
+        assert a["optimizer"] == b["optimizer"] == "DistributedLion"
+        assert a["global_step"] == 4 and a["average_tokens_across_devices"] is False
+        # DDP's all-reduce is off: the gradients each rank's optimizer steps with differ.
+        assert all(not torch.equal(x, y) for x, y in zip(a["grads"], b["grads"]))
+        # Replicas identical, momenta local.
+        assert a["params"].keys() == b["params"].keys()
+        assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+        assert all(not torch.equal(a["momenta"][n], b["momenta"][n]) for n in a["momenta"])
+        numel = sum(p.numel() for p in a["params"].values())
+        for rank in ranks:
+            gathers = rank[run]["gathers"]
+            assert len(gathers) == (4 if run == "straight" else 2)  # steps 3-4 after the resume
+            # One gather per optimizer step (gradient accumulation over 2 micro-batches votes once).
+            assert all(g == [("all_gather_single", packed_nbytes(numel))] for g in gathers), gathers
+            # The other Python-level collectives are HF's logging gathers of the loss: no gradient.
+            assert set(rank[run]["collectives"]) <= {"all_gather_single", "all_gather"}
+
+
+def test_trainer_gradients_are_each_ranks_own_mean_loss_gradient(trained):
+    ranks, _ = trained
+    for rank in ranks:
+        straight = rank["straight"]
+        assert straight["model_accepts_loss_kwargs"] is False
+        # Not divided by the world size (DDP's default hook), not multiplied by it (HF's loss scale).
+        assert torch.allclose(straight["grads"][0], straight["reference_grad"], rtol=1e-6, atol=1e-9)
+
+
+def test_trainer_grad_norm_is_per_rank(trained):
+    ranks, _ = trained
+    norms = [[e["grad_norm"] for e in rank["straight"]["log"]] for rank in ranks]
+    assert len(norms[0]) == 4 and norms[0] != norms[1]
+
+
+def test_trainer_resume_is_bit_identical(trained):
+    ranks, workdir = trained
+    checkpoint = workdir / "straight" / "checkpoint-2"
+    assert {"optimizer.pt", "optimizer_rank0.pt", "optimizer_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
+    for rank in ranks:
+        straight, resumed = rank["straight"], rank["resumed"]
+        assert all(torch.equal(straight["params"][n], resumed["params"][n]) for n in straight["params"])
+        assert all(torch.equal(straight["momenta"][n], resumed["momenta"][n]) for n in straight["momenta"])
+    saved = torch.load(checkpoint / "optimizer_rank1.pt", weights_only=True)
+    assert (saved["rank"], saved["world_size"]) == (1, 2)
