@@ -132,6 +132,10 @@ def combine_signs(gathered: Tensor, numel: int, vote: str) -> Tensor:
     (e.g. +0.5 for one +1 and one 0 on two ranks). Unpacked one rank at a time (one table lookup
     each, int16 sums), so the memory is about 4 bytes per element whatever the world size.
     Every rank computes it from the same bytes with the same ops: the result is identical.
+
+    Cost: per rank one gather of N/5 five-byte table rows and an int16 add over N, then one pass
+    to fp32: of the order of the fp32 step's own passes (it grows with the world size, the step
+    does not); the benchmark in docs/distributed_lion.md measures it.
     """
     if vote not in VOTES:
         raise ValueError(f"DistributedLion: vote must be one of {VOTES}, got {vote!r}")
