@@ -254,6 +254,19 @@ def test_bf16_replicas_stay_bit_identical_under_stochastic_rounding(ranks):
     assert away > 0
 
 
+def test_bf16_kahan_replicas_and_residuals_agree(ranks):
+    for step in range(3):
+        records = [rank["bf16_kahan_average"][step] for rank in ranks]
+        for i in range(len(DECAYS)):
+            assert all(torch.equal(r["after"][i], records[0]["after"][i]) for r in records), (step, i)
+            assert all(torch.equal(r["comps"][i], records[0]["comps"][i]) for r in records), (step, i)
+        if step == 0:  # from zero residuals: weight + residual is the exact fp32 step to within bf16 of it
+            for i, decay in enumerate(DECAYS):
+                exact = records[0]["before"][i].float() * decay - _vote([r["c"][i] for r in records], "average") * LR
+                held = records[0]["after"][i].float() + records[0]["comps"][i].float()
+                assert torch.allclose(held, exact, rtol=2.0**-14, atol=1e-6)
+
+
 def test_sign_zero_and_ties(ranks):
     world = len(ranks)
     sys.path.insert(0, str(CHECKS.parent))

@@ -105,10 +105,10 @@ def check_same_data(rank):
     return out
 
 
-def check_different_data(rank, dtype, vote, state_dtype="fp32"):
+def check_different_data(rank, dtype, vote, state_dtype="fp32", param_rounding="stochastic"):
     """Different data per rank: each step's c, weights before/after, grads and momenta, for the reference."""
     params = make_params(dtype)
-    opt = DistributedLion(groups(params), lr=0.01, vote=vote, state_dtype=state_dtype)
+    opt = DistributedLion(groups(params), lr=0.01, vote=vote, state_dtype=state_dtype, param_rounding=param_rounding)
     torch.manual_seed(rank)  # the ranks' global generators differ: the rounding seeds must not depend on them
     steps = []
     for step in range(3):
@@ -120,7 +120,9 @@ def check_different_data(rank, dtype, vote, state_dtype="fp32"):
         m_before = [torch.zeros(p.shape) if p not in opt.state else opt.state[p]["exp_avg"].float().clone()
                     for p in params]
         opt.step()
+        comps = [opt.state[p]["kahan_comp"].clone() if "kahan_comp" in opt.state[p] else None for p in params]
         steps.append({"c": c, "before": before, "after": snapshot(params), "grads": [g.clone() for g in grads],
+                      "comps": comps,
                       "m_before": m_before, "m_after": [m.float() for m in momenta(opt, params)]})
     return steps
 
@@ -250,6 +252,7 @@ def main():
         "fp32_majority": check_different_data(rank, torch.float32, "majority"),
         "fp32_average": check_different_data(rank, torch.float32, "average"),
         "bf16_majority": check_different_data(rank, torch.bfloat16, "majority", state_dtype="bf16"),
+        "bf16_kahan_average": check_different_data(rank, torch.bfloat16, "average", param_rounding="kahan"),
         "ties": check_ties(rank, world),
         "bytes": check_bytes(rank),
         "skip": check_skip(rank),
