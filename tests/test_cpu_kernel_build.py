@@ -42,8 +42,8 @@ int64_t lion_hf_cpu_step(void) { return 0; }
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
     """No kernel loaded yet in this process, an empty cache, and a marker path for planted code."""
-    monkeypatch.setattr(cpu_kernel, "_kernel", None)
-    monkeypatch.setattr(cpu_kernel, "build_failure", None)
+    for name in ("_loaded", "_kernel", "_sign_vote", "build_failure"):
+        monkeypatch.setattr(cpu_kernel, name, None)
     monkeypatch.setenv("LION_HF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LION_HF_TEST_MARKER", str(tmp_path / "marker"))
     return tmp_path

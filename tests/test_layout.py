@@ -22,7 +22,7 @@ ALLOWED = {
     "cpu_kernel": {"numerics", "cpu_kernel_build"},
     "dispatch": {"numerics", "validation", "for_loop", "foreach", "cpu_kernel", "cpu_kernel_build", "triton_kernel"},
     "lion": {"numerics", "validation", "dispatch"},
-    "distributed": {"numerics", "validation", "dispatch", "lion"},
+    "distributed": {"numerics", "validation", "dispatch", "cpu_kernel", "lion"},
     "__init__": {"numerics", "dispatch", "lion", "distributed", "reference"},
 }
 

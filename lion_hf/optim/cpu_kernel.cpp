@@ -500,3 +500,142 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
   for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind(s, b);
   return 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Distributed Lion (lion_hf/optim/distributed.py): fp32 params, grads and momenta only.
+//
+// Pass 1 (lion_hf_dist_signs) writes the ternary sign of c = m * beta1 + g' * (1 - beta1) of every
+// element, packed base 3; pass 2 (lion_hf_dist_apply), once every rank's signs are gathered, sums
+// them, votes, and updates the weights and this rank's momentum. The arithmetic is the torch path's
+// in distributed.py, operation for operation in fp32 (no FMA: -ffp-contract=off).
+//
+// The packing (distributed.py's module docstring): the elements of a step, tensor after tensor,
+// are cut into chunks of 5 * 4096; a chunk of `len` elements packs into S = ceil(len / 5) bytes,
+// its element o in byte o % S as digit o / S (weight 3**digit), trit = sign + 1; padding is sign 0.
+// Digits are planar so that both passes read and write contiguous runs and vectorise.
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t kSignChunkBytes = 4096;
+constexpr int64_t kSignChunk = 5 * kSignChunkBytes;
+
+LION_INLINE bool finite_bits(float x) { return (bits_of(x) & 0x7f800000u) != 0x7f800000u; }
+
+// The first global element of each tensor, and the total at the end.
+std::vector<int64_t> element_starts(int64_t n_tensors, const int64_t* numels) {
+  std::vector<int64_t> starts(n_tensors + 1, 0);
+  for (int64_t t = 0; t < n_tensors; ++t) starts[t + 1] = starts[t] + numels[t];
+  return starts;
+}
+
+// Calls f(tensor, first local element, end local element, offset in the chunk) for each piece of
+// a tensor inside the global range [begin, end).
+template <class F>
+LION_INLINE void for_pieces(const std::vector<int64_t>& starts, int64_t begin, int64_t end, F&& f) {
+  const int64_t chunk_begin = begin;
+  auto t = static_cast<int64_t>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
+  for (; begin < end; ++t) {
+    const int64_t stop = std::min(end, starts[t + 1]);
+    if (stop > begin) f(t, begin - starts[t], stop - starts[t], begin - chunk_begin);
+    begin = std::max(begin, stop);
+  }
+}
+
+}  // namespace
+
+// Pass 1. `hyper` holds 3 floats per group (beta1, 1 - beta1, -1 to maximize or 1). With
+// `zero_nonfinite` an element whose grad is NaN/inf sends sign 0; with `count_nonfinite` the
+// return value is the number of such grads (else 0). Writes ceil(total / 5) bytes at `out`.
+extern "C" int64_t lion_hf_dist_signs(int64_t n_tensors, const float* const* grads, const float* const* exp_avgs,
+                                      const int64_t* numels, const int32_t* groups, const float* hyper,
+                                      int zero_nonfinite, int count_nonfinite, uint8_t* out, int n_threads) {
+  const std::vector<int64_t> starts = element_starts(n_tensors, numels);
+  const int64_t total = starts[n_tensors];
+  const int64_t n_chunks = (total + kSignChunk - 1) / kSignChunk;
+  if (n_threads < 1 || n_chunks < 4) n_threads = 1;
+  int64_t nonfinite = 0;
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(+ : nonfinite)
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    alignas(64) uint8_t trit[kSignChunk];
+    const int64_t begin = k * kSignChunk, end = std::min(total, begin + kSignChunk);
+    const int64_t bytes = (end - begin + 4) / 5;
+    for (int64_t i = end - begin; i < 5 * bytes; ++i) trit[i] = 1;
+    for_pieces(starts, begin, end, [&](int64_t t, int64_t a, int64_t b, int64_t at) {
+      const float* g = grads[t] + a;
+      const float* m = exp_avgs[t] + a;
+      const float beta1 = hyper[3 * groups[t]], one_minus_beta1 = hyper[3 * groups[t] + 1];
+      const float grad_sign = hyper[3 * groups[t] + 2];
+      uint8_t* o = trit + at;
+      int64_t bad = 0;
+      for (int64_t i = 0; i < b - a; ++i) {
+        const float gi = g[i] * grad_sign;
+        const bool fin = finite_bits(gi);
+        float c = m[i] * beta1 + gi * one_minus_beta1;
+        if (zero_nonfinite) c = fin ? c : 0.f;
+        o[i] = static_cast<uint8_t>(1 + (c > 0.f) - (c < 0.f));
+        bad += !fin;
+      }
+      if (count_nonfinite) nonfinite += bad;
+    });
+    uint8_t* dst = out + k * kSignChunkBytes;
+    const uint8_t *t0 = trit, *t1 = trit + bytes, *t2 = trit + 2 * bytes, *t3 = trit + 3 * bytes,
+                  *t4 = trit + 4 * bytes;
+    for (int64_t j = 0; j < bytes; ++j) {
+      dst[j] = static_cast<uint8_t>(t0[j] + 3 * (t1[j] + 3 * (t2[j] + 3 * (t3[j] + 3 * t4[j]))));
+    }
+  }
+  return nonfinite;
+}
+
+// Pass 2. `gathered` points at rank 0's packed signs (after its header); rank r's are `row_bytes`
+// further on. `hyper` holds 5 floats per group (lr, decay, beta2, 1 - beta2, -1 to maximize or 1).
+// The update is sign(sum) (majority) or sum * inv_world (average); then
+// p = p * decay - u * lr and m = m * beta2 + g' * (1 - beta2), the momentum kept where the grad is
+// NaN/inf if `keep_nonfinite_momentum`.
+extern "C" void lion_hf_dist_apply(int64_t n_tensors, float* const* params, const float* const* grads,
+                                   float* const* exp_avgs, const int64_t* numels, const int32_t* groups,
+                                   const float* hyper, const uint8_t* gathered, int64_t world, int64_t row_bytes,
+                                   int average, float inv_world, int keep_nonfinite_momentum, int n_threads) {
+  const std::vector<int64_t> starts = element_starts(n_tensors, numels);
+  const int64_t total = starts[n_tensors];
+  const int64_t n_chunks = (total + kSignChunk - 1) / kSignChunk;
+  if (n_threads < 1 || n_chunks < 4) n_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    alignas(64) int16_t sum[kSignChunk];
+    alignas(64) uint8_t digits[kSignChunkBytes];
+    const int64_t begin = k * kSignChunk, end = std::min(total, begin + kSignChunk);
+    const int64_t bytes = (end - begin + 4) / 5;
+    std::fill(sum, sum + 5 * bytes, static_cast<int16_t>(0));
+    for (int64_t r = 0; r < world; ++r) {
+      std::memcpy(digits, gathered + r * row_bytes + k * kSignChunkBytes, bytes);
+      for (int64_t d = 0; d < 5; ++d) {
+        int16_t* s = sum + d * bytes;
+        for (int64_t j = 0; j < bytes; ++j) {
+          const uint8_t v = digits[j];
+          const uint8_t rest = static_cast<uint8_t>(v / 3);
+          s[j] = static_cast<int16_t>(s[j] + (v - 3 * rest) - 1);
+          digits[j] = rest;
+        }
+      }
+    }
+    for_pieces(starts, begin, end, [&](int64_t t, int64_t a, int64_t b, int64_t at) {
+      float* p = params[t] + a;
+      const float* g = grads[t] + a;
+      float* m = exp_avgs[t] + a;
+      const float* h = hyper + 5 * groups[t];
+      const float lr = h[0], decay = h[1], beta2 = h[2], one_minus_beta2 = h[3], grad_sign = h[4];
+      const int16_t* s = sum + at;
+      for (int64_t i = 0; i < b - a; ++i) {
+        const float u = average ? static_cast<float>(s[i]) * inv_world
+                                : static_cast<float>((s[i] > 0) - (s[i] < 0));
+        p[i] = p[i] * decay - u * lr;
+        const float gi = g[i] * grad_sign;
+        const float new_m = m[i] * beta2 + gi * one_minus_beta2;
+        m[i] = (keep_nonfinite_momentum && !finite_bits(gi)) ? m[i] : new_m;
+      }
+    });
+  }
+}

@@ -30,11 +30,13 @@ from torch.autograd.graph import increment_version
 from lion_hf.optim import cpu_kernel_build
 from lion_hf.optim.numerics import StepGroup, ranges_overlap
 
-__all__ = ["build_failure", "cpp_lion", "kernel"]
+__all__ = ["build_failure", "cpp_lion", "kernel", "sign_vote_kernels"]
 
 # Set when the kernel failed to build or load in this process; ``dispatch`` reads it.
 build_failure: Exception | None = None
+_loaded: ctypes.CDLL | None = None
 _kernel: Callable[..., int] | None = None
+_sign_vote: tuple[Callable[..., int], Callable[..., None]] | None = None
 
 _P = ctypes.c_void_p
 # n, params, grads, momenta, residuals, numels, kinds, groups, seeds, hyper, skip_nonfinite, threads
@@ -48,21 +50,55 @@ _ROUNDING_KIND = {"nearest": 0, "stochastic": 1 << 4, "kahan": 2 << 4}
 _DTYPE = operator.attrgetter("dtype")
 
 
-def kernel() -> Callable[..., int] | None:
-    """The kernel function, built and loaded at the first call; None once that failed."""
-    global _kernel, build_failure
-    if _kernel is None and build_failure is None:
+def _library() -> ctypes.CDLL | None:
+    """The kernel's library, built and loaded at the first call; None once that failed."""
+    global _loaded, build_failure
+    if _loaded is None and build_failure is None:
         try:
-            function = cpu_kernel_build.load_library().lion_hf_cpu_step
-        except (RuntimeError, OSError, AttributeError) as exc:
+            _loaded = cpu_kernel_build.load_library()
+        except Exception as exc:  # whatever went wrong, a step falls back to foreach and never raises it
             build_failure = exc
             warnings.warn(f"Lion: impl='cpp' is unavailable ({exc}); this and later steps use impl='foreach'",
-                          stacklevel=5)
+                          stacklevel=6)
+    return _loaded
+
+
+def kernel() -> Callable[..., int] | None:
+    """The kernel function, built and loaded at the first call; None once that failed."""
+    global _kernel
+    if _kernel is None:
+        library = _library()
+        if library is None:
             return None
+        function = library.lion_hf_cpu_step
         function.argtypes = _ARGTYPES
         function.restype = ctypes.c_int64  # tensors of a kind it does not know (nothing was updated)
         _kernel = function
     return _kernel
+
+
+def sign_vote_kernels() -> tuple[Callable[..., int], Callable[..., None]] | None:
+    """Distributed Lion's two passes over fp32 tensors (``lion_hf_dist_signs``, ``lion_hf_dist_apply``
+    in cpu_kernel.cpp), or None when the library cannot be built or loaded."""
+    global _sign_vote
+    if _sign_vote is None:
+        library = _library()
+        if library is None:
+            return None
+        try:
+            signs, apply = library.lion_hf_dist_signs, library.lion_hf_dist_apply
+        except AttributeError:  # a library of another source: the kernel's own step may still run
+            return None
+        # n, grads, momenta, numels, groups, hyper, zero_nonfinite, count_nonfinite, out, threads
+        signs.argtypes = [ctypes.c_int64, *[_P] * 5, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
+        signs.restype = ctypes.c_int64
+        # n, params, grads, momenta, numels, groups, hyper, gathered, world, row_bytes, average,
+        # inv_world, keep_nonfinite_momentum, threads
+        apply.argtypes = [ctypes.c_int64, *[_P] * 7, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_float,
+                          ctypes.c_int, ctypes.c_int]
+        apply.restype = None
+        _sign_vote = (signs, apply)
+    return _sign_vote
 
 
 def _split_contiguous(group: StepGroup) -> tuple[StepGroup, list[int]]:

@@ -17,7 +17,11 @@ Wire format (one ``all_gather`` of one flat uint8 buffer per step, per rank):
   of mixing unrelated elements;
 * then the signs of all N elements of the step (every param group, param after param), base 3:
   trit ``t = sign + 1`` in {0, 1, 2}, five trits per byte ``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4``
-  (at most 242 < 256), the last byte padded with zero signs: ``ceil(N / 5)`` bytes.
+  (at most 242 < 256): ``ceil(N / 5)`` bytes. The five trits of a byte are not neighbours: the
+  elements are cut into chunks of :data:`CHUNK_BYTES` x 5 (the last one shorter), and a chunk of
+  S bytes holds its element ``o`` in byte ``o % S`` as digit ``o // S``. Planar digits let both
+  the packing and the unpacking run over contiguous memory (vectorised, in torch ops and in the
+  C++ kernel alike); the padding at the end of the last chunk is sign 0.
 
 Bytes each rank hands to ``torch.distributed`` per step: ``6 + ceil(N / 5)``, i.e. 1.6 bits per
 element, against ``4 N`` for an fp32 gradient all-reduce's input: under 1/16 of it once
@@ -29,17 +33,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
+
+from lion_hf.optim import cpu_kernel
 
 from lion_hf.optim.dispatch import IMPLS
 from lion_hf.optim.lion import Lion
-from lion_hf.optim.numerics import StepGroup, all_finite, store_momentum, store_param, with_seeds
+from lion_hf.optim.numerics import StepGroup, all_finite, ranges_overlap, store_momentum, store_param, with_seeds
 from lion_hf.optim.validation import check_step_scalars, check_step_tensors, validate_options
 
 __all__ = [
+    "CHUNK_BYTES",
     "HEADER_BYTES",
     "VOTES",
     "DistributedLion",
@@ -53,25 +63,13 @@ __all__ = [
 VOTES = ("majority", "average")
 HEADER_BYTES = 6
 TRITS_PER_BYTE = 5
+CHUNK_BYTES = 4096  # the kernel's unit of work too (cpu_kernel.cpp: kSignChunkBytes)
 _ZERO_SIGNS_BYTE = 121  # five zero signs: trits 1 + 3 + 9 + 27 + 81
-_LUTS: dict[torch.device, Tensor] = {}
 
 
 def packed_nbytes(numel: int, header_bytes: int = HEADER_BYTES) -> int:
     """Bytes of one rank's buffer for ``numel`` elements: ``header_bytes + ceil(numel / 5)``."""
     return header_bytes + -(-numel // TRITS_PER_BYTE)
-
-
-def _lut(device: torch.device) -> Tensor:
-    """The 256 x 5 int8 table: row ``b`` holds the five signs (-1, 0, 1) that byte ``b`` packs,
-    lowest trit first (rows 243-255 never occur and read as zero signs)."""
-    lut = _LUTS.get(device)
-    if lut is None:
-        codes = torch.arange(256, dtype=torch.int16)
-        digits = torch.stack([(codes // 3**i) % 3 for i in range(TRITS_PER_BYTE)], dim=1) - 1
-        digits[243:] = 0
-        lut = _LUTS[device] = digits.to(torch.int8).to(device)
-    return lut
 
 
 def _write_trits(trits: Tensor, t: Tensor) -> None:
@@ -81,15 +79,29 @@ def _write_trits(trits: Tensor, t: Tensor) -> None:
     trits.sub_((flat < 0).view(torch.uint8))
 
 
+def _chunks(nbytes: int) -> list[tuple[int, int]]:
+    """(first byte, bytes per chunk) of the runs of equal chunks: the full ones, then the rest."""
+    full = nbytes // CHUNK_BYTES * CHUNK_BYTES
+    runs = [(0, CHUNK_BYTES)] if full else []
+    return runs + ([(full, nbytes - full)] if nbytes > full else [])
+
+
 def pack_trits(trits: Tensor, out: Tensor | None = None) -> Tensor:
     """Pack a flat uint8 tensor of trits (0, 1, 2; its length a multiple of 5) into bytes, base 3,
-    lowest trit first: ``len(trits) / 5`` bytes, written to ``out`` when given. Horner's rule in
-    uint8 (every partial sum stays <= 242), four multiplies and four adds over strided columns."""
-    columns = trits.view(-1, TRITS_PER_BYTE)
-    out = torch.mul(columns[:, 4], 3, out=out) if out is not None else columns[:, 4] * 3
-    for i in (3, 2, 1):
-        out.add_(columns[:, i]).mul_(3)
-    return out.add_(columns[:, 0])
+    in the planar chunk layout of the module docstring: ``len(trits) / 5`` bytes, written to
+    ``out`` when given. Horner's rule in uint8 (every partial sum stays <= 242)."""
+    nbytes = trits.numel() // TRITS_PER_BYTE
+    out = torch.empty(nbytes, dtype=torch.uint8, device=trits.device) if out is None else out
+    full = nbytes // CHUNK_BYTES * CHUNK_BYTES
+    for first, size in _chunks(nbytes):
+        stop = full if size == CHUNK_BYTES else nbytes
+        digits = trits[first * TRITS_PER_BYTE:stop * TRITS_PER_BYTE].view(-1, TRITS_PER_BYTE, size)
+        packed = out[first:stop].view(-1, size)
+        torch.mul(digits[:, 4], 3, out=packed)
+        for d in (3, 2, 1):
+            packed.add_(digits[:, d]).mul_(3)
+        packed.add_(digits[:, 0])
+    return out
 
 
 def pack_signs(tensors: Sequence[Tensor], *, header_bytes: int = 0) -> Tensor:
@@ -118,19 +130,29 @@ def pack_signs(tensors: Sequence[Tensor], *, header_bytes: int = 0) -> Tensor:
 
 def unpack_signs(packed: Tensor, numel: int) -> Tensor:
     """The int8 signs packed in ``packed`` (uint8, last dimension the packed bytes, no header;
-    leading dimensions kept, e.g. ``(world_size, nbytes)``): shape ``(..., numel)``. One
-    ``index_select`` of the 256 x 5 lookup table."""
-    lut = _lut(packed.device)
-    rows = lut.index_select(0, packed.reshape(-1).to(torch.int32))
-    return rows.view(*packed.shape[:-1], -1)[..., :numel]
+    leading dimensions kept, e.g. ``(world_size, nbytes)``): shape ``(..., numel)``."""
+    nbytes = packed.shape[-1]
+    rows = packed.reshape(math.prod(packed.shape[:-1]), nbytes)
+    signs = torch.empty((rows.shape[0], nbytes * TRITS_PER_BYTE), dtype=torch.uint8, device=packed.device)
+    full = nbytes // CHUNK_BYTES * CHUNK_BYTES
+    for first, size in _chunks(nbytes):
+        stop = full if size == CHUNK_BYTES else nbytes
+        rest = rows[:, first:stop].reshape(rows.shape[0], -1, size).clone()
+        digits = signs[:, first * TRITS_PER_BYTE:stop * TRITS_PER_BYTE].view(rows.shape[0], -1, TRITS_PER_BYTE, size)
+        for d in range(TRITS_PER_BYTE):
+            # trit - 1 in uint8 wraps 0 to 255, which is -1 once viewed as int8
+            torch.sub(torch.remainder(rest, 3), 1, out=digits[:, :, d])
+            rest.floor_divide_(3)
+    return signs.view(torch.int8).view(*packed.shape[:-1], -1)[..., :numel]
 
 
 def combine_signs(gathered: Tensor, numel: int, vote: str) -> Tensor:
     """The combined fp32 update of ``numel`` elements from every rank's packed signs.
 
     ``gathered`` is ``(world_size, nbytes)`` uint8 (the packed signs, headers cut off).
-    ``"majority"``: ``sign(sum of signs)``, a tie is 0 (no move); ``"average"``: ``sum / world_size``
-    (e.g. +0.5 for one +1 and one 0 on two ranks). Unpacked one rank at a time (one table lookup
+    ``"majority"``: ``sign(sum of signs)``, a tie is 0 (no move); ``"average"``: the sum times
+    fp32 ``1 / world_size`` (e.g. +0.5 for one +1 and one 0 on two ranks; a product, as the C++
+    kernel computes it, so that both give the same bits). Unpacked one rank at a time (one table lookup
     each, int16 sums), so the memory is about 4 bytes per element whatever the world size.
     Every rank computes it from the same bytes with the same ops: the result is identical.
 
@@ -146,7 +168,7 @@ def combine_signs(gathered: Tensor, numel: int, vote: str) -> Tensor:
         total.add_(unpack_signs(gathered[rank], numel))
     if vote == "majority":
         return torch.sign(total).to(torch.float32)
-    return total.to(torch.float32).div_(world_size)
+    return total.to(torch.float32).mul_(1.0 / world_size)
 
 
 def _all_gather(output: Tensor, buffer: Tensor, group: Any) -> None:
@@ -158,6 +180,52 @@ def _all_gather(output: Tensor, buffer: Tensor, group: Any) -> None:
 
 def _layout_check(numel: int, tensors: int) -> int:
     return (numel * 40503 + tensors * 2654435761) & 0xFFFF
+
+
+@dataclass
+class _KernelWork:
+    """The C++ kernel's arguments for one step: pointer arrays and per-tensor group numbers."""
+
+    signs: Callable[..., int]
+    apply: Callable[..., None]
+    n: int
+    params: int
+    grads: int
+    exp_avgs: int
+    numels: int
+    groups: int
+    signs_hyper: int
+    apply_hyper: int
+    keep: tuple  # the numpy arrays behind those addresses
+
+
+def _kernel_work(work: list[tuple], stochastic: bool) -> _KernelWork | None:
+    """The step's arguments for the C++ kernel when it takes the whole step (every tensor a
+    contiguous fp32 CPU tensor, none sharing memory with another, the library loaded), else None:
+    then the step runs in torch ops, with the same arithmetic and the same bytes on the wire."""
+    if stochastic:
+        return None
+    tensors = [(p, g, m) for _, params, grads, exp_avgs, _ in work for p, g, m in zip(params, grads, exp_avgs)]
+    if not tensors or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                              for triple in tensors for t in triple):
+        return None
+    kernels = cpu_kernel.sign_vote_kernels()
+    if kernels is None:
+        return None
+    n = len(tensors)
+    pointers = np.fromiter((t.data_ptr() for column in zip(*tensors) for t in column), np.int64, 3 * n)
+    numels = np.fromiter((p.numel() for p, _, _ in tensors), np.int64, n)
+    if ranges_overlap(pointers, np.tile(numels * 4, 3)):
+        return None  # the kernel's threads would race on shared elements: tensor by tensor in torch
+    groups = np.array([i for i, (_, params, _, _, _) in enumerate(work) for _ in params], dtype=np.int32)
+    signs_hyper = np.array([(g["betas"][0], 1.0 - g["betas"][0], -1.0 if g["maximize"] else 1.0)
+                            for g, *_ in work], dtype=np.float32)
+    apply_hyper = np.array([(g["lr"], 1.0 - g["lr"] * g["weight_decay"], g["betas"][1], 1.0 - g["betas"][1],
+                             -1.0 if g["maximize"] else 1.0) for g, *_ in work], dtype=np.float32)
+    address = pointers.ctypes.data
+    return _KernelWork(*kernels, n, address, address + 8 * n, address + 16 * n, numels.ctypes.data,
+                       groups.ctypes.data, signs_hyper.ctypes.data, apply_hyper.ctypes.data,
+                       (pointers, numels, groups, signs_hyper, apply_hyper))
 
 
 class DistributedLion(Lion):
@@ -279,19 +347,33 @@ class DistributedLion(Lion):
         policy = self.nonfinite_grad
         grad_norm, self._grad_norm = self._grad_norm, None
         all_grads = [g for _, _, grads, _, _ in work for g in grads]
-        bad_here = False
-        if policy in ("skip_step", "raise"):
-            bad_here = (not math.isfinite(float(grad_norm))) if grad_norm is not None else not all_finite(all_grads)
         numel = sum(p.numel() for _, params, _, _, _ in work for p in params)
         stochastic = any(p.dtype != torch.float32 or m.dtype != torch.float32
                          for _, params, _, exp_avgs, _ in work for p, m in zip(params, exp_avgs))
+        kernels = _kernel_work(work, stochastic)
+        bad_here = False
+        if policy in ("skip_step", "raise") and grad_norm is not None:
+            bad_here = not math.isfinite(float(grad_norm))
+        elif policy in ("skip_step", "raise") and kernels is None:
+            bad_here = not all_finite(all_grads)  # else counted by the kernel's first pass
         seed = int(torch.randint(0, 1 << 24, (1,))) if stochastic else 0
         check = _layout_check(numel, len(all_grads))
 
         buffer = torch.empty(packed_nbytes(numel), dtype=torch.uint8, device=device)
+        if kernels is not None:
+            # The C++ kernel's pass 1 writes the signs and, when nothing else decided it, counts
+            # the non-finite grads in the same pass.
+            signs_pass, count_nonfinite = kernels.signs, policy in ("skip_step", "raise") and grad_norm is None
+            bad = signs_pass(kernels.n, kernels.grads, kernels.exp_avgs, kernels.numels, kernels.groups,
+                             kernels.signs_hyper, policy == "skip_elements", count_nonfinite,
+                             buffer.data_ptr() + HEADER_BYTES, torch.get_num_threads())
+            if count_nonfinite:
+                bad_here = bad > 0
         header = [int(bad_here), seed & 0xFF, (seed >> 8) & 0xFF, seed >> 16, check & 0xFF, check >> 8]
         buffer[:HEADER_BYTES] = torch.tensor(header, dtype=torch.uint8)
-        if bad_here:
+        if kernels is not None:
+            pass  # the signs are written
+        elif bad_here:
             buffer[HEADER_BYTES:] = _ZERO_SIGNS_BYTE  # skipped by every rank anyway
         else:
             trits = torch.ones((buffer.numel() - HEADER_BYTES) * TRITS_PER_BYTE, dtype=torch.uint8, device=device)
@@ -323,6 +405,15 @@ class DistributedLion(Lion):
                 raise RuntimeError(f"DistributedLion: a gradient on rank(s) {bad_ranks} contains NaN or inf "
                                    "(nonfinite_grad='raise'); no rank updated its parameters")
             self.skipped_steps += 1
+            return loss
+        if kernels is not None:
+            kernels.apply(kernels.n, kernels.params, kernels.grads, kernels.exp_avgs, kernels.numels, kernels.groups,
+                          kernels.apply_hyper, gathered.data_ptr() + HEADER_BYTES, world_size, gathered.shape[1],
+                          self.vote == "average", 1.0 / world_size, policy == "skip_elements",
+                          torch.get_num_threads())
+            # Written through raw pointers: bump the version counters as an in-place op would.
+            increment_version([p for _, params, _, _, _ in work for p in params]
+                              + [m for _, _, _, exp_avgs, _ in work for m in exp_avgs])
             return loss
         update = combine_signs(gathered[:, HEADER_BYTES:], numel, self.vote)
         base_seed = headers[0][1] | (headers[0][2] << 8) | (headers[0][3] << 16)
