@@ -188,3 +188,83 @@ def test_a_sign_flipping_decay_warns():
     opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.1)
     with pytest.warns(UserWarning, match="param group 1: lr \\* weight_decay = 2 >= 1"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0, "weight_decay": 2.0})
+
+
+# --------------------------------------------------------------------------------------
+# Tensors whose memory is not what their metadata says (the kernels read raw pointers)
+# --------------------------------------------------------------------------------------
+
+
+def _free(t):
+    t.untyped_storage().resize_(0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["param", "grad", "shrunk_param"])
+def test_a_tensor_whose_storage_was_freed_is_a_value_error_not_a_crash(impl, which):
+    """Freed storage (FSDP frees unsharded params this way) used to segfault cpp and for_loop."""
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = Lion([p], lr=0.1, impl=impl)
+    g = torch.ones(64)
+    p.grad = g
+    if which == "param":
+        _free(p)
+        match = r"param 0 \(shape \(64,\).*storage holds 0 bytes \(it was freed\)"
+    elif which == "grad":
+        _free(g)
+        match = r"the grad of param 0 .*storage holds 0 bytes"
+    else:  # still allocated, but smaller than the param's extent
+        p.untyped_storage().resize_(16)
+        match = r"param 0 .*needs 256 bytes from its start but its storage holds 16 bytes"
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert not opt.state[p] or not opt.state[p]["exp_avg"].any()
+
+
+def test_a_strided_view_past_the_end_of_its_storage_is_refused():
+    base = torch.zeros(10, 10)
+    p = base[:, :2]  # in bounds: its strided extent, 92 elements, fits
+    lion([p], [torch.ones(10, 2)], [torch.zeros(10, 2)], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+         impl="foreach")
+    base.untyped_storage().resize_(4 * 80)  # numel * itemsize (80 bytes) would still fit; the extent does not
+    with pytest.raises(ValueError, match=r"needs 368 bytes from its start but its storage holds 320"):
+        lion([p], [torch.ones(10, 2)], [torch.zeros(10, 2)], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+             impl="foreach")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_zero_tensor_grad_steps_as_zeros_in_every_impl(impl):
+    """torch._efficientzerotensor has data_ptr 0: the C++ kernel used to segfault reading it."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 32))
+    opt = Lion([p], lr=0.1, weight_decay=0.5, impl=impl)
+    p.grad = torch._efficientzerotensor(32)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.linspace(-1, 1, 32) * (1 - 0.1 * 0.5), rtol=0, atol=0)
+    assert not opt.state[p]["exp_avg"].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_negative_view_grad_steps_with_its_sign_in_every_impl(impl):
+    """torch._neg_view keeps the memory of its base and a negation bit: the C++ kernel, reading
+    raw memory, used to step the wrong way."""
+    p = torch.nn.Parameter(torch.zeros(32))
+    opt = Lion([p], lr=0.1, impl=impl)
+    p.grad = torch._neg_view(torch.ones(32))
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((32,), 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((32,), -0.01), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["param", "momentum (exp_avg)"])
+@pytest.mark.parametrize("kind", ["zero tensor", "negative view"])
+def test_a_param_or_momentum_that_cannot_be_written_in_place_is_refused(which, kind):
+    make = (lambda t: torch._efficientzerotensor(t.shape)) if kind == "zero tensor" else torch._neg_view
+    p, g, m = torch.zeros(8), torch.ones(8), torch.zeros(8)
+    if which == "param":
+        p = make(p)
+    else:
+        m = make(m)
+    prefix = "param 0" if which == "param" else r"the momentum \(exp_avg\) of param 0"
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=rf"{prefix} is a {kind}"):
+            lion([p], [g], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lion_hf.optim.dispatch import IMPLS, resolve_impl, run_step
-from lion_hf.optim.numerics import STATE_DTYPES, StepGroup, step_may_proceed
+from lion_hf.optim.numerics import STATE_DTYPES, StepGroup
 from lion_hf.optim.validation import (
     check_loaded_state,
     check_step_scalars,
@@ -65,13 +65,10 @@ def lion(
             resolve_impl(impl, device)
     if kahan_comps is None or param_rounding != "kahan":
         kahan_comps = [None] * len(params)
-    if not step_may_proceed(nonfinite_grad, grads):
-        return False
     beta1, beta2 = group["betas"]
     step = StepGroup(list(params), list(grads), list(exp_avgs), list(kahan_comps), group["lr"], beta1, beta2,
                      group["weight_decay"], maximize, cautious, param_rounding)
-    run_step([step], impl=impl, skip_nonfinite=nonfinite_grad == "skip_elements")
-    return True
+    return run_step([step], impl=impl, skip_nonfinite=nonfinite_grad == "skip_elements", nonfinite_grad=nonfinite_grad)
 
 
 class Lion(Optimizer):
@@ -277,22 +274,16 @@ class Lion(Optimizer):
         check_step_scalars(self.param_groups)
         states_by_id = self._states_by_id()
         work = [(group, *self._collect(group, states_by_id)) for group in self.param_groups]
-        policy = self.nonfinite_grad
         grad_norm, self._grad_norm = self._grad_norm, None  # used by this step only
-        if policy in ("skip_step", "raise"):
-            # Checked across all groups first, so a skipped step leaves every group untouched.
-            all_grads = [] if grad_norm is not None else [g for _, _, grads, _, _ in work for g in grads]
-            if not step_may_proceed(policy, all_grads, grad_norm):
-                self.skipped_steps += 1
-                return loss
-            policy = "propagate"  # all finite: the masked path would change nothing
-        skip_nonfinite = policy == "skip_elements"
-
         # All groups in one dispatch: the C++ kernel then updates every tensor of the step in one call.
+        # The dispatcher checks the tensors, then (under skip_step / raise) the non-finite gate across
+        # all groups, so a skipped step leaves every group untouched.
         steps = [StepGroup(params, grads, exp_avgs, comps, group["lr"], *group["betas"], group["weight_decay"],
                            group["maximize"], group["cautious"], group["param_rounding"])
                  for group, params, grads, exp_avgs, comps in work if params]
-        run_step(steps, impl=self.impl, skip_nonfinite=skip_nonfinite)
+        if not run_step(steps, impl=self.impl, skip_nonfinite=self.nonfinite_grad == "skip_elements",
+                        nonfinite_grad=self.nonfinite_grad, grad_norm=grad_norm):
+            self.skipped_steps += 1
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

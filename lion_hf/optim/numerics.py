@@ -22,6 +22,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "PARAM_DTYPES",
     "PARAM_ROUNDINGS",
+    "PLAIN_TENSOR_TYPES",
     "STATE_DTYPES",
     "StepGroup",
     "all_finite",
@@ -51,7 +52,8 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PARAM_ROUNDINGS = ("stochastic", "kahan", "nearest")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# The tensor types that are their own local shard (anything else may be a DTensor).
+PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
 class StepGroup(NamedTuple):
@@ -93,7 +95,7 @@ def local(t: Tensor) -> Tensor:
 
     Lion is elementwise, so each rank may update its shard on its own.
     """
-    if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, without a failing attribute lookup
+    if type(t) in PLAIN_TENSOR_TYPES:  # the common case, without a failing attribute lookup
         return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
