@@ -26,6 +26,7 @@ from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_DTYPES, PARAM_ROUND
 __all__ = [
     "as_float",
     "check_loaded_state",
+    "check_loaded_state_dict",
     "check_step_scalars",
     "check_step_tensors",
     "overlapping",
@@ -37,6 +38,12 @@ __all__ = [
 ]
 
 _MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
+# Param-group keys of torch's other optimizers (Adam/AdamW, SGD, ...) that Lion's groups never hold:
+# a group is refused with one (Lion(..., [{"params": ..., "eps": 1e-8}]) would silently ignore it), so
+# that a checkpoint holding one always comes from another optimizer.
+_OTHER_OPTIMIZERS_GROUP_KEYS = frozenset({"eps", "amsgrad", "momentum", "dampening", "nesterov", "capturable",
+                                          "decoupled_weight_decay", "lr_decay", "initial_accumulator_value"})
+_HYPERPARAMETERS = ("lr", "betas", "weight_decay")
 _DTYPE, _IS_SPARSE, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "is_sparse", "is_meta",
                                                                                  "nbytes"))
 
@@ -97,6 +104,10 @@ def validate_group(group: dict[str, Any], index: int | None = None) -> dict[str,
     the decay factor ``1 - lr * weight_decay`` is then zero or negative, which flips the weights'
     sign every step instead of shrinking them."""
     where = _in_group(index)
+    foreign = sorted(set(group) & _OTHER_OPTIMIZERS_GROUP_KEYS)
+    if foreign:
+        raise ValueError(f"{where}{', '.join(map(repr, foreign))} is an option of other optimizers (AdamW, SGD, ...), "
+                         "not Lion's (no epsilon, no amsgrad, no momentum term): remove it from the param group")
     lr, betas, weight_decay = _hyperparameters(group, index)
     for key in ("maximize", "cautious"):
         if not isinstance(group[key], bool):
@@ -314,3 +325,68 @@ def overlapping(tensors: list[Tensor]) -> bool:
     which then run tensor after tensor too, correctly. Such a step is not elementwise-independent:
     it runs tensor after tensor, as for_loop defines it, in every impl."""
     return ranges_overlap(np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors)), spans(tensors))
+
+
+def _refuse_foreign(problem: str) -> ValueError:
+    return ValueError(f"Lion: {problem}: this state dict was not saved by lion_hf's Lion. Resume it with the "
+                      "optimizer that saved it, or start Lion without its state.")
+
+
+def check_loaded_state_dict(state_dict: Any, current_groups: list[dict[str, Any]],
+                            group_defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole of a state dict about to be loaded, before anything is changed: its layout
+    (``state`` and ``param_groups``, as many groups of as many params as the optimizer's), each
+    saved group's hyperparameters (:func:`validate_group`, with ``group_defaults`` for the keys
+    older checkpoints lack and the current groups' ``state_dtype`` and ``param_rounding``), and
+    its state: every entry keyed by a saved param, Lion's (:func:`check_loaded_state`), with a
+    floating-point momentum (and Kahan residual) of its param's shape. A ValueError names the
+    problem. Returns the validated groups, in order."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        raise _refuse_foreign("a state dict is a dict with 'state' and 'param_groups' (a list of groups)")
+    state = state_dict.get("state", {})
+    if not isinstance(state, dict):
+        raise _refuse_foreign(f"its 'state' is a {type(state).__name__}, not a dict")
+    saved_groups = state_dict["param_groups"]
+    for index, saved in enumerate(saved_groups):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise _refuse_foreign(f"its param group {index} is not a dict with a 'params' list")
+    foreign = sorted({key for group in saved_groups for key in group} & _OTHER_OPTIMIZERS_GROUP_KEYS)
+    if foreign:
+        raise ValueError(f"Lion: the state dict's param groups hold {', '.join(map(repr, foreign))}: it comes "
+                         "from another optimizer (AdamW, SGD, ...). Resume it with the optimizer that saved it, or "
+                         "start Lion without its state.")
+    if len(saved_groups) != len(current_groups):
+        raise ValueError(f"Lion: the state dict has {len(saved_groups)} parameter groups, this optimizer "
+                         f"{len(current_groups)}")
+    for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):
+        if len(saved["params"]) != len(current["params"]):
+            raise ValueError(f"Lion: param group {index} of the state dict holds {len(saved['params'])} params, "
+                             f"this optimizer's {len(current['params'])}")
+        missing = [key for key in _HYPERPARAMETERS if key not in saved]
+        if missing:
+            found = ", ".join(map(repr, sorted(k for k in saved if k != "params")))
+            raise _refuse_foreign(f"its param group {index} has no {', '.join(map(repr, missing))} (it holds {found})")
+    checked = [validate_group({**group_defaults, **saved, "state_dtype": current["state_dtype"],
+                               "param_rounding": current["param_rounding"]}, index)
+               for index, (saved, current) in enumerate(zip(saved_groups, current_groups))]
+    params_by_key = {key: p for saved, current in zip(saved_groups, current_groups)
+                     for key, p in zip(saved["params"], current["params"])}
+    unknown = [key for key in state if key not in params_by_key]
+    if unknown:
+        raise ValueError(f"Lion: the state dict holds state for {', '.join(map(repr, unknown[:5]))}, which no param "
+                         "group of it lists: it is damaged or was edited")
+    check_loaded_state(state)
+    for key, entry in state.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"Lion: the state of param {key!r} is a {type(entry).__name__}, not a dict")
+        p = params_by_key[key]
+        for name in ("exp_avg", "kahan_comp"):
+            value = entry.get(name)
+            if value is None:
+                continue
+            if not value.dtype.is_floating_point:
+                raise ValueError(f"Lion: the {name} of param {key!r} has dtype {value.dtype}; it must be floating point")
+            if value.shape != p.shape:
+                raise ValueError(f"Lion: the {name} of param {key!r} has shape {tuple(value.shape)} but its param "
+                                 f"has shape {tuple(p.shape)}: the checkpoint is of another model")
+    return checked
