@@ -173,8 +173,10 @@ def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
     and the momentum's seed (0 where that store is not stochastic; None for a group where none
     is). Drawn from torch's CPU generator (so ``manual_seed`` reproduces a run and HF's
     checkpointed RNG state resumes it) in one call, in the order one tensor after the other, group
-    after group, would draw them: a non-empty tensor's param seed, then its momentum seed. Every
-    impl rounds with these, so a step split between impls rounds as one impl would."""
+    after group, would draw them: a non-empty tensor's param seed, then its momentum seed.
+    ``for_loop``, ``foreach`` and the C++ kernel round with these, so a step split between them
+    rounds as one impl would; the Triton kernel keys its Philox bits by a hash of them, drawing
+    nothing more, so the generator advances alike under every impl (its bits differ)."""
     needed = []
     for group in groups:
         if {p.dtype for p in group.params} == {torch.float32} and {m.dtype for m in group.exp_avgs} == {torch.float32}:
