@@ -199,13 +199,16 @@ def _check_memory(name: str, tensors: list[Tensor], indices: list[int] | None = 
         what = "a zero tensor (torch._efficientzerotensor)" if tensors[i]._is_zerotensor() else "a negative view"
         raise ValueError(f"Lion: {which(i)} is {what}: its values are not in memory, so it cannot be updated in "
                          "place. Give it a tensor of its own (.clone(), or .resolve_neg()).")
-    starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
-    ends = starts + spans(tensors)
-    storages = list(map(Tensor.untyped_storage, tensors))
+    try:
+        starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+        storages = list(map(Tensor.untyped_storage, tensors))
+    except RuntimeError:  # tensors without storage (XLA, lazy): no impl reads their memory through pointers
+        return
+    extents = spans(tensors)  # 0 exactly when empty
+    ends = starts + extents
     low = np.fromiter(map(torch.UntypedStorage.data_ptr, storages), np.int64, len(tensors))
     high = low + np.fromiter(map(torch.UntypedStorage.nbytes, storages), np.int64, len(tensors))
-    numels = np.fromiter(map(Tensor.numel, tensors), np.int64, len(tensors))
-    bad = (numels > 0) & ((starts == 0) | (starts < low) | (ends > high))
+    bad = (extents > 0) & ((starts == 0) | (starts < low) | (ends > high))
     if bad.any():
         i = int(np.argmax(bad))
         t = tensors[i]
@@ -324,7 +327,11 @@ def overlapping(tensors: list[Tensor]) -> bool:
     :func:`spans` intersect. Conservative for interleaved views (two columns of one matrix),
     which then run tensor after tensor too, correctly. Such a step is not elementwise-independent:
     it runs tensor after tensor, as for_loop defines it, in every impl."""
-    return ranges_overlap(np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors)), spans(tensors))
+    try:
+        starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+    except RuntimeError:  # tensors without storage (XLA, lazy): only for_loop and foreach run there, in torch ops
+        return False
+    return ranges_overlap(starts, spans(tensors))
 
 
 def _refuse_foreign(problem: str) -> ValueError:
