@@ -50,8 +50,8 @@ def steps(draw, max_numel: int = 40000, max_tensors: int = 4, launchable: bool =
                  maximize=draw(st.booleans()), cautious=draw(st.booleans()),
                  param_rounding=draw(st.sampled_from(["stochastic", "kahan", "nearest"])))
     policy = draw(st.sampled_from(["skip_elements", "propagate"]))
-    bad = draw(st.sampled_from([None] * (60 if launchable else 6) + ["grad_shape", "grad_broadcasts", "momentum_shape", "momentum_dtype",
-                                             "grad_int", "meta", "expanded_param"]))
+    bads = ["grad_shape", "grad_broadcasts", "momentum_shape", "momentum_dtype", "grad_int", "meta", "expanded_param"]
+    bad = draw(st.sampled_from([None] * (60 if launchable else 6) + bads))
     return tensors, flags, policy, bad
 
 

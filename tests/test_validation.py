@@ -308,7 +308,7 @@ def test_a_set_of_params_is_a_type_error_as_in_torch():
 def test_a_one_element_numpy_array_is_accepted_as_torch_accepts_it(lr):
     opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=lr, weight_decay=np.array(0.1))
     assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
-    with pytest.raises(ValueError, match=r"lr must be a real number or a 1-element array, got an array of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"lr must be a real number or a 1-element array, got an array of shape"):
         Lion([torch.nn.Parameter(torch.zeros(2))], lr=np.array([1e-3, 2e-3]))
     with pytest.raises(ValueError, match="1-element array"):
         Lion([torch.nn.Parameter(torch.zeros(2))], lr=np.array(True))

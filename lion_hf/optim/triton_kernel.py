@@ -13,8 +13,9 @@ registers whatever the storage dtype::
 Launch scheme
 -------------
 ``triton_lion_`` groups the tensors by (device, param dtype, momentum dtype, Kahan or not,
-16-byte aligned or not) and launches **one** kernel per group over a 1-D grid that covers every block of every tensor of the group
-(``BLOCK_SIZE`` = 2048 elements per program, a [256, 8] tile, 8 warps). Two int64 tables,
+16-byte aligned or not) and launches **one** kernel per group over a 1-D grid that covers
+every block of every tensor of the group (``BLOCK_SIZE`` = 2048 elements per program, a
+[256, 8] tile, 8 warps). Two int64 tables,
 both built once and cached, tell each program where to work:
 
 * the *layout* table, keyed on the tensor sizes: ``numel`` of each tensor, then one entry per

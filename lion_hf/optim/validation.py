@@ -99,8 +99,9 @@ def validate_options(impl: Any = None, nonfinite_grad: Any = None, *, impls: tup
 
 def validate_group(group: dict[str, Any], index: int | None = None) -> dict[str, Any]:
     """Check a param group's hyperparameters and options (lr, betas, weight_decay, maximize,
-    cautious, state_dtype, param_rounding: every key present); returns the group with lr, betas and weight_decay as floats. A bad value is a
-    ValueError naming the group, the key and the value. Warns when ``lr * weight_decay >= 1``:
+    cautious, state_dtype, param_rounding: every key present; another optimizer's option such as
+    ``eps`` is refused); returns the group with lr, betas and weight_decay as floats. A bad value
+    is a ValueError naming the group, the key and the value. Warns when ``lr * weight_decay >= 1``:
     the decay factor ``1 - lr * weight_decay`` is then zero or negative, which flips the weights'
     sign every step instead of shrinking them."""
     where = _in_group(index)
@@ -392,7 +393,8 @@ def check_loaded_state_dict(state_dict: Any, current_groups: list[dict[str, Any]
             if value is None:
                 continue
             if not value.dtype.is_floating_point:
-                raise ValueError(f"Lion: the {name} of param {key!r} has dtype {value.dtype}; it must be floating point")
+                raise ValueError(f"Lion: the {name} of param {key!r} has dtype {value.dtype}; it must be "
+                                 "floating point")
             if value.shape != p.shape:
                 raise ValueError(f"Lion: the {name} of param {key!r} has shape {tuple(value.shape)} but its param "
                                  f"has shape {tuple(p.shape)}: the checkpoint is of another model")
