@@ -4,7 +4,9 @@
 (``auto``: ``triton`` on CUDA, ``cpp`` on the CPU, ``foreach`` wherever those cannot run), and
 :func:`impl_unavailable` the one that says why an impl cannot run. :func:`run_step` is the path
 of every step, from ``Lion.step`` and from the functional ``lion()``: it takes the local shards
-of DTensors, checks the tensors for every impl alike, draws the stochastic-rounding seeds, splits
+of DTensors, makes grads readable (zero tensors, negated views), checks the tensors for every impl
+alike (shapes, dtypes, devices, memory that is really there), checks an explicit impl again for
+each device, runs the ``skip_step`` / ``raise`` gate, draws the stochastic-rounding seeds, splits
 the tensors by device, and runs each device's impl. The one rule for what a fused kernel does not
 take (``cpp``: tensors that are not contiguous; ``triton``: tensors it cannot update as flat
 memory): the kernel leaves them untouched and they run in ``foreach``, the impl that runs
