@@ -171,7 +171,8 @@ def _remove_stale_temporaries(folder: Path) -> None:
 def _die_with_parent_hook() -> object:
     """For the compiler's ``preexec_fn`` (Linux): SIGKILL when the parent dies, so that a training
     process killed mid-build (SIGKILL, the OOM killer) leaves no compiler running. ``prctl`` is
-    looked up here, in the parent: between fork and exec the child may only call it."""
+    looked up here, in the parent: between fork and exec (other threads' locks copied as they were)
+    the child should do no more than call it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
