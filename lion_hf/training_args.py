@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from lion_hf.optim import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
+from lion_hf.optim.validation import validate_group, validate_options
 
 __all__ = [
     "LION_DISTRIBUTED",
@@ -204,6 +205,10 @@ class LionTrainingArguments(TrainingArguments):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if use_lion:  # Lion's own group validation: a nan/inf lr or weight decay fails here, not at train()
+            kwargs = self.lion_kwargs()
+            validate_options(kwargs.pop("impl"), kwargs.pop("nonfinite_grad"), impls=IMPLS)
+            validate_group({**kwargs, "maximize": False})
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.weight_decay < 0:

@@ -2,7 +2,8 @@
 special values and bad inputs. for_loop defines the step; foreach and cpp must raise the same error
 or compute the same bits (they run the same fp32 operations in the same order and round with the
 same seeds); the Triton kernel, under the interpreter, is held to the same errors and to the
-for_loop result within one ulp of rounding on a small subset.
+for_loop result in representable steps (none where deterministic, one for a stochastic store, a
+few under ``cautious``) on a small subset, most of whose cases must really launch it.
 
 Hypothesis draws the cases from a fixed seed (``derandomize``), so a run is repeatable.
 """
@@ -37,15 +38,20 @@ def tensor_cases(draw, max_numel: int):
 
 
 @st.composite
-def steps(draw, max_numel: int = 40000, max_tensors: int = 4):
-    tensors = draw(st.lists(tensor_cases(max_numel), min_size=1, max_size=max_tensors))
+def steps(draw, max_numel: int = 40000, max_tensors: int = 4, launchable: bool = False):
+    """``launchable``: mostly cases a kernel takes (a grad of the param's dtype, no bad input), for
+    the Triton subset, whose few examples should mostly reach the kernel."""
+    cases = tensor_cases(max_numel)
+    if launchable:
+        cases = cases.map(lambda c: {**c, "g_dtype": "same"})
+    tensors = draw(st.lists(cases, min_size=1, max_size=max_tensors))
     flags = dict(lr=draw(st.sampled_from([1e-3, 0.1, 0.0])), beta1=draw(st.sampled_from([0.9, 0.0])),
                  beta2=draw(st.sampled_from([0.99, 0.5])), weight_decay=draw(st.sampled_from([0.0, 0.1])),
                  maximize=draw(st.booleans()), cautious=draw(st.booleans()),
                  param_rounding=draw(st.sampled_from(["stochastic", "kahan", "nearest"])))
     policy = draw(st.sampled_from(["skip_elements", "propagate"]))
-    bad = draw(st.sampled_from([None] * 6 + ["grad_shape", "grad_broadcasts", "momentum_shape", "momentum_dtype",
-                                             "grad_int", "meta", "expanded_param"]))
+    bads = ["grad_shape", "grad_broadcasts", "momentum_shape", "momentum_dtype", "grad_int", "meta", "expanded_param"]
+    bad = draw(st.sampled_from([None] * (60 if launchable else 6) + bads))
     return tensors, flags, policy, bad
 
 
@@ -129,6 +135,32 @@ def test_an_expanded_param_is_a_value_error_naming_it():
         assert error is not None and error[0] == "ValueError" and "share memory" in error[1], (impl, error)
 
 
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns as int64 in the order of the values they stand for: adjacent floats are
+    adjacent integers (-0.0 and 0.0 too), so a difference is a count of representable steps."""
+    bits = t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).long()
+    sign = 1 << (8 * t.element_size() - 1)
+    return torch.where(bits < 0, -(bits + sign), bits)
+
+
+def _steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (_ordered(a) - _ordered(b)).abs()
+
+
+def _allowed_steps(name: str, dtype: torch.dtype, flags: dict) -> int:
+    """How many representable steps Triton's value may lie from for_loop's: none where both are
+    deterministic (the same fp32 operations in the same order, no FMA); one where a store rounds
+    stochastically (Philox bits, not the hash: either neighbour); under ``cautious`` the scale
+    1 / fraction is computed in float64 and rounded, which moves an fp32 weight by a few fp32
+    steps, and a bf16/fp16 one by at most one more step of its own (a rounding boundary crossed)."""
+    stochastic = (name == "momentum" and dtype == torch.bfloat16) or (
+        name == "param" and dtype != torch.float32 and flags["param_rounding"] == "stochastic")
+    allowed = 1 if stochastic else 0
+    if flags["cautious"] and name != "momentum":
+        allowed += 4 if dtype == torch.float32 else 1
+    return allowed
+
+
 def check_agreement(impl, case, exact: bool):
     want_error, want = run("for_loop", *case)
     error, got = run(impl, *case)
@@ -141,14 +173,18 @@ def check_agreement(impl, case, exact: bool):
                 continue
             if exact:
                 assert bits_equal(a, b), f"{impl}: {name} {i} differs from for_loop's"
-            else:  # one ulp of the stored dtype (Triton's own seeds and fused arithmetic)
-                assert torch.equal(a.isnan(), b.isnan()), f"{impl}: {name} {i} NaN pattern differs"
-                ulp = {torch.float32: 2**-20, torch.bfloat16: 2**-7, torch.float16: 2**-10}[a.dtype]
-                finite = torch.isfinite(a)
-                assert torch.equal(a[~finite & ~a.isnan()], b[~finite & ~a.isnan()]), f"{impl}: {name} {i} infs"
-                diff = (a[finite].double() - b[finite].double()).abs()
-                bound = ulp * a[finite].double().abs().clamp(min=1.0) * 2 + 2 * case[1]["lr"]
-                assert bool((diff <= bound).all()), f"{impl}: {name} {i} differs by {float(diff.max()):.3g}"
+                continue
+            nan = a.isnan()
+            assert torch.equal(nan, b.isnan()), f"{impl}: {name} {i} NaN pattern differs"
+            steps = _steps_apart(a[~nan], b[~nan])
+            if name == "residual":
+                # The residual is what rounding the weight dropped: where the param itself landed one
+                # step away it differs by a whole step of the param, so compare it where the params agree.
+                same = _steps_apart(want[0][i], got[0][i])[~nan] == 0
+                steps = steps[same]
+            allowed = _allowed_steps("param" if name == "residual" else name, a.dtype, case[1])
+            worst = int(steps.max()) if steps.numel() else 0
+            assert worst <= allowed, f"{impl}: {name} {i} ({a.dtype}) is {worst} steps from for_loop's (<= {allowed})"
 
 
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -161,9 +197,32 @@ def test_foreach_and_cpp_raise_what_for_loop_raises_or_compute_its_bits(case):
         check_agreement(impl, case, exact=True)
 
 
+TRITON_EXAMPLES, TRITON_MIN_LAUNCHED = 12, 8
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter subset runs where there is no GPU")
-@settings(max_examples=12, **SETTINGS)
-@given(case=steps(max_numel=3000, max_tensors=2))
-def test_triton_under_the_interpreter_agrees_with_for_loop(case):
+def test_triton_under_the_interpreter_agrees_with_for_loop(monkeypatch):
+    """Within the steps `_allowed_steps` names, and on cases that really launched the kernel: a
+    case whose tensors all went to foreach (another grad dtype, a bad input) proves nothing about
+    it, so at least TRITON_MIN_LAUNCHED of the examples must have launched it."""
     pytest.importorskip("triton")
-    check_agreement("triton", case, exact=False)
+    from lion_hf.optim import triton_kernel
+
+    launched = []
+    original = triton_kernel._launch_all
+
+    def counting(ps, *args, **kwargs):
+        left = original(ps, *args, **kwargs)
+        launched[-1] |= any(p.numel() and i not in left for i, p in enumerate(ps))
+        return left
+
+    monkeypatch.setattr(triton_kernel, "_launch_all", counting)
+
+    @settings(max_examples=TRITON_EXAMPLES, **SETTINGS)
+    @given(case=steps(max_numel=3000, max_tensors=2, launchable=True))
+    def agrees(case):
+        launched.append(False)
+        check_agreement("triton", case, exact=False)
+
+    agrees()
+    assert sum(launched) >= TRITON_MIN_LAUNCHED, f"only {sum(launched)} of {len(launched)} cases launched the kernel"

@@ -198,15 +198,168 @@ def test_a_hung_build_is_killed_in_time_and_leaves_nothing_behind(fresh_cache, m
         pytest.fail("the compiler's child process survived the timeout")
 
 
-def test_a_leftover_of_a_killed_build_is_removed_by_the_next_build(fresh_cache):
+def test_a_leftover_of_a_dead_builder_on_this_host_is_removed_at_the_next_load(fresh_cache):
+    """A pid means something only on its own host: another host's leftover (a home folder shared
+    over NFS) is left alone, as is a live process's."""
     folder = fresh_cache / "cache"
     folder.mkdir(mode=0o700)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = folder / f".{library_path(cxx_compiler(), folder).name}.{dead.pid}.tmp"
-    leftover.write_bytes(b"half a library")
+    name = library_path(cxx_compiler(), folder).name
+    host = cpu_kernel_build._host_tag()
+    leftover = folder / f".{name}.{host}.{dead.pid}.tmp"
+    record_leftover = folder / f".{name}.sha256.{host}.{dead.pid}.tmp"
+    elsewhere = folder / f".{name}.{host}x.{dead.pid}.tmp"
+    alive = folder / f".{name}.{host}.{os.getppid()}.tmp"
+    for path in (leftover, record_leftover, elsewhere, alive):
+        path.write_bytes(b"half a library")
     assert _step_is_correct()
-    assert not leftover.exists()
+    assert not leftover.exists() and not record_leftover.exists()
+    assert elsewhere.exists() and alive.exists()
+    elsewhere.unlink()
+    alive.unlink()
+    dead_again = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_again.wait()
+    late = folder / f".{name}.{host}.{dead_again.pid}.tmp"
+    late.write_bytes(b"half a library")
+    load_library()  # a load from the cache, with no build: it sweeps too
+    assert not late.exists()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts descriptors in /proc/self/fd")
+def test_a_record_that_is_not_text_is_a_mismatch_and_leaks_no_descriptor(fresh_cache):
+    """Non-UTF-8 bytes in the .sha256 record used to raise UnicodeDecodeError at every step (and
+    leak the library's descriptor each time)."""
+    load_library()
+    path = library_path(cxx_compiler())
+    record = path.with_name(path.name + ".sha256")
+    record.write_bytes(b"\xff\xfe\x00 not a digest \x80")
+    before = _open_fds()
+    for _ in range(5):
+        fd, why = cpu_kernel_build._open_checked(path)
+        assert fd is None and "checksum record is missing or unreadable" in why
+    assert _open_fds() == before
+    with pytest.warns(UserWarning, match="checksum record is missing or unreadable. Rebuilding it"):
+        assert _step_is_correct()
+    assert len(record.read_text()) == 64
+
+
+@pytest.mark.parametrize("which", ["library", "record"])
+def test_a_fifo_in_place_of_the_library_or_its_record_is_refused_without_hanging(fresh_cache, which):
+    load_library()
+    path = library_path(cxx_compiler())
+    target = path if which == "library" else path.with_name(path.name + ".sha256")
+    target.unlink()
+    os.mkfifo(target, 0o600)  # opening it for reading would wait for a writer forever
+    script = ("import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
+              "p, g, m = [torch.ones(10)], [torch.ones(10)], [torch.zeros(10)]\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "print([str(w.message) for w in caught])\n"
+              "assert torch.equal(p[0], torch.full((10,), 0.5)), p\n")
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True,
+                            timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reason = "it is not a regular file" if which == "library" else "checksum record is missing or unreadable"
+    assert reason in result.stdout and "Rebuilding it" in result.stdout
+    assert target.is_file()
+
+
+def test_any_exception_while_loading_falls_back_to_foreach_with_a_warning(fresh_cache, monkeypatch):
+    def broken():
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
+
+    monkeypatch.setattr(cpu_kernel_build, "load_library", broken)
+    with pytest.warns(UserWarning, match="impl='cpp' is unavailable.*simulated"):
+        assert _step_is_correct()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _step_is_correct()  # recorded once: no second attempt, no raise on a step
+
+
+def test_the_private_fallback_folder_is_removed_once_the_library_is_loaded(fresh_cache, monkeypatch):
+    shared = fresh_cache / "cache"
+    shared.mkdir(mode=0o700)
+    os.chmod(shared, 0o1777)
+    made = []
+    original = cpu_kernel_build._private_folder
+    monkeypatch.setattr(cpu_kernel_build, "_private_folder", lambda: made.append(original()) or made[-1])
+    with pytest.warns(UserWarning, match="is not used"):
+        assert _step_is_correct()
+    assert len(made) == 1 and not made[0].exists(), "the private folder was left behind"
+    assert _step_is_correct()  # the loaded library keeps working without its file
+
+
+def _fake_compiler(folder: Path, body: str) -> Path:
+    cxx = folder / "slow-cxx"
+    cxx.write_text(f"#!/bin/sh\n{body}\n")
+    cxx.chmod(0o755)
+    return cxx
+
+
+def _wait_gone(pid: int) -> bool:
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_interrupted_build_kills_the_compiler_and_removes_its_temporary_file(fresh_cache, monkeypatch):
+    """A KeyboardInterrupt (or SystemExit) mid-build used to leave the compiler running and its
+    temporary output behind."""
+    pid_file = fresh_cache / "child.pid"
+    # Writes its output file as a compiler does, forks a child, and hangs.
+    cxx = _fake_compiler(fresh_cache, f'for a; do out="$a"; done\necho partial > "$out"\nsleep 60 &\n'
+                                      f"echo $! > {pid_file}\nsleep 60")
+    folder = fresh_cache / "cache"
+    folder.mkdir(mode=0o700)
+    path = library_path(str(cxx), folder)
+    real_popen = subprocess.Popen
+
+    class InterruptedPopen(real_popen):
+        def communicate(self, *args, **kwargs):
+            if kwargs.get("timeout") is not None:
+                for _ in range(100):
+                    if pid_file.exists() and pid_file.read_text().strip():
+                        break
+                    time.sleep(0.05)
+                raise KeyboardInterrupt
+            return super().communicate(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", InterruptedPopen)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_kernel_build._build(str(cxx), path)
+    assert _wait_gone(int(pid_file.read_text())), "the compiler's child survived the interrupt"
+    assert not [p.name for p in folder.iterdir()], "an interrupted build left files behind"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_compiler_dies_with_the_process_that_started_it(fresh_cache):
+    """A training process killed mid-build (SIGKILL, the OOM killer) runs no handler: the kernel
+    kills the compiler (PR_SET_PDEATHSIG)."""
+    pid_file = fresh_cache / "compiler.pid"
+    cxx = _fake_compiler(fresh_cache, f"echo $$ > {pid_file}\nexec sleep 60")
+    script = ("import sys\nfrom pathlib import Path\nfrom lion_hf.optim import cpu_kernel_build\n"
+              f"cpu_kernel_build._build({str(cxx)!r}, Path({str(fresh_cache / 'lib.so')!r}))\n")
+    builder = subprocess.Popen([sys.executable, "-c", script])
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.1)
+    compiler = int(pid_file.read_text())
+    builder.kill()
+    builder.wait()
+    assert _wait_gone(compiler), "the compiler outlived the process that started it"
 
 
 def test_processes_building_at_once_all_load_a_whole_library(tmp_path):

@@ -134,3 +134,59 @@ def test_tensors_that_share_memory_update_one_after_the_other_in_every_impl(impl
     moms = [torch.zeros(p.shape) for p in params]
     _run(params, grads, moms, impl, comps=comps, param_rounding="kahan" if comps else "nearest")
     assert ran == [1], "the step should have run tensor by tensor"
+
+
+@pytest.mark.parametrize("impl", ["foreach", "cpp", "triton"])
+def test_views_that_share_memory_only_past_their_numel_are_found_by_their_strided_extent(impl, monkeypatch):
+    """A column slice spans more memory than numel * itemsize: a row of the same matrix lies
+    inside it. The old check compared numel * itemsize ranges and let the fused impls race."""
+    ran = []
+    original = dispatch.for_loop_lion
+    monkeypatch.setattr(dispatch, "for_loop_lion", lambda groups, **k: ran.append(1) or original(groups, **k))
+    base = torch.zeros(10, 10)
+    params = [base[:, :2], base[5, :2]]  # base[5, 0] and base[5, 1] are in both
+    assert params[0].data_ptr() + params[0].numel() * 4 < params[1].data_ptr()
+    _run(params, [torch.ones(p.shape) for p in params], [torch.zeros(p.shape) for p in params], impl)
+    assert ran == [1], "the step should have run tensor by tensor"
+    torch.testing.assert_close(base[5, :2], torch.full((2,), -0.02))  # stepped twice, as for_loop defines it
+
+
+def test_an_explicit_impl_is_checked_again_per_device_at_the_step(monkeypatch):
+    """Lion(model.parameters(), impl="cpp") and then model.cuda(): the C++ kernel would read device
+    memory. Here the impl becomes unusable after construction, as it would on the new device."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = Lion([p], lr=0.1, impl="cpp")
+    p.grad = torch.ones(4)
+    monkeypatch.setattr(dispatch, "impl_unavailable", lambda impl, device, **k: f"{impl} cannot run on {device}")
+    dispatch._explicit_impl_checked.cache_clear()
+    with pytest.raises(RuntimeError, match="cpp cannot run on cpu"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(4))
+    monkeypatch.undo()
+    dispatch._explicit_impl_checked.cache_clear()
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((4,), -0.1))
+
+
+def test_the_explicit_impl_check_is_cached(monkeypatch):
+    calls = []
+    original = dispatch.impl_unavailable
+    monkeypatch.setattr(dispatch, "impl_unavailable", lambda *a, **k: calls.append(a) or original(*a, **k))
+    dispatch._explicit_impl_checked.cache_clear()
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = Lion([p], lr=0.1, impl="foreach")
+    calls.clear()  # the constructor's own check
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+    assert calls == [("foreach", torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("policy", ["skip_step", "raise", "skip_elements"])
+def test_meta_params_are_the_meta_error_under_every_nonfinite_policy(policy):
+    """The skip_step / raise gate used to read the meta grads first: a confusing Tensor.item error."""
+    p = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    opt = Lion([p], lr=0.1, nonfinite_grad=policy)
+    p.grad = torch.ones(4, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        opt.step()

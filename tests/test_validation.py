@@ -188,3 +188,212 @@ def test_a_sign_flipping_decay_warns():
     opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.1)
     with pytest.warns(UserWarning, match="param group 1: lr \\* weight_decay = 2 >= 1"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0, "weight_decay": 2.0})
+
+
+# --------------------------------------------------------------------------------------
+# Tensors whose memory is not what their metadata says (the kernels read raw pointers)
+# --------------------------------------------------------------------------------------
+
+
+def _free(t):
+    t.untyped_storage().resize_(0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["param", "grad", "shrunk_param"])
+def test_a_tensor_whose_storage_was_freed_is_a_value_error_not_a_crash(impl, which):
+    """Freed storage (FSDP frees unsharded params this way) used to segfault cpp and for_loop."""
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = Lion([p], lr=0.1, impl=impl)
+    g = torch.ones(64)
+    p.grad = g
+    if which == "param":
+        _free(p)
+        match = r"param 0 \(shape \(64,\).*storage holds 0 bytes \(it was freed\)"
+    elif which == "grad":
+        _free(g)
+        match = r"the grad of param 0 .*storage holds 0 bytes"
+    else:  # still allocated, but smaller than the param's extent
+        p.untyped_storage().resize_(16)
+        match = r"param 0 .*needs 256 bytes from its start but its storage holds 16 bytes"
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert not opt.state[p] or not opt.state[p]["exp_avg"].any()
+
+
+def test_a_strided_view_past_the_end_of_its_storage_is_refused():
+    base = torch.zeros(10, 10)
+    p = base[:, :2]  # in bounds: its strided extent, 92 elements, fits
+    lion([p], [torch.ones(10, 2)], [torch.zeros(10, 2)], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+         impl="foreach")
+    base.untyped_storage().resize_(4 * 80)  # numel * itemsize (80 bytes) would still fit; the extent does not
+    with pytest.raises(ValueError, match=r"needs 368 bytes from its start but its storage holds 320"):
+        lion([p], [torch.ones(10, 2)], [torch.zeros(10, 2)], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+             impl="foreach")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_zero_tensor_grad_steps_as_zeros_in_every_impl(impl):
+    """torch._efficientzerotensor has data_ptr 0: the C++ kernel used to segfault reading it."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 32))
+    opt = Lion([p], lr=0.1, weight_decay=0.5, impl=impl)
+    p.grad = torch._efficientzerotensor(32)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.linspace(-1, 1, 32) * (1 - 0.1 * 0.5), rtol=0, atol=0)
+    assert not opt.state[p]["exp_avg"].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_negative_view_grad_steps_with_its_sign_in_every_impl(impl):
+    """torch._neg_view keeps the memory of its base and a negation bit: the C++ kernel, reading
+    raw memory, used to step the wrong way."""
+    p = torch.nn.Parameter(torch.zeros(32))
+    opt = Lion([p], lr=0.1, impl=impl)
+    p.grad = torch._neg_view(torch.ones(32))
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((32,), 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((32,), -0.01), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["param", "momentum (exp_avg)"])
+@pytest.mark.parametrize("kind", ["zero tensor", "negative view"])
+def test_a_param_or_momentum_that_cannot_be_written_in_place_is_refused(which, kind):
+    make = (lambda t: torch._efficientzerotensor(t.shape)) if kind == "zero tensor" else torch._neg_view
+    p, g, m = torch.zeros(8), torch.ones(8), torch.zeros(8)
+    if which == "param":
+        p = make(p)
+    else:
+        m = make(m)
+    prefix = "param 0" if which == "param" else r"the momentum \(exp_avg\) of param 0"
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=rf"{prefix} is a {kind}"):
+            lion([p], [g], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
+
+
+# --------------------------------------------------------------------------------------
+# Options changed mid-run, what torch accepts, and whole state dicts checked before loading
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("maximize", 1, "maximize must be True or False"),
+    ("cautious", "yes", "cautious must be True or False"),
+    ("betas", (0.9, 0.99, 0.999), r"betas must be a pair \(beta1, beta2\), got \(0.9, 0.99, 0.999\)"),
+    ("betas", (0.9,), r"betas must be a pair"),
+])
+def test_an_option_of_the_wrong_type_set_mid_run_is_a_value_error_naming_it(key, value, match):
+    model, opt = _model_and_lion(impl="foreach")
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    weights = model.weight.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"param group 0: {match}"):
+        opt.step()
+    assert torch.equal(model.weight.detach(), weights)
+
+
+def test_a_set_of_params_is_a_type_error_as_in_torch():
+    params = {torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))}
+    with pytest.raises(TypeError, match="ordered collection.*not a set"):
+        Lion(params)
+    opt = Lion([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(TypeError, match="not a frozenset"):
+        opt.add_param_group({"params": frozenset(params)})
+    with pytest.raises(TypeError, match="not a set"):
+        Lion([{"params": params}])
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("lr", [np.array(1e-3), np.array([1e-3]), np.array([[1e-3]], dtype=np.float32)])
+def test_a_one_element_numpy_array_is_accepted_as_torch_accepts_it(lr):
+    opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=lr, weight_decay=np.array(0.1))
+    assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match=r"lr must be a real number or a 1-element array, got an array of shape"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], lr=np.array([1e-3, 2e-3]))
+    with pytest.raises(ValueError, match="1-element array"):
+        Lion([torch.nn.Parameter(torch.zeros(2))], lr=np.array(True))
+
+
+def test_a_group_with_another_optimizers_key_is_refused_so_that_lions_own_state_dict_always_loads():
+    model, opt = _model_and_lion()
+    with pytest.raises(ValueError, match=r"param group 1: 'eps' is an option of other optimizers"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "eps": 1e-8})
+    with pytest.raises(ValueError, match="'amsgrad', 'eps' is an option of other optimizers"):
+        Lion([{"params": list(model.parameters()), "eps": 1e-8, "amsgrad": False}])
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    Lion(model.parameters(), lr=1e-3).load_state_dict(opt.state_dict())  # its own state dict: accepted
+
+
+def _saved(opt):
+    import copy
+
+    return copy.deepcopy(opt.state_dict())
+
+
+def _damage_unknown_key(saved):
+    saved["state"][99] = saved["state"][0]
+
+
+def _damage_no_lr(saved):
+    del saved["param_groups"][0]["lr"]
+
+
+def _damage_optimi(saved):  # optimi's Lion: beta1 / beta2 and its own options, an exp_avg state
+    group = saved["param_groups"][0]
+    beta1, beta2 = group.pop("betas")
+    group.update(beta1=beta1, beta2=beta2, decouple_lr=False, kahan_sum=False, foreach=None)
+
+
+def _damage_shape(saved):
+    saved["state"][0]["exp_avg"] = torch.zeros(5, 5)
+
+
+def _damage_int(saved):
+    saved["state"][0]["exp_avg"] = torch.zeros(3, 4, dtype=torch.int64)
+
+
+def _damage_group_count(saved):
+    saved["param_groups"].append(dict(saved["param_groups"][0], params=[]))
+
+
+def _damage_not_a_dict(saved):
+    saved["state"][0] = torch.zeros(3, 4)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (_damage_unknown_key, r"holds state for 99, which no param group of it lists"),
+    (_damage_no_lr, r"param group 0 has no 'lr' \(it holds .*'betas'.*\): this state dict was not saved by "
+                    r"lion_hf's Lion"),
+    (_damage_optimi, r"param group 0 has no 'betas' \(it holds .*'beta1', 'beta2'"),
+    (_damage_shape, r"exp_avg of param 0 has shape \(5, 5\) but its param has shape \(3, 4\)"),
+    (_damage_int, r"exp_avg of param 0 has dtype torch.int64; it must be floating point"),
+    (_damage_group_count, r"the state dict has 2 parameter groups, this optimizer 1"),
+    (_damage_not_a_dict, r"the state of param 0 is a Tensor, not a dict"),
+])
+def test_a_damaged_or_foreign_state_dict_is_a_value_error_and_changes_nothing(damage, match):
+    """Each used to be a KeyError (some after the state was replaced), or was accepted."""
+    model, opt = _model_and_lion()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = _saved(opt)
+    opt.param_groups[0]["lr"] = 5e-4
+    before = {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    damage(saved)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 5e-4
+    assert set(opt.state) == set(before)
+    assert all(torch.equal(before[p][k], opt.state[p][k]) for p in before for k in before[p])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(learning_rate=float("nan")), "lr must be a finite number >= 0, got nan"),
+    (dict(learning_rate=float("inf")), "lr must be a finite number >= 0, got inf"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),
+])
+def test_lion_training_arguments_run_lions_group_validation(kwargs, match, tmp_path):
+    from lion_hf import LionTrainingArguments
+
+    with pytest.raises(ValueError, match=match):
+        LionTrainingArguments(output_dir=str(tmp_path), **kwargs)

@@ -1,9 +1,11 @@
 // Lion's step over many CPU tensors in one call: the kernel of impl="cpp".
 //
 // Built by lion_hf/optim/cpu_kernel_build.py with the system's C++ compiler and called through
-// ctypes (lion_hf/optim/cpu_kernel.py) with arrays of data pointers. The Python side checks every
-// tensor first (dtypes, device, contiguous, the param's shape, no overlap: lion_hf/optim/validation.py
-// and cpu_kernel.py): nothing here can check a raw pointer.
+// ctypes (lion_hf/optim/cpu_kernel.py) with arrays of host data pointers. The Python side checks every
+// tensor first, since nothing here can check a raw pointer: on the CPU (the impl is checked per device
+// at every step, lion_hf/optim/dispatch.py), dtypes, the param's shape, memory that is there (no freed or
+// shrunk storage, no zero tensor, negated views resolved: lion_hf/optim/validation.py), contiguous
+// (cpu_kernel.py), and no two tensors of the call overlapping (dispatch.py, by strided extent).
 //
 // Each tensor has a kind: its param is fp32, bf16 or fp16; its grad has the param's dtype or is
 // fp32; its momentum is fp32 or bf16; and a bf16/fp16 param is stored by round-to-nearest-even,

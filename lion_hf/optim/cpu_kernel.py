@@ -6,8 +6,11 @@ fp16 params (a grad of the param's dtype, or any other float grad, which is upca
 ``param_rounding`` (Kahan residuals included). Given the same seeds it computes the step of
 ``impl="for_loop"`` bit for bit. What it does not take, it leaves to the dispatcher, which runs
 it with ``foreach`` (one rule, in ``dispatch``): a tensor that is not contiguous (of param, grad,
-momentum or residual). The dispatcher never hands it tensors that overlap in memory, on which
-the kernel's threads would race.
+momentum or residual). It checks no memory itself: the dispatcher hands it only tensors that
+passed ``validation.check_step_tensors`` (in-bounds storage, no zero tensor or negated view) and
+a step whose tensors do not overlap (one check in ``dispatch.run_step`` over every tensor of the
+step, by strided extent; a step whose tensors overlap runs in ``for_loop``, as the kernel's
+threads would race on shared elements).
 
 The library is built and loaded by :mod:`~lion_hf.optim.cpu_kernel_build`. If that fails, a
 warning says why, this process records the failure (``build_failure``), and ``dispatch`` then
@@ -28,7 +31,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from lion_hf.optim import cpu_kernel_build
-from lion_hf.optim.numerics import StepGroup, ranges_overlap
+from lion_hf.optim.numerics import StepGroup
 
 __all__ = ["build_failure", "cpp_lion", "kernel", "sign_vote_kernels"]
 
@@ -55,7 +58,9 @@ def _library() -> ctypes.CDLL | None:
     global _loaded, build_failure
     if _loaded is None and build_failure is None:
         try:
-            _loaded = cpu_kernel_build.load_library()
+            library = cpu_kernel_build.load_library()
+            library.lion_hf_cpu_step, library.lion_hf_dist_signs, library.lion_hf_dist_apply  # noqa: B018
+            _loaded = library
         except Exception as exc:  # whatever went wrong, a step falls back to foreach and never raises it
             build_failure = exc
             warnings.warn(f"Lion: impl='cpp' is unavailable ({exc}); this and later steps use impl='foreach'",
@@ -85,10 +90,7 @@ def sign_vote_kernels() -> tuple[Callable[..., int], Callable[..., None]] | None
         library = _library()
         if library is None:
             return None
-        try:
-            signs, apply = library.lion_hf_dist_signs, library.lion_hf_dist_apply
-        except AttributeError:  # a library of another source: the kernel's own step may still run
-            return None
+        signs, apply = library.lion_hf_dist_signs, library.lion_hf_dist_apply
         # n, grads, momenta, numels, groups, hyper, zero_nonfinite, count_nonfinite, out, threads
         signs.argtypes = [ctypes.c_int64, *[_P] * 5, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
         signs.restype = ctypes.c_int64
@@ -129,12 +131,10 @@ def _kind_table(flags: int) -> dict[tuple[torch.dtype, torch.dtype, torch.dtype]
     return table
 
 
-def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]] | None:
+def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
     """One kernel call over every tensor of every group that it takes; returns, per group, the
-    indices of the tensors it left (see the module docstring), which it has not touched. None
-    when the tensors share memory (then it has touched nothing: the kernel's threads would race
-    on shared elements, and the dispatcher runs such a step tensor by tensor). The tensors are
-    plain, local and checked by the dispatcher."""
+    indices of the tensors it left (see the module docstring), which it has not touched. The
+    tensors are plain, local, checked and free of overlap (the dispatcher's checks)."""
     function = kernel()
     if function is None:
         return [list(range(len(group.params))) for group in groups]
@@ -176,12 +176,6 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]
     pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms, *residuals]), np.int64, 4 * n)
     numels = np.fromiter(map(Tensor.numel, ps), np.int64, n)
     kind_array = np.array(kinds, dtype=np.int32)
-    param_bytes = np.where(kind_array & 3, 2, 4)
-    sizes = np.tile(numels, 4) * np.concatenate([param_bytes, np.where(kind_array & _GRAD_FP32, 4, param_bytes),
-                                     np.where(kind_array & _MOMENTUM_BF16, 2, 4),
-                                     np.where(((kind_array >> 4) & 3) == 2, 2, 0)])  # no residual: no range
-    if ranges_overlap(pointers, sizes):
-        return None
     member_array = np.array(members, dtype=np.int32)
     seeds = seed_rows[0] if len(seed_rows) == 1 else np.concatenate(seed_rows)
     seeds = np.ascontiguousarray(seeds, dtype=np.int32)

@@ -22,9 +22,15 @@ Trust model (docs/implementations.md says it for users):
   process and the step runs in ``foreach``, with a warning. Nothing is loaded unchecked, and a
   bad cache never crashes the process.
 * Time limits: the build gets :data:`BUILD_TIMEOUT_S` seconds, after which the compiler's whole
-  process group is killed. Each build writes into a temporary file of its own, renamed into
-  place when complete (processes that build at once never load a partial file); a leftover of a
-  killed process is removed by the next build.
+  process group is killed; so is it when the build is interrupted (KeyboardInterrupt,
+  SystemExit), and on Linux the compiler is also killed when the process that started it dies.
+  Each build writes into a temporary file of its own (named after its host and pid), renamed
+  into place when complete (processes that build at once never load a partial file); a leftover
+  of a dead builder on this host is removed at the next load.
+* Nothing read from the cache can hang or break a step: the library and its record are opened
+  without blocking (a FIFO in their place is refused, not waited on) and must be regular files;
+  a record that is not ASCII hex is a mismatch; every descriptor is closed.
+* A private fallback folder is removed once its library is loaded (the mapping stays valid).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -123,39 +131,91 @@ def _trusted_folder(folder: Path) -> str | None:
     return _untrusted_because(info, "it")
 
 
+def _host_tag() -> str:
+    """This host's name as a file-name part: a pid means something only on the host that gave it
+    (a cache in a home folder shared over NFS is seen by several hosts)."""
+    host = socket.gethostname() or "localhost"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in host)
+
+
+def _temporary(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}{suffix}.{_host_tag()}.{os.getpid()}{_TEMP_SUFFIX}")
+
+
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete build leftovers of processes that no longer run (``.<name>.<pid>.tmp``)."""
-    for leftover in folder.glob(f".*{_TEMP_SUFFIX}"):
-        try:
-            pid = int(leftover.name[: -len(_TEMP_SUFFIX)].rsplit(".", 1)[1])
-        except (IndexError, ValueError):
+    """Delete build leftovers (``.<name>.<host>.<pid>.tmp``) of processes of this host that no
+    longer run; another host's are left alone (its pids mean nothing here)."""
+    host = _host_tag()
+    try:
+        leftovers = list(folder.glob(f".*{_TEMP_SUFFIX}"))
+    except OSError:
+        return
+    for leftover in leftovers:
+        parts = leftover.name[: -len(_TEMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
             continue
+        pid = int(parts[2])
         if pid == os.getpid():
             continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            leftover.unlink(missing_ok=True)
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
         except OSError:
             pass  # alive under another user, or not ours to ask about
 
 
+def _die_with_parent_hook() -> object:
+    """For the compiler's ``preexec_fn`` (Linux): SIGKILL when the parent dies, so that a training
+    process killed mid-build (SIGKILL, the OOM killer) leaves no compiler running. ``prctl`` is
+    looked up here, in the parent: between fork and exec (other threads' locks copied as they were)
+    the child should do no more than call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return hook
+
+
 def _build(cxx: str, path: Path) -> None:
     """Compile into a temporary file of this process, then record its hash and rename both into
-    place (the record first: a library is never visible without it). Raises RuntimeError."""
-    _remove_stale_temporaries(path.parent)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    record_temp = path.with_name(f".{path.name}{_RECORD_SUFFIX}.{os.getpid()}{_TEMP_SUFFIX}")
+    place (the record first: a library is never visible without it). Raises RuntimeError. An
+    interrupted build (any BaseException) kills the compiler's process group and removes its
+    temporary files before it propagates."""
+    temp = _temporary(path)
+    record_temp = _temporary(path, _RECORD_SUFFIX)
     command = [cxx, *FLAGS, str(SOURCE), "-o", str(temp)]
     try:
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) as compiler:
+        compiler = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True,
+                                    preexec_fn=_die_with_parent_hook())
+        try:
+            _, errors = compiler.communicate(timeout=BUILD_TIMEOUT_S)
+        except BaseException as exc:  # the timeout, or KeyboardInterrupt / SystemExit mid-build
             try:
-                _, errors = compiler.communicate(timeout=BUILD_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
                 os.killpg(compiler.pid, signal.SIGKILL)  # cc1plus, as and ld too
-                compiler.communicate()
+            except OSError:
+                pass
+            compiler.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
                 raise RuntimeError(f"{cxx} did not build {SOURCE.name} within {BUILD_TIMEOUT_S} s") from None
+            raise
+        finally:
+            for stream in (compiler.stdout, compiler.stderr):
+                if stream is not None:
+                    stream.close()
         if compiler.returncode != 0:
             raise RuntimeError(f"{cxx} could not build {SOURCE.name}: {errors.strip()[-2000:]}")
         os.chmod(temp, 0o700)
@@ -169,37 +229,72 @@ def _build(cxx: str, path: Path) -> None:
         record_temp.unlink(missing_ok=True)
 
 
+# Never wait on a FIFO or device put where a file is expected; never follow a symlink.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _open_regular(path: Path) -> int:
+    """A descriptor of the regular file at ``path``, opened without blocking; raises OSError when
+    it is absent, cannot be opened or is not a regular file (the descriptor is then closed)."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _recorded_digest(path: Path) -> str | None:
+    """The hex SHA-256 recorded beside the library, or None when it is missing, not a regular
+    file, unreadable or not ASCII (a damaged record is a mismatch, never an exception)."""
+    try:
+        fd = _open_regular(path.with_name(path.name + _RECORD_SUFFIX))
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)  # 64 hex digits; anything longer is no record of ours
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+
+
 def _open_checked(path: Path) -> tuple[int | None, str | None]:
     """An open descriptor of the library at ``path`` once it passed every check, or the reason it
-    did not (the descriptor is then closed)."""
+    did not (the descriptor is then closed, whatever went wrong)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         return None, "it does not exist"
     except OSError as exc:
         return None, f"it cannot be opened ({exc})"
+    ok = False
     try:
         info = os.fstat(fd)
         reason = _untrusted_because(info, "it") if stat.S_ISREG(info.st_mode) else "it is not a regular file"
         if reason is None:
-            try:
-                recorded = path.with_name(path.name + _RECORD_SUFFIX).read_text().strip()
-            except OSError:
-                recorded = None
+            recorded = _recorded_digest(path)
             digest = hashlib.sha256()
             with os.fdopen(os.dup(fd), "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
             if recorded is None:
-                reason = "its checksum record is missing"
+                reason = "its checksum record is missing or unreadable"
             elif digest.hexdigest() != recorded:
                 reason = "its SHA-256 does not match the one recorded when it was built (truncated or changed)"
-        if reason is None:
-            return fd, None
+        ok = reason is None
     except OSError as exc:
         reason = f"it cannot be read ({exc})"
-    os.close(fd)
-    return None, reason
+    finally:
+        if not ok:  # closed on every way out but success, an unexpected exception included
+            os.close(fd)
+    return (fd, None) if ok else (None, reason)
 
 
 def _load_checked(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
@@ -228,19 +323,32 @@ def load_library() -> ctypes.CDLL:
         raise RuntimeError("impl='cpp' needs a C++ compiler (g++) on the PATH, or $CXX")
     folder = cache_dir()
     reason = _trusted_folder(folder)
+    private = None
     if reason is not None:
-        private = _private_folder()
-        warnings.warn(f"Lion: the kernel cache {folder} is not used: {reason}. Building into the private folder "
+        private = folder = _private_folder()
+        warnings.warn(f"Lion: the kernel cache {cache_dir()} is not used: {reason}. Building into the private folder "
                       f"{private} instead (set LION_HF_CACHE to a folder only you can write to).", stacklevel=5)
-        folder = private
-    path = library_path(cxx, folder)
+    try:
+        return _load_or_build(cxx, library_path(cxx, folder))
+    finally:
+        if private is not None:
+            # Built for this process alone: a loaded library stays mapped after its file is gone,
+            # and a folder per process would otherwise pile up in /tmp.
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _load_or_build(cxx: str, path: Path) -> ctypes.CDLL:
+    _remove_stale_temporaries(path.parent)
     library, why = _load_checked(path)
     if library is not None:
         return library
     if why != "it does not exist":
-        warnings.warn(f"Lion: the cached kernel {path} is not loaded: {why}. Rebuilding it.", stacklevel=5)
+        warnings.warn(f"Lion: the cached kernel {path} is not loaded: {why}. Rebuilding it.", stacklevel=6)
         for stale in (path, path.with_name(path.name + _RECORD_SUFFIX)):
-            stale.unlink(missing_ok=True)
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:
+                pass  # a folder in its place: the build's rename then fails with a reason
     _build(cxx, path)
     library, why = _load_checked(path)
     if library is None:

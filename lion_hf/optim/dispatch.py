@@ -4,7 +4,9 @@
 (``auto``: ``triton`` on CUDA, ``cpp`` on the CPU, ``foreach`` wherever those cannot run), and
 :func:`impl_unavailable` the one that says why an impl cannot run. :func:`run_step` is the path
 of every step, from ``Lion.step`` and from the functional ``lion()``: it takes the local shards
-of DTensors, checks the tensors for every impl alike, draws the stochastic-rounding seeds, splits
+of DTensors, makes grads readable (zero tensors, negated views), checks the tensors for every impl
+alike (shapes, dtypes, devices, memory that is really there), checks an explicit impl again for
+each device, runs the ``skip_step`` / ``raise`` gate, draws the stochastic-rounding seeds, splits
 the tensors by device, and runs each device's impl. The one rule for what a fused kernel does not
 take (``cpp``: tensors that are not contiguous; ``triton``: tensors it cannot update as flat
 memory): the kernel leaves them untouched and they run in ``foreach``, the impl that runs
@@ -30,8 +32,8 @@ import torch
 from lion_hf.optim.cpu_kernel_build import cxx_compiler
 from lion_hf.optim.for_loop import for_loop_lion
 from lion_hf.optim.foreach import foreach_lion
-from lion_hf.optim.numerics import StepGroup, local, with_seeds
-from lion_hf.optim.validation import check_step_tensors, overlapping
+from lion_hf.optim.numerics import PLAIN_TENSOR_TYPES, StepGroup, local, step_may_proceed, with_seeds
+from lion_hf.optim.validation import check_step_tensors, overlapping, readable_grads
 
 __all__ = ["IMPLS", "impl_unavailable", "resolve_impl", "run_step"]
 
@@ -112,7 +114,7 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
-def _cpp(*args: Any, **kwargs: Any) -> list[list[int]] | None:
+def _cpp(*args: Any, **kwargs: Any) -> list[list[int]]:
     from lion_hf.optim.cpu_kernel import cpp_lion
 
     return cpp_lion(*args, **kwargs)
@@ -124,9 +126,8 @@ def _triton(*args: Any, **kwargs: Any) -> list[list[int]]:
     return triton_lion(*args, **kwargs)
 
 
-# Each impl updates what it takes of a step's groups and returns, per group, the indices it left
-# (or None, having touched nothing, when the tensors share memory).
-_IMPL_FUNCTIONS: dict[str, Callable[..., list[list[int]] | None]] = {
+# Each impl updates what it takes of a step's groups and returns, per group, the indices it left.
+_IMPL_FUNCTIONS: dict[str, Callable[..., list[list[int]]]] = {
     "for_loop": for_loop_lion,
     "foreach": foreach_lion,
     "cpp": _cpp,
@@ -134,45 +135,64 @@ _IMPL_FUNCTIONS: dict[str, Callable[..., list[list[int]] | None]] = {
 }
 
 
-_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
-
-
 def _local(group: StepGroup) -> StepGroup:
-    if set(map(type, group.params)) <= _PLAIN:  # no DTensor params: no DTensor grads or momenta either
-        return group
-    return group._replace(params=[local(t) for t in group.params], grads=[local(t) for t in group.grads],
+    if set(map(type, group.params)) <= PLAIN_TENSOR_TYPES:  # no DTensor params: no DTensor grads or momenta either
+        grads = readable_grads(group.grads)
+        return group if grads is group.grads else group._replace(grads=grads)
+    return group._replace(params=[local(t) for t in group.params],
+                          grads=readable_grads([local(t) for t in group.grads]),
                           exp_avgs=[local(t) for t in group.exp_avgs],
                           kahan_comps=[None if c is None else local(c) for c in group.kahan_comps])
 
 
-def run_step(groups: list[StepGroup], *, impl: str, skip_nonfinite: bool) -> None:
+@functools.lru_cache(maxsize=64)
+def _explicit_impl_checked(impl: str, device: torch.device, cxx_setting: str | None) -> str:
+    # Cached: the step's check of an explicit impl then costs a dict lookup per device. A failure
+    # raises and is not cached, so it is raised again at every step.
+    return resolve_impl(impl, device)
+
+
+def run_step(groups: list[StepGroup], *, impl: str, skip_nonfinite: bool, nonfinite_grad: str | None = None,
+             grad_norm: float | torch.Tensor | None = None) -> bool:
     """One step over the groups' tensors (hyperparameters already validated). ``impl`` may be
-    ``auto`` (resolved per device) or an impl checked at construction; a kernel that turns out
-    unusable at run time (the C++ build failed) leaves its tensors to ``foreach``."""
+    ``auto`` (resolved per device) or an explicit impl, checked again here for each device the
+    tensors are on (a model moved with ``.cuda()`` after ``Lion(..., impl="cpp")`` was built is a
+    RuntimeError, not a kernel reading device memory); a kernel that turns out unusable at run
+    time (the C++ build failed) leaves its tensors to ``foreach``.
+
+    The tensors are checked first, then, under ``nonfinite_grad`` "skip_step" or "raise", the
+    non-finite gate runs (:func:`~lion_hf.optim.numerics.step_may_proceed`, with ``grad_norm``
+    when the caller has it); returns False when it skipped the step, else True."""
+    gate_grads = [g for group in groups for g in group.grads]  # DTensors kept: the gate agrees over their mesh
     groups = [_local(group) for group in groups if group.params]
-    if not groups:
-        return
     devices: dict[torch.device, None] = {}  # ordered: the first group's device first
     for group in groups:
         devices.update(dict.fromkeys(check_step_tensors(group.params, group.grads, group.exp_avgs,
                                                         group.kahan_comps, group.param_rounding)))
+    concrete_impls = {device: resolve_impl(impl, device) if impl == "auto"
+                      else _explicit_impl_checked(impl, device, os.environ.get("CXX")) for device in devices}
+    if nonfinite_grad in ("skip_step", "raise"):
+        if not step_may_proceed(nonfinite_grad, gate_grads, grad_norm):
+            return False
+        skip_nonfinite = False  # all finite: the masked path would change nothing
+    if not groups:
+        return True
     groups = with_seeds(groups)
-    for device in devices:
+    for device, concrete in concrete_impls.items():
         if len(devices) == 1:
             on_device = groups
         else:
             on_device = [group.subset([i for i, p in enumerate(group.params) if p.device == device])
                          for group in groups]
             on_device = [group for group in on_device if group.params]
-        concrete = resolve_impl(impl, device) if impl == "auto" else impl
-        # Tensors that share memory update one after the other. The C++ kernel checks this itself,
-        # from the pointers it builds anyway (None: it took nothing); the others are checked here.
-        shared = concrete in ("foreach", "triton") and overlapping(
-            [t for group in on_device for ts in group[:4] for t in ts if t is not None])
-        lefts = None if shared else _IMPL_FUNCTIONS[concrete](on_device, skip_nonfinite=skip_nonfinite)
-        if lefts is None:
+        # Tensors that share memory update one after the other, whichever impl was asked for: one
+        # check over every tensor of the step on this device, by their strided extents.
+        if concrete != "for_loop" and overlapping(
+                [t for group in on_device for ts in group[:4] for t in ts if t is not None]):
             for_loop_lion(on_device, skip_nonfinite=skip_nonfinite)
             continue
+        lefts = _IMPL_FUNCTIONS[concrete](on_device, skip_nonfinite=skip_nonfinite)
         rest = [group.subset(left) for group, left in zip(on_device, lefts) if left]
         if rest:
             foreach_lion(rest, skip_nonfinite=skip_nonfinite)
+    return True

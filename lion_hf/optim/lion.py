@@ -17,9 +17,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lion_hf.optim.dispatch import IMPLS, resolve_impl, run_step
-from lion_hf.optim.numerics import STATE_DTYPES, StepGroup, step_may_proceed
+from lion_hf.optim.numerics import STATE_DTYPES, StepGroup
 from lion_hf.optim.validation import (
-    check_loaded_state,
+    check_loaded_state_dict,
     check_step_scalars,
     validate_group,
     validate_options,
@@ -29,9 +29,15 @@ from lion_hf.optim.validation import (
 __all__ = ["Lion", "lion"]
 
 _GROUP_DEFAULTS = {"maximize": False, "cautious": False, "state_dtype": "fp32", "param_rounding": "stochastic"}
-# Param-group keys of torch's other optimizers (Adam/AdamW, SGD, ...) that Lion's groups never hold.
-_OTHER_OPTIMIZERS_GROUP_KEYS = frozenset({"eps", "amsgrad", "momentum", "dampening", "nesterov", "capturable",
-                                          "decoupled_weight_decay", "lr_decay", "initial_accumulator_value"})
+
+
+def _refuse_a_set(params: Any) -> None:
+    # torch refuses a set in a param group; Lion refuses it at the top level too: a set's order
+    # changes between runs, and a checkpoint maps its state to params by position.
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("Lion: params must be an ordered collection (a list, or model.parameters()), not a "
+                        f"{type(params).__name__}: the order of tensors in a set changes between runs, and a "
+                        "checkpoint's state is matched to params by position")
 
 
 def lion(
@@ -65,13 +71,10 @@ def lion(
             resolve_impl(impl, device)
     if kahan_comps is None or param_rounding != "kahan":
         kahan_comps = [None] * len(params)
-    if not step_may_proceed(nonfinite_grad, grads):
-        return False
     beta1, beta2 = group["betas"]
     step = StepGroup(list(params), list(grads), list(exp_avgs), list(kahan_comps), group["lr"], beta1, beta2,
                      group["weight_decay"], maximize, cautious, param_rounding)
-    run_step([step], impl=impl, skip_nonfinite=nonfinite_grad == "skip_elements")
-    return True
+    return run_step([step], impl=impl, skip_nonfinite=nonfinite_grad == "skip_elements", nonfinite_grad=nonfinite_grad)
 
 
 class Lion(Optimizer):
@@ -156,6 +159,7 @@ class Lion(Optimizer):
         nonfinite_grad: str = "skip_elements",
         impl: str = "auto",
     ) -> None:
+        _refuse_a_set(params)
         validate_options(impl, nonfinite_grad, impls=IMPLS)
         defaults = validate_group(dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                                        cautious=cautious, state_dtype=state_dtype, param_rounding=param_rounding))
@@ -196,6 +200,7 @@ class Lion(Optimizer):
         """Validated before it is added: a rejected group never joins the optimizer."""
         param_group = dict(param_group)
         params = param_group["params"]
+        _refuse_a_set(params)
         param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
         merged = validate_group({**self.defaults, **param_group}, len(self.param_groups))
         for key in ("lr", "betas", "weight_decay"):
@@ -277,22 +282,16 @@ class Lion(Optimizer):
         check_step_scalars(self.param_groups)
         states_by_id = self._states_by_id()
         work = [(group, *self._collect(group, states_by_id)) for group in self.param_groups]
-        policy = self.nonfinite_grad
         grad_norm, self._grad_norm = self._grad_norm, None  # used by this step only
-        if policy in ("skip_step", "raise"):
-            # Checked across all groups first, so a skipped step leaves every group untouched.
-            all_grads = [] if grad_norm is not None else [g for _, _, grads, _, _ in work for g in grads]
-            if not step_may_proceed(policy, all_grads, grad_norm):
-                self.skipped_steps += 1
-                return loss
-            policy = "propagate"  # all finite: the masked path would change nothing
-        skip_nonfinite = policy == "skip_elements"
-
         # All groups in one dispatch: the C++ kernel then updates every tensor of the step in one call.
+        # The dispatcher checks the tensors, then (under skip_step / raise) the non-finite gate across
+        # all groups, so a skipped step leaves every group untouched.
         steps = [StepGroup(params, grads, exp_avgs, comps, group["lr"], *group["betas"], group["weight_decay"],
                            group["maximize"], group["cautious"], group["param_rounding"])
                  for group, params, grads, exp_avgs, comps in work if params]
-        run_step(steps, impl=self.impl, skip_nonfinite=skip_nonfinite)
+        if not run_step(steps, impl=self.impl, skip_nonfinite=self.nonfinite_grad == "skip_elements",
+                        nonfinite_grad=self.nonfinite_grad, grad_norm=grad_norm):
+            self.skipped_steps += 1
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -304,18 +303,7 @@ class Lion(Optimizer):
         both use "kahan"). Keys may be indices or parameter names (FSDP2's distributed
         checkpoints)."""
         wanted = [(group["state_dtype"], group["param_rounding"]) for group in self.param_groups]
-        saved_groups = state_dict.get("param_groups", [])
-        foreign = sorted({key for group in saved_groups for key in group} & _OTHER_OPTIMIZERS_GROUP_KEYS)
-        if foreign:
-            raise ValueError(f"Lion: the state dict's param groups hold {', '.join(map(repr, foreign))}: it comes "
-                             "from another optimizer (AdamW, SGD, ...). Resume it with the optimizer that saved it, or "
-                             "start Lion without its state.")
-        checked = [
-            validate_group({**_GROUP_DEFAULTS, **saved, "state_dtype": state_dtype, "param_rounding": param_rounding},
-                           index)
-            for index, (saved, (state_dtype, param_rounding)) in enumerate(zip(saved_groups, wanted))
-        ]
-        check_loaded_state(state_dict.get("state", {}))
+        checked = check_loaded_state_dict(state_dict, self.param_groups, _GROUP_DEFAULTS)
         # torch casts every floating state tensor to its param's dtype; that would round an fp32
         # momentum of a bf16 param to bf16. Keep the saved tensors and restore them after.
         saved = {

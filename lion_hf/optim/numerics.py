@@ -22,6 +22,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "PARAM_DTYPES",
     "PARAM_ROUNDINGS",
+    "PLAIN_TENSOR_TYPES",
     "STATE_DTYPES",
     "StepGroup",
     "all_finite",
@@ -51,7 +52,8 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PARAM_ROUNDINGS = ("stochastic", "kahan", "nearest")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# The tensor types that are their own local shard (anything else may be a DTensor).
+PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
 class StepGroup(NamedTuple):
@@ -93,7 +95,7 @@ def local(t: Tensor) -> Tensor:
 
     Lion is elementwise, so each rank may update its shard on its own.
     """
-    if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, without a failing attribute lookup
+    if type(t) in PLAIN_TENSOR_TYPES:  # the common case, without a failing attribute lookup
         return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
@@ -171,8 +173,10 @@ def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
     and the momentum's seed (0 where that store is not stochastic; None for a group where none
     is). Drawn from torch's CPU generator (so ``manual_seed`` reproduces a run and HF's
     checkpointed RNG state resumes it) in one call, in the order one tensor after the other, group
-    after group, would draw them: a non-empty tensor's param seed, then its momentum seed. Every
-    impl rounds with these, so a step split between impls rounds as one impl would."""
+    after group, would draw them: a non-empty tensor's param seed, then its momentum seed.
+    ``for_loop``, ``foreach`` and the C++ kernel round with these, so a step split between them
+    rounds as one impl would; the Triton kernel keys its Philox bits by a hash of them, drawing
+    nothing more, so the generator advances alike under every impl (its bits differ)."""
     needed = []
     for group in groups:
         if {p.dtype for p in group.params} == {torch.float32} and {m.dtype for m in group.exp_avgs} == {torch.float32}:

@@ -12,9 +12,10 @@ registers whatever the storage dtype::
 
 Launch scheme
 -------------
-``triton_lion_`` groups the tensors by (device, param dtype, momentum dtype) and launches
-**one** kernel per group over a 1-D grid that covers every block of every tensor of the group
-(``BLOCK_SIZE`` = 2048 elements per program, a [256, 8] tile, 8 warps). Two int64 tables,
+``triton_lion_`` groups the tensors by (device, param dtype, momentum dtype, Kahan or not,
+16-byte aligned or not) and launches **one** kernel per group over a 1-D grid that covers
+every block of every tensor of the group (``BLOCK_SIZE`` = 2048 elements per program, a
+[256, 8] tile, 8 warps). Two int64 tables,
 both built once and cached, tell each program where to work:
 
 * the *layout* table, keyed on the tensor sizes: ``numel`` of each tensor, then one entry per
@@ -60,9 +61,13 @@ the result is one of the two bf16 neighbours with probability given by the dista
 is under half a bf16 ulp). The bits come from Philox (``tl.randint4x``): one 128-bit draw per
 row of 8 elements, counter = (global row index within the launch, stream), key = ``seed`` and
 the group index, so every element of a step gets its own bits, and the param (stream 1) draws
-bits independent of its momentum's (stream 0). ``seed=None`` draws one from torch's
-default generator (``torch.manual_seed`` makes runs reproducible); it is drawn only when a
-bf16 momentum is present. NaN momenta stay NaN.
+bits independent of its momentum's (stream 0). Under ``Lion`` and ``lion()`` (``triton_lion``)
+the seed is derived from the per-tensor seeds ``numerics.with_seeds`` drew for the step, with
+no draw of its own, so torch's generator advances by the same draws whichever impl runs (the
+random bits themselves differ: Philox here, the 16-bit hash elsewhere). The standalone
+``triton_lion_`` with ``seed=None`` draws one from torch's default generator (``torch.manual_seed``
+makes runs reproducible), only when some store rounds stochastically (a bf16 momentum, or a
+bf16/fp16 param under ``"stochastic"``). NaN momenta stay NaN.
 
 Scalars (lr, betas, weight decay, seed, tensor count) are runtime kernel arguments, never
 ``tl.constexpr``, and ``seed``/``n_tensors`` are excluded from integer specialisation, so an lr
@@ -79,13 +84,13 @@ matter. Anything else raises ``ValueError``. DTensor (FSDP2) arguments are repla
 local shard (``to_local()``); the update is elementwise, so shards are independent, except
 that the ``cautious`` mean is then taken per local shard rather than over the whole tensor.
 
-Interpreter (``TRITONINTERPRET=1``)
-------------------------------------
+Interpreter (``TRITON_INTERPRET=1``)
+-------------------------------------
 Tests run the same ``@triton.jit`` kernels on CPU tensors through Triton's interpreter
 (numpy). Raw pointer tables work there because CPU tensors' addresses are host addresses,
 so the multi-tensor launch scheme is exercised unchanged. Interpreter mode is decided when
 triton is first imported (``triton.language``'s own jit functions such as Philox are built
-then), so ``TRITONINTERPRET=1`` must be in the environment before anything imports triton;
+then), so ``TRITON_INTERPRET=1`` must be in the environment before anything imports triton;
 this module follows whatever mode triton was imported in. In interpreter mode, CUDA tensors
 (whose addresses the host cannot dereference) are staged through CPU copies and copied back:
 correct, slow, for debugging only. CPU tensors without the interpreter raise ``RuntimeError``.
@@ -204,7 +209,7 @@ def _noise16(seed, stream, ROWS: tl.constexpr, COLS: tl.constexpr):
 @_jit
 def _fp16_stochastic(x, noise):
     """fp32 -> fp16, rounded up or down with probability given by the distance (as
-    ``lion_hf.optim.lion._stochastic_round_to_fp16``): the far neighbour of the nearest fp16
+    ``lion_hf.optim.numerics.stochastic_round_to_fp16``): the far neighbour of the nearest fp16
     value is one step of its 16-bit pattern towards ``x``."""
     near = x.to(tl.float16)
     near32 = near.to(tl.float32)
@@ -658,10 +663,21 @@ def _launch_all(
     return sorted(left)
 
 
+def _philox_seed(seeds: Tensor) -> int:
+    """A 31-bit Philox seed from a group's per-tensor seeds (``with_seeds``: 16-bit values, 0 where
+    a store is not stochastic): a polynomial hash of them all, so it changes whenever any drawn
+    seed does, and the step draws nothing more from torch's generator than the other impls."""
+    seed = 0
+    for value in seeds.flatten().tolist():
+        seed = (seed * 65537 + value + 1) & 0x7FFFFFFF
+    return seed
+
+
 def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
     """The ``triton`` impl for the dispatcher: tensors already local and checked. Updates those
     it takes (:func:`_layout_problem`) and returns, per group, the indices of the rest, untouched.
-    Stochastic rounding draws its own Philox seed where a group's seeds say a store rounds so."""
+    Where a group's seeds say a store rounds stochastically, the Philox seed is derived from
+    them (:func:`_philox_seed`): no draw of its own, so the generator's stream is every impl's."""
     lefts = []
     for group in groups:
         taken = [_layout_problem(p, g, m, c) is None
@@ -672,7 +688,7 @@ def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[i
         failed = _launch_all(part.params, part.grads, part.exp_avgs, part.kahan_comps, lr=part.lr, decay=part.decay,
                              beta1=part.beta1, beta2=part.beta2, maximize=part.maximize, cautious=part.cautious,
                              skip_nonfinite=skip_nonfinite, param_rounding=part.param_rounding,
-                             seed=None if part.seeds is None else int(torch.randint(0, 2**31 - 1, (1,))),
+                             seed=None if part.seeds is None else _philox_seed(part.seeds),
                              self_check=True)
         left += [kept[i] for i in failed]
         lefts.append(sorted(left))

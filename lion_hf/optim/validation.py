@@ -24,32 +24,43 @@ from torch import Tensor
 from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_DTYPES, PARAM_ROUNDINGS, STATE_DTYPES, ranges_overlap
 
 __all__ = [
-    "GROUP_OPTIONS",
     "as_float",
     "check_loaded_state",
+    "check_loaded_state_dict",
     "check_step_scalars",
     "check_step_tensors",
     "overlapping",
+    "readable_grads",
+    "spans",
     "validate_group",
     "validate_options",
     "validate_param",
 ]
 
-# The keys a Lion param group holds besides "params" (torch adds a few of its own, e.g. "initial_lr").
-GROUP_OPTIONS = ("lr", "betas", "weight_decay", "maximize", "cautious", "state_dtype", "param_rounding")
 _MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
+# Param-group keys of torch's other optimizers (Adam/AdamW, SGD, ...) that Lion's groups never hold:
+# a group is refused with one (Lion(..., [{"params": ..., "eps": 1e-8}]) would silently ignore it), so
+# that a checkpoint holding one always comes from another optimizer.
+_OTHER_OPTIMIZERS_GROUP_KEYS = frozenset({"eps", "amsgrad", "momentum", "dampening", "nesterov", "capturable",
+                                          "decoupled_weight_decay", "lr_decay", "initial_accumulator_value"})
+_HYPERPARAMETERS = ("lr", "betas", "weight_decay")
 _DTYPE, _IS_SPARSE, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "is_sparse", "is_meta",
                                                                                  "nbytes"))
 
 
 def as_float(value: Any, what: str) -> float:
-    """``value`` as a float: a Python or numpy number, or a 1-element tensor, as torch's own
-    optimizers accept; a bool is refused (``lr=True`` is a bug, not 1.0)."""
+    """``value`` as a float: a Python or numpy number, or a 1-element tensor or numpy array, as
+    torch's own optimizers accept; a bool is refused (``lr=True`` is a bug, not 1.0)."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{what} must be a real number or a 1-element tensor, got a tensor of shape "
                              f"{tuple(value.shape)} and dtype {value.dtype}")
         return float(value)
+    if isinstance(value, np.ndarray):  # 0-d or 1-element, as torch's optimizers take them
+        if value.size != 1 or value.dtype.kind not in "iuf":
+            raise ValueError(f"{what} must be a real number or a 1-element array, got an array of shape "
+                             f"{value.shape} and dtype {value.dtype}")
+        return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's bool is no numbers.Real
         raise ValueError(f"{what} must be a real number, got {value!r} ({type(value).__name__})")
     return float(value)
@@ -87,12 +98,17 @@ def validate_options(impl: Any = None, nonfinite_grad: Any = None, *, impls: tup
 
 
 def validate_group(group: dict[str, Any], index: int | None = None) -> dict[str, Any]:
-    """Check a param group's hyperparameters and options (every key of :data:`GROUP_OPTIONS`
-    present); returns the group with lr, betas and weight_decay as floats. A bad value is a
-    ValueError naming the group, the key and the value. Warns when ``lr * weight_decay >= 1``:
+    """Check a param group's hyperparameters and options (lr, betas, weight_decay, maximize,
+    cautious, state_dtype, param_rounding: every key present; another optimizer's option such as
+    ``eps`` is refused); returns the group with lr, betas and weight_decay as floats. A bad value
+    is a ValueError naming the group, the key and the value. Warns when ``lr * weight_decay >= 1``:
     the decay factor ``1 - lr * weight_decay`` is then zero or negative, which flips the weights'
     sign every step instead of shrinking them."""
     where = _in_group(index)
+    foreign = sorted(set(group) & _OTHER_OPTIMIZERS_GROUP_KEYS)
+    if foreign:
+        raise ValueError(f"{where}{', '.join(map(repr, foreign))} is an option of other optimizers (AdamW, SGD, ...), "
+                         "not Lion's (no epsilon, no amsgrad, no momentum term): remove it from the param group")
     lr, betas, weight_decay = _hyperparameters(group, index)
     for key in ("maximize", "cautious"):
         if not isinstance(group[key], bool):
@@ -113,10 +129,13 @@ def check_step_scalars(groups: list[dict[str, Any]]) -> None:
     (a buggy scheduler can set NaN), and its options are still valid. Plain float comparisons;
     the full :func:`validate_group` runs only where a bad value names its cause."""
     for index, group in enumerate(groups):
-        lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
-        ok = (type(lr) is float and type(beta1) is float and type(beta2) is float and type(weight_decay) is float
-              and 0.0 <= lr < math.inf and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
+        lr, betas, weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        # A tuple of two floats, else validate_group names what is wrong (a betas of length 3 included).
+        ok = type(betas) is tuple and len(betas) == 2 and type(betas[0]) is float and type(betas[1]) is float
+        ok = (ok and type(lr) is float and type(weight_decay) is float
+              and 0.0 <= lr < math.inf and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0
               and 0.0 <= weight_decay < math.inf
+              and type(group["maximize"]) is bool and type(group["cautious"]) is bool
               and group["param_rounding"] in PARAM_ROUNDINGS and group["state_dtype"] in STATE_DTYPES)
         if not ok:  # raises naming the key, or accepts another real number type as a float
             group.update(validate_group(group, index))
@@ -147,6 +166,70 @@ def _overlaps_itself(t: Tensor) -> bool:
 
 def _first(bad: list[bool]) -> int:
     return bad.index(True)
+
+
+def spans(tensors: list[Tensor]) -> np.ndarray:
+    """Each tensor's extent in bytes from its ``data_ptr``: from its first element to the end of
+    its last one along its strides, ``((size - 1) * stride summed over dims + 1) * itemsize``
+    (0 when empty). More than ``numel * itemsize`` for a strided view (a sliced column)."""
+    sizes = np.fromiter(map(_NBYTES, tensors), np.int64, len(tensors))
+    if not all(map(Tensor.is_contiguous, tensors)):
+        for i, t in enumerate(tensors):
+            if t.numel() and not t.is_contiguous():
+                sizes[i] = (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+    return sizes
+
+
+def _which(name: str, i: int) -> str:
+    return f"param {i}" if name == "param" else f"the {name} of param {i}"
+
+
+def _check_memory(name: str, tensors: list[Tensor], indices: list[int] | None = None) -> None:
+    """Every non-empty tensor lies inside memory it owns: the kernels read and write through raw
+    pointers, so a tensor whose storage was freed (``untyped_storage().resize_(0)``, data_ptr 0)
+    or shrunk below its strided extent would crash the process or corrupt other memory, and a
+    zero tensor or a lazily negated view (``torch._neg_view``) does not hold its values in memory
+    at all. A grad that is one was made readable before (:func:`readable_grads`); a tensor that
+    is written to cannot be, and is a ValueError naming it (``indices``: the params' indices of
+    ``tensors``, when it is not one per param)."""
+    if not tensors:
+        return
+    which = (lambda i: _which(name, i if indices is None else indices[i]))
+    if True in map(Tensor._is_zerotensor, tensors) or True in map(Tensor.is_neg, tensors):
+        i = _first([t._is_zerotensor() or t.is_neg() for t in tensors])
+        what = "a zero tensor (torch._efficientzerotensor)" if tensors[i]._is_zerotensor() else "a negative view"
+        raise ValueError(f"Lion: {which(i)} is {what}: its values are not in memory, so it cannot be updated in "
+                         "place. Give it a tensor of its own (.clone(), or .resolve_neg()).")
+    try:
+        starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+        storages = list(map(Tensor.untyped_storage, tensors))
+    except RuntimeError:  # tensors without storage (XLA, lazy): no impl reads their memory through pointers
+        return
+    extents = spans(tensors)  # 0 exactly when empty
+    ends = starts + extents
+    low = np.fromiter(map(torch.UntypedStorage.data_ptr, storages), np.int64, len(tensors))
+    high = low + np.fromiter(map(torch.UntypedStorage.nbytes, storages), np.int64, len(tensors))
+    bad = (extents > 0) & ((starts == 0) | (starts < low) | (ends > high))
+    if bad.any():
+        i = int(np.argmax(bad))
+        t = tensors[i]
+        raise ValueError(f"Lion: {which(i)} (shape {tuple(t.shape)}, strides {t.stride()}, storage offset "
+                         f"{t.storage_offset()}) needs {int(ends[i] - starts[i])} bytes from its start but its storage "
+                         f"holds {int(high[i] - low[i])} bytes{' (it was freed)' if high[i] == low[i] else ''}: its "
+                         "memory is not there to update. Was its storage resized or freed (FSDP, "
+                         "untyped_storage().resize_(0)) without being restored before the step?")
+
+
+def readable_grads(grads: list[Tensor]) -> list[Tensor]:
+    """The grads with the ones whose values are not in memory made plain: a zero tensor
+    (``torch._efficientzerotensor``, data_ptr 0) becomes real zeros, a lazily negated or
+    conjugated view its resolved copy. Every impl then reads the same values (the C++ kernel
+    reads raw memory, which would ignore a negation bit). The same list when there is none."""
+    if True in map(Tensor._is_zerotensor, grads) or True in map(Tensor.is_neg, grads) or True in map(
+            Tensor.is_conj, grads):
+        return [torch.zeros(g.shape, dtype=g.dtype, device=g.device) if g._is_zerotensor()
+                else g.resolve_conj().resolve_neg() for g in grads]
+    return grads
 
 
 def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -188,6 +271,10 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                     raise ValueError(f"Lion: the {name} of param {i} (shape {tuple(t.shape)}, strides {t.stride()}) "
                                      "has elements that share memory (an expanded or overlapping view): it cannot "
                                      "be updated in place. Use a tensor of its own (.clone()).")
+    for name, tensors in (("param", params), ("grad", grads), ("momentum (exp_avg)", exp_avgs)):
+        _check_memory(name, tensors)
+    comp_indices = [i for i, c in enumerate(kahan_comps) if c is not None]
+    _check_memory("Kahan residual", [kahan_comps[i] for i in comp_indices], comp_indices)
     # Device indices (-1 for the CPU) are cheaper to compare than device objects.
     indices = list(map(Tensor.get_device, params))
     if list(map(Tensor.get_device, grads)) != indices or list(map(Tensor.get_device, exp_avgs)) != indices:
@@ -236,8 +323,79 @@ def check_loaded_state(state: dict[Any, Any]) -> None:
 
 
 def overlapping(tensors: list[Tensor]) -> bool:
-    """Whether any two of these tensors share memory (a param listed twice, a grad that is its
-    param, overlapping views). Such a step is not elementwise-independent: it runs tensor after
-    tensor, as for_loop defines it, in every impl."""
-    return ranges_overlap(np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors)),
-                          np.fromiter(map(_NBYTES, tensors), np.int64, len(tensors)))
+    """Whether any two of these tensors may share memory (a param listed twice, a grad that is
+    its param, overlapping views): their byte ranges from ``data_ptr`` over their strided
+    :func:`spans` intersect. Conservative for interleaved views (two columns of one matrix),
+    which then run tensor after tensor too, correctly. Such a step is not elementwise-independent:
+    it runs tensor after tensor, as for_loop defines it, in every impl."""
+    try:
+        starts = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+    except RuntimeError:  # tensors without storage (XLA, lazy): only for_loop and foreach run there, in torch ops
+        return False
+    return ranges_overlap(starts, spans(tensors))
+
+
+def _refuse_foreign(problem: str) -> ValueError:
+    return ValueError(f"Lion: {problem}: this state dict was not saved by lion_hf's Lion. Resume it with the "
+                      "optimizer that saved it, or start Lion without its state.")
+
+
+def check_loaded_state_dict(state_dict: Any, current_groups: list[dict[str, Any]],
+                            group_defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole of a state dict about to be loaded, before anything is changed: its layout
+    (``state`` and ``param_groups``, as many groups of as many params as the optimizer's), each
+    saved group's hyperparameters (:func:`validate_group`, with ``group_defaults`` for the keys
+    older checkpoints lack and the current groups' ``state_dtype`` and ``param_rounding``), and
+    its state: every entry keyed by a saved param, Lion's (:func:`check_loaded_state`), with a
+    floating-point momentum (and Kahan residual) of its param's shape. A ValueError names the
+    problem. Returns the validated groups, in order."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        raise _refuse_foreign("a state dict is a dict with 'state' and 'param_groups' (a list of groups)")
+    state = state_dict.get("state", {})
+    if not isinstance(state, dict):
+        raise _refuse_foreign(f"its 'state' is a {type(state).__name__}, not a dict")
+    saved_groups = state_dict["param_groups"]
+    for index, saved in enumerate(saved_groups):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise _refuse_foreign(f"its param group {index} is not a dict with a 'params' list")
+    foreign = sorted({key for group in saved_groups for key in group} & _OTHER_OPTIMIZERS_GROUP_KEYS)
+    if foreign:
+        raise ValueError(f"Lion: the state dict's param groups hold {', '.join(map(repr, foreign))}: it comes "
+                         "from another optimizer (AdamW, SGD, ...). Resume it with the optimizer that saved it, or "
+                         "start Lion without its state.")
+    if len(saved_groups) != len(current_groups):
+        raise ValueError(f"Lion: the state dict has {len(saved_groups)} parameter groups, this optimizer "
+                         f"{len(current_groups)}")
+    for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):
+        if len(saved["params"]) != len(current["params"]):
+            raise ValueError(f"Lion: param group {index} of the state dict holds {len(saved['params'])} params, "
+                             f"this optimizer's {len(current['params'])}")
+        missing = [key for key in _HYPERPARAMETERS if key not in saved]
+        if missing:
+            found = ", ".join(map(repr, sorted(k for k in saved if k != "params")))
+            raise _refuse_foreign(f"its param group {index} has no {', '.join(map(repr, missing))} (it holds {found})")
+    checked = [validate_group({**group_defaults, **saved, "state_dtype": current["state_dtype"],
+                               "param_rounding": current["param_rounding"]}, index)
+               for index, (saved, current) in enumerate(zip(saved_groups, current_groups))]
+    params_by_key = {key: p for saved, current in zip(saved_groups, current_groups)
+                     for key, p in zip(saved["params"], current["params"])}
+    unknown = [key for key in state if key not in params_by_key]
+    if unknown:
+        raise ValueError(f"Lion: the state dict holds state for {', '.join(map(repr, unknown[:5]))}, which no param "
+                         "group of it lists: it is damaged or was edited")
+    check_loaded_state(state)
+    for key, entry in state.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"Lion: the state of param {key!r} is a {type(entry).__name__}, not a dict")
+        p = params_by_key[key]
+        for name in ("exp_avg", "kahan_comp"):
+            value = entry.get(name)
+            if value is None:
+                continue
+            if not value.dtype.is_floating_point:
+                raise ValueError(f"Lion: the {name} of param {key!r} has dtype {value.dtype}; it must be "
+                                 "floating point")
+            if value.shape != p.shape:
+                raise ValueError(f"Lion: the {name} of param {key!r} has shape {tuple(value.shape)} but its param "
+                                 f"has shape {tuple(p.shape)}: the checkpoint is of another model")
+    return checked
