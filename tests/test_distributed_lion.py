@@ -460,3 +460,76 @@ def test_trainer_resume_is_bit_identical(trained):
         assert all(torch.equal(straight["momenta"][n], resumed["momenta"][n]) for n in straight["momenta"])
     saved = torch.load(checkpoint / "optimizer_rank1.pt", weights_only=True)
     assert (saved["rank"], saved["world_size"]) == (1, 2)
+
+
+def _fake_world(monkeypatch, world_size: int, others: list[torch.Tensor]):
+    """One process that steps as rank 0 of ``world_size``: the gather returns this rank's buffer
+    and the given packed signs of the other ranks (under this rank's header, flag cleared)."""
+    from lion_hf.optim import distributed
+
+    def gather(output, buffer, group):
+        rows = output.view(world_size, -1)
+        rows[0] = buffer
+        for rank, signs in enumerate(others, start=1):
+            rows[rank, :HEADER_BYTES] = buffer[:HEADER_BYTES]
+            rows[rank, 0] = 0
+            rows[rank, HEADER_BYTES:] = signs
+
+    monkeypatch.setattr(DistributedLion, "world_size", lambda self: world_size)
+    monkeypatch.setattr(distributed, "_all_gather", gather)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+@pytest.mark.parametrize("vote", ["majority", "average"])
+@pytest.mark.parametrize("policy", ["skip_step", "skip_elements", "propagate"])
+def test_the_cpp_kernel_and_the_torch_path_agree_bit_for_bit(monkeypatch, world_size, vote, policy):
+    """The fp32 CPU step runs in the C++ kernel's two passes, every other step in torch ops: a
+    rank whose kernel failed to build must still move its replica exactly as the others do.
+    Sizes cross the packing's chunk boundaries (5 x 4096 elements); two groups, maximize in one;
+    NaN/inf grads where the policy lets the step run."""
+    from lion_hf.optim import cpu_kernel, distributed
+
+    if cpu_kernel.sign_vote_kernels() is None:
+        pytest.skip("no C++ compiler: the kernel path cannot run")
+    generator = torch.Generator().manual_seed(world_size * 7 + len(vote) + len(policy))
+    shapes = [(20479,), (3, 7), (), (0,), (20481,), (41, 1000)]
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    grads[1][0, 0] = 0.0
+    if policy != "skip_step":
+        grads[4][5], grads[5][3, 9] = float("nan"), float("inf")
+    momenta = [torch.randn(s, generator=generator) * (torch.rand(s, generator=generator) > 0.1) for s in shapes]
+    numel = sum(p.numel() for p in params)
+    others = [pack_signs([torch.randint(-1, 2, (numel,), generator=generator).float()])
+              for _ in range(world_size - 1)]
+    _fake_world(monkeypatch, world_size, others)
+    kernel_calls = []
+    real_kernels = cpu_kernel.sign_vote_kernels()
+
+    def counting():
+        kernel_calls.append(1)
+        return real_kernels
+
+    results = []
+    for use_kernel in (True, False):
+        monkeypatch.setattr(cpu_kernel, "sign_vote_kernels", counting if use_kernel else lambda: None)
+        ps = [p.clone().requires_grad_() for p in params]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = DistributedLion([{"params": ps[:3], "weight_decay": 0.1},
+                                   {"params": ps[3:], "maximize": True, "lr": 0.03}],
+                                  lr=0.01, vote=vote, nonfinite_grad=policy)
+        for p, m in zip(ps, momenta):
+            opt.state[p]["exp_avg"] = m.clone()
+        opt.step()
+        results.append(([p.detach().clone() for p in ps], [opt.state[p]["exp_avg"].clone() for p in ps]))
+    assert kernel_calls, "the kernel path never ran"
+    (kernel_ps, kernel_ms), (torch_ps, torch_ms) = results
+    for a, b in zip(kernel_ps + kernel_ms, torch_ps + torch_ms):
+        assert a.shape == b.shape
+        assert torch.equal(a.view(-1).view(torch.int32), b.view(-1).view(torch.int32)) or (
+            torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)]))
+    moved = sum(int((a != p).sum()) for a, p in zip(kernel_ps, params))
+    assert moved > numel // 4, "the step hardly moved the weights: the comparison would be vacuous"

@@ -46,7 +46,7 @@ from lion_hf.optim import cpu_kernel
 from lion_hf.optim.dispatch import IMPLS
 from lion_hf.optim.lion import Lion
 from lion_hf.optim.numerics import StepGroup, all_finite, ranges_overlap, store_momentum, store_param, with_seeds
-from lion_hf.optim.validation import check_step_scalars, check_step_tensors, validate_options
+from lion_hf.optim.validation import check_step_scalars, check_step_tensors, readable_grads, validate_options
 
 __all__ = [
     "CHUNK_BYTES",
@@ -333,7 +333,9 @@ class DistributedLion(Lion):
         if any(group["cautious"] for group in self.param_groups):
             raise ValueError("DistributedLion: cautious=True is not supported (see the class docstring)")
         states_by_id = self._states_by_id()
-        work = [(group, *self._collect(group, states_by_id)) for group in self.param_groups]
+        work = [(group, params, readable_grads(grads), exp_avgs, comps)
+                for group in self.param_groups
+                for params, grads, exp_avgs, comps in [self._collect(group, states_by_id)]]
         device = None
         for group, params, grads, exp_avgs, comps in work:
             if not params:
