@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -153,33 +154,61 @@ def local_floor(args: argparse.Namespace) -> list[dict]:
 
 
 def codec_cost(args: argparse.Namespace) -> list[dict]:
-    """Milliseconds of packing one rank's signs and of combining two ranks' packed signs, next to
-    Lion's own optimizer step (the default impl), on the profile's shapes, one process."""
-    from lion_hf import Lion
-    from lion_hf.optim.distributed import combine_signs, pack_signs
+    """Milliseconds of the optimizer step alone, one process, on the profile's shapes: Lion's
+    (the default impl) against DistributedLion's as rank 0 of 2 with the collective replaced by a
+    local copy (the other rank's signs fixed), in its C++ kernel path and in its torch path; and
+    the torch codec functions by themselves. What the sign exchange costs beyond Lion's step."""
+    from lion_hf import DistributedLion, Lion
+    from lion_hf.optim import cpu_kernel, distributed
+    from lion_hf.optim.distributed import HEADER_BYTES, combine_signs, pack_signs
 
     torch.set_num_threads(args.threads)
     rows = []
     for profile in args.profiles:
-        params = [p.detach() for p in build_model(profile, seed=0).parameters()]
-        updates = [torch.randn_like(p) for p in params]
-        n = sum(p.numel() for p in params)
-        packed = pack_signs(updates)
-        gathered = torch.stack([packed, pack_signs([-u for u in updates])])
-        for p, u in zip(params, updates):
-            p.grad = u
-        lion = Lion(params, lr=5e-5, weight_decay=0.02)
-        timings = {}
-        for name, call in (("pack_signs", lambda: pack_signs(updates)),
-                           ("combine_signs (2 ranks)", lambda: combine_signs(gathered, n, "majority")),
-                           ("Lion step", lion.step)):
-            call()
-            samples = []
-            for _ in range(max(3, args.steps)):
-                start = time.perf_counter()
+        shapes = [p.shape for p in build_model(profile, seed=0).parameters()]
+        updates = [torch.randn(s) for s in shapes]
+        n = sum(u.numel() for u in updates)
+        other = pack_signs([-u for u in updates])
+        gathered = torch.stack([pack_signs(updates), other])
+
+        def gather(output: torch.Tensor, buffer: torch.Tensor, group: object) -> None:
+            rows_ = output.view(2, -1)
+            rows_[0] = buffer
+            rows_[1, HEADER_BYTES:] = other
+            rows_[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
+
+        def optimizer(cls: type, **kwargs: object) -> torch.optim.Optimizer:
+            params = [torch.randn(s, requires_grad=True) for s in shapes]
+            for p, u in zip(params, updates):
+                p.grad = u.clone()
+            return cls(params, lr=5e-5, weight_decay=0.02, **kwargs)
+
+        real_gather, real_world, real_kernels = (distributed._all_gather, DistributedLion.world_size,
+                                                 cpu_kernel.sign_vote_kernels)
+        distributed._all_gather, DistributedLion.world_size = gather, lambda self: 2
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "torch.distributed is not initialised": on purpose
+                lion, dlion, dlion_torch = (optimizer(Lion), optimizer(DistributedLion),
+                                            optimizer(DistributedLion))
+            calls = {"Lion step": lion.step, "DistributedLion step, C++ kernel": dlion.step,
+                     "DistributedLion step, torch ops": lambda: (
+                         setattr(cpu_kernel, "sign_vote_kernels", lambda: None), dlion_torch.step(),
+                         setattr(cpu_kernel, "sign_vote_kernels", real_kernels)),
+                     "pack_signs (torch)": lambda: pack_signs(updates),
+                     "combine_signs (torch, 2 ranks)": lambda: combine_signs(gathered, n, "majority")}
+            timings = {}
+            for name, call in calls.items():
                 call()
-                samples.append(time.perf_counter() - start)
-            timings[name] = statistics.median(samples) * 1e3
+                samples = []
+                for _ in range(max(5, args.steps)):
+                    start = time.perf_counter()
+                    call()
+                    samples.append(time.perf_counter() - start)
+                timings[name] = statistics.median(samples) * 1e3
+        finally:
+            distributed._all_gather, DistributedLion.world_size = real_gather, real_world
+            cpu_kernel.sign_vote_kernels = real_kernels
         rows.append({"profile": profile, "ms": timings})
     return rows
 
@@ -281,12 +310,15 @@ def markdown(results: dict) -> str:
                 handed = payload["ddp"] if row["method"].startswith("ddp") else payload["distributed_lion"]
                 lines.append(f"| {profile} | {rate} | {row['method']} | {median:.2f} | {median / base:.2f} | "
                              f"{statistics.median(row['sent']) / 1e6:.1f} | {handed / 1e6:.1f} |")
-    lines += ["", f"Packing and combining the signs, one process, {results['threads']} thread(s), ms (median):", "",
-              "| shapes | pack_signs | combine_signs (2 ranks) | Lion step (for scale) |", "|---|---:|---:|---:|"]
+    names = list(results["codec"][0]["ms"]) if results["codec"] else []
+    lines += ["", f"The optimizer step alone, one process, {results['threads']} thread(s), ms (median; DistributedLion "
+              "as rank 0 of 2 with the collective replaced by a local copy):", "",
+              "| shapes | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for row in results["codec"]:
-        ms = row["ms"]
-        lines.append(f"| {row['profile']} | {ms['pack_signs']:.1f} | {ms['combine_signs (2 ranks)']:.1f} | "
-                     f"{ms['Lion step']:.1f} |")
+        lion = row["ms"]["Lion step"]
+        lines.append(f"| {row['profile']} | " + " | ".join(
+            f"{ms:.1f}" + ("" if name == "Lion step" else f" ({ms / lion:.2f}x)") for name, ms in row["ms"].items())
+            + " |")
     lines += ["", "Parameters: " + ", ".join(f"{p} {results['payload'][p]['params'] / 1e6:.1f}M"
                                                for p in results["profiles"]) + "."]
     return "\n".join(lines) + "\n"

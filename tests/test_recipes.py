@@ -94,6 +94,7 @@ def test_finetune_one_run_writes_its_record(tiny_model_dir, tiny_data_dir, tmp_p
     record = finetune.main(argv + ["--optim", "lion", "--learning_rate", "3e-3", "--weight_decay", "0.1"])
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["optimizer"] == "lion" and saved["steps"] == 12 and saved["train_rows"] == 48
+    assert saved["optimizer_class"] == "Lion"
     assert saved["eval_rows"] == 16 and len(saved["history"]["eval"]) >= 4
     assert saved["optimizer_state_bytes"] == sum(p.numel() * 4 for p in tiny_bert().parameters())
     assert saved["peak_memory_bytes"] > 0 and 0.0 <= saved["best_eval_accuracy"] <= 1.0

@@ -46,7 +46,7 @@ from lion_hf.experiments.tracking import (
     changed_fraction,
     optimizer_state_bytes,
 )
-from lion_hf.trainer import LionTrainer
+from lion_hf.trainer import LionTrainer, unwrap_optimizer
 from lion_hf.training_args import LionTrainingArguments
 
 __all__ = ["build_model", "end_process_group", "main", "run", "run_arguments", "say", "upcast_forward"]
@@ -255,6 +255,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
     resumed_from = [*(previous.resumed_from if previous else []), *([str(checkpoint)] if checkpoint else [])]
     record = RunRecord(
         optimizer=optimizer_name,
+        optimizer_class=type(unwrap_optimizer(trainer.optimizer)).__name__,
         # What the report groups by: compare_optimizers.py names each setup (optimizer + its arguments).
         setup=training_args.run_name or optimizer_name,
         model_dtype=model_args.model_dtype,

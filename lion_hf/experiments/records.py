@@ -44,6 +44,7 @@ class RunRecord:
     train_samples_per_second: float
     peak_memory_bytes: int
     optimizer_state_bytes: int
+    optimizer_class: str | None = None  # the class that stepped (e.g. "DistributedLion"), None in older records
     setup: str | None = None  # what the report compares: a named setup (e.g. "lion_bf16"), else the optimizer
     peft: bool = False
     model_dtype: str = "float32"
