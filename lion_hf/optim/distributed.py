@@ -109,11 +109,9 @@ def pack_signs(tensors: Sequence[Tensor], *, header_bytes: int = 0) -> Tensor:
     packed 5 per byte (see the module docstring), after ``header_bytes`` zero bytes: a uint8 tensor
     of ``packed_nbytes(N, header_bytes)`` bytes on the first tensor's device.
 
-    Cost: about three uint8 passes over N bytes (the trits) and eight over N/5 (the packing): of
-    the order of one fp32 Lion step, not negligible (a first look on one CPU thread, N = 4M:
-    11.5 ms against 10.9 ms for Lion's foreach step; docs/distributed_lion.md has the benchmark).
-    :class:`DistributedLion` computes ``c`` tensor by tensor into one trit buffer instead of
-    holding every ``c``.
+    The torch-ops codec (what :class:`DistributedLion` uses where the C++ kernel does not take the
+    step): several uint8 passes over N bytes, slower than a Lion step on CPU
+    (docs/distributed_lion.md has the measured figures).
     """
     numel = sum(t.numel() for t in tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
@@ -152,13 +150,9 @@ def combine_signs(gathered: Tensor, numel: int, vote: str) -> Tensor:
     ``gathered`` is ``(world_size, nbytes)`` uint8 (the packed signs, headers cut off).
     ``"majority"``: ``sign(sum of signs)``, a tie is 0 (no move); ``"average"``: the sum times
     fp32 ``1 / world_size`` (e.g. +0.5 for one +1 and one 0 on two ranks; a product, as the C++
-    kernel computes it, so that both give the same bits). Unpacked one rank at a time (one table lookup
-    each, int16 sums), so the memory is about 4 bytes per element whatever the world size.
-    Every rank computes it from the same bytes with the same ops: the result is identical.
-
-    Cost: per rank one gather of N/5 five-byte table rows and an int16 add over N, then one pass
-    to fp32: it grows with the world size (a first look on one CPU thread, N = 4M, two ranks:
-    12.7 ms, about one Lion foreach step); docs/distributed_lion.md has the benchmark.
+    kernel computes it, so that both give the same bits). Unpacked one rank at a time (int16
+    sums), so the memory is about 4 bytes per element whatever the world size. Every rank
+    computes it from the same bytes with the same ops: the result is identical.
     """
     if vote not in VOTES:
         raise ValueError(f"DistributedLion: vote must be one of {VOTES}, got {vote!r}")
@@ -259,8 +253,10 @@ class DistributedLion(Lion):
             ``"skip_elements"``: the bad elements abstain on that rank (send sign 0) and keep their
             momentum there; the weights still follow the other ranks' vote, so they stay
             identical. ``"propagate"``: no check (a NaN ``c`` is sent as 0).
-        impl: the :class:`Lion` impl of a one-process step (see below); the distributed step runs
-            in plain torch ops with :func:`lion_hf.optim.numerics.store_param`'s rounding.
+        impl: the :class:`Lion` impl of a one-process step (see below). The distributed step runs
+            in two passes of the C++ kernel when every param, grad and momentum is a contiguous
+            fp32 CPU tensor (and none overlaps another), else in torch ops with
+            :func:`lion_hf.optim.numerics.store_param`'s rounding; both give the same bits.
 
     ``cautious`` is refused: its mask comes from each rank's own gradient, which would break the
     replicas' agreement. With no process group initialised, or a world of one, the step is
