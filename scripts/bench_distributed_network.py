@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -158,59 +159,59 @@ def codec_cost(args: argparse.Namespace) -> list[dict]:
     (the default impl) against DistributedLion's as rank 0 of 2 with the collective replaced by a
     local copy (the other rank's signs fixed), in its C++ kernel path and in its torch path; and
     the torch codec functions by themselves. What the sign exchange costs beyond Lion's step."""
+    torch.set_num_threads(args.threads)
+    return [{"profile": profile, "ms": _step_costs(profile, args.steps)} for profile in args.profiles]
+
+
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    call()  # warm-up: state, buffers, the kernel's first load
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def _step_costs(profile: str, steps: int) -> dict[str, float]:
     from lion_hf import DistributedLion, Lion
     from lion_hf.optim import cpu_kernel, distributed
     from lion_hf.optim.distributed import HEADER_BYTES, combine_signs, pack_signs
 
-    torch.set_num_threads(args.threads)
-    rows = []
-    for profile in args.profiles:
-        shapes = [p.shape for p in build_model(profile, seed=0).parameters()]
-        updates = [torch.randn(s) for s in shapes]
-        n = sum(u.numel() for u in updates)
-        other = pack_signs([-u for u in updates])
-        gathered = torch.stack([pack_signs(updates), other])
+    shapes = [p.shape for p in build_model(profile, seed=0).parameters()]
+    updates = [torch.randn(s) for s in shapes]
+    n = sum(u.numel() for u in updates)
+    other = pack_signs([-u for u in updates])
+    gathered = torch.stack([pack_signs(updates), other])
 
-        def gather(output: torch.Tensor, buffer: torch.Tensor, group: object) -> None:
-            rows_ = output.view(2, -1)
-            rows_[0] = buffer
-            rows_[1, HEADER_BYTES:] = other
-            rows_[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
+    def gather(output: torch.Tensor, buffer: torch.Tensor, group: object) -> None:
+        rows = output.view(2, -1)
+        rows[0] = buffer
+        rows[1, HEADER_BYTES:] = other
+        rows[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
 
-        def optimizer(cls: type, **kwargs: object) -> torch.optim.Optimizer:
-            params = [torch.randn(s, requires_grad=True) for s in shapes]
-            for p, u in zip(params, updates):
-                p.grad = u.clone()
-            return cls(params, lr=5e-5, weight_decay=0.02, **kwargs)
+    def optimizer(cls: type) -> torch.optim.Optimizer:
+        params = [torch.randn(s, requires_grad=True) for s in shapes]
+        for p, u in zip(params, updates):
+            p.grad = u.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is not initialised": on purpose
+            return cls(params, lr=5e-5, weight_decay=0.02)
 
-        real_gather, real_world, real_kernels = (distributed._all_gather, DistributedLion.world_size,
-                                                 cpu_kernel.sign_vote_kernels)
-        distributed._all_gather, DistributedLion.world_size = gather, lambda self: 2
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "torch.distributed is not initialised": on purpose
-                lion, dlion, dlion_torch = (optimizer(Lion), optimizer(DistributedLion),
-                                            optimizer(DistributedLion))
-            calls = {"Lion step": lion.step, "DistributedLion step, C++ kernel": dlion.step,
-                     "DistributedLion step, torch ops": lambda: (
-                         setattr(cpu_kernel, "sign_vote_kernels", lambda: None), dlion_torch.step(),
-                         setattr(cpu_kernel, "sign_vote_kernels", real_kernels)),
-                     "pack_signs (torch)": lambda: pack_signs(updates),
-                     "combine_signs (torch, 2 ranks)": lambda: combine_signs(gathered, n, "majority")}
-            timings = {}
-            for name, call in calls.items():
-                call()
-                samples = []
-                for _ in range(max(5, args.steps)):
-                    start = time.perf_counter()
-                    call()
-                    samples.append(time.perf_counter() - start)
-                timings[name] = statistics.median(samples) * 1e3
-        finally:
-            distributed._all_gather, DistributedLion.world_size = real_gather, real_world
-            cpu_kernel.sign_vote_kernels = real_kernels
-        rows.append({"profile": profile, "ms": timings})
-    return rows
+    real = distributed._all_gather, DistributedLion.world_size, cpu_kernel.sign_vote_kernels
+    distributed._all_gather, DistributedLion.world_size = gather, lambda self: 2
+    try:
+        repeats = max(5, steps)
+        timings = {"Lion step": _median_ms(optimizer(Lion).step, repeats),
+                   "DistributedLion step, C++ kernel": _median_ms(optimizer(DistributedLion).step, repeats)}
+        cpu_kernel.sign_vote_kernels = lambda: None  # the torch-ops path
+        timings["DistributedLion step, torch ops"] = _median_ms(optimizer(DistributedLion).step, repeats)
+        timings["pack_signs (torch)"] = _median_ms(lambda: pack_signs(updates), repeats)
+        timings["combine_signs (torch, 2 ranks)"] = _median_ms(lambda: combine_signs(gathered, n, "majority"),
+                                                               repeats)
+    finally:
+        distributed._all_gather, DistributedLion.world_size, cpu_kernel.sign_vote_kernels = real
+    return timings
 
 
 def payload_bytes(profile: str) -> dict[str, int]:
@@ -289,7 +290,7 @@ def run_link(args: argparse.Namespace, rate_text: str) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Distributed Lion on a bandwidth-limited link", "",
+    lines = ["# Distributed Lion on a bandwidth-limited link", "",
              f"`{results['command']}`", "",
              f"{results['machine']}; {results['date']}; 2 ranks in 2 network namespaces joined by a veth pair "
              f"shaped with tc tbf, gloo over TCP; batch {results['batch']} x {results['seq_len']} tokens per rank, "
@@ -369,7 +370,8 @@ def main() -> None:
                           f"torch {torch.__version__}, host {socket.gethostname()}",
                "date": time.strftime("%Y-%m-%d"), "profiles": args.profiles, "rates": args.rates,
                "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "threads": args.threads,
-               "payload": {p: payload_bytes(p) for p in args.profiles}, "local": local_floor(args), "codec": codec_cost(args), "rows": []}
+               "payload": {p: payload_bytes(p) for p in args.profiles}, "local": local_floor(args),
+               "codec": codec_cost(args), "rows": []}
     for rate in args.rates:
         print(f"[bench] link at {rate} ...", flush=True)
         results["rows"] += run_link(args, rate)

@@ -178,7 +178,7 @@ def test_a_world_of_one_is_lion_without_a_warning_and_without_a_collective(tmp_p
         monkeypatch.setattr(dist, "all_gather_single", lambda *a, **k: calls.append(a))
         ps, qs, dl, lion, caught = _lion_pair(torch.float32, impl="foreach", nonfinite_grad="skip_elements")
         assert not [w for w in caught if "DistributedLion" in str(w.message)]
-        for step in range(3):
+        for _ in range(3):
             for p, q in zip(ps, qs):
                 p.grad = q.grad = torch.randn(p.shape)
             dl.step()
@@ -487,7 +487,7 @@ def test_the_cpp_kernel_and_the_torch_path_agree_bit_for_bit(monkeypatch, world_
     rank whose kernel failed to build must still move its replica exactly as the others do.
     Sizes cross the packing's chunk boundaries (5 x 4096 elements); two groups, maximize in one;
     NaN/inf grads where the policy lets the step run."""
-    from lion_hf.optim import cpu_kernel, distributed
+    from lion_hf.optim import cpu_kernel
 
     if cpu_kernel.sign_vote_kernels() is None:
         pytest.skip("no C++ compiler: the kernel path cannot run")

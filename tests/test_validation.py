@@ -294,7 +294,7 @@ def test_an_option_of_the_wrong_type_set_mid_run_is_a_value_error_naming_it(key,
 
 def test_a_set_of_params_is_a_type_error_as_in_torch():
     params = {torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))}
-    with pytest.raises(TypeError, match="ordered collection.*not a set"):
+    with pytest.raises(TypeError, match=r"ordered collection.*not a set"):
         Lion(params)
     opt = Lion([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(TypeError, match="not a frozenset"):

@@ -42,7 +42,6 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from lion_hf.optim import cpu_kernel
-
 from lion_hf.optim.dispatch import IMPLS
 from lion_hf.optim.lion import Lion
 from lion_hf.optim.numerics import StepGroup, all_finite, ranges_overlap, store_momentum, store_param, with_seeds
@@ -376,7 +375,7 @@ class DistributedLion(Lion):
         else:
             trits = torch.ones((buffer.numel() - HEADER_BYTES) * TRITS_PER_BYTE, dtype=torch.uint8, device=device)
             offset = 0
-            for group, params, grads, exp_avgs, _ in work:
+            for group, _params, grads, exp_avgs, _ in work:
                 beta1 = group["betas"][0]
                 for g, m in zip(grads, exp_avgs):
                     g32 = g.float()
