@@ -570,7 +570,7 @@ extern "C" int64_t lion_hf_dist_signs(int64_t n_tensors, const float* const* gra
       const float beta1 = hyper[3 * groups[t]], one_minus_beta1 = hyper[3 * groups[t] + 1];
       const float grad_sign = hyper[3 * groups[t] + 2];
       uint8_t* o = trit + at;
-      int64_t bad = 0;
+      int32_t bad = 0;  // a piece is at most one chunk; 32-bit lanes keep the loop wide
       for (int64_t i = 0; i < b - a; ++i) {
         const float gi = g[i] * grad_sign;
         const bool fin = finite_bits(gi);
