@@ -385,8 +385,12 @@ def _study(parser: HfArgumentParser, argv: list[str]) -> dict[str, Path]:
            f"{plural(trained, 'run')} took {total / 60:.1f} min"
            + (f"; reused {plural(reused, 'finished run')} from an earlier invocation." if reused else "."))
     model = f"Model: {first.model}{' + LoRA' if first.peft else ' (full fine-tune)'}; data: {first.data}; "
+    worlds = sorted({r.world_size for r in runs})
+    launched = "" if worlds == [1] else (  # the launcher is not in argv: say how many processes ran each run
+        f", each run on {' or '.join(map(str, worlds))} processes (e.g. accelerate launch --multi_gpu "
+        f"--num_processes {worlds[-1]})")
     notes = [
-        f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {device}, {platform.machine()}, "
+        f"Command: `{command.strip()}`{launched} ({time.strftime('%Y-%m-%d')}, {device}, {platform.machine()}, "
         f"torch {torch.__version__}). {ran}",
         model + f"{first.train_rows} train / {first.eval_rows} eval rows"
         + ("." if sweep is not None else f"; {plural(first.steps, 'optimizer step')} per run."),
