@@ -255,6 +255,16 @@ class LionTrainer(Trainer):
         # The DDP wrapper exists once accelerate has prepared the model, before the first backward.
         if getattr(self, "_lion_vote", None) is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             if not getattr(model, "_lion_local_gradients", False):
+                # Without the all-reduce only DistributedLion keeps the replicas together: an
+                # optimizer of the user's own (optimizers= or optimizer_cls_and_kwargs=) would let
+                # every rank drift on its own gradients.
+                if self._distributed_lion() is None:
+                    raise ValueError(
+                        f"lion_distributed={self._lion_vote!r} turns off DDP's gradient all-reduce, which only "
+                        f"DistributedLion makes up for, but this Trainer steps "
+                        f"{type(unwrap_optimizer(self.optimizer)).__name__} (an optimizer passed with optimizers= or "
+                        "optimizer_cls_and_kwargs=?). Let LionTrainer build the optimizer, or set "
+                        "lion_distributed='none'.")
                 model.register_comm_hook(None, local_gradients_hook)
                 model._lion_local_gradients = True
         return super().training_step(model, *args, **kwargs)

@@ -335,6 +335,16 @@ def test_state_dict_round_trip_per_rank(ranks):
     assert not torch.equal(ranks[0]["resume"]["m"][0], ranks[1]["resume"]["m"][0])
 
 
+def test_ranks_whose_gradients_cover_different_params_all_raise_and_change_nothing(ranks):
+    """Same sizes swapped between ranks (a count-only check would pass and each rank would apply
+    the vote to another param), and a grad missing on one rank (the buffers would differ in size
+    and gloo would abort the process)."""
+    for case in ("swapped", "missing"):
+        messages = {rank["layouts"][case] for rank in ranks}
+        assert len(messages) == 1 and "different sets of params" in messages.pop(), case
+        assert all(rank["layouts"][case + "_unchanged"] for rank in ranks), case
+
+
 # --------------------------------------------------------------------------------------
 # LionTrainer(lion_distributed=...): one process, no launch
 # --------------------------------------------------------------------------------------
@@ -411,6 +421,13 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [torch.load(tmp / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return ranks, tmp / "w"
+
+
+def test_trainer_refuses_to_turn_off_the_allreduce_under_an_optimizer_of_the_users_own(trained):
+    ranks, _ = trained
+    for rank in ranks:
+        message = rank["own_optimizer"]
+        assert "turns off DDP's gradient all-reduce" in message and "steps Lion" in message, message
 
 
 def test_trainer_votes_with_distributed_lion_and_no_gradient_allreduce(trained):

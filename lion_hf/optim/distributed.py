@@ -10,28 +10,33 @@ and one-process step) and on the shared numerics (rounding, seeds).
 
 Wire format (one ``all_gather`` of one flat uint8 buffer per step, per rank):
 
-* :data:`HEADER_BYTES` (6) header bytes: byte 0 the rank's non-finite flag (1: a gradient of the
+* :data:`HEADER_BYTES` (8) header bytes: byte 0 the rank's non-finite flag (1: a gradient of the
   step is NaN/inf under ``skip_step``/``raise``), bytes 1-3 a 24-bit stochastic-rounding base seed
-  (little-endian; every rank uses rank 0's), bytes 4-5 a 16-bit check of the layout (the element
-  and tensor counts), so that ranks whose gradients cover different params fail together instead
-  of mixing unrelated elements;
-* then the signs of all N elements of the step (every param group, param after param), base 3:
+  (little-endian; every rank uses rank 0's), bytes 4-7 a CRC-32 of the layout (which params of
+  the groups have a gradient, and every param's size), so that ranks whose gradients cover
+  different params fail together instead of mixing unrelated elements;
+* then the signs of the N elements of the params that have a gradient (every param group, param
+  after param), base 3:
   trit ``t = sign + 1`` in {0, 1, 2}, five trits per byte ``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4``
   (at most 242 < 256): ``ceil(N / 5)`` bytes. The five trits of a byte are not neighbours: the
   elements are cut into chunks of :data:`CHUNK_BYTES` x 5 (the last one shorter), and a chunk of
   S bytes holds its element ``o`` in byte ``o % S`` as digit ``o // S``. Planar digits let both
   the packing and the unpacking run over contiguous memory (vectorised, in torch ops and in the
-  C++ kernel alike); the padding at the end of the last chunk is sign 0.
+  C++ kernel alike); the padding at the end of the last chunk is sign 0. The buffer is sized for
+  every param of the groups, gradient or not (the rest is zero signs), so every rank hands the
+  collective a buffer of the same size even when their gradients differ (which the check then
+  refuses on every rank together).
 
-Bytes each rank hands to ``torch.distributed`` per step: ``6 + ceil(N / 5)``, i.e. 1.6 bits per
+Bytes each rank hands to ``torch.distributed`` per step: ``8 + ceil(N / 5)``, i.e. 1.6 bits per
 element, against ``4 N`` for an fp32 gradient all-reduce's input: under 1/16 of it once
-N >= 140. Each rank receives ``world_size`` such buffers.
+N >= 172. Each rank receives ``world_size`` such buffers.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -60,7 +65,7 @@ __all__ = [
 ]
 
 VOTES = ("majority", "average")
-HEADER_BYTES = 6
+HEADER_BYTES = 8
 TRITS_PER_BYTE = 5
 CHUNK_BYTES = 4096  # the kernel's unit of work too (cpu_kernel.cpp: kSignChunkBytes)
 _ZERO_SIGNS_BYTE = 121  # five zero signs: trits 1 + 3 + 9 + 27 + 81
@@ -171,8 +176,10 @@ def _all_gather(output: Tensor, buffer: Tensor, group: Any) -> None:
     gather(output, buffer, group=group)
 
 
-def _layout_check(numel: int, tensors: int) -> int:
-    return (numel * 40503 + tensors * 2654435761) & 0xFFFF
+def _layout_check(groups: list[dict[str, Any]], present: set[int]) -> int:
+    """CRC-32 of which params of the groups have a gradient and of every param's size, in order."""
+    layout = [(p.numel(), id(p) in present) for group in groups for p in group["params"]]
+    return zlib.crc32(repr(layout).encode())
 
 
 @dataclass
@@ -235,7 +242,7 @@ class DistributedLion(Lion):
 
     Call :meth:`step` on every rank, with each rank's OWN gradients (not under DDP's gradient
     all-reduce: ``LionTrainer`` turns it off with a no-op communication hook). One
-    ``all_gather`` per step of ``6 + ceil(N / 5)`` bytes per rank (N elements; the format is in
+    ``all_gather`` per step of ``8 + ceil(N / 5)`` bytes per rank (N elements; the format is in
     this module's docstring). Every rank applies the same update with the same ops to the same
     (identical) weights, so replicas stay bit-identical, bf16 weights under stochastic rounding
     included (the rounding seeds come from rank 0's draw, carried in the gathered buffer). The
@@ -354,9 +361,12 @@ class DistributedLion(Lion):
         elif policy in ("skip_step", "raise") and kernels is None:
             bad_here = not all_finite(all_grads)  # else counted by the kernel's first pass
         seed = int(torch.randint(0, 1 << 24, (1,))) if stochastic else 0
-        check = _layout_check(numel, len(all_grads))
-
-        buffer = torch.empty(packed_nbytes(numel), dtype=torch.uint8, device=device)
+        present = {id(p) for _, params, _, _, _ in work for p in params}
+        check = _layout_check(self.param_groups, present)
+        signs_bytes = packed_nbytes(numel, 0)  # the signs of the params with a gradient; then zero signs
+        buffer = torch.empty(packed_nbytes(sum(p.numel() for g in self.param_groups for p in g["params"])),
+                             dtype=torch.uint8, device=device)
+        buffer[HEADER_BYTES + signs_bytes:] = _ZERO_SIGNS_BYTE
         if kernels is not None:
             # The C++ kernel's pass 1 writes the signs and, when nothing else decided it, counts
             # the non-finite grads in the same pass.
@@ -366,14 +376,14 @@ class DistributedLion(Lion):
                              buffer.data_ptr() + HEADER_BYTES, torch.get_num_threads())
             if count_nonfinite:
                 bad_here = bad > 0
-        header = [int(bad_here), seed & 0xFF, (seed >> 8) & 0xFF, seed >> 16, check & 0xFF, check >> 8]
+        header = [int(bad_here), seed & 0xFF, (seed >> 8) & 0xFF, seed >> 16, *check.to_bytes(4, "little")]
         buffer[:HEADER_BYTES] = torch.tensor(header, dtype=torch.uint8)
         if kernels is not None:
             pass  # the signs are written
         elif bad_here:
             buffer[HEADER_BYTES:] = _ZERO_SIGNS_BYTE  # skipped by every rank anyway
         else:
-            trits = torch.ones((buffer.numel() - HEADER_BYTES) * TRITS_PER_BYTE, dtype=torch.uint8, device=device)
+            trits = torch.ones(signs_bytes * TRITS_PER_BYTE, dtype=torch.uint8, device=device)
             offset = 0
             for group, _params, grads, exp_avgs, _ in work:
                 beta1 = group["betas"][0]
@@ -386,13 +396,13 @@ class DistributedLion(Lion):
                         c = torch.where(torch.isfinite(g32), c, 0.0)
                     _write_trits(trits[offset:offset + g.numel()], c)
                     offset += g.numel()
-            pack_trits(trits, out=buffer[HEADER_BYTES:])
+            pack_trits(trits, out=buffer[HEADER_BYTES:HEADER_BYTES + signs_bytes])
 
         gathered = torch.empty((world_size, buffer.numel()), dtype=torch.uint8, device=device)
         _all_gather(gathered.view(-1), buffer, self.process_group)
 
         headers = gathered[:, :HEADER_BYTES].cpu().tolist()
-        if len({(h[4], h[5]) for h in headers}) != 1:
+        if len({tuple(h[4:HEADER_BYTES]) for h in headers}) != 1:
             raise RuntimeError("DistributedLion: the ranks step different sets of params (their gradients cover "
                                "different tensors or element counts); every rank must have a gradient for the same "
                                "params. Nothing was updated.")
@@ -412,7 +422,7 @@ class DistributedLion(Lion):
             increment_version([p for _, params, _, _, _ in work for p in params]
                               + [m for _, _, _, exp_avgs, _ in work for m in exp_avgs])
             return loss
-        update = combine_signs(gathered[:, HEADER_BYTES:], numel, self.vote)
+        update = combine_signs(gathered[:, HEADER_BYTES:HEADER_BYTES + signs_bytes], numel, self.vote)
         base_seed = headers[0][1] | (headers[0][2] << 8) | (headers[0][3] << 16)
         self._apply(work, update, base_seed if stochastic else None, mask_momentum=policy == "skip_elements")
         return loss

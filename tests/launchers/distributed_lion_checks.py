@@ -240,6 +240,32 @@ def check_resume(rank):
             "m_resumed": momenta(opt2, resumed)}
 
 
+def check_gradient_layouts(rank):
+    """Ranks whose gradients cover different params: the same sizes swapped (rank 0 has a grad for
+    the first (4, 4) param, rank 1 for the second), and one rank without a grad for one param. Every
+    rank must raise the same RuntimeError, nothing updated, and the process group still usable."""
+    outcome = {}
+    for case in ("swapped", "missing"):
+        params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4)),
+                  torch.nn.Parameter(torch.randn(3))]
+        before = snapshot(params)
+        opt = DistributedLion(params, lr=0.01)
+        for i, p in enumerate(params):
+            if case == "swapped":
+                keep = i == 2 or i == rank % 2
+            else:
+                keep = not (rank == 1 and i == 0)
+            p.grad = torch.randn(p.shape) if keep else None
+        try:
+            opt.step()
+            outcome[case] = "stepped"
+        except RuntimeError as exc:
+            outcome[case] = str(exc)
+        outcome[case + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(params)))
+    dist.barrier()  # the group survived both
+    return outcome
+
+
 def main():
     out_dir = sys.argv[1]
     warnings.simplefilter("ignore")
@@ -257,6 +283,7 @@ def main():
         "bytes": check_bytes(rank),
         "skip": check_skip(rank),
         "resume": check_resume(rank),
+        "layouts": check_gradient_layouts(rank),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()

@@ -93,8 +93,29 @@ def train(name: str, resume: str | None = None) -> dict:
     return record
 
 
+def own_optimizer() -> str:
+    """lion_distributed with an optimizer of the user's own: DDP's all-reduce must not be turned
+    off under it (the replicas would drift apart); the ValueError's text, or "trained"."""
+    from lion_hf import Lion
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = LionTrainingArguments(output_dir=f"{workdir}/own", per_device_train_batch_size=4, max_steps=1,
+                                     lion_distributed="majority", save_strategy="no", report_to=[], use_cpu=True,
+                                     disable_tqdm=True)
+        model = tiny_bert()
+        trainer = LionTrainer(model=model, args=args, train_dataset=TokenDataset(),
+                              optimizers=(Lion(model.parameters(), lr=1e-3), None))
+        try:
+            trainer.train()
+        except ValueError as exc:
+            return str(exc)
+    return "trained"
+
+
 records = {"straight": train("straight")}
 records["resumed"] = train("resumed", resume=f"{workdir}/straight/checkpoint-2")
+records["own_optimizer"] = own_optimizer()
 records["rank"], records["world_size"] = dist.get_rank(), dist.get_world_size()
 torch.save(records, f"{out_dir}/rank{dist.get_rank()}.pt")
 print(f"world_size={dist.get_world_size()} done", flush=True)
