@@ -39,6 +39,22 @@ int64_t lion_hf_cpu_step(void) { return 0; }
 """
 
 
+def _cpp_step_in_a_new_process(numel: int, *, timeout: float) -> subprocess.CompletedProcess:
+    """One impl='cpp' step of ``numel`` elements in a fresh process (nothing loaded yet), which
+    prints the warnings it raised and checks that the weights moved; it must exit cleanly."""
+    script = ("import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
+              f"p, g, m = [torch.ones({numel})], [torch.ones({numel})], [torch.zeros({numel})]\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "print([str(w.message) for w in caught])\n"
+              f"assert torch.equal(p[0], torch.full(({numel},), 0.5)), p\n")
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
     """No kernel loaded yet in this process, an empty cache, and a marker path for planted code."""
@@ -144,16 +160,7 @@ def test_a_damaged_library_is_rebuilt_once_and_never_crashes_the_process(fresh_c
         path.write_bytes(b"not a library")
     else:
         path.with_name(path.name + ".sha256").unlink()
-    script = ("import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
-              "p, g, m = [torch.ones(100000)], [torch.ones(100000)], [torch.zeros(100000)]\n"
-              "with warnings.catch_warnings(record=True) as caught:\n"
-              "    warnings.simplefilter('always')\n"
-              "    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
-              "print([str(w.message) for w in caught])\n"
-              "assert torch.equal(p[0], torch.full((100000,), 0.5)), p\n")
-    result = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _cpp_step_in_a_new_process(100000, timeout=300)
     assert "is not loaded" in result.stdout and "Rebuilding it" in result.stdout
     assert load_library() is not None  # the rebuild is whole: it loads here too, without a warning
 
@@ -255,16 +262,7 @@ def test_a_fifo_in_place_of_the_library_or_its_record_is_refused_without_hanging
     target = path if which == "library" else path.with_name(path.name + ".sha256")
     target.unlink()
     os.mkfifo(target, 0o600)  # opening it for reading would wait for a writer forever
-    script = ("import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
-              "p, g, m = [torch.ones(10)], [torch.ones(10)], [torch.zeros(10)]\n"
-              "with warnings.catch_warnings(record=True) as caught:\n"
-              "    warnings.simplefilter('always')\n"
-              "    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
-              "print([str(w.message) for w in caught])\n"
-              "assert torch.equal(p[0], torch.full((10,), 0.5)), p\n")
-    result = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True,
-                            timeout=200)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _cpp_step_in_a_new_process(10, timeout=200)
     reason = "it is not a regular file" if which == "library" else "checksum record is missing or unreadable"
     assert reason in result.stdout and "Rebuilding it" in result.stdout
     assert target.is_file()

@@ -49,8 +49,14 @@ from torch.autograd.graph import increment_version
 from lion_hf.optim import cpu_kernel
 from lion_hf.optim.dispatch import IMPLS
 from lion_hf.optim.lion import Lion
-from lion_hf.optim.numerics import StepGroup, all_finite, ranges_overlap, store_momentum, store_param, with_seeds
-from lion_hf.optim.validation import check_step_scalars, check_step_tensors, readable_grads, validate_options
+from lion_hf.optim.numerics import StepGroup, all_finite, store_momentum, store_param, with_seeds
+from lion_hf.optim.validation import (
+    check_step_scalars,
+    check_step_tensors,
+    overlapping,
+    readable_grads,
+    validate_options,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -83,11 +89,11 @@ def _write_trits(trits: Tensor, t: Tensor) -> None:
     trits.sub_((flat < 0).view(torch.uint8))
 
 
-def _chunks(nbytes: int) -> list[tuple[int, int]]:
-    """(first byte, bytes per chunk) of the runs of equal chunks: the full ones, then the rest."""
+def _chunks(nbytes: int) -> list[tuple[int, int, int]]:
+    """(first byte, end byte, bytes per chunk) of the runs of equal chunks: the full ones, then the rest."""
     full = nbytes // CHUNK_BYTES * CHUNK_BYTES
-    runs = [(0, CHUNK_BYTES)] if full else []
-    return runs + ([(full, nbytes - full)] if nbytes > full else [])
+    runs = [(0, full, CHUNK_BYTES)] if full else []
+    return runs + ([(full, nbytes, nbytes - full)] if nbytes > full else [])
 
 
 def pack_trits(trits: Tensor, out: Tensor | None = None) -> Tensor:
@@ -96,9 +102,7 @@ def pack_trits(trits: Tensor, out: Tensor | None = None) -> Tensor:
     ``out`` when given. Horner's rule in uint8 (every partial sum stays <= 242)."""
     nbytes = trits.numel() // TRITS_PER_BYTE
     out = torch.empty(nbytes, dtype=torch.uint8, device=trits.device) if out is None else out
-    full = nbytes // CHUNK_BYTES * CHUNK_BYTES
-    for first, size in _chunks(nbytes):
-        stop = full if size == CHUNK_BYTES else nbytes
+    for first, stop, size in _chunks(nbytes):
         digits = trits[first * TRITS_PER_BYTE:stop * TRITS_PER_BYTE].view(-1, TRITS_PER_BYTE, size)
         packed = out[first:stop].view(-1, size)
         torch.mul(digits[:, 4], 3, out=packed)
@@ -136,9 +140,7 @@ def unpack_signs(packed: Tensor, numel: int) -> Tensor:
     nbytes = packed.shape[-1]
     rows = packed.reshape(math.prod(packed.shape[:-1]), nbytes)
     signs = torch.empty((rows.shape[0], nbytes * TRITS_PER_BYTE), dtype=torch.uint8, device=packed.device)
-    full = nbytes // CHUNK_BYTES * CHUNK_BYTES
-    for first, size in _chunks(nbytes):
-        stop = full if size == CHUNK_BYTES else nbytes
+    for first, stop, size in _chunks(nbytes):
         rest = rows[:, first:stop].reshape(rows.shape[0], -1, size).clone()
         digits = signs[:, first * TRITS_PER_BYTE:stop * TRITS_PER_BYTE].view(rows.shape[0], -1, TRITS_PER_BYTE, size)
         for d in range(TRITS_PER_BYTE):
@@ -212,11 +214,12 @@ def _kernel_work(work: list[tuple], stochastic: bool) -> _KernelWork | None:
     kernels = cpu_kernel.sign_vote_kernels()
     if kernels is None:
         return None
-    n = len(tensors)
-    pointers = np.fromiter((t.data_ptr() for column in zip(*tensors) for t in column), np.int64, 3 * n)
-    numels = np.fromiter((p.numel() for p, _, _ in tensors), np.int64, n)
-    if ranges_overlap(pointers, np.tile(numels * 4, 3)):
+    columns = [list(column) for column in zip(*tensors)]  # params, grads, momenta
+    if overlapping([t for column in columns for t in column]):
         return None  # the kernel's threads would race on shared elements: tensor by tensor in torch
+    n = len(tensors)
+    pointers = np.fromiter((t.data_ptr() for column in columns for t in column), np.int64, 3 * n)
+    numels = np.fromiter(map(Tensor.numel, columns[0]), np.int64, n)
     groups = np.array([i for i, (_, params, _, _, _) in enumerate(work) for _ in params], dtype=np.int32)
     signs_hyper = np.array([(g["betas"][0], 1.0 - g["betas"][0], -1.0 if g["maximize"] else 1.0)
                             for g, *_ in work], dtype=np.float32)
