@@ -39,10 +39,11 @@ int64_t lion_hf_cpu_step(void) { return 0; }
 """
 
 
-def _cpp_step_in_a_new_process(numel: int, *, timeout: float) -> subprocess.CompletedProcess:
+def _cpp_step_in_a_new_process(numel: int, *, timeout: float, prelude: str = "") -> subprocess.CompletedProcess:
     """One impl='cpp' step of ``numel`` elements in a fresh process (nothing loaded yet), which
-    prints the warnings it raised and checks that the weights moved; it must exit cleanly."""
-    script = ("import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
+    prints the warnings it raised and checks that the weights moved; it must exit cleanly.
+    ``prelude`` runs first."""
+    script = (prelude + "import torch, warnings\nfrom lion_hf.optim.lion import lion\n"
               f"p, g, m = [torch.ones({numel})], [torch.ones({numel})], [torch.zeros({numel})]\n"
               "with warnings.catch_warnings(record=True) as caught:\n"
               "    warnings.simplefilter('always')\n"
@@ -165,6 +166,60 @@ def test_a_damaged_library_is_rebuilt_once_and_never_crashes_the_process(fresh_c
     assert load_library() is not None  # the rebuild is whole: it loads here too, without a warning
 
 
+def test_a_cut_short_library_whose_record_matches_it_is_rebuilt_not_a_bus_error(fresh_cache):
+    """A library cut short with a checksum record of the short file (a compiler wrapper or a full
+    disk that reported success, and the record was written from what it left) used to pass the
+    checksum and kill every process with SIGBUS, run after run. In a fresh process."""
+    import hashlib
+
+    load_library()
+    path = library_path(cxx_compiler())
+    whole = path.read_bytes()
+    cut = whole[: len(whole) // 2]
+    replacement = path.with_name("replacement")  # a new file: this process has the old one loaded
+    replacement.write_bytes(cut)
+    os.chmod(replacement, 0o700)
+    os.replace(replacement, path)
+    path.with_name(path.name + ".sha256").write_text(hashlib.sha256(cut).hexdigest())
+    result = _cpp_step_in_a_new_process(1000, timeout=300)  # the bus error was a negative return code
+    assert "not a whole library although its checksum record matches it" in result.stdout
+    assert "cut short" in result.stdout and "Rebuilding it" in result.stdout
+    assert path.stat().st_size == len(whole)
+
+
+def test_a_compiler_that_reports_success_for_a_cut_short_library_falls_back_to_foreach(fresh_cache, monkeypatch):
+    """Nothing of it is recorded or cached, and the process does not crash."""
+    cxx = _fake_compiler(fresh_cache, f'for a; do out="$a"; done\n{cxx_compiler()} "$@" || exit 1\n'
+                                      'head -c 100000 "$out" > "$out.cut" && mv "$out.cut" "$out"')
+    monkeypatch.setenv("CXX", str(cxx))
+    result = _cpp_step_in_a_new_process(1000, timeout=300)
+    assert "reported success but wrote no whole library" in result.stdout and "impl='foreach'" in result.stdout
+    assert not list((fresh_cache / "cache").iterdir())
+
+
+def test_a_compiler_that_leaves_a_process_holding_its_output_cannot_hang_the_build(fresh_cache, monkeypatch):
+    """A process the compiler leaves in another session (a compile server) holding its stdout and
+    stderr: the build used to wait for those pipes to close, with no limit, after its time limit
+    too. In a fresh process with a short limit; the sleeper is killed at the end."""
+    sleeper = fresh_cache / "sleeper.pid"
+    cxx = _fake_compiler(fresh_cache, f'setsid sleep 100000 &\necho $! > {sleeper}\nexec {cxx_compiler()} "$@"')
+    monkeypatch.setenv("CXX", str(cxx))
+    try:
+        start = time.monotonic()
+        result = _cpp_step_in_a_new_process(10, timeout=90,
+                                            prelude="from lion_hf.optim import cpu_kernel_build\n"
+                                                    "cpu_kernel_build.BUILD_TIMEOUT_S = 5\n")
+        assert time.monotonic() - start < 60
+        # Built within the limit (cpp runs), or killed at it (a warning, and foreach): never a hang.
+        assert "did not build" in result.stdout or "unavailable" not in result.stdout, result.stdout
+    finally:
+        if sleeper.exists() and sleeper.read_text().strip():
+            try:
+                os.kill(int(sleeper.read_text()), 9)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_failed_build_warns_once_and_the_step_runs_in_foreach(fresh_cache, monkeypatch):
     broken = fresh_cache / "broken-cxx"
     broken.write_text("#!/bin/sh\necho 'simulated compiler error' >&2\nexit 1\n")
@@ -205,32 +260,55 @@ def test_a_hung_build_is_killed_in_time_and_leaves_nothing_behind(fresh_cache, m
         pytest.fail("the compiler's child process survived the timeout")
 
 
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
 def test_a_leftover_of_a_dead_builder_on_this_host_is_removed_at_the_next_load(fresh_cache):
     """A pid means something only on its own host: another host's leftover (a home folder shared
     over NFS) is left alone, as is a live process's."""
     folder = fresh_cache / "cache"
     folder.mkdir(mode=0o700)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     name = library_path(cxx_compiler(), folder).name
     host = cpu_kernel_build._host_tag()
-    leftover = folder / f".{name}.{host}.{dead.pid}.tmp"
-    record_leftover = folder / f".{name}.sha256.{host}.{dead.pid}.tmp"
-    elsewhere = folder / f".{name}.{host}x.{dead.pid}.tmp"
-    alive = folder / f".{name}.{host}.{os.getppid()}.tmp"
-    for path in (leftover, record_leftover, elsewhere, alive):
+    pid = _dead_pid()
+    leftover = folder / f".lion_hf_build.{host}.{pid}.{pid}.0123456789abcdef"
+    old_leftover = folder / f".{name}.{host}.{pid}.tmp"  # what earlier versions wrote beside the library
+    old_record_leftover = folder / f".{name}.sha256.{host}.{pid}.tmp"
+    elsewhere = folder / f".lion_hf_build.{host}x.{pid}.{pid}.0123456789abcdef"
+    alive = folder / f".lion_hf_build.{host}.{os.getppid()}.1.0123456789abcdef"
+    for path in (leftover, elsewhere, alive):
+        path.mkdir()
+        (path / "ccTEMP.s").write_bytes(b"half a compile")
+    for path in (old_leftover, old_record_leftover):
         path.write_bytes(b"half a library")
     assert _step_is_correct()
-    assert not leftover.exists() and not record_leftover.exists()
+    assert not leftover.exists() and not old_leftover.exists() and not old_record_leftover.exists()
     assert elsewhere.exists() and alive.exists()
-    elsewhere.unlink()
-    alive.unlink()
-    dead_again = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead_again.wait()
-    late = folder / f".{name}.{host}.{dead_again.pid}.tmp"
-    late.write_bytes(b"half a library")
+    late = folder / f".lion_hf_build.{host}.{_dead_pid()}.7.fedcba9876543210"
+    late.mkdir()
     load_library()  # a load from the cache, with no build: it sweeps too
     assert not late.exists()
+
+
+def test_a_users_file_shaped_like_a_temporary_is_never_deleted(fresh_cache):
+    """The sweep used to delete any ``.*.<host>.<dead pid>.tmp`` in the cache folder, whatever its
+    prefix: a LION_HF_CACHE shared with other files lost them."""
+    folder = fresh_cache / "cache"
+    folder.mkdir(mode=0o700)
+    host = cpu_kernel_build._host_tag()
+    pid = _dead_pid()
+    mine = {folder / f".notes.{host}.{pid}.tmp": b"the user's notes",
+            folder / f".lion_cpu_kernel_draft.so.{host}.{pid}.tmp": b"not a name this package writes",
+            folder / f".lion_hf_build.{host}.{pid}.1.not-hex-at-all": b"a file, not a build folder"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    assert _step_is_correct()
+    load_library()
+    for path, data in mine.items():
+        assert path.read_bytes() == data, f"{path.name} was deleted or changed"
 
 
 def _open_fds() -> int:
@@ -247,8 +325,8 @@ def test_a_record_that_is_not_text_is_a_mismatch_and_leaks_no_descriptor(fresh_c
     record.write_bytes(b"\xff\xfe\x00 not a digest \x80")
     before = _open_fds()
     for _ in range(5):
-        fd, why = cpu_kernel_build._open_checked(path)
-        assert fd is None and "checksum record is missing or unreadable" in why
+        data, why = cpu_kernel_build._checked_bytes(path)
+        assert data is None and "checksum record is missing or unreadable" in why
     assert _open_fds() == before
     with pytest.warns(UserWarning, match="checksum record is missing or unreadable. Rebuilding it"):
         assert _step_is_correct()
@@ -325,14 +403,17 @@ def test_an_interrupted_build_kills_the_compiler_and_removes_its_temporary_file(
     real_popen = subprocess.Popen
 
     class InterruptedPopen(real_popen):
-        def communicate(self, *args, **kwargs):
-            if kwargs.get("timeout") is not None:
+        interrupted = False
+
+        def wait(self, timeout=None):
+            if not InterruptedPopen.interrupted and timeout == cpu_kernel_build.BUILD_TIMEOUT_S:
                 for _ in range(100):
                     if pid_file.exists() and pid_file.read_text().strip():
                         break
                     time.sleep(0.05)
+                InterruptedPopen.interrupted = True
                 raise KeyboardInterrupt
-            return super().communicate(*args, **kwargs)
+            return super().wait(timeout)
 
     monkeypatch.setattr(subprocess, "Popen", InterruptedPopen)
     with pytest.raises(KeyboardInterrupt):
@@ -358,6 +439,66 @@ def test_the_compiler_dies_with_the_process_that_started_it(fresh_cache):
     builder.kill()
     builder.wait()
     assert _wait_gone(compiler), "the compiler outlived the process that started it"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_compilers_own_children_die_with_the_process_that_started_the_build(fresh_cache):
+    """The parent's death signal reached only the compiler driver: its children (cc1plus, as) ran
+    on and left their temporaries in /tmp. Now they die too, and their temporaries lie in the
+    build's folder, which the next load sweeps."""
+    pid_file, temp_file = fresh_cache / "cc1plus.pid", fresh_cache / "temporary.path"
+    # Like g++: a child that writes a temporary file into $TMPDIR and works on.
+    cxx = _fake_compiler(fresh_cache, f'(echo partial > "$TMPDIR/ccTEST.s"; echo "$TMPDIR/ccTEST.s" > {temp_file}; '
+                                      f'exec sleep 60) &\necho $! > {pid_file}\nwait')
+    folder = fresh_cache / "cache"
+    folder.mkdir(mode=0o700)
+    script = ("from pathlib import Path\nfrom lion_hf.optim import cpu_kernel_build\n"
+              f"cpu_kernel_build._build({str(cxx)!r}, Path({str(folder / 'lib.so')!r}))\n")
+    builder = subprocess.Popen([sys.executable, "-c", script])
+    for _ in range(300):
+        if temp_file.exists() and temp_file.read_text().strip() and pid_file.read_text().strip():
+            break
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    builder.kill()
+    builder.wait()
+    try:
+        assert _wait_gone(child), "the compiler's child outlived the process that started the build"
+    finally:
+        if not _wait_gone(child):
+            os.kill(child, 9)
+    temporary = Path(temp_file.read_text().strip())
+    assert temporary.parent.parent == folder, f"the compiler's temporary went to {temporary}"
+    cpu_kernel_build._remove_stale_temporaries(folder)
+    assert not temporary.exists() and not list(folder.iterdir())
+
+
+def test_threads_taking_their_first_cpp_step_at_once_all_use_cpp(tmp_path):
+    """They used to share one temporary file (named after the pid alone) and all but one fell back
+    to foreach with a warning. In a fresh process, into an empty cache; a warning is an error."""
+    script = ("import threading, torch\nfrom lion_hf.optim import cpu_kernel\nfrom lion_hf.optim.lion import lion\n"
+              "barrier, errors = threading.Barrier(4), []\n"
+              "def step():\n"
+              "    p, g, m = [torch.ones(10)], [torch.ones(10)], [torch.zeros(10)]\n"
+              "    barrier.wait(timeout=60)\n"
+              "    try:\n"
+              "        lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "        assert torch.equal(p[0], torch.full((10,), 0.5)), p\n"
+              "    except BaseException as exc:\n"
+              "        errors.append(repr(exc))\n"
+              "threads = [threading.Thread(target=step) for _ in range(4)]\n"
+              "for t in threads:\n"
+              "    t.start()\n"
+              "for t in threads:\n"
+              "    t.join(timeout=280)\n"
+              "assert not errors and not any(t.is_alive() for t in threads), errors\n"
+              "assert cpu_kernel.build_failure is None and cpu_kernel._loaded is not None, cpu_kernel.build_failure\n")
+    env = {**os.environ, "LION_HF_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].endswith(".so") and names[1] == names[0] + ".sha256", names
 
 
 def test_processes_building_at_once_all_load_a_whole_library(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,8 @@ def _model_and_lion(**kwargs):
     ("weight_decay", float("inf"), r"param group 0: weight_decay must be a finite number >= 0, got inf"),
     ("betas", (0.9, 1.5), r"param group 0: betas: beta2 must be in \[0, 1\), got 1.5"),
     ("lr", True, r"param group 0: lr must be a real number, got True"),
+    ("lr", 1e39, r"param group 0: lr must be a finite number >= 0, got 1e\+39 \(finite in float32"),
+    ("weight_decay", 1e39, r"param group 0: weight_decay must be a finite number >= 0, got 1e\+39"),
 ])
 def test_a_checkpoint_with_a_bad_hyperparameter_is_refused_and_changes_nothing(key, value, match):
     model, opt = _model_and_lion()
@@ -189,10 +193,15 @@ def test_bools_and_other_non_numbers_are_refused(kwargs, match):
 
 
 def test_a_sign_flipping_decay_warns():
-    with pytest.warns(UserWarning, match=r"lr \* weight_decay = 1.5 >= 1"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         Lion([torch.nn.Parameter(torch.zeros(2))], lr=0.5, weight_decay=3.0)
+    assert [str(w.message)[:45] for w in caught] == ["Lion: param group 0: lr * weight_decay >= 1: "]
+    with warnings.catch_warnings():  # only groups that use the defaults warn
+        warnings.simplefilter("error")
+        Lion([{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}], lr=0.5, weight_decay=3.0)
     opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.1)
-    with pytest.warns(UserWarning, match="param group 1: lr \\* weight_decay = 2 >= 1"):
+    with pytest.warns(UserWarning, match="param group 1: lr \\* weight_decay >= 1"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0, "weight_decay": 2.0})
 
 
@@ -396,3 +405,120 @@ def test_lion_training_arguments_run_lions_group_validation(kwargs, match, tmp_p
 
     with pytest.raises(ValueError, match=match):
         LionTrainingArguments(output_dir=str(tmp_path), **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# What the kernels compute with (float32), on every door; the same error in every impl
+# --------------------------------------------------------------------------------------
+
+# Finite in float64, not in float32 (the kernels' lr, weight decay and decay factor 1 - lr * wd).
+FP32_OVERFLOWS = [({"lr": 1e39}, r"lr must be a finite number >= 0, got 1e\+39 \(finite in float32"),
+                  ({"weight_decay": 1e39}, r"weight_decay must be a finite number >= 0, got 1e\+39"),
+                  ({"lr": 1e30, "weight_decay": 1e10}, r"lr \* weight_decay = 1e\+40 .* is not finite in float32")]
+
+
+@pytest.mark.parametrize("values,match", FP32_OVERFLOWS)
+def test_a_hyperparameter_beyond_float32_is_refused_by_the_constructor_and_add_param_group(values, match):
+    """lr=1e39 used to pass: for_loop and cpp then wrote inf or NaN weights without an error."""
+    with pytest.raises(ValueError, match=match):
+        Lion([torch.nn.Parameter(torch.zeros(2))], **values)
+    opt = Lion([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    with pytest.raises(ValueError, match="param group 1: " + match):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], **values})
+    assert len(opt.param_groups) == 1
+    args = {"lr": 1e-3, "weight_decay": 0.0, **values}
+    with pytest.raises(ValueError, match=match):
+        lion([torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], beta1=0.9, beta2=0.99, **args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("values,match", FP32_OVERFLOWS)
+def test_a_hyperparameter_beyond_float32_set_mid_run_is_a_value_error_in_every_impl(impl, values, match):
+    model, opt = _model_and_lion(impl=impl)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    weights = model.weight.detach().clone()
+    opt.param_groups[0].update(values)
+    with pytest.raises(ValueError, match="param group 0: " + match):
+        opt.step()
+    assert torch.equal(model.weight.detach(), weights) and torch.isfinite(weights).all()
+
+
+def test_the_largest_float32_lr_is_accepted():
+    Lion([torch.nn.Parameter(torch.zeros(2))], lr=float(np.finfo(np.float32).max))
+
+
+def test_a_sign_flipping_decay_set_mid_run_warns_once_per_group():
+    """Set mid-run, lr * weight_decay >= 1 used to pass without the warning the constructor gives
+    (the weights then flip sign every step). The same text per group: Python's default filter
+    shows it once per group, however often a scheduler changes lr."""
+    model = torch.nn.Linear(4, 3)
+    opt = Lion([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-3, weight_decay=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    opt.param_groups[0]["lr"] = 20.0
+    with pytest.warns(UserWarning, match=r"param group 0: lr \* weight_decay >= 1: .* flips the weights' sign"):
+        opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for lr in (30.0, 40.0, 50.0):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+    flips = sorted(str(w.message).split(":")[1] for w in caught if "flips the weights' sign" in str(w.message))
+    assert flips == [" param group 0", " param group 1"], flips
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_inference_tensor_param_is_the_same_value_error_in_every_impl(impl):
+    """cpp used to update it (through raw pointers) where the other impls raised torch's error."""
+    with torch.inference_mode():
+        p = torch.ones(4)
+    with pytest.raises(ValueError, match=r"Lion: param 0 is an inference tensor .*inference_mode"):
+        lion([p], [torch.ones(4)], [torch.zeros(4)], lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
+    assert torch.equal(p, torch.ones(4))
+    m = torch.zeros(4)
+    with torch.inference_mode():
+        m_inference = m.clone()
+    with pytest.raises(ValueError, match=r"the momentum \(exp_avg\) of param 0 is an inference tensor"):
+        lion([torch.ones(4)], [torch.ones(4)], [m_inference], lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0,
+             impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_meta_params_are_the_same_value_error_in_every_impl(impl):
+    """cpp and triton used to raise another error (about the device) at construction."""
+    p = torch.nn.Parameter(torch.ones(4, device="meta"))
+    p.grad = torch.ones(4, device="meta")
+    opt = Lion([p], impl=impl)  # built before the model is materialised, as torch's optimizers allow
+    with pytest.raises(ValueError, match="Lion cannot step params on the meta device"):
+        opt.step()
+    meta = [torch.ones(4, device="meta")]
+    with pytest.raises(ValueError, match="Lion cannot step params on the meta device"):
+        lion(meta, meta, meta, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
+
+
+def test_a_momentum_on_the_meta_device_in_a_state_dict_is_refused_by_name():
+    """It used to be a RuntimeError from Tensor.item()."""
+    model, opt = _model_and_lion()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg"] = torch.zeros_like(saved["state"][0]["exp_avg"], device="meta")
+    with pytest.raises(ValueError, match=r"the exp_avg of param 0 is on the meta device: it holds no values"):
+        opt.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("key", ["lr", "betas", "weight_decay", "param_rounding"])
+def test_a_key_deleted_from_a_group_mid_run_is_a_value_error_naming_it(key):
+    """``del group["lr"]`` used to be a bare KeyError."""
+    model, opt = _model_and_lion()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    weights = model.weight.detach().clone()
+    del opt.param_groups[0][key]
+    with pytest.raises(ValueError, match=rf"param group 0: has no '{key}': every Lion param group holds"):
+        opt.step()
+    assert torch.equal(model.weight.detach(), weights)

@@ -58,9 +58,12 @@ def _library() -> ctypes.CDLL | None:
     global _loaded, build_failure
     if _loaded is None and build_failure is None:
         try:
-            library = cpu_kernel_build.load_library()
-            library.lion_hf_cpu_step, library.lion_hf_dist_signs, library.lion_hf_dist_apply  # noqa: B018
-            _loaded = library
+            # Threads taking their first cpp step at once: one builds and loads, the others wait for it.
+            with cpu_kernel_build.exclusive():
+                if _loaded is None and build_failure is None:
+                    library = cpu_kernel_build.load_library()
+                    library.lion_hf_cpu_step, library.lion_hf_dist_signs, library.lion_hf_dist_apply  # noqa: B018
+                    _loaded = library
         except Exception as exc:  # whatever went wrong, a step falls back to foreach and never raises it
             build_failure = exc
             warnings.warn(f"Lion: impl='cpp' is unavailable ({exc}); this and later steps use impl='foreach'",

@@ -67,7 +67,7 @@ def lion(
     group = validate_group(dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize,
                                 cautious=cautious, state_dtype="fp32", param_rounding=param_rounding))
     if impl != "auto":
-        for device in {p.device for p in params}:
+        for device in {p.device for p in params if not p.is_meta}:  # meta: the step's ValueError, in every impl
             resolve_impl(impl, device)
     if kahan_comps is None or param_rounding != "kahan":
         kahan_comps = [None] * len(params)
@@ -161,8 +161,10 @@ class Lion(Optimizer):
     ) -> None:
         _refuse_a_set(params)
         validate_options(impl, nonfinite_grad, impls=IMPLS)
+        # No sign-flip warning for the defaults: add_param_group warns for each group that uses them.
         defaults = validate_group(dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
-                                       cautious=cautious, state_dtype=state_dtype, param_rounding=param_rounding))
+                                       cautious=cautious, state_dtype=state_dtype, param_rounding=param_rounding),
+                                  warn_decay=False)
         defaults.pop("params", None)
         # Kept out of param_groups on purpose: load_state_dict restores groups from the
         # checkpoint, and a state saved under one impl must run under the one asked for now.
@@ -210,7 +212,8 @@ class Lion(Optimizer):
             validate_param(p)
         if self.impl != "auto":
             # Fail now, not at the first step, when the impl cannot run on these params' device.
-            for device in {p.device for p in param_group["params"]}:
+            # Meta params (materialised later) are the step's ValueError if still meta then, in every impl.
+            for device in {p.device for p in param_group["params"] if not p.is_meta}:
                 resolve_impl(self.impl, device)
         super().add_param_group(param_group)
 

@@ -7,6 +7,11 @@ place they enter calls it: ``Lion.__init__`` (the defaults), ``add_param_group``
 a user changed since (``group["lr"] = nan``). :func:`check_step_tensors` checks the tensors of
 a step for every impl alike, so that a bad input is the same ``ValueError`` whichever impl
 would have run.
+
+Every hyperparameter is checked for what the kernels compute with: they hold lr, the decay
+factor ``1 - lr * weight_decay`` and the betas in float32, so lr, weight_decay and their product
+must be finite in float32 (at most about 3.4e38), on every door: the constructor,
+``add_param_group``, a value set mid-run (the per-step check) and ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ _OTHER_OPTIMIZERS_GROUP_KEYS = frozenset({"eps", "amsgrad", "momentum", "dampeni
 _HYPERPARAMETERS = ("lr", "betas", "weight_decay")
 _DTYPE, _IS_SPARSE, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "is_sparse", "is_meta",
                                                                                  "nbytes"))
+# The largest finite float32: the kernels compute with lr, weight_decay and 1 - lr * weight_decay in float32,
+# and a larger value is inf there (the weights then become inf or NaN without any error).
+_FP32_MAX = float(np.finfo(np.float32).max)
+_GROUP_KEYS = ("lr", "betas", "weight_decay", "maximize", "cautious", "state_dtype", "param_rounding")
 
 
 def as_float(value: Any, what: str) -> float:
@@ -70,11 +79,19 @@ def _in_group(index: int | None) -> str:
     return "Lion: " if index is None else f"Lion: param group {index}: "
 
 
+def _missing_keys(group: dict[str, Any], index: int | None) -> None:
+    missing = [key for key in _GROUP_KEYS if key not in group]
+    if missing:
+        raise ValueError(f"{_in_group(index)}has no {', '.join(map(repr, missing))}: every Lion param group holds "
+                         f"{', '.join(_GROUP_KEYS)} (was a key deleted from optimizer.param_groups?)")
+
+
 def _hyperparameters(group: dict[str, Any], index: int | None) -> tuple[float, tuple[float, float], float]:
     where = _in_group(index)
     lr = as_float(group["lr"], f"{where}lr")
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
+    if not math.isfinite(lr) or lr < 0 or lr > _FP32_MAX:
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r} (finite in float32, in which the "
+                         f"kernels compute: at most {_FP32_MAX:.8g})")
     betas = group["betas"]
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
@@ -83,9 +100,22 @@ def _hyperparameters(group: dict[str, Any], index: int | None) -> tuple[float, t
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"{where}betas: {name} must be in [0, 1), got {beta!r}")
     weight_decay = as_float(group["weight_decay"], f"{where}weight_decay")
-    if not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not math.isfinite(weight_decay) or weight_decay < 0 or weight_decay > _FP32_MAX:
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay!r} (finite in "
+                         f"float32, in which the kernels compute: at most {_FP32_MAX:.8g})")
+    if lr * weight_decay > _FP32_MAX:
+        raise ValueError(f"{where}lr * weight_decay = {lr * weight_decay!r} (lr {lr!r}, weight_decay {weight_decay!r}) "
+                         f"is not finite in float32 (at most {_FP32_MAX:.8g}): the decay factor 1 - lr * weight_decay "
+                         "would be -inf in the kernels")
     return lr, (beta1, beta2), weight_decay
+
+
+def _warn_sign_flipping_decay(where: str, stacklevel: int) -> None:
+    # One text per group (no value in it): Python's default warning filter then shows it once per
+    # group and call site, however often a scheduler changes lr, as torch's own warnings behave.
+    warnings.warn(f"{where}lr * weight_decay >= 1: the decay factor 1 - lr * weight_decay is <= 0 and flips the "
+                  "weights' sign every step. Lion's weight_decay is multiplied by lr (decoupled, as in AdamW): use a "
+                  "smaller one.", stacklevel=stacklevel + 1)
 
 
 def validate_options(impl: Any = None, nonfinite_grad: Any = None, *, impls: tuple[str, ...] = ()) -> None:
@@ -97,18 +127,20 @@ def validate_options(impl: Any = None, nonfinite_grad: Any = None, *, impls: tup
         raise ValueError(f"Lion: nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
 
 
-def validate_group(group: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+def validate_group(group: dict[str, Any], index: int | None = None, *, warn_decay: bool = True) -> dict[str, Any]:
     """Check a param group's hyperparameters and options (lr, betas, weight_decay, maximize,
     cautious, state_dtype, param_rounding: every key present; another optimizer's option such as
     ``eps`` is refused); returns the group with lr, betas and weight_decay as floats. A bad value
-    is a ValueError naming the group, the key and the value. Warns when ``lr * weight_decay >= 1``:
-    the decay factor ``1 - lr * weight_decay`` is then zero or negative, which flips the weights'
-    sign every step instead of shrinking them."""
+    is a ValueError naming the group, the key and the value; a missing key is a ValueError naming
+    it. Warns when ``lr * weight_decay >= 1`` (unless ``warn_decay`` is False): the decay factor
+    ``1 - lr * weight_decay`` is then zero or negative, which flips the weights' sign every step
+    instead of shrinking them."""
     where = _in_group(index)
     foreign = sorted(set(group) & _OTHER_OPTIMIZERS_GROUP_KEYS)
     if foreign:
         raise ValueError(f"{where}{', '.join(map(repr, foreign))} is an option of other optimizers (AdamW, SGD, ...), "
                          "not Lion's (no epsilon, no amsgrad, no momentum term): remove it from the param group")
+    _missing_keys(group, index)
     lr, betas, weight_decay = _hyperparameters(group, index)
     for key in ("maximize", "cautious"):
         if not isinstance(group[key], bool):
@@ -117,28 +149,34 @@ def validate_group(group: dict[str, Any], index: int | None = None) -> dict[str,
         raise ValueError(f"{where}state_dtype must be one of {tuple(STATE_DTYPES)}, got {group['state_dtype']!r}")
     if group["param_rounding"] not in PARAM_ROUNDINGS:
         raise ValueError(f"{where}param_rounding must be one of {PARAM_ROUNDINGS}, got {group['param_rounding']!r}")
-    if lr * weight_decay >= 1.0:
-        warnings.warn(f"{where}lr * weight_decay = {lr * weight_decay:g} >= 1: the decay factor 1 - lr * "
-                      "weight_decay is <= 0 and flips the weights' sign every step. Lion's weight_decay is "
-                      "multiplied by lr (decoupled, as in AdamW): use a smaller one.", stacklevel=4)
+    if lr * weight_decay >= 1.0 and warn_decay:
+        _warn_sign_flipping_decay(where, stacklevel=4)
     return {**group, "lr": lr, "betas": betas, "weight_decay": weight_decay}
 
 
 def check_step_scalars(groups: list[dict[str, Any]]) -> None:
-    """The per-step check: each group's lr, betas and weight decay are still finite and in range
-    (a buggy scheduler can set NaN), and its options are still valid. Plain float comparisons;
-    the full :func:`validate_group` runs only where a bad value names its cause."""
+    """The per-step check: each group's lr, betas and weight decay are still in range and finite in
+    float32 (a buggy scheduler can set NaN or 1e39), its options are still valid and none of its
+    keys was deleted (a ValueError naming the group and the key). Warns, as the constructor does,
+    when a group's ``lr * weight_decay`` is now >= 1 (the same text per group: Python's default
+    warning filter shows it once per group). Plain float comparisons; the full
+    :func:`validate_group` runs only where a bad value names its cause."""
     for index, group in enumerate(groups):
-        lr, betas, weight_decay = group["lr"], group["betas"], group["weight_decay"]
-        # A tuple of two floats, else validate_group names what is wrong (a betas of length 3 included).
-        ok = type(betas) is tuple and len(betas) == 2 and type(betas[0]) is float and type(betas[1]) is float
-        ok = (ok and type(lr) is float and type(weight_decay) is float
-              and 0.0 <= lr < math.inf and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0
-              and 0.0 <= weight_decay < math.inf
-              and type(group["maximize"]) is bool and type(group["cautious"]) is bool
-              and group["param_rounding"] in PARAM_ROUNDINGS and group["state_dtype"] in STATE_DTYPES)
+        try:
+            lr, betas, weight_decay = group["lr"], group["betas"], group["weight_decay"]
+            # A tuple of two floats, else validate_group names what is wrong (a betas of length 3 included).
+            ok = type(betas) is tuple and len(betas) == 2 and type(betas[0]) is float and type(betas[1]) is float
+            ok = (ok and type(lr) is float and type(weight_decay) is float
+                  and 0.0 <= lr <= _FP32_MAX and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0
+                  and 0.0 <= weight_decay <= _FP32_MAX and lr * weight_decay <= _FP32_MAX
+                  and type(group["maximize"]) is bool and type(group["cautious"]) is bool
+                  and group["param_rounding"] in PARAM_ROUNDINGS and group["state_dtype"] in STATE_DTYPES)
+        except KeyError:
+            ok = False
         if not ok:  # raises naming the key, or accepts another real number type as a float
-            group.update(validate_group(group, index))
+            group.update(validate_group(group, index, warn_decay=False))
+        if group["lr"] * group["weight_decay"] >= 1.0:
+            _warn_sign_flipping_decay(_in_group(index), stacklevel=3)
 
 
 def validate_param(p: Any) -> None:
@@ -264,6 +302,18 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     if any(True in map(_IS_META, ts) for ts in (params, grads, exp_avgs)):
         raise ValueError("Lion cannot step params on the meta device: they hold no values. Materialise them first "
                          "(e.g. module.to_empty(device=...) and load the weights) and build the optimizer after.")
+    # The kernels write through raw pointers, past the check torch makes on an in-place op: every
+    # impl refuses what torch's in-place ops refuse.
+    if not torch.is_inference_mode_enabled():
+        comps = [c for c in kahan_comps if c is not None]
+        for name, tensors in (("param", params), ("momentum (exp_avg)", exp_avgs), ("Kahan residual", comps)):
+            if True in map(Tensor.is_inference, tensors):
+                i = _first(list(map(Tensor.is_inference, tensors)))
+                if name == "Kahan residual":
+                    i = [j for j, c in enumerate(kahan_comps) if c is not None][i]
+                raise ValueError(f"Lion: {_which(name, i)} is an inference tensor (made under torch.inference_mode()): "
+                                 "it cannot be updated in place outside inference mode. Make it outside inference "
+                                 "mode (or step a .clone() of it made there).")
     for name, tensors in (("param", params), ("momentum (exp_avg)", exp_avgs)):
         if not all(map(Tensor.is_contiguous, tensors)):
             for i, t in enumerate(tensors):
@@ -316,6 +366,9 @@ def check_loaded_state(state: dict[Any, Any]) -> None:
             value = entry.get(name)
             if name in entry and not isinstance(value, Tensor):
                 raise ValueError(f"Lion: the {name} of param {key!r} is a {type(value).__name__}, not a tensor")
+            if isinstance(value, Tensor) and value.is_meta:
+                raise ValueError(f"Lion: the {name} of param {key!r} is on the meta device: it holds no values, so "
+                                 "this state dict cannot be resumed (was it saved from a model not yet materialised?)")
             if isinstance(value, Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
                 bad = int((~torch.isfinite(value)).sum())
                 raise ValueError(f"Lion: the {name} of param {key!r} has {bad} NaN or inf value(s): the checkpoint "
