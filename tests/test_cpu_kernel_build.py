@@ -475,7 +475,19 @@ def test_the_compilers_own_children_die_with_the_process_that_started_the_build(
 
 def test_threads_taking_their_first_cpp_step_at_once_all_use_cpp(tmp_path):
     """They used to share one temporary file (named after the pid alone) and all but one fell back
-    to foreach with a warning. In a fresh process, into an empty cache; a warning is an error."""
+    to foreach with a warning. In a fresh process, into an empty cache; a warning is an error. The
+    compiler makes the overlap certain: the first one run compiles and exits 2 s later; any other
+    one rewrites its output file (as ld does) after the first wrote it, and exits after it."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cxx = _fake_compiler(tmp_path, 'wait_for() { i=0; while [ ! -e "$1" ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); '
+                                   'done; }\nfor a; do out="$a"; done\n'
+                                   f'if mkdir {marks}/first 2>/dev/null; then\n'
+                                   f'  {cxx_compiler()} "$@" || exit 1\n'
+                                   f'  touch {marks}/written; sleep 2; touch {marks}/exited; exit 0\nfi\n'
+                                   f'wait_for {marks}/written\ncp "$out" "$out.copy" && mv "$out.copy" "$out"\n'
+                                   f'wait_for {marks}/exited\nsleep 1')
+    cache = tmp_path / "cache"
     script = ("import threading, torch\nfrom lion_hf.optim import cpu_kernel\nfrom lion_hf.optim.lion import lion\n"
               "barrier, errors = threading.Barrier(4), []\n"
               "def step():\n"
@@ -493,11 +505,11 @@ def test_threads_taking_their_first_cpp_step_at_once_all_use_cpp(tmp_path):
               "    t.join(timeout=280)\n"
               "assert not errors and not any(t.is_alive() for t in threads), errors\n"
               "assert cpu_kernel.build_failure is None and cpu_kernel._loaded is not None, cpu_kernel.build_failure\n")
-    env = {**os.environ, "LION_HF_CACHE": str(tmp_path)}
+    env = {**os.environ, "LION_HF_CACHE": str(cache), "CXX": str(cxx)}
     result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in cache.iterdir())
     assert len(names) == 2 and names[0].endswith(".so") and names[1] == names[0] + ".sha256", names
 
 
