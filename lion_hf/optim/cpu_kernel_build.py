@@ -13,17 +13,22 @@ Trust model (docs/implementations.md says it for users):
   it is created with mode 0700. Any other folder (a shared ``/tmp`` path, a folder another user
   planted or made world-writable) is refused with a warning naming it, and the library is built
   into a fresh private folder of this process instead.
-* A library is loaded only if this user owns it, nobody else can write to it, and its SHA-256
-  matches the one recorded beside it when it was built. The file is opened once, checked and
-  hashed through that descriptor, and loaded through the same descriptor, so it cannot be
-  swapped between the check and the load.
+* A library is loaded only if this user owns it, nobody else can write to it, its SHA-256
+  matches the one recorded beside it when it was built, and it is a whole ELF file: every
+  segment the loader maps lies inside it. (A library cut short by a compiler wrapper or a full
+  disk that still reported success has a record that describes the short file; the loader would
+  map past its end and the process die with SIGBUS.) The file is opened once and read whole
+  through that descriptor, and the bytes checked are loaded from a sealed in-memory copy (Linux
+  ``memfd``; elsewhere a private temporary file): nothing can swap them between the check and
+  the load, and another process cutting or overwriting the cached file later (a ``cp`` over it)
+  cannot reach what this process has mapped.
 * A library that fails any check (truncated, corrupt, foreign, without its record) or fails to
   load is deleted and rebuilt once; if that fails too, the cpp impl is unavailable in this
   process and the step runs in ``foreach``, with a warning. Nothing is loaded unchecked, and a
   bad cache never crashes the process.
 * Time limits: the build gets :data:`BUILD_TIMEOUT_S` seconds, after which the compiler's whole
   process group is killed; so is it when the build is interrupted (KeyboardInterrupt,
-  SystemExit). No wait has no limit: the compiler writes its messages into an unnamed temporary
+  SystemExit). No wait is without a limit: the compiler writes its messages into an unnamed temporary
   file, not a pipe (a process it left behind in another session, a compile server, cannot keep
   the build waiting for the pipe to close), and a compiler that does not die within
   :data:`KILL_WAIT_S` seconds of the kill is abandoned with an error. On Linux the compiler runs
@@ -38,12 +43,8 @@ Trust model (docs/implementations.md says it for users):
   whose pid no longer runs) is removed at the next load; nothing else in the cache folder is
   ever deleted but this package's own library and record files. One thread of a process builds
   at a time (:func:`exclusive`).
-* A library is checked as an ELF file before it is loaded: every segment the loader maps must lie
-  inside the file. A library cut short (a compiler wrapper or a full disk that still reported
-  success, so that its checksum record describes the short file) is then refused and rebuilt,
-  instead of killing the process with SIGBUS. The checked bytes are loaded from a sealed
-  in-memory copy (Linux ``memfd``), so another process truncating or overwriting the cached file
-  (a ``cp`` over it) cannot change or cut what this process has mapped.
+* A compiler that reports success but leaves no whole library is a failed build: nothing of it
+  is recorded or cached.
 * Nothing read from the cache can hang or break a step: the library and its record are opened
   without blocking (a FIFO in their place is refused, not waited on) and must be regular files;
   a record that is not ASCII hex is a mismatch; every descriptor is closed.
@@ -90,7 +91,7 @@ BUILD_TIMEOUT_S = 120
 # How long a killed compiler may take to exit before the build gives up on it (a process in
 # uninterruptible sleep, on a hung network file system, outlives SIGKILL).
 KILL_WAIT_S = 10
-# A library is a few hundred KiB; a file far larger in its place is not one (and is not read whole).
+# A file far larger than any build of the kernel is not one (and is not read whole into memory).
 _MAX_LIBRARY_BYTES = 256 << 20
 
 _RECORD_SUFFIX = ".sha256"
@@ -101,6 +102,16 @@ _BUILD_FOLDER = re.compile(r"\.lion_hf_build\.([A-Za-z0-9_-]+)\.(\d+)\.\d+\.[0-9
 _OLD_TEMPORARY = re.compile(r"\.lion_cpu_kernel_[0-9a-f]{24}\.so(?:\.sha256)?\.([A-Za-z0-9_-]+)\.(\d+)\.tmp")
 # Reentrant: cpu_kernel holds it around its first load, which builds under it.
 _LOCK = threading.RLock()
+
+
+def _new_lock_after_fork() -> None:
+    # A child forked while another thread built holds a copy of the lock that nobody will release.
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def cxx_compiler() -> str | None:
