@@ -274,7 +274,8 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        kahan_comps: list[Tensor | None], param_rounding: str) -> list[torch.device]:
     """The tensors of one group's step (local shards), for every impl alike: each grad and momentum
     has its param's shape and device; dtypes are ones Lion computes with; no param is on the meta
-    device; a Kahan residual matches its param. ValueError naming the tensor; sparse gradients
+    device; nothing the step writes is an inference tensor (outside inference mode); a Kahan
+    residual matches its param. ValueError naming the tensor; sparse gradients
     are a RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons).
     Returns the devices the params are on, in order of first appearance."""
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
