@@ -187,6 +187,33 @@ def test_a_cut_short_library_whose_record_matches_it_is_rebuilt_not_a_bus_error(
     assert path.stat().st_size == len(whole)
 
 
+def test_a_running_process_survives_its_cached_library_being_cut_in_place(fresh_cache):
+    """The library used to be mapped from the cached file itself: a ``cp`` over it (which first
+    truncates it in place) killed every process using it with SIGBUS. Now it is mapped from a
+    private copy. In a fresh process."""
+    script = ("import os, torch\nfrom lion_hf.optim import cpu_kernel_build\nfrom lion_hf.optim.lion import lion\n"
+              "def step():\n"
+              "    p, g, m = [torch.ones(100000)], [torch.ones(100000)], [torch.zeros(100000)]\n"
+              "    lion(p, g, m, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl='cpp')\n"
+              "    assert torch.equal(p[0], torch.full((100000,), 0.5)), p\n"
+              "step()\n"
+              "os.truncate(cpu_kernel_build.library_path(cpu_kernel_build.cxx_compiler()), 4096)\n"
+              "step()\n")
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], env={**os.environ},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+
+
+def test_the_library_loads_from_a_private_file_where_memfds_are_refused(fresh_cache, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "memfd_create refused (vm.memfd_noexec)")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _step_is_correct()
+
+
 def test_a_compiler_that_reports_success_for_a_cut_short_library_falls_back_to_foreach(fresh_cache, monkeypatch):
     """Nothing of it is recorded or cached, and the process does not crash."""
     cxx = _fake_compiler(fresh_cache, f'for a; do out="$a"; done\n{cxx_compiler()} "$@" || exit 1\n'

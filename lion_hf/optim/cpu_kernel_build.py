@@ -454,20 +454,14 @@ def _checked_bytes(path: Path) -> tuple[bytes | None, str | None]:
 
 def _load_bytes(data: bytes) -> ctypes.CDLL:
     """Load the checked bytes from a copy of this process's own: a sealed memfd on Linux (nobody can
-    write, cut or grow it), else a private temporary file removed once loaded. What another process
-    does to the cached file later cannot reach the mapped library."""
+    write, cut or grow it), else (or where the kernel refuses executable memfds) a private
+    temporary file removed once loaded. What another process does to the cached file later cannot
+    reach the mapped library."""
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-        fd = os.memfd_create("lion_hf_cpu_kernel", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            with contextlib.suppress(OSError, AttributeError):  # the copy is private already; seals only add
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-            return ctypes.CDLL(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
+            return _load_from_memfd(data)
+        except OSError:
+            pass  # vm.memfd_noexec, or the library itself: the private file says which
     fd, name = tempfile.mkstemp(prefix="lion_hf_kernel_", suffix=".so")  # mode 0600, this user's
     try:
         with os.fdopen(fd, "wb") as f:
@@ -475,6 +469,20 @@ def _load_bytes(data: bytes) -> ctypes.CDLL:
         return ctypes.CDLL(name)
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def _load_from_memfd(data: bytes) -> ctypes.CDLL:
+    fd = os.memfd_create("lion_hf_cpu_kernel", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        with contextlib.suppress(OSError, AttributeError):  # the copy is private already; seals only add
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        return ctypes.CDLL(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _load_checked(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
