@@ -39,8 +39,9 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from lion_reference import lion_reference_step  # noqa: E402
+
 import lion_hf.optim.triton_kernel as lion_triton  # noqa: E402
-from lion_hf.optim.reference import lion_reference_step  # noqa: E402
 from lion_hf.optim.triton_kernel import BLOCK_SIZE, triton_lion_  # noqa: E402
 
 if not lion_triton.INTERPRET and not torch.cuda.is_available():
