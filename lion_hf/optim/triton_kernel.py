@@ -1,7 +1,8 @@
 """Fused multi-tensor Triton kernel for one Lion step (Chen et al. 2023).
 
-Semantics are those of :func:`lion_hf.optim.reference.lion_reference_step`, computed in fp32
-registers whatever the storage dtype::
+Semantics are those of :func:`lion_hf.optim.numerics.lion_tensor`, the one reference every impl
+is held to (and the one its self-check below compares with), computed in fp32 registers whatever
+the storage dtype::
 
     g  = -g if maximize
     c  = beta1 * m + (1 - beta1) * g ;  u = sign(c)           (sign(0) = sign(NaN) = 0, as torch.sign)
@@ -98,7 +99,6 @@ correct, slow, for debugging only. CPU tensors without the interpreter raise ``R
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -107,7 +107,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.numerics import PARAM_ROUNDINGS, StepGroup, lion_tensor, local
+from lion_hf.optim.numerics import StepGroup, lion_tensor, local
+from lion_hf.optim.options import PARAM_ROUNDINGS
 
 try:
     import triton
@@ -533,8 +534,6 @@ def _run_group(ps, gs, ms, cs, *, device: torch.device, **kwargs: Any) -> None:
 # (device, param dtype, momentum dtype, Kahan, aligned, maximize, cautious, skip, param rounding) -> why the
 # kernel's result differed from the reference on the probe, or None when it agreed.
 _verdicts: dict[tuple, str | None] = {}
-# Seconds spent on self-checks in this process (docs/implementations.md states what they cost).
-self_check_seconds = 0.0
 
 
 def _probe(device: torch.device, p_dtype: torch.dtype, m_dtype: torch.dtype, kahan: bool, aligned: bool):
@@ -585,11 +584,9 @@ def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int) 
 
 def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> str | None:
     """Run the kernel once on the probe of ``key``'s kind and compare with numerics.lion_tensor."""
-    global self_check_seconds
     verdict = _verdicts.get(key, ...)
     if verdict is not ...:
         return verdict
-    start = time.perf_counter()
     device, p_dtype, m_dtype, kahan, aligned, maximize, cautious, skip_nonfinite, _ = key
     ps, gs, ms, cs = _probe(device, p_dtype, m_dtype, kahan, aligned)
     refs = [[t.clone() for t in ts] for ts in (ps, ms, cs or [])]
@@ -609,7 +606,6 @@ def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> st
         if verdict is not None:
             break
     _verdicts[key] = verdict
-    self_check_seconds += time.perf_counter() - start
     if verdict is not None:
         warnings.warn(f"Lion: the Triton kernel's step differs from the reference on {device} for {p_dtype} params "
                       f"with {m_dtype} momentum (param_rounding={param_rounding!r}, cautious={cautious}, "
