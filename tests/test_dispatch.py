@@ -201,7 +201,7 @@ def test_the_impl_is_checked_once_per_step(monkeypatch, caller):
     from lion_hf.optim import lion as lion_module
 
     p = torch.nn.Parameter(torch.randn(10))
-    m = torch.zeros(10)
+    q, m = torch.randn(10), torch.zeros(10)
     opt = Lion([p], impl="foreach")
 
     def step():
@@ -209,7 +209,7 @@ def test_the_impl_is_checked_once_per_step(monkeypatch, caller):
         if caller == "Lion.step":
             opt.step()
         else:
-            lion([p], [p.grad], [m], lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="foreach")
+            lion([q], [torch.randn(10)], [m], lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="foreach")
 
     step()  # warm: the dispatcher's per-device cache is filled
     calls = []
