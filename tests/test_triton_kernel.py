@@ -655,7 +655,7 @@ def _dispatch_step(params, grads, moms, **flags):
 
     group = StepGroup(params, grads, moms, [None] * len(params), lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1,
                       maximize=False, cautious=False, param_rounding=flags.get("param_rounding", "nearest"))
-    run_step([group], impl=flags.get("impl", "triton"), skip_nonfinite=True)
+    run_step([group], impl=flags.get("impl", "triton"), nonfinite_grad="skip_elements")
 
 
 def _fresh_fp32_tensors(seed):
