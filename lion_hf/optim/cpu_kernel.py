@@ -203,8 +203,9 @@ def _vote_arguments(groups: list[StepGroup]) -> tuple | None:
     columns = [[t for group in groups for t in getattr(group, name)] for name in ("params", "grads", "exp_avgs")]
     if not columns[0]:
         return None
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               for column in columns for t in column):
+    tensors = [t for column in columns for t in column]
+    if (set(map(_DTYPE, tensors)) != {torch.float32} or set(map(Tensor.get_device, tensors)) != {-1}
+            or not all(map(Tensor.is_contiguous, tensors))):
         return None
     kernels = sign_vote_kernels()
     if kernels is None:
