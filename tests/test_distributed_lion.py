@@ -608,7 +608,7 @@ print("built", any(name.endswith(".so") for name in os.listdir(os.environ["LION_
 """
 
 
-@pytest.mark.parametrize("impl", ["foreach", "auto"])
+@pytest.mark.parametrize("impl", ["foreach", pytest.param("auto", marks=pytest.mark.slow)])  # auto: a fresh build
 def test_foreach_never_builds_or_loads_the_cpp_kernel(tmp_path, impl):
     """DistributedLion(impl="foreach") steps (both passes) without importing the kernel's module,
     building its library into an empty cache or mapping it; "auto" on the CPU does all three (where
