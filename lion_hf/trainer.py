@@ -21,7 +21,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim import IMPLS, DistributedLion, Lion
+from lion_hf.optim import OPTIONS, DistributedLion, Lion
 from lion_hf.optim.validation import validate_group, validate_options
 from lion_hf.param_groups import lion_param_groups, matrices_only
 from lion_hf.training_args import LionTrainingArguments, default_nonfinite_policy
@@ -350,8 +350,8 @@ class LionFactory:
         return Lion(lion_param_groups(model, weight_decay), **kwargs)
 
 
-_LION_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(Lion.__init__).parameters.items()
-                  if name not in ("self", "params")}
+# Lion's keyword arguments and their defaults: every option of the table but DistributedLion's vote.
+_LION_DEFAULTS = {name: option.default for name, option in OPTIONS.items() if name != "vote"}
 _LION_KWARGS = set(_LION_DEFAULTS)
 
 
@@ -369,7 +369,7 @@ def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, A
         raise ValueError("lr is required: HF does not pass args.learning_rate to an optimizer_cls_and_kwargs factory")
     # Fail here, not when the Trainer first builds the optimizer deep inside train().
     merged = {**_LION_DEFAULTS, **lion_kwargs}
-    validate_options(merged.pop("impl"), merged.pop("nonfinite_grad"), impls=IMPLS)
+    validate_options(merged.pop("impl"), merged.pop("nonfinite_grad"))
     validate_group(merged)
     return LionFactory, dict(lion_kwargs)
 

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import transformers
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from lion_hf.optim import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
+from lion_hf.optim.options import OPTIONS, VOTES
 from lion_hf.optim.validation import validate_group, validate_options
 
 __all__ = [
-    "LION_DISTRIBUTED",
-    "LION_OPTIM",
     "AdamWLikeLearningRateWarning",
     "LionTrainingArguments",
     "default_nonfinite_policy",
@@ -26,14 +21,17 @@ __all__ = [
 
 LION_OPTIM = "lion"
 # lion_distributed: "none" (Lion on the all-reduced gradient), or DistributedLion's vote.
-LION_DISTRIBUTED = ("none", "majority", "average")
+LION_DISTRIBUTED = ("none", *VOTES)
 # Short name for the baseline every comparison in this project uses (HF's default AdamW).
 ADAMW_ALIAS, ADAMW_BASELINE = "adamw", "adamw_torch_fused"
 
 # Above this a Lion lr was most likely copied from an AdamW config. Not HF's AdamW default 5e-5:
-# Lion's best full fine-tuning lrs in this project's studies reach 1e-4 (docs/evidence.md), and
+# Lion's best full fine-tuning lrs in this project's studies reach it (docs/evidence.md), and
 # warning at those would contradict them.
 _ADAMW_LIKE_LR = 1e-4
+# The line that built the arguments, for the lr warning: __post_init__ <- the dataclass's
+# generated __init__ <- its caller (HfArgumentParser's, when it parses them).
+_CALLERS_STACKLEVEL = 3
 
 
 class AdamWLikeLearningRateWarning(UserWarning):
@@ -41,25 +39,12 @@ class AdamWLikeLearningRateWarning(UserWarning):
     large Lion lr (LoRA adapters want one) can filter exactly this warning."""
 
 
-def _first_frame_outside_the_libraries() -> int:
-    """The ``stacklevel`` (counted from the caller of this function) of the first frame that is neither lion_hf,
-    transformers (HfArgumentParser) nor a dataclass-generated ``__init__`` (``<string>``): the line of the user's
-    code that built the arguments, which is what a warning about their value should point at."""
-    skipped = (str(Path(__file__).resolve().parent), str(Path(transformers.__file__).resolve().parent))
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and (frame.f_code.co_filename == "<string>"
-                                        or str(Path(frame.f_code.co_filename).resolve()).startswith(skipped)):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def scale_from_adamw(learning_rate: float, weight_decay: float, factor: float = 3.0) -> tuple[float, float]:
     """Lion (lr, weight_decay) from AdamW's: lr / factor and weight_decay * factor.
 
     Chen et al. advise a 3-10x smaller lr and a correspondingly larger weight decay, which keeps
     the effective decay ``lr * weight_decay`` unchanged. ``factor`` 3 is the conservative end of
-    that advice, and at small batch even it undershoots: in this project's fine-tunes the best
-    factor was 2, and 2 or less for LoRA adapters (docs/evidence.md). Run a small grid.
+    that advice; docs/evidence.md has the factors this project measured. Run a small grid.
     """
     if learning_rate <= 0 or weight_decay < 0 or factor <= 0:
         raise ValueError(
@@ -79,6 +64,13 @@ def default_nonfinite_policy(max_grad_norm: float | None) -> str:
     return "skip_step" if (max_grad_norm or 0) > 0 else "skip_elements"
 
 
+def _help(name: str, prefix: str = "") -> str:
+    """A Lion field's help: the option's own, and its choices."""
+    option = OPTIONS[name]
+    choices = f" One of {option.choices}." if option.choices and option.choices != (False, True) else ""
+    return f"Lion {prefix + ' ' if prefix else ''}{name}: {option.help}{choices}"
+
+
 @dataclass
 class LionTrainingArguments(TrainingArguments):
     r"""``TrainingArguments`` for training with Lion (``LionTrainer`` or ``lion_optimizers``).
@@ -92,9 +84,9 @@ class LionTrainingArguments(TrainingArguments):
 
     Defaults differ from ``TrainingArguments`` where Lion needs it: ``learning_rate`` is 2e-5
     (HF's AdamW default is 5e-5; Lion's update has unit size per element so it wants a smaller
-    lr: see :func:`scale_from_adamw`). A Lion lr above 1e-4 triggers a warning (5e-5 and 1e-4 were
-    Lion's best lrs in this project's full fine-tuning measurements); values the user set are
-    never changed.
+    lr: see :func:`scale_from_adamw`). A Lion lr above 1e-4 triggers a warning that points at
+    docs/evidence.md (what this project measured); values the user set are never changed. The
+    Lion fields' defaults and help come from ``lion_hf.optim.options.OPTIONS``.
 
     Args:
         lion_beta1: interpolation between momentum and gradient for the update (default 0.9).
@@ -126,36 +118,19 @@ class LionTrainingArguments(TrainingArguments):
     )
     learning_rate: float = field(
         default=2e-5,
-        metadata={"help": "Initial learning rate. Lion wants less than AdamW: measured here (MiniLM-L6 on SST-2, "
-                          "batch 32) its best was AdamW's / 2 for a full fine-tune (5e-5 vs 1e-4) and half AdamW's "
-                          "with LoRA (1e-3 vs 2e-3); docs/evidence.md. See scale_from_adamw."},
+        metadata={"help": "Initial learning rate. " + OPTIONS["lr"].help + " See scale_from_adamw."},
     )
-    lion_beta1: float = field(
-        default=0.9, metadata={"help": "Lion beta1: momentum/gradient interpolation for the update."}
-    )
-    lion_beta2: float = field(default=0.99, metadata={"help": "Lion beta2: decay of the momentum."})
-    lion_impl: str = field(
-        default="auto",
-        metadata={"help": f"Lion implementation, one of {IMPLS}. 'auto' = triton on CUDA, cpp (a C++ kernel "
-                          "built with g++) on the CPU, else foreach."},
-    )
-    lion_state_dtype: str = field(
-        default="fp32", metadata={"help": f"Momentum dtype, one of {tuple(STATE_DTYPES)} (bf16 halves state memory)."}
-    )
-    lion_param_rounding: str = field(
-        default="stochastic",
-        metadata={"help": f"How bf16/fp16 weights store each Lion step, one of {PARAM_ROUNDINGS}: 'stochastic' "
-                          "(unbiased, no memory), 'kahan' (+2 bytes/param), 'nearest' (drops steps under half "
-                          "an ulp). fp32 weights are exact whatever is chosen."},
-    )
-    lion_cautious: bool = field(
-        default=False, metadata={"help": "Cautious Lion: apply the update only where it agrees with the gradient."}
-    )
+    lion_beta1: float = field(default=OPTIONS["betas"].default[0], metadata={"help": _help("betas", "beta1 of")})
+    lion_beta2: float = field(default=OPTIONS["betas"].default[1], metadata={"help": _help("betas", "beta2 of")})
+    lion_impl: str = field(default=OPTIONS["impl"].default, metadata={"help": _help("impl")})
+    lion_state_dtype: str = field(default=OPTIONS["state_dtype"].default, metadata={"help": _help("state_dtype")})
+    lion_param_rounding: str = field(default=OPTIONS["param_rounding"].default,
+                                     metadata={"help": _help("param_rounding")})
+    lion_cautious: bool = field(default=OPTIONS["cautious"].default, metadata={"help": _help("cautious")})
     lion_nonfinite_grad: str | None = field(
         default=None,
-        metadata={"help": f"What a NaN/inf gradient does, one of {NONFINITE_POLICIES} (see lion_hf.Lion). "
-                          "Default: skip_step when max_grad_norm > 0 (clipping spreads a NaN to every "
-                          "gradient), else skip_elements."},
+        metadata={"help": _help("nonfinite_grad") + " Default here: skip_step when max_grad_norm > 0 (clipping "
+                          "spreads a NaN to every gradient), else skip_elements."},
     )
 
     lion_distributed: str = field(
@@ -181,10 +156,6 @@ class LionTrainingArguments(TrainingArguments):
         super().__post_init__()
         if use_lion:
             self.optim = LION_OPTIM
-        for name in ("lion_beta1", "lion_beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.lion_nonfinite_grad is None:
             self.lion_nonfinite_grad = default_nonfinite_policy(self.max_grad_norm)
         elif (use_lion and self.lion_nonfinite_grad == "skip_elements"
@@ -193,21 +164,20 @@ class LionTrainingArguments(TrainingArguments):
                 f"lion_nonfinite_grad='skip_elements' with max_grad_norm={self.max_grad_norm:g}: gradient clipping "
                 "turns one NaN/inf element into NaN or zero gradients everywhere, so a bad step still moves the "
                 "weights (through momentum and weight decay). 'skip_step' skips such steps whole.",
-                stacklevel=2,
+                stacklevel=_CALLERS_STACKLEVEL,
             )
-        choices = {
-            "lion_impl": IMPLS,
-            "lion_state_dtype": tuple(STATE_DTYPES),
-            "lion_nonfinite_grad": NONFINITE_POLICIES,
-            "lion_param_rounding": PARAM_ROUNDINGS,
-            "lion_distributed": LION_DISTRIBUTED,
-        }
-        for name, allowed in choices.items():
+        choices = {f"lion_{name}": OPTIONS[name].choices
+                   for name in ("impl", "state_dtype", "nonfinite_grad", "param_rounding", "cautious")}
+        for name, allowed in {**choices, "lion_distributed": LION_DISTRIBUTED}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("lion_beta1", "lion_beta2"):  # Lion's range, checked whether or not Lion trains
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         if use_lion:  # Lion's own group validation: a nan/inf lr or weight decay fails here, not at train()
             kwargs = self.lion_kwargs()
-            validate_options(kwargs.pop("impl"), kwargs.pop("nonfinite_grad"), impls=IMPLS)
+            validate_options(kwargs.pop("impl"), kwargs.pop("nonfinite_grad"))
             validate_group({**kwargs, "maximize": False})
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
@@ -215,16 +185,15 @@ class LionTrainingArguments(TrainingArguments):
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if use_lion and self.learning_rate > _ADAMW_LIKE_LR:
             lr = self.learning_rate
-            decay = (f" and weight_decay={self.weight_decay * 2:.3g} (the same lr * weight_decay)"
-                     if self.weight_decay > 0 else "")
+            lion_lr, lion_decay = scale_from_adamw(lr, self.weight_decay)
+            decay = f" and weight_decay={lion_decay:.3g} (the same lr * weight_decay)" if self.weight_decay > 0 else ""
             warnings.warn(
                 f"learning_rate={lr:g} looks like an AdamW value for Lion, whose update has the same size in "
-                f"every element. Measured here (MiniLM-L6 on SST-2, batch 32): Lion's best full fine-tuning lr was "
-                f"AdamW's / 2 (5e-5 against 1e-4), so try learning_rate={lr / 2:.3g}{decay}; with LoRA adapters "
-                f"Lion tied AdamW at half its lr (1e-3 against 2e-3), where an lr this large can be right. Keeping "
-                f"the value you set.",
+                f"every element and wants a smaller lr: scale_from_adamw suggests learning_rate={lion_lr:.3g}"
+                f"{decay}; docs/evidence.md has the lrs this project measured (with LoRA adapters an lr this large "
+                f"can be right). Keeping the value you set.",
                 AdamWLikeLearningRateWarning,
-                stacklevel=_first_frame_outside_the_libraries(),
+                stacklevel=_CALLERS_STACKLEVEL,
             )
 
     @property

@@ -119,7 +119,7 @@ def run(impl, tensors, flags, policy, bad):
     group = StepGroup(params, grads, moms, comps, **flags)
     torch.manual_seed(1234)
     try:
-        run_step([group], impl=impl, skip_nonfinite=policy == "skip_elements")
+        run_step([group], impl=impl, nonfinite_grad="skip_elements" if policy == "skip_elements" else "propagate")
     except (ValueError, RuntimeError) as exc:
         return (type(exc).__name__, str(exc)), None
     return None, (params, moms, comps)

@@ -12,19 +12,23 @@ OPTIM = PACKAGE / "optim"
 
 # Which lion_hf.optim modules each module may import (lazily or not): the layering, bottom to top.
 ALLOWED = {
-    "numerics": set(),
-    "reference": set(),
+    "options": set(),
+    "numerics": {"options"},
+    "signs": {"options"},
     "cpu_kernel_build": set(),
-    "validation": {"numerics"},
-    "for_loop": {"numerics"},
-    "foreach": {"numerics"},
-    "triton_kernel": {"numerics"},
+    "validation": {"options", "numerics"},
+    "for_loop": {"numerics", "signs"},
+    "foreach": {"numerics", "signs"},
+    "triton_kernel": {"options", "numerics", "signs"},
     "cpu_kernel": {"numerics", "cpu_kernel_build"},
-    "dispatch": {"numerics", "validation", "for_loop", "foreach", "cpu_kernel", "cpu_kernel_build", "triton_kernel"},
-    "lion": {"numerics", "validation", "dispatch"},
-    "distributed": {"numerics", "validation", "dispatch", "cpu_kernel", "lion"},
-    "__init__": {"numerics", "dispatch", "lion", "distributed", "reference"},
+    "dispatch": {"options", "numerics", "signs", "validation", "for_loop", "foreach", "cpu_kernel", "cpu_kernel_build",
+                 "triton_kernel"},
+    "lion": {"options", "numerics", "validation", "dispatch"},
+    # DistributedLion runs its passes through the dispatcher: it imports no impl.
+    "distributed": {"options", "numerics", "signs", "validation", "dispatch", "lion"},
+    "__init__": {"options", "dispatch", "lion", "distributed"},
 }
+IMPL_MODULES = {"for_loop", "foreach", "cpu_kernel", "cpu_kernel_build", "triton_kernel"}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -58,6 +62,21 @@ def test_optim_modules_import_only_the_layers_below_them():
         assert imported <= ALLOWED[name], f"lion_hf/optim/{name}.py imports {sorted(imported - ALLOWED[name])}"
         assert not any(module.startswith("lion_hf.") and not module.startswith("lion_hf.optim")
                        for module, _ in _imports(OPTIM / f"{name}.py")), f"{name} imports outside lion_hf.optim"
+
+
+def test_only_the_dispatcher_calls_an_impl():
+    """Lion, lion() and DistributedLion step through dispatch (prepare_step, apply_step, vote_signs,
+    vote_apply): none of them imports an impl's module, lazily or not, nor names an impl's function."""
+    impl_functions = {"for_loop_lion", "for_loop_signs", "for_loop_vote_apply", "foreach_lion", "foreach_signs",
+                      "foreach_vote_apply", "cpp_lion", "cpp_signs", "cpp_vote_apply", "triton_lion",
+                      "sign_vote_kernels", "kernel"}
+    for name in ("lion", "distributed"):
+        imported = {module.removeprefix("lion_hf.optim.") for module, _ in _imports(OPTIM / f"{name}.py")}
+        assert not imported & IMPL_MODULES, f"{name}.py imports {sorted(imported & IMPL_MODULES)}"
+        tree = ast.parse((OPTIM / f"{name}.py").read_text())
+        called = {node.attr if isinstance(node, ast.Attribute) else node.id
+                  for node in ast.walk(tree) if isinstance(node, (ast.Attribute, ast.Name))}
+        assert not called & impl_functions, f"{name}.py names {sorted(called & impl_functions)}"
 
 
 def test_no_private_name_is_imported_from_another_module():

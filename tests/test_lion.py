@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+from lion_reference import lion_reference_step
 from optim_helpers import assert_close_rel, roundtrip, stepped_lion
 
 from lion_hf import Lion
-from lion_hf.optim.reference import lion_reference_step
 
 CPU_IMPLS = ["for_loop", "foreach", "cpp"]
 # triton runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py).

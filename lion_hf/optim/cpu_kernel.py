@@ -4,13 +4,15 @@ The kernel takes plain contiguous CPU tensors of every kind the other impls take
 fp16 params (a grad of the param's dtype, or any other float grad, which is upcast to fp32 as
 :func:`~lion_hf.optim.numerics.lion_tensor` upcasts it), fp32 or bf16 momenta, each
 ``param_rounding`` (Kahan residuals included). Given the same seeds it computes the step of
-``impl="for_loop"`` bit for bit. What it does not take, it leaves to the dispatcher, which runs
-it with ``foreach`` (one rule, in ``dispatch``): a tensor that is not contiguous (of param, grad,
-momentum or residual). It checks no memory itself: the dispatcher hands it only tensors that
-passed ``validation.check_step_tensors`` (in-bounds storage, no zero tensor or negated view) and
-a step whose tensors do not overlap (one check in ``dispatch.run_step`` over every tensor of the
-step, by strided extent; a step whose tensors overlap runs in ``for_loop``, as the kernel's
-threads would race on shared elements).
+:func:`~lion_hf.optim.numerics.lion_tensor` (the reference; ``impl="for_loop"``) bit for bit.
+What it does not take, it leaves to the dispatcher, which runs it with ``foreach`` (one rule,
+in ``dispatch``): a tensor that is not contiguous (of param, grad, momentum or residual). It
+checks no memory itself: the dispatcher hands it only tensors that passed
+``validation.check_step_tensors`` (in-bounds storage, no zero tensor or negated view) and a step
+whose tensors do not overlap (one check in ``dispatch.apply_step`` over every tensor of the step,
+by strided extent; a step whose tensors overlap runs in ``for_loop``, as the kernel's threads
+would race on shared elements). DistributedLion's two passes (:func:`cpp_signs`,
+:func:`cpp_vote_apply`) take the whole step or none of it.
 
 The library is built and loaded by :mod:`~lion_hf.optim.cpu_kernel_build`. If that fails, a
 warning says why, this process records the failure (``build_failure``), and ``dispatch`` then
@@ -33,7 +35,7 @@ from torch.autograd.graph import increment_version
 from lion_hf.optim import cpu_kernel_build
 from lion_hf.optim.numerics import StepGroup
 
-__all__ = ["build_failure", "cpp_lion", "kernel", "sign_vote_kernels"]
+__all__ = ["build_failure", "cpp_lion", "cpp_signs", "cpp_vote_apply", "kernel", "sign_vote_kernels"]
 
 # Set when the kernel failed to build or load in this process; ``dispatch`` reads it.
 build_failure: Exception | None = None
@@ -192,3 +194,65 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]
     # in-place op would (a stale saved tensor is then caught, as in the other impls).
     increment_version([*ps, *ms, *[c for c in cs if c is not None]])
     return lefts
+
+
+# --------------------------------------------------------------------------------------
+# DistributedLion's two passes (lion_hf_dist_signs, lion_hf_dist_apply)
+# --------------------------------------------------------------------------------------
+
+
+def _vote_arguments(groups: list[StepGroup]) -> tuple | None:
+    """The two passes' arguments when the kernel takes the whole step (every tensor a contiguous
+    fp32 CPU tensor; the dispatcher has already sent a step whose tensors overlap to for_loop),
+    else None: then the step runs in foreach, with the same arithmetic and the same bytes."""
+    columns = [[t for group in groups for t in getattr(group, name)] for name in ("params", "grads", "exp_avgs")]
+    if not columns[0]:
+        return None
+    tensors = [t for column in columns for t in column]
+    if (set(map(_DTYPE, tensors)) != {torch.float32} or set(map(Tensor.get_device, tensors)) != {-1}
+            or not all(map(Tensor.is_contiguous, tensors))):
+        return None
+    kernels = sign_vote_kernels()
+    if kernels is None:
+        return None
+    n = len(columns[0])
+    pointers = np.fromiter((t.data_ptr() for column in columns for t in column), np.int64, 3 * n)
+    numels = np.fromiter(map(Tensor.numel, columns[0]), np.int64, n)
+    members = np.array([i for i, group in enumerate(groups) for _ in group.params], dtype=np.int32)
+    signs_hyper = np.array([(g.beta1, 1.0 - g.beta1, -1.0 if g.maximize else 1.0) for g in groups], dtype=np.float32)
+    apply_hyper = np.array([(g.lr, g.decay, g.beta2, 1.0 - g.beta2, -1.0 if g.maximize else 1.0) for g in groups],
+                           dtype=np.float32)
+    return kernels, n, pointers, numels, members, signs_hyper, apply_hyper, columns
+
+
+def cpp_signs(groups: list[StepGroup], out: Tensor, *, zero_nonfinite: bool, count_nonfinite: bool) -> int | None:
+    """Pass 1: the packed signs of the step's ``c`` written to ``out`` (uint8, CPU, the bytes after
+    the header); returns the number of non-finite gradient elements (0 unless ``count_nonfinite``),
+    or None when the kernel does not take the step (nothing written)."""
+    arguments = _vote_arguments(groups)
+    if arguments is None:
+        return None
+    (signs, _), n, pointers, numels, members, signs_hyper, _, _ = arguments
+    address = pointers.ctypes.data
+    return int(signs(n, address + 8 * n, address + 16 * n, numels.ctypes.data, members.ctypes.data,
+                     signs_hyper.ctypes.data, zero_nonfinite, count_nonfinite, out.data_ptr(),
+                     torch.get_num_threads()))
+
+
+def cpp_vote_apply(groups: list[StepGroup], gathered: Tensor, offset: int, *, average: bool,
+                   keep_nonfinite_momentum: bool) -> bool:
+    """Pass 2: every rank's packed signs (``gathered``: (world size, bytes per rank) uint8, the
+    signs at byte ``offset`` of each row) summed and voted, and the step applied. False when the
+    kernel does not take the step (nothing changed)."""
+    arguments = _vote_arguments(groups)
+    if arguments is None:
+        return False
+    (_, apply), n, pointers, numels, members, _, apply_hyper, columns = arguments
+    world = gathered.shape[0]
+    address = pointers.ctypes.data
+    apply(n, address, address + 8 * n, address + 16 * n, numels.ctypes.data, members.ctypes.data,
+          apply_hyper.ctypes.data, gathered.data_ptr() + offset, world, gathered.shape[1], average, 1.0 / world,
+          keep_nonfinite_momentum, torch.get_num_threads())
+    # Written through raw pointers: bump the version counters as an in-place op would.
+    increment_version(columns[0] + columns[2])
+    return True

@@ -2,12 +2,15 @@
 
 :func:`resolve_impl` is the one function that decides which implementation runs on a device
 (``auto``: ``triton`` on CUDA, ``cpp`` on the CPU, ``foreach`` wherever those cannot run), and
-:func:`impl_unavailable` the one that says why an impl cannot run. :func:`run_step` is the path
-of every step, from ``Lion.step`` and from the functional ``lion()``: it takes the local shards
-of DTensors, makes grads readable (zero tensors, negated views), checks the tensors for every impl
-alike (shapes, dtypes, devices, memory that is really there), checks an explicit impl again for
-each device, runs the ``skip_step`` / ``raise`` gate, draws the stochastic-rounding seeds, splits
-the tensors by device, and runs each device's impl. The one rule for what a fused kernel does not
+:func:`impl_unavailable` the one that says why an impl cannot run. Every step, from ``Lion.step``,
+the functional ``lion()`` and ``DistributedLion.step``, takes one path in two stages.
+:func:`prepare_step` takes the local shards of DTensors, makes grads readable (zero tensors,
+negated views), checks the tensors for every impl alike (shapes, dtypes, devices, memory that is
+really there), resolves the impl of each device (an explicit one is checked again there), runs the
+``skip_step`` / ``raise`` gate and draws the stochastic-rounding seeds. :func:`apply_step` splits
+the tensors by device and runs each device's impl (:func:`run_step` is the two in a row);
+DistributedLion runs its two passes over the same prepared step with :func:`vote_signs` and
+:func:`vote_apply`, in the same impls. The one rule for what a fused kernel does not
 take (``cpp``: tensors that are not contiguous; ``triton``: tensors it cannot update as flat
 memory): the kernel leaves them untouched and they run in ``foreach``, the impl that runs
 everywhere. A call whose tensors share memory (a param listed twice, overlapping views) runs in
@@ -25,19 +28,29 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from lion_hf.optim.cpu_kernel_build import cxx_compiler
-from lion_hf.optim.for_loop import for_loop_lion
-from lion_hf.optim.foreach import foreach_lion
-from lion_hf.optim.numerics import PLAIN_TENSOR_TYPES, StepGroup, local, step_may_proceed, with_seeds
+from lion_hf.optim.for_loop import for_loop_lion, for_loop_signs, for_loop_vote_apply
+from lion_hf.optim.foreach import foreach_lion, foreach_signs, foreach_vote_apply
+from lion_hf.optim.numerics import PLAIN_TENSOR_TYPES, StepGroup, all_finite, local, step_may_proceed, with_seeds
+from lion_hf.optim.options import IMPLS
+from lion_hf.optim.signs import TRITS_PER_BYTE, ZERO_SIGNS_BYTE, combine_signs, pack_trits, packed_nbytes
 from lion_hf.optim.validation import check_step_tensors, overlapping, readable_grads
 
-__all__ = ["IMPLS", "impl_unavailable", "resolve_impl", "run_step"]
-
-IMPLS = ("auto", "for_loop", "foreach", "cpp", "triton")
+__all__ = [
+    "PreparedStep",
+    "apply_step",
+    "impl_unavailable",
+    "prepare_step",
+    "resolve_impl",
+    "run_step",
+    "vote_apply",
+    "vote_signs",
+]
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,9 +113,12 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     the device raises RuntimeError saying why (a failed C++ build is not such a reason: its steps
     run in ``foreach``)."""
     if impl not in IMPLS:
-        hint = " (the torch.compile impl was removed: 'cpp' is the CPU kernel)" if impl == "compiled" else ""
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}{hint}")
-    device = torch.device(device)
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return _resolve(impl, torch.device(device))
+
+
+def _resolve(impl: str, device: torch.device) -> str:
+    # resolve_impl past the check of the name, which the optimizer made once for the step.
     if impl == "auto":
         preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
         if preferred is not None and impl_unavailable(preferred, device) is None:
@@ -149,50 +165,155 @@ def _local(group: StepGroup) -> StepGroup:
 def _explicit_impl_checked(impl: str, device: torch.device, cxx_setting: str | None) -> str:
     # Cached: the step's check of an explicit impl then costs a dict lookup per device. A failure
     # raises and is not cached, so it is raised again at every step.
-    return resolve_impl(impl, device)
+    return _resolve(impl, device)
 
 
-def run_step(groups: list[StepGroup], *, impl: str, skip_nonfinite: bool, nonfinite_grad: str | None = None,
-             grad_norm: float | torch.Tensor | None = None) -> bool:
-    """One step over the groups' tensors (hyperparameters already validated). ``impl`` may be
-    ``auto`` (resolved per device) or an explicit impl, checked again here for each device the
-    tensors are on (a model moved with ``.cuda()`` after ``Lion(..., impl="cpp")`` was built is a
-    RuntimeError, not a kernel reading device memory); a kernel that turns out unusable at run
-    time (the C++ build failed) leaves its tensors to ``foreach``.
+class PreparedStep(NamedTuple):
+    """A step ready to run: the groups' local, readable, checked tensors (with their seeds, once
+    drawn), the impl of each device they are on (in order of first appearance), and whether an
+    element with a NaN/inf gradient is to be left unchanged."""
 
-    The tensors are checked first, then, under ``nonfinite_grad`` "skip_step" or "raise", the
-    non-finite gate runs (:func:`~lion_hf.optim.numerics.step_may_proceed`, with ``grad_norm``
-    when the caller has it); returns False when it skipped the step, else True."""
+    groups: list[StepGroup]
+    impls: dict[torch.device, str]
+    skip_nonfinite: bool
+
+
+def prepare_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str, grad_norm: float | Tensor | None = None,
+                 gate: bool = True, draw_seeds: bool = True) -> PreparedStep | None:
+    """The first stage of every step (hyperparameters and ``impl``'s name already validated, once,
+    by the caller): local shards, readable grads, the tensor checks, each device's impl (an
+    explicit impl is checked again for each device the tensors are on: a model moved with
+    ``.cuda()`` after ``Lion(..., impl="cpp")`` was built is a RuntimeError, not a kernel reading
+    device memory), then, with ``gate`` under ``nonfinite_grad`` "skip_step" or "raise", the
+    non-finite gate (:func:`~lion_hf.optim.numerics.step_may_proceed`, with ``grad_norm`` when the
+    caller has it), and the stochastic-rounding seeds (``draw_seeds``; DistributedLion draws them
+    later, from rank 0's seed). None when the gate skipped the step."""
     gate_grads = [g for group in groups for g in group.grads]  # DTensors kept: the gate agrees over their mesh
     groups = [_local(group) for group in groups if group.params]
     devices: dict[torch.device, None] = {}  # ordered: the first group's device first
     for group in groups:
         devices.update(dict.fromkeys(check_step_tensors(group.params, group.grads, group.exp_avgs,
                                                         group.kahan_comps, group.param_rounding)))
-    concrete_impls = {device: resolve_impl(impl, device) if impl == "auto"
-                      else _explicit_impl_checked(impl, device, os.environ.get("CXX")) for device in devices}
-    if nonfinite_grad in ("skip_step", "raise"):
+    cxx = os.environ.get("CXX")
+    impls = {device: _resolve(impl, device) if impl == "auto" else _explicit_impl_checked(impl, device, cxx)
+             for device in devices}
+    skip_nonfinite = nonfinite_grad == "skip_elements"
+    if gate and nonfinite_grad in ("skip_step", "raise"):
         if not step_may_proceed(nonfinite_grad, gate_grads, grad_norm):
-            return False
-        skip_nonfinite = False  # all finite: the masked path would change nothing
-    if not groups:
-        return True
-    groups = with_seeds(groups)
-    for device, concrete in concrete_impls.items():
-        if len(devices) == 1:
-            on_device = groups
-        else:
-            on_device = [group.subset([i for i, p in enumerate(group.params) if p.device == device])
-                         for group in groups]
-            on_device = [group for group in on_device if group.params]
-        # Tensors that share memory update one after the other, whichever impl was asked for: one
-        # check over every tensor of the step on this device, by their strided extents.
-        if concrete != "for_loop" and overlapping(
-                [t for group in on_device for ts in group[:4] for t in ts if t is not None]):
+            return None
+    if draw_seeds and groups:
+        groups = with_seeds(groups)
+    return PreparedStep(groups, impls, skip_nonfinite)
+
+
+def _on_device(prepared: PreparedStep, device: torch.device) -> list[StepGroup]:
+    if len(prepared.impls) == 1:
+        return prepared.groups
+    on_device = [group.subset([i for i, p in enumerate(group.params) if p.device == device])
+                 for group in prepared.groups]
+    return [group for group in on_device if group.params]
+
+
+def _shares_memory(groups: list[StepGroup]) -> bool:
+    # One check over every tensor of the step on a device, by their strided extents.
+    return overlapping([t for group in groups for ts in group[:4] for t in ts if t is not None])
+
+
+def apply_step(prepared: PreparedStep) -> None:
+    """The second stage: each device's impl runs its share of the step. What a fused kernel
+    leaves runs in ``foreach``; tensors that share memory update one after the other in
+    ``for_loop``, whichever impl was asked for."""
+    skip_nonfinite = prepared.skip_nonfinite
+    for device, concrete in prepared.impls.items():
+        on_device = _on_device(prepared, device)
+        if concrete != "for_loop" and _shares_memory(on_device):
             for_loop_lion(on_device, skip_nonfinite=skip_nonfinite)
             continue
         lefts = _IMPL_FUNCTIONS[concrete](on_device, skip_nonfinite=skip_nonfinite)
         rest = [group.subset(left) for group, left in zip(on_device, lefts) if left]
         if rest:
             foreach_lion(rest, skip_nonfinite=skip_nonfinite)
+
+
+def run_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str,
+             grad_norm: float | Tensor | None = None) -> bool:
+    """One step over the groups' tensors: :func:`prepare_step`, then :func:`apply_step`. Returns
+    False when the non-finite gate skipped the step, else True."""
+    prepared = prepare_step(groups, impl=impl, nonfinite_grad=nonfinite_grad, grad_norm=grad_norm)
+    if prepared is None:
+        return False
+    apply_step(prepared)
     return True
+
+
+# --------------------------------------------------------------------------------------
+# DistributedLion's two passes over a prepared step (one device), in the device's impl
+# --------------------------------------------------------------------------------------
+
+
+def _vote_impl(prepared: PreparedStep) -> tuple[str, list[StepGroup]]:
+    """The one device's impl for the vote's passes: ``for_loop`` where tensors share memory;
+    ``cpp`` (its two passes, over the whole step or none of it); ``triton`` (its sign pass and
+    its vote; the update is then applied in foreach); ``foreach`` elsewhere."""
+    if len(prepared.impls) > 1:
+        raise ValueError(f"DistributedLion: the params are on several devices ({', '.join(map(str, prepared.impls))}); "
+                         "the sign vote steps the params of one device")
+    concrete = next(iter(prepared.impls.values()), "foreach")
+    if concrete != "for_loop" and _shares_memory(prepared.groups):
+        return "for_loop", prepared.groups
+    return concrete, prepared.groups
+
+
+def vote_signs(prepared: PreparedStep, out: Tensor, *, count_nonfinite: bool) -> bool:
+    """Pass 1 of DistributedLion: the packed signs of every element's ``c`` (the step's elements
+    in order) written to ``out`` (uint8, ``packed_nbytes(N, 0)`` bytes); elements with a NaN/inf
+    gradient send sign 0 under ``skip_nonfinite``. With ``count_nonfinite``, returns whether a
+    gradient is NaN/inf (then the signs may be left as zero signs: the step is skipped), else
+    False."""
+    concrete, groups = _vote_impl(prepared)
+    zero_nonfinite = prepared.skip_nonfinite
+    if concrete == "cpp":
+        from lion_hf.optim.cpu_kernel import cpp_signs
+
+        count = cpp_signs(groups, out, zero_nonfinite=zero_nonfinite, count_nonfinite=count_nonfinite)
+        if count is not None:  # its one pass both wrote the signs and counted the non-finite grads
+            return count > 0
+        concrete = "foreach"
+    if count_nonfinite and not all_finite([g for group in groups for g in group.grads]):
+        out.fill_(ZERO_SIGNS_BYTE)  # skipped by every rank anyway
+        return True
+    trits = torch.ones(out.numel() * TRITS_PER_BYTE, dtype=torch.uint8, device=out.device)
+    if concrete == "triton":
+        from lion_hf.optim.triton_kernel import triton_signs
+
+        if not triton_signs(groups, trits, zero_nonfinite=zero_nonfinite):
+            foreach_signs(groups, trits, zero_nonfinite=zero_nonfinite)
+    else:
+        (for_loop_signs if concrete == "for_loop" else foreach_signs)(groups, trits, zero_nonfinite=zero_nonfinite)
+    pack_trits(trits, out=out)
+    return False
+
+
+def vote_apply(prepared: PreparedStep, gathered: Tensor, offset: int, *, vote: str) -> None:
+    """Pass 2 of DistributedLion: the vote of every rank's signs (``gathered``: one row per rank,
+    the signs at byte ``offset``) applied to the weights, and each momentum stepped by this rank's
+    own gradient (kept where it is NaN/inf under ``skip_nonfinite``), in the impl of pass 1."""
+    concrete, groups = _vote_impl(prepared)
+    keep = prepared.skip_nonfinite
+    if concrete == "cpp":
+        from lion_hf.optim.cpu_kernel import cpp_vote_apply
+
+        if cpp_vote_apply(groups, gathered, offset, average=vote == "average", keep_nonfinite_momentum=keep):
+            return
+        concrete = "foreach"
+    numel = sum(p.numel() for group in groups for p in group.params)
+    signs = gathered[:, offset:offset + packed_nbytes(numel, 0)]
+    update = None
+    if concrete == "triton":
+        from lion_hf.optim.triton_kernel import triton_vote
+
+        update = triton_vote(signs, numel, vote)
+    if update is None:
+        update = combine_signs(signs, numel, vote)
+    (for_loop_vote_apply if concrete == "for_loop" else foreach_vote_apply)(groups, update,
+                                                                           keep_nonfinite_momentum=keep)

@@ -1,28 +1,73 @@
 """``impl="for_loop"``: one tensor at a time through :func:`~lion_hf.optim.numerics.lion_tensor`.
 
-The readable reference every other impl is held to: plain torch ops, no fusion.
+Plain torch ops, no fusion: the readable form of the reference (``numerics.lion_tensor``) over a
+whole step, and the impl of a step whose tensors share memory, which must update one after the
+other. DistributedLion's two passes (:func:`for_loop_signs`, :func:`for_loop_vote_apply`) go
+through the same numerics.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from lion_hf.optim.numerics import StepGroup, lion_tensor, param_stochastic
+from lion_hf.optim.numerics import StepGroup, apply_update, interpolate, lion_tensor, param_stochastic
+from lion_hf.optim.signs import write_trits
 
-__all__ = ["for_loop_lion"]
+__all__ = ["for_loop_lion", "for_loop_signs", "for_loop_vote_apply"]
+
+
+def _tensors(group: StepGroup):
+    """(p, g, m, comp, p_seed, m_seed) of the group's non-empty tensors, the seeds None where that
+    store is not stochastic."""
+    pairs = [(None, None)] * len(group.params) if group.seeds is None else group.seeds.tolist()
+    for p, g, m, comp, (p_seed, m_seed) in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs):
+        if p.numel() == 0:
+            continue
+        yield (p, g, m, comp, p_seed if param_stochastic(p.dtype, group.param_rounding) else None,
+               m_seed if m.dtype == torch.bfloat16 else None)
 
 
 def for_loop_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
     """One step over the groups' plain (local) tensors, already checked by the dispatcher; takes
     every tensor (returns no leftovers)."""
     for group in groups:
-        pairs = [(None, None)] * len(group.params) if group.seeds is None else group.seeds.tolist()
-        tensors = zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs)
-        for p, g, m, comp, (p_seed, m_seed) in tensors:
-            if p.numel() == 0:
-                continue
-            p_seed = p_seed if param_stochastic(p.dtype, group.param_rounding) else None
-            m_seed = m_seed if m.dtype == torch.bfloat16 else None
+        for p, g, m, comp, p_seed, m_seed in _tensors(group):
             lion_tensor(p, g, m, comp, group.lr, group.decay, group.beta1, group.beta2, p_seed, m_seed,
                         group.maximize, group.cautious, skip_nonfinite)
     return [[] for _ in groups]
+
+
+def _g32(g: Tensor, maximize: bool) -> Tensor:
+    g32 = g.float()
+    return -g32 if maximize else g32
+
+
+def for_loop_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: bool) -> None:
+    """DistributedLion's first pass: the sign of every element's ``c = m * beta1 + g * (1 - beta1)``
+    added to ``trits`` (uint8, filled with 1; the step's elements tensor after tensor, group after
+    group); ``zero_nonfinite``: an element with a NaN/inf gradient sends sign 0."""
+    offset = 0
+    for group in groups:
+        for g, m in zip(group.grads, group.exp_avgs):
+            g32 = _g32(g, group.maximize)
+            c = interpolate(m.float(), g32, group.beta1)
+            if zero_nonfinite:
+                c = torch.where(torch.isfinite(g32), c, 0.0)
+            write_trits(trits[offset:offset + g.numel()], c)
+            offset += g.numel()
+
+
+def for_loop_vote_apply(groups: list[StepGroup], update: Tensor, *, keep_nonfinite_momentum: bool) -> None:
+    """DistributedLion's second pass: every weight steps by the voted ``update`` (fp32, flat, the
+    step's elements in the order of :func:`for_loop_signs`), the momentum by this rank's own
+    gradient; ``keep_nonfinite_momentum``: where the gradient is NaN/inf the momentum keeps its
+    value (the weight still follows the vote, so that replicas stay identical)."""
+    offset = 0
+    for group in groups:
+        for p, g, m, comp, p_seed, m_seed in _tensors(group):
+            g32 = _g32(g, group.maximize)
+            u = update[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+            apply_update(p, g32, m, comp, u, group.lr, group.decay, group.beta2, p_seed, m_seed, None,
+                         torch.isfinite(g32) if keep_nonfinite_momentum else None)

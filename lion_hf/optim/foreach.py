@@ -26,8 +26,9 @@ from lion_hf.optim.numerics import (
     store_momentum,
     store_param,
 )
+from lion_hf.optim.signs import write_trits
 
-__all__ = ["FOREACH_CACHE_ROUND", "cache_rounds", "foreach_lion"]
+__all__ = ["FOREACH_CACHE_ROUND", "cache_rounds", "foreach_lion", "foreach_signs", "foreach_vote_apply"]
 
 # Elements per round of the CPU path: 1 MB of fp32 per list, so that p, g, m and the update of
 # a round (4 MB) stay in the last-level cache of most CPUs. docs/implementations.md has the
@@ -68,30 +69,64 @@ def foreach_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[
     every tensor (returns no leftovers). Each group is bucketed by (device, param dtype, grad
     dtype, momentum dtype, Kahan residual or not)."""
     for group in groups:
-        _foreach_group(group, skip_nonfinite)
+        _foreach_group(group, None, mask_params=skip_nonfinite, mask_momenta=skip_nonfinite)
     return [[] for _ in groups]
 
 
-def _foreach_group(group: StepGroup, skip_nonfinite: bool) -> None:
+def foreach_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: bool) -> None:
+    """DistributedLion's first pass (see ``for_loop.for_loop_signs``): ``c`` of each group in
+    foreach ops, its signs added to ``trits``."""
+    offset = 0
+    for group in groups:
+        if not group.params:
+            continue
+        g32 = [g if g.dtype == torch.float32 else g.float() for g in group.grads]
+        if group.maximize:
+            g32 = torch._foreach_neg(g32)
+        c = _interpolate([m if m.dtype == torch.float32 else m.float() for m in group.exp_avgs], g32, group.beta1)
+        for g, ci in zip(g32, c):
+            if zero_nonfinite:
+                ci = torch.where(torch.isfinite(g), ci, 0.0)
+            write_trits(trits[offset:offset + g.numel()], ci)
+            offset += g.numel()
+
+
+def foreach_vote_apply(groups: list[StepGroup], update: Tensor, *, keep_nonfinite_momentum: bool) -> None:
+    """DistributedLion's second pass (see ``for_loop.for_loop_vote_apply``): Lion's foreach step with
+    the voted ``update`` in place of each rank's own sign."""
+    offset = 0
+    for group in groups:
+        updates = []
+        for p in group.params:
+            updates.append(update[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        _foreach_group(group, updates, mask_params=False, mask_momenta=keep_nonfinite_momentum)
+
+
+def _foreach_group(group: StepGroup, updates: list[Tensor] | None, *, mask_params: bool, mask_momenta: bool) -> None:
+    """The group's step in buckets of one (device, param dtype, grad dtype, momentum dtype, Kahan
+    residual or not); ``updates``: one given update per tensor (else each tensor's own sign)."""
     pairs = [(0, 0)] * len(group.params) if group.seeds is None else group.seeds.tolist()
-    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], [], []])
-    for p, g, m, comp, pair in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs):
+    given = [None] * len(group.params) if updates is None else updates
+    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], [], [], []])
+    for p, g, m, comp, pair, u in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs, given):
         if p.numel() == 0:
             continue
         bucket = buckets[(p.device, p.dtype, g.dtype, m.dtype, comp is not None)]
-        for lst, t in zip(bucket, (p, g, m, comp, pair)):
+        for lst, t in zip(bucket, (p, g, m, comp, pair, u)):
             lst.append(t)
 
     flags = dict(lr=group.lr, decay=group.decay, beta1=group.beta1, beta2=group.beta2, maximize=group.maximize,
-                 cautious=group.cautious, skip_nonfinite=skip_nonfinite, param_rounding=group.param_rounding)
-    for (device, p_dtype, g_dtype, m_dtype, kahan), (ps, gs, ms, cs, bucket_seeds) in buckets.items():
+                 cautious=group.cautious, mask_params=mask_params, mask_momenta=mask_momenta,
+                 param_rounding=group.param_rounding)
+    for (device, p_dtype, g_dtype, m_dtype, kahan), (ps, gs, ms, cs, bucket_seeds, us) in buckets.items():
         all_fp32 = p_dtype == g_dtype == m_dtype == torch.float32
-        if device.type == "cpu" and all_fp32 and not group.cautious:  # nothing to round: no seeds
-            rounds = [(*r, None) for r in cache_rounds(ps, gs, ms)]
+        if device.type == "cpu" and all_fp32 and not group.cautious and updates is None:  # nothing to round
+            rounds = [(*r, None, None) for r in cache_rounds(ps, gs, ms)]
         else:
-            rounds = [(ps, gs, ms, cs, bucket_seeds)]
-        for round_ps, round_gs, round_ms, round_cs, round_seeds in rounds:
-            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, kahan=kahan, **flags)
+            rounds = [(ps, gs, ms, cs, bucket_seeds, None if updates is None else us)]
+        for round_ps, round_gs, round_ms, round_cs, round_seeds, round_us in rounds:
+            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, round_us, kahan=kahan, **flags)
 
 
 def _interpolate(m32: list[Tensor], g32: list[Tensor], beta: float) -> list[Tensor]:
@@ -108,6 +143,7 @@ def _foreach_round(
     ms: list[Tensor],
     cs: list[Tensor | None],
     seeds: list[tuple[int, int]] | None,
+    given: list[Tensor] | None,
     *,
     lr: float,
     decay: float,
@@ -115,12 +151,16 @@ def _foreach_round(
     beta2: float,
     maximize: bool,
     cautious: bool,
-    skip_nonfinite: bool,
+    mask_params: bool,
+    mask_momenta: bool,
     param_rounding: str,
     kahan: bool,
 ) -> None:
     """One foreach step over lists of one device and dtypes (a bucket, or a round of one), with
-    each tensor's (param, momentum) seeds where it has low-precision storage."""
+    each tensor's (param, momentum) seeds where it has low-precision storage. ``given``: the
+    update of each tensor, computed beforehand (DistributedLion's vote), else each tensor's own
+    sign. ``mask_params`` / ``mask_momenta``: where a gradient is NaN/inf, that param / momentum
+    element keeps its value."""
     p_dtype, m_dtype = ps[0].dtype, ms[0].dtype
     fp32_params = p_dtype == torch.float32
     fp32_state = m_dtype == torch.float32
@@ -134,21 +174,25 @@ def _foreach_round(
         torch._foreach_add_(w32, [c.float() for c in cs])
     m32 = ms if fp32_state else [m.float() for m in ms]
 
-    update = _interpolate(m32, g32, beta1)
-    torch._foreach_sign_(update)
-    if cautious:
-        update = [cautious_update(u, g) for u, g in zip(update, g32)]
-        scaled = torch._foreach_mul(update, lr)  # not exact once rescaled: round it as lion_tensor does
+    if given is None:
+        update = _interpolate(m32, g32, beta1)
+        torch._foreach_sign_(update)
+        if cautious:
+            update = [cautious_update(u, g) for u, g in zip(update, g32)]
+    else:
+        update = given
+    # A rescaled (cautious) or voted update is not exact times lr: round u * lr as lion_tensor does.
+    scaled = torch._foreach_mul(update, lr) if cautious or given is not None else None
 
     def apply(w: list[Tensor]) -> None:
-        if cautious:
+        if scaled is not None:
             torch._foreach_sub_(w, scaled)
         else:  # u * lr is exact for u in {-1, 0, 1}, so the fused add rounds as w - u * lr does
             torch._foreach_add_(w, update, alpha=-lr)
 
     # Masking needs out-of-place temporaries; one read of the grads decides whether the
     # common all-finite case can stay in place.
-    masked = skip_nonfinite and any_nonfinite(g32)
+    masked = (mask_params or mask_momenta) and any_nonfinite(g32)
     if masked:
         new_w = torch._foreach_mul(w32, decay)
         apply(new_w)
@@ -166,17 +210,21 @@ def _foreach_round(
             new_m = _interpolate(m32, g32, beta2)
         new_w, ok = w32, None
 
+    p_ok = ok if mask_params else None
+    m_ok = ok if mask_momenta else None
     if fp32_params:
         if masked:
-            torch._foreach_copy_(ps, [torch.where(o, n, p) for o, n, p in zip(ok, new_w, ps)])
+            kept = new_w if p_ok is None else [torch.where(o, n, p) for o, n, p in zip(p_ok, new_w, ps)]
+            torch._foreach_copy_(ps, kept)
     else:
         stochastic = param_stochastic(p_dtype, param_rounding)
         for i, (p, w) in enumerate(zip(ps, new_w)):
-            store_param(p, w, cs[i] if kahan else None, None if ok is None else ok[i],
+            store_param(p, w, cs[i] if kahan else None, None if p_ok is None else p_ok[i],
                         seeds[i][0] if stochastic else None)
     if fp32_state:
         if masked:
-            torch._foreach_copy_(ms, [torch.where(o, n, m) for o, n, m in zip(ok, new_m, ms)])
+            kept = new_m if m_ok is None else [torch.where(o, n, m) for o, n, m in zip(m_ok, new_m, ms)]
+            torch._foreach_copy_(ms, kept)
     else:
         for i, (m, n) in enumerate(zip(ms, new_m)):
-            store_momentum(m, n, None if ok is None else ok[i], seeds[i][1])
+            store_momentum(m, n, None if m_ok is None else m_ok[i], seeds[i][1])

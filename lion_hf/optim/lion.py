@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lion_hf.optim.dispatch import IMPLS, resolve_impl, run_step
-from lion_hf.optim.numerics import STATE_DTYPES, StepGroup
+from lion_hf.optim.dispatch import resolve_impl, run_step
+from lion_hf.optim.numerics import StepGroup
+from lion_hf.optim.options import OPTIONS, STATE_DTYPES, defaults
 from lion_hf.optim.validation import (
     check_loaded_state_dict,
     check_step_scalars,
@@ -28,7 +29,9 @@ from lion_hf.optim.validation import (
 
 __all__ = ["Lion", "lion"]
 
-_GROUP_DEFAULTS = {"maximize": False, "cautious": False, "state_dtype": "fp32", "param_rounding": "stochastic"}
+# What a group saved by an older version may lack.
+_GROUP_DEFAULTS = defaults("maximize", "cautious", "state_dtype", "param_rounding")
+_BETAS = OPTIONS["betas"].default
 
 
 def _refuse_a_set(params: Any) -> None:
@@ -46,15 +49,15 @@ def lion(
     exp_avgs: list[Tensor],
     kahan_comps: list[Tensor | None] | None = None,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    maximize: bool = False,
-    cautious: bool = False,
-    nonfinite_grad: str = "skip_elements",
-    param_rounding: str = "stochastic",
-    impl: str = "auto",
+    lr: float = OPTIONS["lr"].default,
+    beta1: float = _BETAS[0],
+    beta2: float = _BETAS[1],
+    weight_decay: float = OPTIONS["weight_decay"].default,
+    maximize: bool = OPTIONS["maximize"].default,
+    cautious: bool = OPTIONS["cautious"].default,
+    nonfinite_grad: str = OPTIONS["nonfinite_grad"].default,
+    param_rounding: str = OPTIONS["param_rounding"].default,
+    impl: str = OPTIONS["impl"].default,
 ) -> bool:
     """Functional Lion step over lists of tensors, updated in place. See :class:`Lion`.
 
@@ -63,18 +66,15 @@ def lion(
     as in :class:`Lion`. Returns False when the step was skipped (``nonfinite_grad="skip_step"``),
     else True.
     """
-    validate_options(impl, nonfinite_grad, impls=IMPLS)
+    validate_options(impl, nonfinite_grad)
     group = validate_group(dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize,
                                 cautious=cautious, state_dtype="fp32", param_rounding=param_rounding))
-    if impl != "auto":
-        for device in {p.device for p in params if not p.is_meta}:  # meta: the step's ValueError, in every impl
-            resolve_impl(impl, device)
     if kahan_comps is None or param_rounding != "kahan":
         kahan_comps = [None] * len(params)
     beta1, beta2 = group["betas"]
     step = StepGroup(list(params), list(grads), list(exp_avgs), list(kahan_comps), group["lr"], beta1, beta2,
                      group["weight_decay"], maximize, cautious, param_rounding)
-    return run_step([step], impl=impl, skip_nonfinite=nonfinite_grad == "skip_elements", nonfinite_grad=nonfinite_grad)
+    return run_step([step], impl=impl, nonfinite_grad=nonfinite_grad)
 
 
 class Lion(Optimizer):
@@ -148,19 +148,19 @@ class Lion(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
+        lr: float = OPTIONS["lr"].default,
+        betas: tuple[float, float] = OPTIONS["betas"].default,
+        weight_decay: float = OPTIONS["weight_decay"].default,
         *,
-        maximize: bool = False,
-        cautious: bool = False,
-        state_dtype: str = "fp32",
-        param_rounding: str = "stochastic",
-        nonfinite_grad: str = "skip_elements",
-        impl: str = "auto",
+        maximize: bool = OPTIONS["maximize"].default,
+        cautious: bool = OPTIONS["cautious"].default,
+        state_dtype: str = OPTIONS["state_dtype"].default,
+        param_rounding: str = OPTIONS["param_rounding"].default,
+        nonfinite_grad: str = OPTIONS["nonfinite_grad"].default,
+        impl: str = OPTIONS["impl"].default,
     ) -> None:
         _refuse_a_set(params)
-        validate_options(impl, nonfinite_grad, impls=IMPLS)
+        validate_options(impl, nonfinite_grad)
         # No sign-flip warning for the defaults: add_param_group warns for each group that uses them.
         defaults = validate_group(dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                                        cautious=cautious, state_dtype=state_dtype, param_rounding=param_rounding),
@@ -177,11 +177,7 @@ class Lion(Optimizer):
 
     # Optimizer.__getstate__ keeps only defaults/state/param_groups: a deepcopy or a pickled
     # optimizer would lose these and fail at its next step.
-    _INSTANCE_DEFAULTS: ClassVar[dict[str, Any]] = {
-        "impl": "auto",
-        "nonfinite_grad": "skip_elements",
-        "skipped_steps": 0,
-    }
+    _INSTANCE_DEFAULTS: ClassVar[dict[str, Any]] = {**defaults("impl", "nonfinite_grad"), "skipped_steps": 0}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -262,6 +258,14 @@ class Lion(Optimizer):
                 s.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
         return params, grads, exp_avgs, comps
 
+    def _step_groups(self) -> list[StepGroup]:
+        """Each group's share of this step (its params with a gradient, their state, its
+        hyperparameters), as the dispatcher takes it."""
+        states_by_id = self._states_by_id()
+        return [StepGroup(*self._collect(group, states_by_id), group["lr"], *group["betas"], group["weight_decay"],
+                          group["maximize"], group["cautious"], group["param_rounding"])
+                for group in self.param_groups]
+
     def set_grad_norm(self, norm: float | Tensor) -> None:
         """The global norm of the gradients the next :meth:`step` will use, already computed by the
         caller (gradient clipping computes it). Under ``skip_step`` / ``raise`` that step then
@@ -280,20 +284,16 @@ class Lion(Optimizer):
                 loss = closure()
 
         # The options are plain attributes and group entries: a scheduler or a user may have
-        # changed them since they were validated. These checks are a few comparisons.
-        validate_options(self.impl, self.nonfinite_grad, impls=IMPLS)
+        # changed them since they were validated. These checks are a few comparisons, and the
+        # step's one check of the impl's name (the dispatcher then checks only that it can run).
+        validate_options(self.impl, self.nonfinite_grad)
         check_step_scalars(self.param_groups)
-        states_by_id = self._states_by_id()
-        work = [(group, *self._collect(group, states_by_id)) for group in self.param_groups]
         grad_norm, self._grad_norm = self._grad_norm, None  # used by this step only
         # All groups in one dispatch: the C++ kernel then updates every tensor of the step in one call.
         # The dispatcher checks the tensors, then (under skip_step / raise) the non-finite gate across
         # all groups, so a skipped step leaves every group untouched.
-        steps = [StepGroup(params, grads, exp_avgs, comps, group["lr"], *group["betas"], group["weight_decay"],
-                           group["maximize"], group["cautious"], group["param_rounding"])
-                 for group, params, grads, exp_avgs, comps in work if params]
-        if not run_step(steps, impl=self.impl, skip_nonfinite=self.nonfinite_grad == "skip_elements",
-                        nonfinite_grad=self.nonfinite_grad, grad_norm=grad_norm):
+        steps = self._step_groups()
+        if not run_step(steps, impl=self.impl, nonfinite_grad=self.nonfinite_grad, grad_norm=grad_norm):
             self.skipped_steps += 1
         return loss
 

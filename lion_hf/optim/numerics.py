@@ -1,7 +1,7 @@
 """The numerics every Lion impl shares: the per-tensor update, rounding to bf16/fp16, the hash
 behind stochastic rounding, and the non-finite gate.
 
-This is the bottom of ``lion_hf.optim``: it imports torch alone. The impls above it
+It sits at the bottom of ``lion_hf.optim`` (it imports torch alone). The impls above it
 (``for_loop``, ``foreach``, ``cpu_kernel``, ``triton_kernel``) import only this module, and
 ``lion.py`` (the class and the functional ``lion()``) sits on top of them through ``dispatch``.
 The C++ and Triton kernels spell the same arithmetic in their own languages; their tests hold
@@ -19,21 +19,18 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "NONFINITE_POLICIES",
     "PARAM_DTYPES",
-    "PARAM_ROUNDINGS",
     "PLAIN_TENSOR_TYPES",
-    "STATE_DTYPES",
     "StepGroup",
     "all_finite",
     "any_nonfinite",
+    "apply_update",
     "cautious_update",
+    "interpolate",
     "lion_tensor",
     "local",
     "param_stochastic",
-    "random_bits16",
     "ranges_overlap",
-    "round_to",
     "step_may_proceed",
     "stochastic_round_to_bf16",
     "stochastic_round_to_fp16",
@@ -42,14 +39,6 @@ __all__ = [
     "with_seeds",
 ]
 
-NONFINITE_POLICIES = ("skip_elements", "skip_step", "raise", "propagate")
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# How a bf16/fp16 param stores its new fp32 value (fp32 params are exact whatever is chosen).
-# Lion moves every element by exactly lr, which is under half an ulp of a bf16 weight above
-# about 2**8 * lr: round-to-nearest ("nearest") then drops the step. "stochastic" rounds up or
-# down with probability given by the distance (unbiased, no memory); "kahan" keeps the rounding
-# residual in a compensation tensor of the param's dtype (state "kahan_comp", +2 bytes/param).
-PARAM_ROUNDINGS = ("stochastic", "kahan", "nearest")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The tensor types that are their own local shard (anything else may be a DTensor).
@@ -235,6 +224,37 @@ def cautious_update(update: Tensor, grad: Tensor) -> Tensor:
     return update * agree / fraction.clamp(min=1e-3)
 
 
+def interpolate(m32: Tensor, g32: Tensor, beta: Any) -> Tensor:
+    """``m * beta + g * (1 - beta)``: two rounded fp32 products and a rounded sum, in this order."""
+    return m32 * beta + g32 * (1.0 - beta)
+
+
+def apply_update(
+    p: Tensor,
+    g32: Tensor,
+    m: Tensor,
+    comp: Tensor | None,
+    update: Tensor,
+    lr: Any,
+    decay: Any,
+    beta2: Any,
+    p_seed: Tensor | int | None,
+    m_seed: Tensor | int | None,
+    param_ok: Tensor | None,
+    momentum_ok: Tensor | None,
+) -> None:
+    """The second half of the Lion update, in place, from an ``update`` computed beforehand (Lion's
+    own sign, or DistributedLion's vote): decoupled decay and the step of the weight, its
+    rounding, and the momentum from the fp32 gradient ``g32`` (already negated under maximize).
+    Where ``param_ok`` / ``momentum_ok`` is False, the param / momentum keeps its stored bits."""
+    p32 = p.float()
+    w32 = p32 if comp is None else p32 + comp.float()
+    new_w = w32 * decay - update * lr
+    new_m = interpolate(m.float(), g32, beta2)
+    store_param(p, new_w, comp, param_ok, p_seed)
+    store_momentum(m, new_m, momentum_ok, m_seed)
+
+
 def lion_tensor(
     p: Tensor,
     g: Tensor,
@@ -250,7 +270,8 @@ def lion_tensor(
     cautious: bool,
     skip_nonfinite: bool,
 ) -> None:
-    """The one per-tensor Lion update, in place: the definition every impl is held to.
+    """The one per-tensor Lion update, in place: the reference every impl (``for_loop``,
+    ``foreach``, the C++ and Triton kernels) is held to, bit for bit where they round alike.
 
     Computes in fp32 whatever the storage. ``decay`` is ``1 - lr * weight_decay``. The weight
     being optimised is ``p + comp`` under Kahan summation (``comp`` holds what the last store
@@ -262,17 +283,11 @@ def lion_tensor(
     g32 = g.float()
     if maximize:
         g32 = -g32
-    m32 = m.float()
-    p32 = p.float()
-    w32 = p32 if comp is None else p32 + comp.float()
-    update = torch.sign(m32 * beta1 + g32 * (1.0 - beta1))
+    update = torch.sign(interpolate(m.float(), g32, beta1))
     if cautious:
         update = cautious_update(update, g32)
-    new_w = w32 * decay - update * lr
-    new_m = m32 * beta2 + g32 * (1.0 - beta2)
     ok = torch.isfinite(g32) if skip_nonfinite else None
-    store_param(p, new_w, comp, ok, p_seed)
-    store_momentum(m, new_m, ok, m_seed)
+    apply_update(p, g32, m, comp, update, lr, decay, beta2, p_seed, m_seed, ok, ok)
 
 
 # --------------------------------------------------------------------------------------

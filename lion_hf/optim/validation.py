@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lion_hf.optim.numerics import NONFINITE_POLICIES, PARAM_DTYPES, PARAM_ROUNDINGS, STATE_DTYPES, ranges_overlap
+from lion_hf.optim.numerics import PARAM_DTYPES, ranges_overlap
+from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = [
     "as_float",
@@ -118,11 +119,10 @@ def _warn_sign_flipping_decay(where: str, stacklevel: int) -> None:
                   "smaller one.", stacklevel=stacklevel + 1)
 
 
-def validate_options(impl: Any = None, nonfinite_grad: Any = None, *, impls: tuple[str, ...] = ()) -> None:
-    """The optimizer-wide options (not part of any param group)."""
-    if impl is not None and impl not in impls:
-        hint = " (the torch.compile impl was removed: 'cpp' is the CPU kernel)" if impl == "compiled" else ""
-        raise ValueError(f"Lion: impl must be one of {impls}, got {impl!r}{hint}")
+def validate_options(impl: Any = None, nonfinite_grad: Any = None) -> None:
+    """The optimizer-wide options (not part of any param group), against ``options.OPTIONS``."""
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"Lion: impl must be one of {IMPLS}, got {impl!r}")
     if nonfinite_grad is not None and nonfinite_grad not in NONFINITE_POLICIES:
         raise ValueError(f"Lion: nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
 

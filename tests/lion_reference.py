@@ -1,7 +1,9 @@
-"""Float64 reference for one Lion step: the ground truth for tests and benchmarks.
+"""Float64 formula of one Lion step (Chen et al. 2023, Algorithm 2), for tests only.
 
-Written for clarity, not speed: every quantity is a new float64 tensor and nothing
-is updated in place, so a test can compare any implementation against it.
+The reference the impls are held to bit for bit is ``lion_hf.optim.numerics.lion_tensor`` (fp32,
+each operation rounded as the kernels round it). This float64 form checks that reference itself
+against the paper's algorithm, to within fp32 rounding: written for clarity, every quantity a new
+float64 tensor, nothing updated in place.
 """
 
 from __future__ import annotations
