@@ -197,3 +197,13 @@ def test_lion_optimizers_warns_when_the_given_length_disagrees_with_the_run(tmp_
         lion_optimizers(tiny_bert(), plain, num_training_steps=5, train_dataset=TokenDataset(n=64))
     with pytest.raises(ValueError, match="needs the schedule's length"):
         lion_optimizers(tiny_bert(), plain)
+
+
+def test_the_package_ships_py_typed():
+    import tomllib
+
+    import lion_hf
+
+    assert (Path(lion_hf.__file__).parent / "py.typed").is_file()
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["lion_hf"]
