@@ -227,8 +227,9 @@ def default_learning_rate(optim: str, use_peft: bool, lion_distributed: str | No
     setup = learning_rate_setup(optim, lion_distributed)
     mode = "LoRA" if use_peft else "a full fine-tune"
     if setup is None:
-        return HF_DEFAULT_LEARNING_RATE, (f"learning_rate {format_lr(HF_DEFAULT_LEARNING_RATE)}: HF's default (no measured "
-                                          f"default for --optim {optim}); set --learning_rate to choose")
+        lr = HF_DEFAULT_LEARNING_RATE
+        return lr, (f"learning_rate {format_lr(lr)}: HF's default (no measured default for --optim {optim}); set "
+                    "--learning_rate to choose")
     if (setup, use_peft) not in MEASURED_LEARNING_RATES:  # a vote with LoRA: not measured, Lion's LoRA lr
         lr = MEASURED_LEARNING_RATES[("lion", use_peft)]
         vote = setup.removeprefix("lion_")
