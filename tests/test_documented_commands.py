@@ -151,8 +151,6 @@ def _check_recipe_arguments(script: str, args: list[str], tmp: Path) -> None:
         study.main(argv, default_config=REPO / "recipes" / "configs" / "offline_default.yaml")
 
 
-# The studies' grids hold Lion lrs above 1e-4 on purpose (batch 256, LoRA): the warning about one is not the point.
-@pytest.mark.filterwarnings("ignore::lion_hf.training_args.AdamWLikeLearningRateWarning")
 def test_every_documented_command_parses_and_names_files_that_exist(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.chdir(REPO)  # the docs' relative paths (recipes/..., ../shared/data/...) are from the checkout
