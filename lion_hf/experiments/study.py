@@ -109,9 +109,10 @@ def _owned(where: str, keys: Any) -> None:
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """The config at ``path``, its structure and every key checked (run arguments by the recipe's parser)."""
-    from lion_hf.experiments.arguments import load_config_file
+    from lion_hf.experiments.arguments import load_config_file, refuse_single_run_config
 
     config = load_config_file(path)
+    refuse_single_run_config(config, path)
     _unknown_keys(str(path), config, CONFIG_KEYS)
     if not isinstance(config.get("optimizers"), dict) or not config["optimizers"]:
         raise StudyConfigError(f"{path}: needs an 'optimizers' mapping (e.g. adamw: {{learning_rate: [5e-5]}})")
