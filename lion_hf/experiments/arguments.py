@@ -280,12 +280,16 @@ def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
 
 
 def _field_type_text() -> dict[str, str]:
-    """dest -> its dataclass field's type, as text (``'int'``, ``'dict | str | None'``)."""
+    """dest -> its dataclass field's declared type, as text (``'int'``, ``'dict | str | None'``): read from the
+    annotations, since HfArgumentParser rewrites ``field.type`` (``int | None`` becomes ``int``)."""
+    import typing
+
     found = {}
     for dtype in RECIPE_ARGUMENTS:
+        hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
-            kind = f.type
-            found[f.name] = kind if isinstance(kind, str) else kind.__name__ if isinstance(kind, type) else str(kind)
+            kind = hints.get(f.name, f.type)
+            found[f.name] = kind.__name__ if isinstance(kind, type) else str(kind)
     return found
 
 
