@@ -680,3 +680,35 @@ def test_a_lora_target_module_the_model_lacks_is_named(tiny_model_dir):
     model = finetune.build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True,
                                                 lora_target_modules="query,value"), 2, ["neg", "pos"])
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_under_two_processes_every_rank_stops_at_a_held_lock_and_digests_cover_every_ranks_files(
+        tiny_encoder_dir, tiny_data_dir, tmp_path):
+    """The main process takes the lock and broadcasts the outcome: no rank waits for one that has left."""
+    import socket
+    import subprocess
+
+    from lion_hf.experiments.checkpoints import OutputLock, digest_mismatches
+
+    def launch(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = {**common_args(tiny_encoder_dir, tiny_data_dir, out), "max_steps": 2, "save_strategy": "steps",
+                "save_steps": 2, "eval_strategy": "no"}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(RECIPES / "finetune_sentiment.py"), *to_argv(args), *extra]
+        return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+    with OutputLock(tmp_path / "held"):
+        result = launch(tmp_path / "held")
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count(f"output_dir {tmp_path / 'held'} is being written by another run "
+                                                 f"(pid {os.getpid()} on host") == 2, "each rank says why it stopped"
+    result = launch(tmp_path / "free")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    checkpoint = tmp_path / "free" / "checkpoint-2"
+    digests = json.loads((checkpoint / "lion_hf_digests.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(digests) and digest_mismatches(checkpoint) == []
