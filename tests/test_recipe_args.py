@@ -336,3 +336,11 @@ def test_yaml_null_and_mappings_are_refused_where_the_option_takes_neither(tmp_p
     config.write_text("max_train_samples: null\nlr_scheduler_kwargs: {power: 2.0}\noutput_dir: null\n")
     _, data_args, training_args, _ = parse_recipe_args([str(config)])
     assert data_args.max_train_samples is None and training_args.lr_scheduler_kwargs == {"power": 2.0}
+
+
+def test_target_accuracy_is_the_studys_own(tmp_path):
+    # The report scores against the config's top-level target_accuracy: one set for the runs elsewhere would be
+    # silently replaced by it (in common) or disagree with the report (after `--`).
+    _study_refuses(tmp_path, r"common: target_accuracy cannot be set there", common={"target_accuracy": 0.9})
+    _study_refuses(tmp_path, r"after `--`: --target_accuracy would be the same for every run", "--",
+                   "--target_accuracy", "0.9")

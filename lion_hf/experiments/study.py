@@ -7,7 +7,9 @@ and ``optimizers``: one entry per setup, with its ``learning_rate`` grid (or, fo
 
 Every run is parsed before the first one starts, so a bad argument anywhere stops the study before any
 training. The study owns what separates its runs (their folders, names, seeds, optimizers, lrs, weight decays,
-and whether each resumes): extra arguments after ``--`` or in the config that would set those are refused.
+and whether each resumes): extra arguments after ``--`` or in the config that would set those are refused, and
+so are extras that would override a setup's own ``args`` or the swept argument (the folders and the report
+would keep the old labels), repeated seeds or lrs, lrs that print alike, and names that are not one folder name.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from lion_hf.experiments.arguments import (
 )
 from lion_hf.experiments.checkpoints import (
     CheckpointError,
+    checkpoint_folders,
     last_complete_checkpoint,
     recorded_arguments,
     trajectory_differences,
@@ -65,6 +68,7 @@ STUDY_OWNED = {
     "weight_decay": "each setup's weight decay is its optimizers entry (weight_decay: ...)",
     "resume_from_checkpoint": "the study resumes each unfinished run by itself (--rerun starts every run again)",
     "overwrite_output_dir": "the study decides per run (--rerun starts every run again)",
+    "target_accuracy": "the study's target is the config's top-level target_accuracy, which its report uses",
 }
 
 
@@ -449,7 +453,7 @@ def _study(parser: HfArgumentParser, argv: list[str]) -> dict[str, Path]:
                          extra_callbacks=[ProgressCallback(label, args.progress_seconds, clock)])
             clock.durations.append(time.perf_counter() - began)
             if not args.keep_checkpoints and is_main_process():
-                for checkpoint in item.run_dir.glob("checkpoint-*"):
+                for checkpoint in checkpoint_folders(item.run_dir):  # the run's own folders, never a link
                     shutil.rmtree(checkpoint)
         say(f"  best eval accuracy {record.best_eval_accuracy:.4f} in {record.train_seconds:.0f} s", prefix="compare")
         runs.append(record)
