@@ -326,6 +326,7 @@ def test_counts_are_checked_when_parsed(argv, message):
     ("seed: null\n", r"seed: null is not a value of this option \(it takes int\)"),
     ("split_seed: {a: 1}\n", r"split_seed: a mapping is not a value of this option \(it takes int\), got \{'a': 1\}"),
     ("learning_rate: {x: 1}\n", r"learning_rate: a mapping is not a value"),
+    ("seed: [1, 2]\n", r"seed: a list is not a value of this option \(it takes int\), got \[1, 2\]"),
 ])
 def test_yaml_null_and_mappings_are_refused_where_the_option_takes_neither(tmp_path, text, message):
     config = tmp_path / "run.yaml"

@@ -303,6 +303,9 @@ def _check_shape(dest: str, key: str, value: Any, where: str, types: Mapping[str
     if isinstance(value, Mapping) and "dict" not in kind:
         raise RecipeArgumentError(f"{where}: {key}: a mapping is not a value of this option (it takes {kind}), "
                                   f"got {dict(value)!r}")
+    if isinstance(value, list) and "list" not in kind:
+        raise RecipeArgumentError(f"{where}: {key}: a list is not a value of this option (it takes {kind}), "
+                                  f"got {value!r}")
 
 
 def config_defaults(parser: argparse.ArgumentParser, config: Mapping[str, Any], where: str) -> dict[str, Any]:
