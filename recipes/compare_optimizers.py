@@ -13,6 +13,9 @@ The config (YAML) has `common` arguments of recipes/finetune_sentiment.py shared
 classifier-head init whatever the optimizer. Writes one folder per run (run.json) and report.md,
 report.json and plots into --output_dir.
 
+Arguments after `--` go to every run; one that a setup's `args` or the sweep sets is refused, as are repeated
+seeds or learning rates (or lrs that print alike).
+
 Rerunning the same command finishes a study: a run whose run.json was written with the same arguments is
 reused, one that stopped after a checkpoint of the same arguments resumes, any other starts from scratch.
 """

@@ -268,3 +268,86 @@ def test_settled_values_are_recorded_in_the_run_arguments(tmp_path):
     recorded = run_arguments(*parsed[:3])
     assert recorded["training"]["learning_rate"] == 5e-5 and "output_dir" not in recorded["training"]
     assert json.loads(json.dumps(recorded)) == recorded
+
+
+# ------------------------------------------------------------------------------------------- issue 34: no argument
+# silently dropped or overridden, no grid point counted twice, every late failure moved to parse time
+
+
+def _study_refuses(tmp_path, message, *after, study_args=(), **config):
+    out = tmp_path / "out"
+    with pytest.raises(study.StudyConfigError, match=message):
+        study.main([str(_config(tmp_path, **config)), "--output_dir", str(out), *study_args, *after],
+                   default_config=DEFAULT_CONFIG)
+    assert not out.exists(), "refused before any run started"
+
+
+def test_a_study_refuses_extras_that_would_override_a_setups_args_or_the_sweep(tmp_path):
+    setups = {"lion": {"learning_rate": [1e-4]},
+              "lion_bf16": {"optim": "lion", "learning_rate": [1e-4], "args": {"model_dtype": "bfloat16"}}}
+    _study_refuses(tmp_path, r"after `--`: --model_dtype float32 would override optimizers\.lion_bf16\.args\."
+                             r"model_dtype \('bfloat16'\) while its folders and report rows still say lion_bf16",
+                   "--", "--model-dtype", "float32", optimizers=setups)
+    sweep = {"argument": "per_device_train_batch_size", "values": [8, 32]}
+    _study_refuses(tmp_path, r"after `--`: --per_device_train_batch_size 16 would override the swept argument "
+                             r"\(sweep\.values \[8, 32\]\)",
+                   "--", "--per_device_train_batch_size", "16", sweep=sweep)
+    _study_refuses(tmp_path, r"optimizers\.adamw\.args sets per_device_train_batch_size, the swept argument",
+                   sweep=sweep, optimizers={"adamw": {"learning_rate": [1e-4],
+                                                      "args": {"per_device_train_batch_size": 4}}})
+    # An extra that sets what no setup sets is what `--` is for: it reaches every run.
+    planned = study.plan_study(study.load_config(_config(tmp_path, optimizers=setups)), tmp_path / "o", [0],
+                               ["--max_steps", "3"])
+    assert [p.parsed[2].max_steps for p in planned] == [3, 3]
+
+
+@pytest.mark.parametrize("config, study_args, message", [
+    ({"seeds": [0, 1, 0]}, (), r"seeds: seeds 0 and 0 are the same value given twice"),
+    ({}, ("--seeds", "2", "2"), r"seeds: seeds 2 and 2 are the same value given twice"),
+    ({"optimizers": {"adamw": {"learning_rate": [1e-4, 0.0001]}}}, (),
+     r"optimizers\.adamw\.learning_rate: learning rates 0\.0001 and 0\.0001 are the same value given twice"),
+    ({"optimizers": {"adamw": {"learning_rate": [1e-4, 1.00000001e-4]}}}, (),
+     r"learning rates 0\.0001 and 0\.000100000001 both print as 0\.0001: they would train into one run folder"),
+    ({"optimizers": {"../escape": {"optim": "adamw", "learning_rate": [1e-4]}}}, (),
+     r"optimizers\.\.\./escape: '\.\./escape' becomes a run folder's name"),
+    ({"sweep": {"argument": "lr_scheduler_type", "values": ["linear"], "label": "a/b"}}, (),
+     r"sweep\.label: 'a/b' becomes a run folder's name"),
+], ids=["seed", "seed_cli", "lr_spelled_twice", "lr_printed_alike", "setup_path", "sweep_label"])
+def test_duplicate_grid_points_and_names_that_leave_the_folder_are_refused(tmp_path, config, study_args, message):
+    _study_refuses(tmp_path, message, study_args=study_args, **config)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gradient_accumulation_steps", "0"], r"--gradient_accumulation_steps must be a whole number >= 1, got 0"),
+    (["--per_device_train_batch_size", "-2"], r"--per_device_train_batch_size must be a whole number >= 1, got -2"),
+    (["--max_train_samples", "0"], r"--max_train_samples must be a whole number >= 1, got 0"),
+    (["--max_length", "0"], r"--max_length must be a whole number >= 1, got 0"),
+])
+def test_counts_are_checked_when_parsed(argv, message):
+    with pytest.raises(RecipeArgumentError, match=message):
+        parse_recipe_args(["--output_dir", "unused", *argv])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seed: null\n", r"seed: null is not a value of this option \(it takes int\)"),
+    ("split_seed: {a: 1}\n", r"split_seed: a mapping is not a value of this option \(it takes int\), got \{'a': 1\}"),
+    ("learning_rate: {x: 1}\n", r"learning_rate: a mapping is not a value"),
+    ("seed: [1, 2]\n", r"seed: a list is not a value of this option \(it takes int\), got \[1, 2\]"),
+])
+def test_yaml_null_and_mappings_are_refused_where_the_option_takes_neither(tmp_path, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(RecipeArgumentError, match=message):
+        parse_recipe_args([str(config), "--output_dir", "unused"])
+    # Where an option does take them: unset (null) and a mapping of scheduler arguments.
+    config.write_text("max_train_samples: null\nlr_scheduler_kwargs: {power: 2.0}\noutput_dir: null\n")
+    _, data_args, training_args, _ = parse_recipe_args([str(config)])
+    assert data_args.max_train_samples is None and training_args.lr_scheduler_kwargs == {"power": 2.0}
+
+
+def test_target_accuracy_is_the_studys_own(tmp_path):
+    # The report scores against the config's top-level target_accuracy: one set for the runs elsewhere would be
+    # silently replaced by it (in common) or disagree with the report (after `--`).
+    _study_refuses(tmp_path, r"common: target_accuracy cannot be set there", common={"target_accuracy": 0.9})
+    _study_refuses(tmp_path, r"after `--`: --target_accuracy would be the same for every run", "--",
+                   "--target_accuracy", "0.9")

@@ -495,6 +495,7 @@ def test_a_checkpoint_missing_a_file_or_its_arguments_is_refused_unless_a_partia
     state = json.loads(state_file.read_text())
     del state["stateful_callbacks"]["RunArgumentsRecorder"]
     state_file.write_text(json.dumps(state))
+    (state_file.parent / "lion_hf_digests.json").unlink()  # nor had an older recipe its digests
     with pytest.raises(CheckpointError, match=r"checkpoint-8 lacks the run arguments it was trained under"):
         finetune.main([*argv, "--resume_from_checkpoint", "true"])
 
@@ -559,3 +560,157 @@ def test_two_processes_without_use_cpu_train_as_one_gloo_job(tiny_encoder_dir, t
     for noise in ("Setting accelerator to CPU", "LOAD REPORT", "find_unused_parameters", "pin_memory",
                   "gemm_4bit"):
         assert noise not in output, noise
+
+
+# ---------------------------------------------------------------- issue 34: one writer, digests, process counts
+
+
+def test_a_second_run_into_a_folder_being_written_fails_at_once_and_a_killed_run_leaves_no_lock(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    args = {**_resume_args(tiny_model_dir, tiny_data_dir, out, {"optim": "lion", "learning_rate": 3e-3}),
+            "max_steps": 100000, "eval_strategy": "no"}
+    argv = to_argv(args)
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(RECIPES / "finetune_sentiment.py"), *argv], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-4" / "trainer_state.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended or never saved"
+            time.sleep(0.05)
+        # Whatever the second run asks for, it does not touch the folder while the first one writes it (and, were
+        # it let through, it would stop after 3 steps rather than train the first one's 100000).
+        for extra in (["--overwrite_output_dir", "true", "--max_steps", "3"],
+                      ["--resume_from_checkpoint", "true", "--max_steps", "3"]):
+            began = time.monotonic()
+            with pytest.raises(CheckpointError, match=rf"output_dir {out} is being written by another run \(pid "
+                                                      rf"{first.pid} on host "):
+                finetune.main(argv + extra)
+            assert time.monotonic() - began < 5, "refused at once, before loading anything"
+        assert first.poll() is None and (out / "checkpoint-4").is_dir()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    # The killed run's lock died with it: the folder is free for the next run.
+    fresh = finetune.main(argv + ["--overwrite_output_dir", "true", "--max_steps", "2", "--save_steps", "2"])
+    assert fresh.steps == 2 and sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_on_resume(checkpointed, tmp_path):
+    out, argv = _copy(checkpointed, tmp_path)
+    weights = out / "checkpoint-8" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # inside the tensor data: the file's structure is untouched
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"{weights}: its sha256 differs from the one recorded in "
+                                              rf"lion_hf_digests\.json.*newest intact checkpoint before it is "
+                                              rf"{out / 'checkpoint-4'}"):
+        finetune.main([*argv, "--resume_from_checkpoint", "true"])
+    digests = json.loads((out / "checkpoint-4" / "lion_hf_digests.json").read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(digests)
+
+
+def test_a_resume_that_changes_only_bookkeeping_continues_to_the_same_weights(checkpointed, tmp_path):
+    from safetensors.torch import load_file
+
+    source, _ = checkpointed
+    out, argv = _copy(checkpointed, tmp_path)
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-8")
+    (out / "run.json").unlink()
+    changed = ["--save_steps", "2", "--logging_steps", "3", "--eval_steps", "2", "--report_to", "none",
+               "--disable_tqdm", "false", "--target_accuracy", "0.5"]
+    record = finetune.main([*argv, *changed, "--resume_from_checkpoint", "true"])
+    assert record.steps == 8 and record.resumed_from == [str(out / "checkpoint-4")]
+    # The new intervals apply (HF alone would keep the checkpoint's): a save every 2 steps from step 4 on.
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    a = load_file(str(out / "checkpoint-8" / "model.safetensors"))
+    b = load_file(str(source / "checkpoint-8" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "a bookkeeping change changed the training"
+    with pytest.raises(CheckpointError, match=r"other arguments: training\.max_grad_norm"):
+        finetune.main([*argv, "--max_grad_norm", "0.5", "--resume_from_checkpoint", str(out / "checkpoint-4")])
+
+
+def test_a_resume_on_another_process_count_is_refused_unless_allowed_and_then_recorded(checkpointed, tmp_path):
+    from lion_hf.experiments.checkpoints import write_digests
+
+    out, argv = _copy(checkpointed, tmp_path)
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-8")
+    (out / "run.json").unlink()
+    # checkpoint-4 as three processes leave it: one RNG file per process, the count recorded, digests resealed.
+    checkpoint = out / "checkpoint-4"
+    for rank in range(3):
+        shutil.copy(checkpoint / "rng_state.pth", checkpoint / f"rng_state_{rank}.pth")
+    (checkpoint / "rng_state.pth").unlink()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["stateful_callbacks"]["RunArgumentsRecorder"]["attributes"]["world_size"] = 3
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    write_digests(checkpoint)
+    resume = [*argv, "--resume_from_checkpoint", "true"]
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 was trained by 3 processes and this run has 1 \(global "
+                                              r"batch 24 there, 8 now\)"):
+        finetune.main(resume)
+    with pytest.warns(UserWarning, match=r"trained by 3 processes and this run has 1"):
+        record = finetune.main([*resume, "--allow_partial_resume", "true"])
+    change = {"step": 4, "world_size_before": 3, "world_size": 1, "global_batch_size_before": 24,
+              "global_batch_size": 8}
+    assert record.batch_changes == [change]
+    assert (record.world_size, record.global_batch_size) == (3, 24), "run.json keeps the batch the run started with"
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["batch_changes"] == [change] and saved["global_batch_size"] == 24
+    # The next checkpoint carries the change on, for a later resume's run.json.
+    later = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    assert later["stateful_callbacks"]["RunArgumentsRecorder"]["attributes"]["batch_changes"] == [change]
+
+
+def test_a_lora_target_module_the_model_lacks_is_named(tiny_model_dir):
+    from lion_hf.experiments.arguments import ModelArguments, RecipeArgumentError
+
+    for targets, missing in (("query,valu", "valu"), ("qkv", "qkv")):
+        args = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_target_modules=targets)
+        with pytest.raises(RecipeArgumentError, match=rf"--lora_target_modules '{targets}' names no module of the "
+                                                      rf"model: {missing}\. Its linear layers are named: .*\bquery\b"):
+            finetune.build_model(args, 2, ["neg", "pos"])
+    model = finetune.build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True,
+                                                lora_target_modules="query,value"), 2, ["neg", "pos"])
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_under_two_processes_every_rank_stops_at_a_held_lock_and_digests_cover_every_ranks_files(
+        tiny_encoder_dir, tiny_data_dir, tmp_path):
+    """The main process takes the lock and broadcasts the outcome: no rank waits for one that has left."""
+    import socket
+    import subprocess
+
+    from lion_hf.experiments.checkpoints import OutputLock, digest_mismatches
+
+    def launch(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = {**common_args(tiny_encoder_dir, tiny_data_dir, out), "max_steps": 2, "save_strategy": "steps",
+                "save_steps": 2, "eval_strategy": "no"}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(RECIPES / "finetune_sentiment.py"), *to_argv(args), *extra]
+        return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+    with OutputLock(tmp_path / "held"):
+        result = launch(tmp_path / "held")
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count(f"output_dir {tmp_path / 'held'} is being written by another run "
+                                                 f"(pid {os.getpid()} on host") == 2, "each rank says why it stopped"
+    result = launch(tmp_path / "free")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    checkpoint = tmp_path / "free" / "checkpoint-2"
+    digests = json.loads((checkpoint / "lion_hf_digests.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(digests) and digest_mismatches(checkpoint) == []

@@ -332,6 +332,35 @@ def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
     return one(value)
 
 
+def _field_type_text() -> dict[str, str]:
+    """dest -> its dataclass field's declared type, as text (``'int'``, ``'dict | str | None'``): read from the
+    annotations, since HfArgumentParser rewrites ``field.type`` (``int | None`` becomes ``int``)."""
+    import typing
+
+    found = {}
+    for dtype in RECIPE_ARGUMENTS:
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            kind = hints.get(f.name, f.type)
+            found[f.name] = kind.__name__ if isinstance(kind, type) else str(kind)
+    return found
+
+
+def _check_shape(dest: str, key: str, value: Any, where: str, types: Mapping[str, str]) -> None:
+    """A config value of a kind its option can hold: null only where the option may be unset, a mapping or a
+    list only where its type takes one (YAML makes both easy to write by accident)."""
+    kind = types.get(dest, "")
+    if value is None and "None" not in kind and "Optional" not in kind and dest not in _SETTLED_AFTER_PARSING:
+        raise RecipeArgumentError(f"{where}: {key}: null is not a value of this option (it takes {kind}); "
+                                  "leave the key out for its default")
+    if isinstance(value, Mapping) and "dict" not in kind:
+        raise RecipeArgumentError(f"{where}: {key}: a mapping is not a value of this option (it takes {kind}), "
+                                  f"got {dict(value)!r}")
+    if isinstance(value, list) and "list" not in kind:
+        raise RecipeArgumentError(f"{where}: {key}: a list is not a value of this option (it takes {kind}), "
+                                  f"got {value!r}")
+
+
 def config_defaults(parser: argparse.ArgumentParser, config: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A config mapping as parser defaults (``dest -> value``); an unknown, abbreviated or repeated key is a
     :class:`RecipeArgumentError` naming it and ``where`` it was found."""
@@ -345,10 +374,12 @@ def config_defaults(parser: argparse.ArgumentParser, config: Mapping[str, Any], 
         raise RecipeArgumentError(f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} "
                                   + ", ".join(f"{k!r}{_suggest(k, known)}" for k in unknown))
     defaults: dict[str, Any] = {}
+    types = _field_type_text()
     for key, value in config.items():
         action = actions[str(key)]
         if action.dest in defaults:
             raise RecipeArgumentError(f"{where}: {action.dest} is given twice (as {key!r} too)")
+        _check_shape(action.dest, str(key), value, where, types)
         defaults[action.dest] = _convert(action, str(key), value, where)
     return defaults
 
@@ -511,6 +542,22 @@ def settle_device(values: dict[str, Any], notes: list[str]) -> None:
                          "(--use_cpu true)")
 
 
+# Counts that must be at least 1 (None: unset, where the option allows it). HF checks none of them before
+# training starts; 0 fails deep inside it (a ZeroDivisionError for gradient_accumulation_steps).
+POSITIVE_COUNTS = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                   "max_length", "lora_r", "max_train_samples", "max_eval_samples")
+
+
+def check_counts(values: Mapping[str, Any]) -> None:
+    """Each of :data:`POSITIVE_COUNTS` an integer >= 1 (or unset where it may be), as a clear error otherwise."""
+    for name in POSITIVE_COUNTS:
+        value = values.get(name)
+        if value is None and name.startswith("max_") and name.endswith("_samples"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeArgumentError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
 def _new_run_folder(root: str) -> str:
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     folder, n = Path(root) / stamp, 1
@@ -575,6 +622,7 @@ def parse_recipe_args(
                 f"e.g. --output_dir {example}"
             )
         values["output_dir"] = _new_run_folder(DEFAULT_OUTPUT_ROOT)
+    check_counts(values)
     settle_device(values, notes)
     if values.get("ddp_find_unused_parameters") is None:
         # HF's unset default searches every DDP step for parameters without a gradient (and warns that it found

@@ -34,7 +34,14 @@ from lion_hf.experiments.arguments import (
     parse_single_run_args,
     recipe_parser,
 )
-from lion_hf.experiments.checkpoints import CheckpointError, RunArgumentsRecorder, plan_output_dir
+from lion_hf.experiments.checkpoints import (
+    CheckpointDigests,
+    CheckpointError,
+    OutputPlan,
+    RunArgumentsRecorder,
+    lock_output_dir,
+    plan_output_dir,
+)
 from lion_hf.experiments.data import load_sentiment_data, tokenize_sentiment_data
 from lion_hf.experiments.metrics import compute_metrics_fn
 from lion_hf.experiments.records import RunRecord
@@ -153,12 +160,27 @@ def build_model(model_args: ModelArguments, num_labels: int, label_names: list[s
     if model_args.use_peft:
         from peft import LoraConfig, get_peft_model
 
+        targets = [m.strip() for m in model_args.lora_target_modules.split(",") if m.strip()]
+        check_lora_targets(model, targets)
         model = get_peft_model(model, LoraConfig(
             task_type="SEQ_CLS", r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=[m.strip() for m in model_args.lora_target_modules.split(",") if m.strip()],
+            lora_dropout=model_args.lora_dropout, target_modules=targets,
         ))
     return model
+
+
+def check_lora_targets(model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Every ``--lora_target_modules`` name matches a module of ``model`` (as peft matches a name: the module's
+    full name or its last dotted parts); peft itself drops a name that matches nothing when another one matches."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not targets or missing:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        shown = ", ".join(leaves[:20]) + (" ..." if len(leaves) > 20 else "")
+        what = f"names no module of the model: {', '.join(missing)}" if missing else "is empty"
+        raise RecipeArgumentError(f"--lora_target_modules {','.join(targets)!r} {what}. Its linear layers are "
+                                  f"named: {shown}")
 
 
 # TrainingArguments fields that say where a run writes or how it restarts, not what it trains.
@@ -197,7 +219,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Lio
     with warnings.catch_warnings():
         for category in (FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=_LIBRARIES)
-        return _run(model_args, data_args, training_args, run_args, extra_callbacks, save_model)
+        # One run writes output_dir at a time: the lock is taken before the folder is looked at, held to the end.
+        lock = lock_output_dir(training_args.output_dir)
+        try:
+            return _run(model_args, data_args, training_args, run_args, extra_callbacks, save_model)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def final_evaluation(trainer: LionTrainer, history: HistoryCallback) -> dict[str, float]:
@@ -273,7 +301,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
     trainer = LionTrainer(
         model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_fn(data.num_labels),
-        callbacks=[history, training_bytes, RunArgumentsRecorder(arguments), *(extra_callbacks or [])],
+        callbacks=[history, training_bytes, CheckpointDigests(), *(extra_callbacks or []),
+                   RunArgumentsRecorder(arguments, training_args.world_size, plan.batch_changes)],
     )
     # Only now, with the data and model loaded and checked, may --overwrite_output_dir delete the old outputs.
     if trainer.is_world_process_zero():
@@ -305,8 +334,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
         seed=training_args.seed,
         learning_rate=training_args.learning_rate,
         weight_decay=training_args.weight_decay,
-        global_batch_size=(training_args.per_device_train_batch_size * training_args.world_size
-                           * training_args.gradient_accumulation_steps),
+        global_batch_size=_at_start(plan, training_args)[1],
         model=model_args.model_name_or_path,
         peft=model_args.use_peft,
         data=data.source,
@@ -330,15 +358,25 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
         training_bytes=training_bytes.counts,
         bytes_per_param=bytes_per_param(training_bytes.counts),
         device=str(training_args.device),
-        world_size=training_args.world_size,
+        world_size=_at_start(plan, training_args)[0],
         run_args=arguments,
         resumed_from=resumed_from,
+        batch_changes=plan.batch_changes,
     )
     if save_model:
         save_final_model(trainer, tokenizer, out)
     if trainer.is_world_process_zero():
         record.write(out / "run.json")
     return record
+
+
+def _at_start(plan: OutputPlan, training_args: LionTrainingArguments) -> tuple[int, int | None]:
+    """(processes, global batch) the run started with: a resume on another process count changed them later."""
+    if plan.batch_changes:
+        first = plan.batch_changes[0]
+        return first["world_size_before"], first["global_batch_size_before"]
+    return training_args.world_size, (training_args.per_device_train_batch_size * training_args.world_size
+                                      * training_args.gradient_accumulation_steps)
 
 
 def end_process_group() -> None:

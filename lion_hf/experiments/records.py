@@ -64,6 +64,10 @@ class RunRecord:
     # the arguments that define the run (compare_optimizers skips a rerun on them)
     run_args: dict[str, Any] | None = None
     resumed_from: list[str] = field(default_factory=list)  # checkpoints this run was resumed from, in order
+    # Where a resume changed the process count (--allow_partial_resume): per change, the ``step`` and the
+    # ``world_size`` / ``global_batch_size`` before and from it. ``world_size`` and ``global_batch_size`` above
+    # are then the run's values at its start.
+    batch_changes: list[dict[str, int | None]] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -7,7 +7,9 @@ and ``optimizers``: one entry per setup, with its ``learning_rate`` grid (or, fo
 
 Every run is parsed before the first one starts, so a bad argument anywhere stops the study before any
 training. The study owns what separates its runs (their folders, names, seeds, optimizers, lrs, weight decays,
-and whether each resumes): extra arguments after ``--`` or in the config that would set those are refused.
+and whether each resumes): extra arguments after ``--`` or in the config that would set those are refused, and
+so are extras that would override a setup's own ``args`` or the swept argument (the folders and the report
+would keep the old labels), repeated seeds or lrs, lrs that print alike, and names that are not one folder name.
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from lion_hf.experiments.arguments import (
     parse_recipe_args,
     recipe_parser,
 )
-from lion_hf.experiments.checkpoints import CheckpointError, last_complete_checkpoint, recorded_arguments
+from lion_hf.experiments.checkpoints import (
+    CheckpointError,
+    checkpoint_folders,
+    last_complete_checkpoint,
+    recorded_arguments,
+    trajectory_differences,
+)
 from lion_hf.experiments.finetune import is_main_process, run, run_arguments, say
 from lion_hf.experiments.records import RunRecord
 from lion_hf.experiments.report import plural, write_report, write_sweep_report
@@ -60,6 +68,7 @@ STUDY_OWNED = {
     "weight_decay": "each setup's weight decay is its optimizers entry (weight_decay: ...)",
     "resume_from_checkpoint": "the study resumes each unfinished run by itself (--rerun starts every run again)",
     "overwrite_output_dir": "the study decides per run (--rerun starts every run again)",
+    "target_accuracy": "the study's target is the config's top-level target_accuracy, which its report uses",
 }
 
 
@@ -165,10 +174,42 @@ def _lr_list(name: str, value: Any, sweep_value: Any) -> list[float]:
             raise StudyConfigError(f"optimizers.{name}.learning_rate: no grid for swept value {sweep_value} "
                                    f"(grids given for {sorted(by_value)})")
         value = by_value[str(sweep_value)]
-    lrs = [float(lr) for lr in _as_list(value)]
+    try:
+        lrs = [float(lr) for lr in _as_list(value)]
+    except (TypeError, ValueError):
+        raise StudyConfigError(f"optimizers.{name}.learning_rate: {value!r} is not a list of numbers") from None
     if not lrs:
         raise StudyConfigError(f"optimizers.{name}: the learning_rate grid is empty")
     return lrs
+
+
+def _distinct(where: str, what: str, values: Sequence[Any], label=str) -> None:
+    """``values`` are distinct, and stay distinct as their ``label`` prints them (in folder names, progress
+    lines and the report): a repeat would train into one folder and count as an independent run."""
+    seen: dict[str, Any] = {}
+    for value in values:
+        shown = label(value)
+        if shown in seen:
+            same = seen[shown] == value
+            raise StudyConfigError(
+                f"{where}: {what} {seen[shown]!r} and {value!r} "
+                + ("are the same value given twice" if same else f"both print as {shown}")
+                + ": they would train into one run folder and be counted as two runs. Remove the repeat"
+                + ("." if same else " (or give values that differ in their first 6 significant digits).")
+            )
+        seen[shown] = value
+
+
+def _lr_label(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def _path_name(where: str, name: str) -> str:
+    """``name`` as one folder name inside the study's folder (never a path that leaves it)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise StudyConfigError(f"{where}: {name!r} becomes a run folder's name, so it may not be empty, start with "
+                               "'.', or contain '/' or '\\'")
+    return name
 
 
 def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, str, float, float, dict[str, Any]]]:
@@ -186,7 +227,12 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, str, float, float,
     sweep = config.get("sweep")
     sweep_values = sweep["values"] if sweep else [None]
     grid = []
+    if sweep:
+        _distinct("sweep.values", "values", sweep["values"])
+        if "label" in sweep:
+            _path_name("sweep.label", str(sweep["label"]))
     for name, spec in specs.items():
+        _path_name(f"optimizers.{name}", str(name))
         if not isinstance(spec, dict) or not ("learning_rate" in spec or "scale_from_adamw" in spec):
             raise StudyConfigError(f"optimizers.{name}: needs a learning_rate list (or, for lion, scale_from_adamw)")
         optim = spec.get("optim", name)
@@ -195,6 +241,9 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, str, float, float,
         if not isinstance(extra, dict):
             raise StudyConfigError(f"optimizers.{name}.args: expected a mapping of run arguments, "
                                    f"got {type(extra).__name__}")
+        if sweep and {sweep["argument"], sweep["argument"].replace("_", "-")} & set(extra):
+            raise StudyConfigError(f"optimizers.{name}.args sets {sweep['argument']}, the swept argument: the sweep "
+                                   f"would override it at every value {sweep['values']}; remove it from args")
         if "scale_from_adamw" in spec and "adamw" not in specs:
             raise StudyConfigError(f"optimizers.{name}.scale_from_adamw needs an adamw entry to scale from")
         for value in sweep_values:
@@ -205,6 +254,8 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, str, float, float,
             else:
                 lrs = _lr_list(name, spec["learning_rate"], value)
                 wd = float(spec.get("weight_decay", 0.0))
+            _distinct(f"optimizers.{name}.learning_rate" + ("" if sweep is None else f" at {sweep['argument']}"
+                                                              f"={value}"), "learning rates", lrs, _lr_label)
             run_args = extra if sweep is None else {**extra, sweep["argument"]: value}
             grid += [(name, optim, lr, wd, run_args) for lr in lrs]
     return grid
@@ -212,13 +263,13 @@ def optimizer_grid(config: dict[str, Any]) -> list[tuple[str, str, float, float,
 
 def run_folder(name: str, lr: float, seed: int, sweep: dict[str, Any] | None, run_args: dict[str, Any]) -> str:
     swept = "" if sweep is None else f"_{sweep.get('label', sweep['argument'])}{run_args[sweep['argument']]}"
-    return f"{name}{swept}_lr{lr:g}_seed{seed}"
+    return _path_name(f"run folder of setup {name}", f"{name}{swept}_lr{_lr_label(lr)}_seed{seed}")
 
 
 def run_status(run_dir: Path, parsed: tuple) -> tuple[str, RunRecord | None]:
     """("finished", record) when ``run_dir/run.json`` exists and was written with the same run
-    arguments; ("resume", None) when its last complete checkpoint was trained under the same arguments (or is
-    unreadable: the run then says what is wrong with it); else ("new", None)."""
+    arguments; ("resume", None) when its last complete checkpoint was trained under the same arguments up to
+    bookkeeping (or is unreadable: the run then says what is wrong with it); else ("new", None)."""
     arguments = run_arguments(*parsed[:3])
     record_file = run_dir / "run.json"
     if record_file.is_file():
@@ -231,7 +282,9 @@ def run_status(run_dir: Path, parsed: tuple) -> tuple[str, RunRecord | None]:
     last = last_complete_checkpoint(run_dir)
     if last is not None:
         try:
-            if recorded_arguments(last) == arguments:
+            saved = recorded_arguments(last)
+            # Other bookkeeping (how often it logs or saves) still resumes: plan_output_dir notes the change.
+            if saved is not None and not trajectory_differences(saved, arguments):
                 return "resume", None
         except ValueError:
             return "resume", None
@@ -301,10 +354,19 @@ def plan_study(config: dict[str, Any], out: Path, seeds: list[int], extra: list[
     some grid points at every seed."""
     common = {**(config.get("common") or {}), "target_accuracy": float(config.get("target_accuracy", 0.85))}
     sweep = config.get("sweep")
+    _distinct("seeds", "seeds", seeds)
+    grid = optimizer_grid(config)
+    _check_extras(grid, sweep, extra)
     planned = []
+    folders: dict[Path, str] = {}
     for seed in seeds:
-        for name, optim, lr, wd, setup_args in optimizer_grid(config):
+        for name, optim, lr, wd, setup_args in grid:
             run_dir = out / run_folder(name, lr, seed, sweep, setup_args)
+            point = f"{name} lr={lr!r} seed={seed}" + ("" if sweep is None else
+                                                       f" {sweep['argument']}={setup_args[sweep['argument']]!r}")
+            if run_dir in folders:  # what every check above is for: one folder per grid point
+                raise StudyConfigError(f"grid points {folders[run_dir]} and {point} would both train into {run_dir}")
+            folders[run_dir] = point
             values = {**common, **setup_args, "optim": optim, "learning_rate": lr, "weight_decay": wd,
                       "seed": seed, "run_name": name, "output_dir": str(run_dir)}
             parsed = parse_recipe_args(extra, config=values)
@@ -313,6 +375,30 @@ def plan_study(config: dict[str, Any], out: Path, seeds: list[int], extra: list[
                 item.status, item.record = run_status(run_dir, parsed)
             planned.append(item)
     return planned
+
+
+def _check_extras(grid: list, sweep: dict[str, Any] | None, extra: list[str]) -> None:
+    """Arguments after ``--`` apply to every run, so they may not set what tells the runs apart: an argument of a
+    setup's own ``args`` (its folder and report label would still name that setup) or the swept one."""
+    given = explicit_options(extra)
+    if not given:
+        return
+    parser = recipe_parser()
+    if sweep is not None and sweep["argument"].replace("-", "_") in given:
+        raise StudyConfigError(f"after `--`: --{sweep['argument']} {given[sweep['argument'].replace('-', '_')]} "
+                               f"would override the swept argument (sweep.values {sweep['values']}): every run would "
+                               "train at that value under folders and report rows naming the others")
+    clashes = []
+    for name, _, _, _, setup_args in grid:
+        own = {k: v for k, v in setup_args.items() if sweep is None or k != sweep["argument"]}
+        for dest, value in config_defaults(parser, own, f"optimizers.{name}.args").items():
+            if dest in given and f"{name}.{dest}" not in {c[0] for c in clashes}:
+                clashes.append((f"{name}.{dest}", f"--{dest} {given[dest]} would override optimizers.{name}.args."
+                                                  f"{dest} ({value!r}) while its folders and report rows still say "
+                                                  f"{name}"))
+    if clashes:
+        raise StudyConfigError("after `--`: " + "; ".join(c[1] for c in clashes) + ". Change the setup's args in the "
+                               "config (or add a setup) instead.")
 
 
 def main(argv: Sequence[str] | None = None, *, default_config: str | Path, description: str | None = None,
@@ -368,7 +454,7 @@ def _study(parser: HfArgumentParser, argv: list[str]) -> dict[str, Path]:
                          extra_callbacks=[ProgressCallback(label, args.progress_seconds, clock)])
             clock.durations.append(time.perf_counter() - began)
             if not args.keep_checkpoints and is_main_process():
-                for checkpoint in item.run_dir.glob("checkpoint-*"):
+                for checkpoint in checkpoint_folders(item.run_dir):  # the run's own folders, never a link
                     shutil.rmtree(checkpoint)
         say(f"  best eval accuracy {record.best_eval_accuracy:.4f} in {record.train_seconds:.0f} s", prefix="compare")
         runs.append(record)
