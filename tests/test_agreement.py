@@ -197,7 +197,9 @@ def test_foreach_and_cpp_raise_what_for_loop_raises_or_compute_its_bits(case):
         check_agreement(impl, case, exact=True)
 
 
-TRITON_EXAMPLES, TRITON_MIN_LAUNCHED = 12, 8
+# Half the examples must reach the kernel. The cases drawn differ with what else the run collected (7 to 9
+# of these 12 launched it, alone and in the whole suite), so the bar leaves room below the fewest seen.
+TRITON_EXAMPLES, TRITON_MIN_LAUNCHED = 12, 6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter subset runs where there is no GPU")

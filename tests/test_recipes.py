@@ -445,7 +445,7 @@ def checkpointed(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """A finished 8-step Lion run with checkpoints at steps 4 and 8 (copy it before changing it)."""
     out = tmp_path_factory.mktemp("checkpointed") / "run"
     args = {**_resume_args(tiny_model_dir, tiny_data_dir, out, {"optim": "lion", "learning_rate": 3e-3}),
-            "max_steps": 8}
+            "max_steps": 8, "save_total_limit": 5}  # every checkpoint kept (the recipe keeps 2 unless told)
     finetune.main(to_argv(args))
     assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     return out, args
