@@ -67,12 +67,10 @@ def float_store(m: torch.Tensor, stochastic: bool) -> torch.Tensor:
     if stochastic:
         codes, scale = quantize_momentum(m.contiguous(), int(torch.randint(0, 1 << 16, ())))
         return dequantize_momentum(codes, scale)
-    # Round to nearest: try the two neighbours the stochastic rounding chooses from.
+    # Round to nearest (ties away from zero): half a code step in place of the random bits.
     blocks, pad = _blocks(m)
-    down, scale = quantize_momentum(blocks, 0, noise=torch.zeros_like(blocks, dtype=torch.int32))
-    up, _ = quantize_momentum(blocks, 0, noise=torch.full_like(blocks, 0xFFFF, dtype=torch.int32))
-    lo, hi = dequantize_momentum(down, scale), dequantize_momentum(up, scale)
-    out = torch.where((blocks - lo).abs() <= (hi - blocks).abs(), lo, hi).view(-1)
+    codes, scale = quantize_momentum(blocks, 0, noise=torch.full_like(blocks, 0x8000, dtype=torch.int32))
+    out = dequantize_momentum(codes, scale).view(-1)
     return out[:out.numel() - pad].view(m.shape)
 
 
@@ -134,7 +132,7 @@ def main() -> None:
                 history[name].append(agree / total)
         optimizer.step()
         optimizer.zero_grad()
-        if step % 10 == 0:
+        if step % 5 == 0:
             print(f"step {step} loss {losses[-1]:.4f} " + " ".join(f"{n}={h[-1]:.5f}" for n, h in history.items()),
                   flush=True)
 

@@ -271,8 +271,9 @@ class Lion(Optimizer):
         eight_bit = state_dtype == torch.int8
         exp_avgs = [s.get("exp_avg") for s in states]
         wanted = [_momentum_dtype(p, "int8") for p in params] if eight_bit else None
-        if (not all([m is not None for m in exp_avgs])
-                or ([m.dtype for m in exp_avgs] != wanted if eight_bit else {m.dtype for m in exp_avgs} != {state_dtype})):
+        present = all([m is not None for m in exp_avgs])
+        if not present or ([m.dtype for m in exp_avgs] != wanted if eight_bit
+                            else {m.dtype for m in exp_avgs} != {state_dtype}):
             for i, (p, s) in enumerate(zip(params, states)):
                 dtype = wanted[i] if eight_bit else state_dtype
                 exp_avg = s.get("exp_avg")  # read again: a param listed twice shares its first entry's

@@ -30,8 +30,8 @@ __all__ = [
     "apply_update",
     "cautious_update",
     "dequantize_momentum",
-    "eight_bit_state",
     "eight_bit_scale_numel",
+    "eight_bit_state",
     "interpolate",
     "lion_tensor",
     "load_momentum",
@@ -192,7 +192,8 @@ def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
             needed.append(None)
             continue
         needed.append([(bool(p.numel()) and param_stochastic(p.dtype, group.param_rounding),
-                        bool(p.numel()) and momentum_stochastic(m.dtype)) for p, m in zip(group.params, group.exp_avgs)])
+                        bool(p.numel()) and momentum_stochastic(m.dtype))
+                       for p, m in zip(group.params, group.exp_avgs)])
     count = sum(a + b for flags in needed if flags is not None for a, b in flags)
     if not count:
         return groups

@@ -107,7 +107,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.numerics import PARAM_ROUNDINGS, StepGroup, lion_tensor, local
+from lion_hf.optim.numerics import StepGroup, lion_tensor, local
+from lion_hf.optim.options import PARAM_ROUNDINGS
 
 try:
     import triton

@@ -26,9 +26,9 @@ from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, ST
 
 __all__ = [
     "as_float",
+    "check_eight_bit_state",
     "check_loaded_state",
     "check_loaded_state_dict",
-    "check_eight_bit_state",
     "check_step_scalars",
     "check_step_tensors",
     "overlapping",
@@ -365,7 +365,7 @@ def check_loaded_state(state: dict[Any, Any]) -> None:
                              "optimizer (Lion keeps only 'exp_avg', its block scales 'exp_avg_scale' when it is "
                              "8-bit, and 'kahan_comp' under Kahan rounding). "
                              "Resume it with the optimizer that saved it, or start Lion without its state.")
-        for name in ("exp_avg", "kahan_comp", "exp_avg_scale"):
+        for name in ("exp_avg", "kahan_comp"):  # block scales: check_eight_bit_state
             value = entry.get(name)
             if name in entry and not isinstance(value, Tensor):
                 raise ValueError(f"Lion: the {name} of param {key!r} is a {type(value).__name__}, not a tensor")
@@ -441,7 +441,8 @@ def check_loaded_state_dict(state_dict: Any, current_groups: list[dict[str, Any]
         if not isinstance(entry, dict):
             raise ValueError(f"Lion: the state of param {key!r} is a {type(entry).__name__}, not a dict")
         p = params_by_key[key]
-        if "exp_avg_scale" in entry or (isinstance(entry.get("exp_avg"), Tensor) and entry["exp_avg"].dtype == torch.int8):
+        codes = entry.get("exp_avg")
+        if "exp_avg_scale" in entry or (isinstance(codes, Tensor) and codes.dtype == torch.int8):
             check_eight_bit_state(entry.get("exp_avg"), entry.get("exp_avg_scale"), p.shape, f"param {key!r}")
         for name in ("exp_avg", "kahan_comp"):
             value = entry.get(name)
