@@ -145,7 +145,8 @@ def main() -> None:
     elapsed = time.time() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(steps=args.steps, cover=args.cover, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, batch=32,
+    meta = dict(steps=args.steps, cover=args.cover, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                batch=32,
                 covered_params=sum(p.numel() for p in covered), machine=platform.processor() or platform.machine(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=round(elapsed))
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, losses=losses, agreement=history), indent=1))
