@@ -110,7 +110,7 @@ def main() -> None:
     order = torch.randperm(len(rows)).tolist()
     beta1, beta2 = 0.9, 0.99
     optimizer = Lion(model.parameters(), lr=args.lr, betas=(beta1, beta2), weight_decay=args.weight_decay,
-                     impl="foreach")
+                     impl="cpp")
     covered = [p for name, p in model.named_parameters()
                if p.numel() >= EIGHT_BIT_MIN_NUMEL and re.search(args.cover, name)]
     shadows = {name: [torch.zeros_like(p) for p in covered] for name in CANDIDATES}
@@ -139,7 +139,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         if step % 5 == 0:
-            print(f"step {step} loss {losses[-1]:.4f} " + " ".join(f"{n}={h[-1]:.5f}" for n, h in history.items()),
+            print(f"step {step} ({time.time() - started:.0f} s) loss {losses[-1]:.4f} " + " ".join(f"{n}={h[-1]:.5f}" for n, h in history.items()),
                   flush=True)
 
     elapsed = time.time() - started

@@ -337,3 +337,19 @@ def test_distributed_lion_votes_over_the_8bit_momentum(monkeypatch):
     assert all(torch.equal(a, b.detach()) for a, b in zip(results[0][:4], lion_params))
     moved = sum(int((a != p).sum()) for a, p in zip(results[0][:4], params))
     assert moved > sum(p.numel() for p in params) // 2
+
+
+def test_training_arguments_take_int8_and_build_an_8bit_lion(tmp_path):
+    from lion_hf import LionTrainingArguments
+    from lion_hf.trainer import lion_optimizers
+
+    args = LionTrainingArguments(output_dir=str(tmp_path), lion_state_dtype="int8", learning_rate=5e-5,
+                                 report_to="none", use_cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 2))
+    optimizer, _ = lion_optimizers(model, args, num_training_steps=10)
+    model(torch.randn(4, 128)).sum().backward()
+    optimizer.step()
+    dtypes = {tuple(p.shape): optimizer.state[p]["exp_avg"].dtype for p in model.parameters()}
+    assert dtypes == {(64, 128): torch.int8, (64,): torch.float32, (2, 64): torch.float32, (2,): torch.float32}
+    with pytest.raises(ValueError, match="lion_state_dtype"):
+        LionTrainingArguments(output_dir=str(tmp_path), lion_state_dtype="int4", report_to="none")

@@ -140,9 +140,13 @@ class Lion(Optimizer):
         cautious: apply the update only where sign(update) agrees with the gradient, rescaled by
             1 / fraction agreeing (Liang et al. 2024, "Cautious Optimizers"); off by default.
             Under FSDP2 the fraction is taken per local shard.
-        state_dtype: ``"fp32"`` (default) or ``"bf16"`` momentum. bf16 halves the optimizer state
-            (2 instead of 4 bytes per parameter) and is stored with stochastic rounding, so the
-            momentum stays unbiased even when one step's change is below half a bf16 ulp.
+        state_dtype: ``"fp32"`` (default), ``"bf16"`` or ``"int8"`` momentum. bf16 halves the
+            optimizer state (2 instead of 4 bytes per parameter) and is stored with stochastic
+            rounding, so the momentum stays unbiased even when one step's change is below half a
+            bf16 ulp. int8 stores 8-bit codes (``state[p]["exp_avg"]``, int8) with one fp32 scale per
+            block of 256 elements (``state[p]["exp_avg_scale"]``), about 1 byte per parameter, also
+            rounded stochastically; params under 4096 elements keep fp32 state
+            (docs/implementations.md, "8-bit state").
         param_rounding: how a bf16 or fp16 param stores its new value (fp32 params are exact):
 
             * ``"stochastic"`` (default): up or down with probability given by the distance, so
@@ -178,7 +182,8 @@ class Lion(Optimizer):
             warns and continues with ``foreach``.
 
     All implementations compute in fp32 for fp32, bf16 and fp16 parameters, share one state
-    layout (``state[p]["exp_avg"]``, a plain tensor) and so load each other's state dicts.
+    layout (``state[p]["exp_avg"]``, a plain tensor, and its ``"exp_avg_scale"`` when it is 8-bit)
+    and so load each other's state dicts.
     """
 
     def __init__(
