@@ -138,21 +138,31 @@ def main() -> None:
                 history[name].append(agree / total)
         optimizer.step()
         optimizer.zero_grad()
+        if step % 10 == 9:
+            write(args, covered, history, losses, started)
         if step % 5 == 0:
-            print(f"step {step} ({time.time() - started:.0f} s) loss {losses[-1]:.4f} " + " ".join(f"{n}={h[-1]:.5f}" for n, h in history.items()),
-                  flush=True)
+            agreement = " ".join(f"{n}={h[-1]:.5f}" for n, h in history.items())
+            print(f"step {step} ({time.time() - started:.0f} s) loss {losses[-1]:.4f} {agreement}", flush=True)
 
+    write(args, covered, history, losses, started)
+
+
+def write(args: argparse.Namespace, covered: list, history: dict[str, list[float]], losses: list[float],
+          started: float) -> None:
+    """``<out>.json`` and ``<out>.md`` from the steps so far (written every 10 steps: a run cut short
+    keeps what it measured)."""
     elapsed = time.time() - started
+    steps = len(losses)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(steps=args.steps, cover=args.cover, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+    meta = dict(steps=steps, cover=args.cover, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                 batch=32,
                 covered_params=sum(p.numel() for p in covered), machine=platform.processor() or platform.machine(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=round(elapsed))
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, losses=losses, agreement=history), indent=1))
     lines = [f"# Sign agreement of 8-bit momentum maps with fp32 momentum ({time.strftime('%Y-%m-%d')})", "",
-             f"`python scripts/measure_state_map.py --steps {args.steps} --lr {args.lr} --seed {args.seed}`: "
-             f"all-MiniLM-L6-v2 on SST-2 sentences, batch 32, Lion fp32 drives; {meta['covered_params']:,} "
+             f"`python scripts/measure_state_map.py --steps {args.steps} --lr {args.lr} --seed {args.seed}` "
+             f"({steps} steps ran): all-MiniLM-L6-v2 on SST-2 sentences, batch 32, Lion fp32 drives; {meta['covered_params']:,} "
              f"elements compared (params matching `{args.cover}`), {meta['machine']}, {meta['date']}, "
              f"{meta['seconds']} s. Fraction of elements whose sign(c) equals fp32 state's.", "",
              "| candidate | mean over steps | min | mean of the last half |", "|---|---:|---:|---:|"]
@@ -160,7 +170,7 @@ def main() -> None:
         tail = h[len(h) // 2:]
         lines.append(f"| {name} | {statistics.mean(h):.5f} | {min(h):.5f} | {statistics.mean(tail):.5f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
