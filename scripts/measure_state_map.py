@@ -163,7 +163,8 @@ def write(args: argparse.Namespace, covered: list, history: dict[str, list[float
     lines = [f"# Sign agreement of 8-bit momentum maps with fp32 momentum ({time.strftime('%Y-%m-%d')})", "",
              f"`python scripts/measure_state_map.py --steps {args.steps} --lr {args.lr} --seed {args.seed}` "
              f"({steps} steps ran): all-MiniLM-L6-v2 on SST-2 sentences, batch 32, Lion fp32 drives; "
-             f"{meta['covered_params']:,} elements compared (params matching `{args.cover}`), {meta['machine']}, {meta['date']}, "
+             f"{meta['covered_params']:,} elements compared (params matching `{args.cover}`), {meta['machine']}, "
+             f"{meta['date']}, "
              f"{meta['seconds']} s. Fraction of elements whose sign(c) equals fp32 state's.", "",
              "| candidate | mean over steps | min | mean of the last half |", "|---|---:|---:|---:|"]
     for name, h in history.items():
