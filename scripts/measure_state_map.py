@@ -21,6 +21,8 @@ gradients. The candidates:
 * ``int8_linear``: the linear absmax map (bitsandbytes' blockwise "linear" quantization):
   ``round(127 * m / absmax)``, rounded stochastically;
 * ``int8_linear_nearest``: the linear map, rounded to nearest;
+* ``int8_e3m4`` / ``int8_e2m5``: the same kind of 8-bit float with 3 (2) exponent and 4 (5) mantissa
+  bits: finer steps, a narrower range above the linear steps (torch's generator for the random bits);
 * ``bf16``: ``state_dtype="bf16"`` (stochastic rounding), for reference.
 
 Writes ``<out>.json`` (per-step agreement of each candidate) and ``<out>.md`` (a summary).
@@ -77,11 +79,32 @@ def float_store(m: torch.Tensor, stochastic: bool) -> torch.Tensor:
     return out[:out.numel() - pad].view(m.shape)
 
 
+def minifloat_store(m: torch.Tensor, exponent_bits: int) -> torch.Tensor:
+    """``m`` through a signed 8-bit float of ``m / absmax`` (blocks of 256) with ``exponent_bits``
+    exponent bits and the rest mantissa, 1.0 its largest value, rounded stochastically; as fp32."""
+    mantissa = 7 - exponent_bits
+    top = (1 << exponent_bits) - 1  # the exponent field of 1.0
+    smallest_normal = 2.0 ** (1 - top)
+    blocks, pad = _blocks(m)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    x = torch.where(absmax > 0, blocks / absmax, 0.0)
+    a = x.abs()
+    noise = torch.randint(0, 1 << 16, a.shape, dtype=torch.int32)
+    kept = ((a.view(torch.int32) + (noise << (23 - mantissa - 16))) & -(1 << (23 - mantissa))).view(torch.float32)
+    step = smallest_normal * 2.0**-mantissa
+    linear = torch.floor(a / step + noise.float() * 2.0**-16) * step
+    value = torch.where(a < smallest_normal, linear, kept)
+    out = (torch.where(x < 0, -value, value) * absmax).view(-1)
+    return out[:out.numel() - pad].view(m.shape)
+
+
 CANDIDATES = {
     "int8_float": lambda m: float_store(m, True),
     "int8_float_nearest": lambda m: float_store(m, False),
     "int8_linear": lambda m: linear_store(m, True),
     "int8_linear_nearest": lambda m: linear_store(m, False),
+    "int8_e3m4": lambda m: minifloat_store(m, 3),
+    "int8_e2m5": lambda m: minifloat_store(m, 2),
     "bf16": lambda m: stochastic_round_to_bf16(m.contiguous(), int(torch.randint(0, 1 << 16, ()))).float(),
 }
 
