@@ -195,18 +195,33 @@ struct Fp16 {
 // An 8-bit momentum (state_dtype="int8"): int8 codes, one fp32 scale per block of 256 elements
 // (numerics.quantize_momentum / dequantize_momentum). A code's magnitude k holds 4 exponent and 3
 // mantissa bits of m / scale: 2**(k / 8 - 15) * (1 + (k % 8) / 8) for k >= 8, k * 2**-17 below.
+constexpr float pow2(int e) {  // exact: powers of two in fp32's normal range
+  float r = 1.f;
+  for (; e > 0; --e) r *= 2.f;
+  for (; e < 0; ++e) r *= 0.5f;
+  return r;
+}
+
 struct Q8 {
   using T = int8_t;
   static constexpr int64_t kBlockShift = 8;
   static constexpr int64_t kBlockSize = int64_t{1} << kBlockShift;
   static_assert(kBlockSize == kScaleBlock, "numerics.EIGHT_BIT_BLOCK");
+  // numerics._EXPONENT_BITS and what follows from it.
+  static constexpr uint32_t kExponentBits = 4, kMantissaBits = 7 - kExponentBits;
+  static constexpr uint32_t kTop = (1u << kExponentBits) - 1, kDropped = 23 - kMantissaBits, kRebias = 127 - kTop;
+  static constexpr uint32_t kMantissaMask = (1u << kMantissaBits) - 1;
+  static constexpr int kTopInt = static_cast<int>(kTop), kMantissaInt = static_cast<int>(kMantissaBits);
+  static constexpr float kSubnormalLimit = pow2(1 - kTopInt);  // the smallest normal code
+  static constexpr float kSubnormalStep = pow2(1 - kTopInt - kMantissaInt);
+  static constexpr float kSubnormalScale = pow2(kTopInt - 1 + kMantissaInt);
 
   static LION_INLINE float value(int8_t code) {
     const int32_t c = code;
     const auto k = static_cast<uint32_t>(c < 0 ? -c : c);
-    const float normal = float_of(((k >> 3) + 112u) << 23 | (k & 7u) << 20);
-    const float subnormal = static_cast<float>(k) * 0x1p-17f;
-    const float v = k >= 8u ? normal : subnormal;
+    const float normal = float_of(((k >> kMantissaBits) + kRebias) << 23 | (k & kMantissaMask) << kDropped);
+    const float subnormal = static_cast<float>(k) * kSubnormalStep;
+    const float v = k > kMantissaMask ? normal : subnormal;
     return c < 0 ? -v : v;
   }
 
@@ -215,11 +230,13 @@ struct Q8 {
   // under 2**-14, x * 2**17 plus a uniform in [0, 1) truncated to an integer. NaN is code 0.
   static LION_INLINE int8_t encode(float x, uint32_t noise) {
     const float a = std::fabs(x);
-    const uint32_t kept = (bits_of(a) + (noise << 4)) & 0xFFF00000u;
-    const int32_t normal = (static_cast<int32_t>(kept >> 23) - 112) * 8 + static_cast<int32_t>((kept >> 20) & 7u);
-    const bool low = a < 0x1p-14f;
+    const uint32_t kept = (bits_of(a) + (noise << (kDropped - 16))) & ~((1u << kDropped) - 1);
+    const int32_t normal = ((static_cast<int32_t>(kept >> 23) - static_cast<int32_t>(kRebias)) << kMantissaBits) +
+                           static_cast<int32_t>((kept >> kDropped) & kMantissaMask);
+    const bool low = a < kSubnormalLimit;
     const float small = low ? a : 0.f;
-    const auto subnormal = static_cast<int32_t>(std::floor(small * 0x1p17f + static_cast<float>(noise) * 0x1p-16f));
+    const auto subnormal =
+        static_cast<int32_t>(std::floor(small * kSubnormalScale + static_cast<float>(noise) * 0x1p-16f));
     int32_t k = low ? subnormal : normal;
     k = x != x ? 0 : k;
     return static_cast<int8_t>(x < 0.f ? -k : k);

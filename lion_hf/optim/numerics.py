@@ -232,11 +232,18 @@ EIGHT_BIT_BLOCK = 256
 # together they are a sliver of the state, and a block's scale would cost more there. The one rule,
 # applied where the state is created or loaded (Lion), so that every impl sees the same tensors.
 EIGHT_BIT_MIN_NUMEL = 4096
-# The largest code magnitude: 120 is 1.0 (exponent 15, mantissa 0), the block's absmax itself.
-EIGHT_BIT_MAX_CODE = 120
-# Below 2**-14 (the smallest normal code) codes step linearly by 2**-17.
-_SUBNORMAL_LIMIT = 2.0**-14
-_SUBNORMAL_STEP = 2.0**-17
+# A code is a sign and a 7-bit magnitude: an 8-bit float of m / absmax with _EXPONENT_BITS exponent
+# bits and the rest mantissa (cpu_kernel.cpp's Q8 holds the same constants).
+_EXPONENT_BITS = 4
+_MANTISSA_BITS = 7 - _EXPONENT_BITS
+_TOP = (1 << _EXPONENT_BITS) - 1  # the exponent field of 1.0
+_DROPPED = 23 - _MANTISSA_BITS  # the fp32 mantissa bits a code drops
+_REBIAS = 127 - _TOP  # fp32 exponent = the code's exponent field + _REBIAS
+# The largest code magnitude (1.0: exponent field _TOP, mantissa 0), the block's absmax itself.
+EIGHT_BIT_MAX_CODE = _TOP << _MANTISSA_BITS
+# Below the smallest normal code codes step linearly (as IEEE subnormals), by _SUBNORMAL_STEP.
+_SUBNORMAL_LIMIT = 2.0 ** (1 - _TOP)
+_SUBNORMAL_STEP = 2.0 ** (1 - _TOP - _MANTISSA_BITS)
 
 
 def eight_bit_state(p: Tensor) -> bool:
@@ -269,8 +276,9 @@ def dequantize_momentum(codes: Tensor, scale: Tensor) -> Tensor:
     k = _blocks(codes).to(torch.int32)
     negative = k < 0
     k = k.abs()
-    normal = (((k >> 3) + 112) << 23 | (k & 7) << 20).view(torch.float32)
-    value = torch.where(k >= 8, normal, k.float() * _SUBNORMAL_STEP)
+    mask = (1 << _MANTISSA_BITS) - 1
+    normal = (((k >> _MANTISSA_BITS) + _REBIAS) << 23 | (k & mask) << _DROPPED).view(torch.float32)
+    value = torch.where(k > mask, normal, k.float() * _SUBNORMAL_STEP)
     value = torch.where(negative, -value, value) * scale.view(-1, 1)
     return value.view(-1)[:codes.numel()].view(codes.shape)
 
@@ -295,10 +303,10 @@ def quantize_momentum(m32: Tensor, seed: Tensor | int, noise: Tensor | None = No
     a = x.abs()
     if noise is None:
         noise = random_bits16(a.numel(), seed, a.device).view(a.shape)
-    kept = (a.view(torch.int32) + (noise << 4)) & -(1 << 20)
-    normal = ((kept >> 23) - 112) * 8 + ((kept >> 20) & 7)
+    kept = (a.view(torch.int32) + (noise << (_DROPPED - 16))) & -(1 << _DROPPED)
+    normal = ((kept >> 23) - _REBIAS << _MANTISSA_BITS) + ((kept >> _DROPPED) & ((1 << _MANTISSA_BITS) - 1))
     low = torch.where(a < _SUBNORMAL_LIMIT, a, 0.0)
-    subnormal = torch.floor(low * 2.0**17 + noise.float() * 2.0**-16).to(torch.int32)
+    subnormal = torch.floor(low * (1 / _SUBNORMAL_STEP) + noise.float() * 2.0**-16).to(torch.int32)
     k = torch.where(a < _SUBNORMAL_LIMIT, subnormal, normal)
     k = torch.where(torch.isnan(x), 0, k)
     codes = torch.where(x < 0, -k, k).to(torch.int8)
