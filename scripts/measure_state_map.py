@@ -16,13 +16,14 @@ gradients. The candidates:
 
 * ``int8_float``: what ``state_dtype="int8"`` stores (``numerics.quantize_momentum``): blocks of
   256, one fp32 absmax per block, each element a signed 8-bit float code of ``m / absmax``
-  (4 exponent and 3 mantissa bits), rounded stochastically;
+  (3 exponent and 4 mantissa bits), rounded stochastically;
 * ``int8_float_nearest``: the same codes rounded to nearest (biased: small changes are lost);
 * ``int8_linear``: the linear absmax map (bitsandbytes' blockwise "linear" quantization):
   ``round(127 * m / absmax)``, rounded stochastically;
 * ``int8_linear_nearest``: the linear map, rounded to nearest;
-* ``int8_e3m4`` / ``int8_e2m5``: the same kind of 8-bit float with 3 (2) exponent and 4 (5) mantissa
-  bits: finer steps, a narrower range above the linear steps (torch's generator for the random bits);
+* ``int8_e4m3`` / ``int8_e2m5``: the same kind of 8-bit float with 4 (2) exponent and 3 (5) mantissa
+  bits: coarser (finer) steps over a wider (narrower) range above the linear steps (torch's generator
+  for the random bits);
 * ``bf16``: ``state_dtype="bf16"`` (stochastic rounding), for reference.
 
 Writes ``<out>.json`` (per-step agreement of each candidate) and ``<out>.md`` (a summary).
@@ -103,7 +104,7 @@ CANDIDATES = {
     "int8_float_nearest": lambda m: float_store(m, False),
     "int8_linear": lambda m: linear_store(m, True),
     "int8_linear_nearest": lambda m: linear_store(m, False),
-    "int8_e3m4": lambda m: minifloat_store(m, 3),
+    "int8_e4m3": lambda m: minifloat_store(m, 4),
     "int8_e2m5": lambda m: minifloat_store(m, 2),
     "bf16": lambda m: stochastic_round_to_bf16(m.contiguous(), int(torch.randint(0, 1 << 16, ()))).float(),
 }

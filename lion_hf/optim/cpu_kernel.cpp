@@ -193,8 +193,8 @@ struct Fp16 {
 };
 
 // An 8-bit momentum (state_dtype="int8"): int8 codes, one fp32 scale per block of 256 elements
-// (numerics.quantize_momentum / dequantize_momentum). A code's magnitude k holds 4 exponent and 3
-// mantissa bits of m / scale: 2**(k / 8 - 15) * (1 + (k % 8) / 8) for k >= 8, k * 2**-17 below.
+// (numerics.quantize_momentum / dequantize_momentum). A code's magnitude k holds 3 exponent and 4
+// mantissa bits of m / scale: 2**(k / 16 - 7) * (1 + (k % 16) / 16) for k >= 16, k * 2**-10 below.
 constexpr float pow2(int e) {  // exact: powers of two in fp32's normal range
   float r = 1.f;
   for (; e > 0; --e) r *= 2.f;
@@ -208,7 +208,7 @@ struct Q8 {
   static constexpr int64_t kBlockSize = int64_t{1} << kBlockShift;
   static_assert(kBlockSize == kScaleBlock, "numerics.EIGHT_BIT_BLOCK");
   // numerics._EXPONENT_BITS and what follows from it.
-  static constexpr uint32_t kExponentBits = 4, kMantissaBits = 7 - kExponentBits;
+  static constexpr uint32_t kExponentBits = 3, kMantissaBits = 7 - kExponentBits;
   static constexpr uint32_t kTop = (1u << kExponentBits) - 1, kDropped = 23 - kMantissaBits, kRebias = 127 - kTop;
   static constexpr uint32_t kMantissaMask = (1u << kMantissaBits) - 1;
   static constexpr int kTopInt = static_cast<int>(kTop), kMantissaInt = static_cast<int>(kMantissaBits);
@@ -226,8 +226,8 @@ struct Q8 {
   }
 
   // x = m / scale in [-1, 1] (or NaN) as a code, rounded up or down with probability given by the
-  // distance: 16 random bits added below the 3 kept mantissa bits of x's pattern, then truncated;
-  // under 2**-14, x * 2**17 plus a uniform in [0, 1) truncated to an integer. NaN is code 0.
+  // distance: 16 random bits added below the 4 kept mantissa bits of x's pattern, then truncated;
+  // under 2**-6, x * 2**10 plus a uniform in [0, 1) truncated to an integer. NaN is code 0.
   static LION_INLINE int8_t encode(float x, uint32_t noise) {
     const float a = std::fabs(x);
     const uint32_t kept = (bits_of(a) + (noise << (kDropped - 16))) & ~((1u << kDropped) - 1);

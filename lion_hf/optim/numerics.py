@@ -234,7 +234,7 @@ EIGHT_BIT_BLOCK = 256
 EIGHT_BIT_MIN_NUMEL = 4096
 # A code is a sign and a 7-bit magnitude: an 8-bit float of m / absmax with _EXPONENT_BITS exponent
 # bits and the rest mantissa (cpu_kernel.cpp's Q8 holds the same constants).
-_EXPONENT_BITS = 4
+_EXPONENT_BITS = 3
 _MANTISSA_BITS = 7 - _EXPONENT_BITS
 _TOP = (1 << _EXPONENT_BITS) - 1  # the exponent field of 1.0
 _DROPPED = 23 - _MANTISSA_BITS  # the fp32 mantissa bits a code drops
@@ -268,9 +268,9 @@ def _blocks(t: Tensor) -> Tensor:
 def dequantize_momentum(codes: Tensor, scale: Tensor) -> Tensor:
     """An 8-bit momentum as fp32 (a new tensor of the codes' shape): ``value(code) * scale``.
 
-    A code is a signed 8-bit float of ``m / absmax``: its magnitude ``k`` (0..120) holds 4 exponent
-    and 3 mantissa bits, ``2**(k // 8 - 15) * (1 + (k % 8) / 8)`` for ``k >= 8`` (120 is 1.0), and
-    ``k * 2**-17`` below (evenly spaced down to 0, as IEEE subnormals are). Each element's block
+    A code is a signed 8-bit float of ``m / absmax``: its magnitude ``k`` (0..112) holds 3 exponent
+    and 4 mantissa bits, ``2**(k // 16 - 7) * (1 + (k % 16) / 16)`` for ``k >= 16`` (112 is 1.0),
+    and ``k * 2**-10`` below (evenly spaced down to 0, as IEEE subnormals are). Each element's block
     (``EIGHT_BIT_BLOCK`` elements in row-major order) has one fp32 scale, the block's absmax.
     """
     k = _blocks(codes).to(torch.int32)
@@ -289,8 +289,8 @@ def quantize_momentum(m32: Tensor, seed: Tensor | int, noise: Tensor | None = No
     Each block's scale is its absmax (the largest ``|m|``, so that element is exact; taken on the
     bit patterns, so a NaN makes the scale NaN), and each element is coded from ``x = m / scale``,
     in [-1, 1], by stochastic rounding to one of its two neighbouring codes (unbiased to 2**-16
-    of a code step): at or above 2**-14, 16 random bits are added below the 3 kept mantissa bits
-    of x's fp32 pattern, which is then truncated (as bf16 state rounds); below, ``x * 2**17``
+    of a code step): at or above 2**-6, 16 random bits are added below the 4 kept mantissa bits
+    of x's fp32 pattern, which is then truncated (as bf16 state rounds); below, ``x * 2**10``
     plus a uniform in [0, 1) is truncated to an integer. The random bits are
     :func:`random_bits16` of each element's row-major index and ``seed`` (``noise``, for
     measurements only, replaces them). An all-zero block has scale 0 and codes 0; a NaN x (a
