@@ -92,7 +92,9 @@ class LionTrainingArguments(TrainingArguments):
         lion_beta1: interpolation between momentum and gradient for the update (default 0.9).
         lion_beta2: momentum decay (default 0.99).
         lion_impl: ``auto`` | ``for_loop`` | ``foreach`` | ``cpp`` | ``triton`` (see ``Lion``).
-        lion_state_dtype: ``fp32`` or ``bf16`` momentum (bf16 is stochastically rounded).
+        lion_state_dtype: ``fp32``, ``bf16`` or ``int8`` momentum (bf16 and int8 are stochastically
+            rounded; int8 keeps 8-bit codes with one fp32 scale per block of 256, tensors under 4096
+            elements in fp32).
         lion_param_rounding: how bf16/fp16 weights store each step: ``stochastic`` (default,
             unbiased, no memory), ``kahan`` (compensation buffer, +2 bytes/param) or ``nearest``
             (drops steps under half an ulp). Irrelevant for fp32 weights.

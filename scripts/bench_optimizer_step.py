@@ -14,10 +14,15 @@ and reports the median. Ratios are against ``torch.optim.AdamW(fused=True)``, wh
 alternate with each optimizer's (the ratio uses AdamW's median over the same window, which
 cancels the bandwidth drift of a shared machine). Effective bandwidth counts the bytes each
 algorithm must move per parameter: Lion fp32 reads p, g, m and writes p, m (20 B); AdamW reads
-p, g, m, v and writes p, m, v (28 B); pure-bf16 Lion 10 B (14 B with Kahan), bf16 AdamW 14 B.
+p, g, m, v and writes p, m, v (28 B); pure-bf16 Lion 10 B (14 B with Kahan), bf16 AdamW 14 B; with 8-bit
+momentum (``state_dtype="int8"``, and bitsandbytes' Lion8bit) fp32 weights move 14 B, bf16 weights 8 B
+(the block scales, 4 B per 256 elements, are left out).
 The ``*_bf16_*`` rows store params, grads and state in bf16 (no fp32 copy), as GPU fine-tuning
 with ``torch_dtype=torch.bfloat16`` does; their ratio is still to fp32 fused AdamW, the baseline.
-On CUDA the script also measures a device-to-device copy as the bandwidth ceiling.
+On CUDA the script also measures a device-to-device copy as the bandwidth ceiling. On the CPU the
+``bare_c_loop`` row is the floor: a plain C loop of Lion's fp32 arithmetic over one flat array of
+the profile's element count (p, g, m: 20 B per element), compiled for this CPU when the script
+runs (OpenMP, torch's thread count); the "x bare loop" column reads every row against it.
 Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -67,7 +72,8 @@ KINDS = {
     "lion_fp16": (14, torch.float16),           # fp16 weights and grads, fp32 momentum (the default state)
     "lion_fp16_kahan": (18, torch.float16),
     "adamw_bf16": (14, torch.bfloat16),
-    "lion_8bit_state": (13, torch.float32),     # fp32 p, g; 8-bit momentum (+ block scales, ignored)
+    "lion_8bit_state": (14, torch.float32),     # fp32 p, g; 8-bit momentum (+ block scales, ignored)
+    "lion_bf16_8bit_state": (8, torch.bfloat16),  # bf16 p, g; 8-bit momentum (+ block scales, ignored)
 }
 
 
@@ -100,6 +106,53 @@ class TrainerDefaultLion:
     def step(self) -> None:
         self.inner.set_grad_norm(self.norm)
         self.inner.step()
+
+
+_BARE_LOOP_SOURCE = r"""
+#include <stdint.h>
+void bare_lion(float* p, const float* g, float* m, int64_t n, float lr, float decay, float b1, float b2) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = m[i] * b1 + g[i] * (1.f - b1);
+    p[i] = p[i] * decay - lr * (float)((c > 0.f) - (c < 0.f));
+    m[i] = m[i] * b2 + g[i] * (1.f - b2);
+  }
+}
+"""
+
+
+class BareLoop:
+    """The memory floor of a Lion step on this CPU: one plain C loop over flat fp32 p, g and m of the
+    profile's element count (no tensors, no dispatch), built here with the C++ compiler the kernel
+    uses, in a fresh private directory, and loaded from there."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        import ctypes
+        import subprocess
+        import tempfile
+
+        from lion_hf.optim.cpu_kernel_build import cxx_compiler
+
+        compiler = cxx_compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler: the bare loop cannot be built")
+        numel = sum(p.numel() for p in params)
+        self.p, self.g, self.m = (torch.zeros(numel) for _ in range(3))
+        self.g.normal_()
+        self.state = {0: {"exp_avg": self.m}}
+        self._dir = tempfile.TemporaryDirectory()  # mode 0700: no other user can swap the library
+        source = Path(self._dir.name) / "bare.cpp"
+        source.write_text('extern "C" {' + _BARE_LOOP_SOURCE + "}")
+        library = Path(self._dir.name) / "bare.so"
+        subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+                        str(source), "-o", str(library)], check=True, timeout=120)
+        self._lib = ctypes.CDLL(str(library))
+        self._fn = self._lib.bare_lion
+        self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 4
+        self._numel = numel
+
+    def step(self) -> None:
+        self._fn(self.p.data_ptr(), self.g.data_ptr(), self.m.data_ptr(), self._numel, 1e-4, 1 - 1e-5, 0.9, 0.99)
 
 
 def peer_factories(device: str, lr: float, wd: float) -> dict[str, tuple[str, Callable]]:
@@ -142,8 +195,12 @@ def peer_factories(device: str, lr: float, wd: float) -> dict[str, tuple[str, Ca
         # HF's optim="lion_32bit" / "lion_8bit" (betas from adam_beta1/2 there; the paper's here).
         table["bnb_lion_32bit"] = ("lion", lambda ps: bnb.optim.Lion32bit(ps, lr=lr, weight_decay=wd))
         table["bnb_lion_8bit"] = ("lion_8bit_state", lambda ps: bnb.optim.Lion8bit(ps, lr=lr, weight_decay=wd))
+        table["bnb_lion_8bit_bf16"] = ("lion_bf16_8bit_state",
+                                       lambda ps: bnb.optim.Lion8bit(ps, lr=lr, weight_decay=wd))
     except ImportError:
         pass
+    if device == "cpu":
+        table["bare_c_loop"] = ("lion", BareLoop)
     return table
 
 
@@ -168,6 +225,7 @@ def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[
         table[f"lion_{impl}"] = ("lion", lion(impl=impl))
         table[f"lion_{impl}_nocheck"] = ("lion", lion(impl=impl, nonfinite_grad="propagate"))
         table[f"lion_{impl}_bf16_state"] = ("lion_bf16_state", lion(impl=impl, state_dtype="bf16"))
+        table[f"lion_{impl}_int8_state"] = ("lion_8bit_state", lion(impl=impl, state_dtype="int8"))
     # Pure bf16 (bf16 weights, grads and state), the GPU fine-tuning setup, and fp16 weights (fp32
     # state): Lion's default keeps every step by stochastic rounding; Kahan and round-to-nearest
     # for comparison. foreach rounds tensor by tensor (slow): its stochastic rows only.
@@ -178,6 +236,8 @@ def optimizer_factories(device: str, include_for_loop: bool) -> dict[str, tuple[
             table[f"lion_{impl}_bf16_{rounding}"] = (
                 f"lion_bf16{suffix}", lion(impl=impl, state_dtype="bf16", param_rounding=rounding))
             table[f"lion_{impl}_fp16_{rounding}"] = (f"lion_fp16{suffix}", lion(impl=impl, param_rounding=rounding))
+        # Pure bf16 weights with 8-bit momentum: 1 byte of state per parameter.
+        table[f"lion_{impl}_bf16_int8_state"] = ("lion_bf16_8bit_state", lion(impl=impl, state_dtype="int8"))
     table.update(peer_factories(device, lr, wd))
     return table
 
@@ -342,21 +402,23 @@ def to_markdown(results: dict) -> str:
         f"Machine: {env['machine']}; torch {env['torch']}; {env['threads']} threads; device {env['device']}"
         + (f"; copy bandwidth {env['copy_gb_per_s']:.0f} GB/s" if env.get("copy_gb_per_s") else ""),
         "",
-        "| profile | params (tensors) | optimizer | ms/step | x fused AdamW (range over rounds) | GB/s | state MB "
-        "| first step s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| profile | params (tensors) | optimizer | ms/step | x fused AdamW (range over rounds) | x bare loop | GB/s "
+        "| state MB | first step s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for prof in results["profiles"]:
+        bare = prof["optimizers"].get("bare_c_loop", {}).get("ms_per_step")
         for name, row in prof["optimizers"].items():
             if "error" in row:
-                lines.append(f"| {prof['profile']} | | {name} | failed: {row['error'][:60]} | | | | |")
+                lines.append(f"| {prof['profile']} | | {name} | failed: {row['error'][:60]} | | | | | |")
                 continue
+            floor = f"{row['ms_per_step'] / bare:.2f}" if bare else "-"
             ratio = f"{row.get('ratio_to_adamw_fused', float('nan')):.2f}"
             if "ratio_range" in row:
                 ratio += " ({:.2f}-{:.2f})".format(*row["ratio_range"])
             lines.append(
                 f"| {prof['profile']} | {prof['params'] / 1e6:.1f}M ({prof['tensors']}) | {name} | "
-                f"{row['ms_per_step']:.2f} | {ratio} | "
+                f"{row['ms_per_step']:.2f} | {ratio} | {floor} | "
                 f"{row['gb_per_s']:.1f} | {row['state_bytes'] / 2**20:.0f} | {row['first_step_s']:.2f} |"
             )
     return "\n".join(lines) + "\n"

@@ -17,14 +17,15 @@ from hypothesis import strategies as st
 from optim_helpers import bits_equal
 
 from lion_hf.optim.dispatch import run_step
-from lion_hf.optim.numerics import StepGroup
+from lion_hf.optim.numerics import StepGroup, quantize_momentum
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MOMENTUM_DTYPES = ["fp32", "bf16", "int8"]  # int8: 8-bit codes with block scales (state_dtype="int8")
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, 65519.0, 3e-6]
 
 
 @st.composite
-def tensor_cases(draw, max_numel: int):
+def tensor_cases(draw, max_numel: int, momentum_dtypes: tuple[str, ...] = tuple(MOMENTUM_DTYPES)):
     """One param with its grad, momentum and (under Kahan) residual, as lists of recipes."""
     kind = draw(st.sampled_from(["0-d", "empty", "vector", "matrix", "transposed", "huge_stride", "offset_view"]))
     n = draw(st.integers(1, max_numel))
@@ -32,7 +33,7 @@ def tensor_cases(draw, max_numel: int):
              "huge_stride": (max(1, n // 50),), "offset_view": (n,)}[kind]
     return dict(kind=kind, shape=shape, p_dtype=draw(st.sampled_from(list(DTYPES))),
                 g_dtype=draw(st.sampled_from(["same", "fp32", "bf16", "fp16"])),
-                m_dtype=draw(st.sampled_from(["fp32", "bf16"])),
+                m_dtype=draw(st.sampled_from(list(momentum_dtypes))),
                 special_grads=draw(st.booleans()), special_momentum=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**16)))
 
@@ -41,9 +42,10 @@ def tensor_cases(draw, max_numel: int):
 def steps(draw, max_numel: int = 40000, max_tensors: int = 4, launchable: bool = False):
     """``launchable``: mostly cases a kernel takes (a grad of the param's dtype, no bad input), for
     the Triton subset, whose few examples should mostly reach the kernel."""
-    cases = tensor_cases(max_numel)
-    if launchable:
-        cases = cases.map(lambda c: {**c, "g_dtype": "same"})
+    if launchable:  # the Triton kernel leaves 8-bit momenta to foreach: they would not launch it
+        cases = tensor_cases(max_numel, ("fp32", "bf16")).map(lambda c: {**c, "g_dtype": "same"})
+    else:
+        cases = tensor_cases(max_numel)
     tensors = draw(st.lists(cases, min_size=1, max_size=max_tensors))
     flags = dict(lr=draw(st.sampled_from([1e-3, 0.1, 0.0])), beta1=draw(st.sampled_from([0.9, 0.0])),
                  beta2=draw(st.sampled_from([0.99, 0.5])), weight_decay=draw(st.sampled_from([0.0, 0.1])),
@@ -72,12 +74,12 @@ def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 def build(tensors, flags, bad):
     """Fresh tensors for one impl's run (identical for every impl)."""
-    params, grads, moms, comps = [], [], [], []
+    params, grads, moms, comps, scales = [], [], [], [], []
     for case in tensors:
         gen = torch.Generator().manual_seed(case["seed"])
         p_dtype = DTYPES[case["p_dtype"]]
         g_dtype = p_dtype if case["g_dtype"] == "same" else DTYPES[case["g_dtype"]]
-        m_dtype = DTYPES[case["m_dtype"]]
+        m_dtype = DTYPES.get(case["m_dtype"], torch.float32)
         shape = case["shape"]
         p = torch.randn(shape, generator=gen)
         g = torch.randn(shape, generator=gen) * 0.1
@@ -91,7 +93,13 @@ def build(tensors, flags, bad):
         c = (p * 2**-10 * torch.rand(shape, generator=gen)) if flags["param_rounding"] == "kahan" else None
         params.append(_layout(p.to(p_dtype), case["kind"]))
         grads.append(_layout(g.to(g_dtype), case["kind"]))
-        moms.append(_layout(m.to(m_dtype), case["kind"]))
+        if case["m_dtype"] == "int8":
+            codes, scale = quantize_momentum(m, case["seed"])
+            moms.append(_layout(codes, case["kind"]))
+            scales.append(scale)
+        else:
+            moms.append(_layout(m.to(m_dtype), case["kind"]))
+            scales.append(None)
         kahan = c is not None and p_dtype != torch.float32
         comps.append(_layout(c.to(p_dtype), case["kind"]) if kahan else None)
     if bad == "grad_shape":
@@ -110,19 +118,21 @@ def build(tensors, flags, bad):
         params[-1] = torch.zeros(1, dtype=params[-1].dtype).expand(5)
         grads[-1], moms[-1] = torch.ones(5, dtype=grads[-1].dtype), torch.zeros(5, dtype=moms[-1].dtype)
         comps[-1] = None if comps[-1] is None else torch.zeros(5, dtype=params[-1].dtype)
-    return params, grads, moms, comps
+        scales[-1] = None if scales[-1] is None else torch.zeros(1)
+    return params, grads, moms, comps, scales
 
 
 def run(impl, tensors, flags, policy, bad):
     """(outcome, tensors): the exception type and message, or None and the updated tensors."""
-    params, grads, moms, comps = build(tensors, flags, bad)
-    group = StepGroup(params, grads, moms, comps, **flags)
+    params, grads, moms, comps, scales = build(tensors, flags, bad)
+    group = StepGroup(params, grads, moms, comps, **flags,
+                      exp_avg_scales=scales if any(s is not None for s in scales) else None)
     torch.manual_seed(1234)
     try:
         run_step([group], impl=impl, nonfinite_grad="skip_elements" if policy == "skip_elements" else "propagate")
     except (ValueError, RuntimeError) as exc:
         return (type(exc).__name__, str(exc)), None
-    return None, (params, moms, comps)
+    return None, (params, moms, comps, scales)
 
 
 def test_an_expanded_param_is_a_value_error_naming_it():
@@ -138,7 +148,9 @@ def test_an_expanded_param_is_a_value_error_naming_it():
 def _ordered(t: torch.Tensor) -> torch.Tensor:
     """The bit patterns as int64 in the order of the values they stand for: adjacent floats are
     adjacent integers (-0.0 and 0.0 too), so a difference is a count of representable steps."""
-    bits = t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).long()
+    bits = t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()]).long()
+    if t.dtype == torch.int8:  # 8-bit codes: sign and magnitude, so the codes are the order
+        return bits
     sign = 1 << (8 * t.element_size() - 1)
     return torch.where(bits < 0, -(bits + sign), bits)
 
@@ -153,6 +165,8 @@ def _allowed_steps(name: str, dtype: torch.dtype, flags: dict) -> int:
     stochastically (Philox bits, not the hash: either neighbour); under ``cautious`` the scale
     1 / fraction is computed in float64 and rounded, which moves an fp32 weight by a few fp32
     steps, and a bf16/fp16 one by at most one more step of its own (a rounding boundary crossed)."""
+    if name == "scale" or dtype == torch.int8:  # 8-bit momenta run in foreach, not in the kernel
+        return 0
     stochastic = (name == "momentum" and dtype == torch.bfloat16) or (
         name == "param" and dtype != torch.float32 and flags["param_rounding"] == "stochastic")
     allowed = 1 if stochastic else 0
@@ -167,7 +181,7 @@ def check_agreement(impl, case, exact: bool):
     assert error == want_error, f"{impl} raised {error}, for_loop {want_error}"
     if want is None:
         return
-    for name, wants, gots in zip(("param", "momentum", "residual"), want, got):
+    for name, wants, gots in zip(("param", "momentum", "residual", "scale"), want, got):
         for i, (a, b) in enumerate(zip(wants, gots)):
             if a is None:
                 continue

@@ -53,11 +53,14 @@
 namespace {
 
 constexpr int64_t kBlock = 1 << 14;  // elements per unit of work: 64 KiB of an fp32 array
+constexpr int64_t kScaleBlock = 256;  // elements per scale of an 8-bit momentum: a unit of work holds whole ones
+static_assert(kBlock % kScaleBlock == 0, "a unit of work must hold whole blocks of an 8-bit momentum");
 
 // Tensor kinds, as cpu_kernel.py numbers them.
 constexpr int kParamFp32 = 0, kParamBf16 = 1, kParamFp16 = 2, kParamMask = 3;
 constexpr int kGradFp32 = 4;      // the grad is fp32 (else the param's dtype)
 constexpr int kMomentumBf16 = 8;  // the momentum is bf16, stored by stochastic rounding (else fp32)
+constexpr int kMomentumInt8 = 128;  // the momentum is 8-bit codes with block scales (numerics.quantize_momentum)
 constexpr int kRoundingShift = 4;
 constexpr int kNearest = 0, kStochastic = 1, kKahan = 2;  // how a bf16/fp16 param is stored
 
@@ -189,6 +192,57 @@ struct Fp16 {
   }
 };
 
+// An 8-bit momentum (state_dtype="int8"): int8 codes, one fp32 scale per block of 256 elements
+// (numerics.quantize_momentum / dequantize_momentum). A code's magnitude k holds 3 exponent and 4
+// mantissa bits of m / scale: 2**(k / 16 - 7) * (1 + (k % 16) / 16) for k >= 16, k * 2**-10 below.
+constexpr float pow2(int e) {  // exact: powers of two in fp32's normal range
+  float r = 1.f;
+  for (; e > 0; --e) r *= 2.f;
+  for (; e < 0; ++e) r *= 0.5f;
+  return r;
+}
+
+struct Q8 {
+  using T = int8_t;
+  static constexpr int64_t kBlockShift = 8;
+  static constexpr int64_t kBlockSize = int64_t{1} << kBlockShift;
+  static_assert(kBlockSize == kScaleBlock, "numerics.EIGHT_BIT_BLOCK");
+  // numerics._EXPONENT_BITS and what follows from it.
+  static constexpr uint32_t kExponentBits = 3, kMantissaBits = 7 - kExponentBits;
+  static constexpr uint32_t kTop = (1u << kExponentBits) - 1, kDropped = 23 - kMantissaBits, kRebias = 127 - kTop;
+  static constexpr uint32_t kMantissaMask = (1u << kMantissaBits) - 1;
+  static constexpr int kTopInt = static_cast<int>(kTop), kMantissaInt = static_cast<int>(kMantissaBits);
+  static constexpr float kSubnormalLimit = pow2(1 - kTopInt);  // the smallest normal code
+  static constexpr float kSubnormalStep = pow2(1 - kTopInt - kMantissaInt);
+  static constexpr float kSubnormalScale = pow2(kTopInt - 1 + kMantissaInt);
+
+  static LION_INLINE float value(int8_t code) {
+    const int32_t c = code;
+    const auto k = static_cast<uint32_t>(c < 0 ? -c : c);
+    const float normal = float_of(((k >> kMantissaBits) + kRebias) << 23 | (k & kMantissaMask) << kDropped);
+    const float subnormal = static_cast<float>(k) * kSubnormalStep;
+    const float v = k > kMantissaMask ? normal : subnormal;
+    return c < 0 ? -v : v;
+  }
+
+  // x = m / scale in [-1, 1] (or NaN) as a code, rounded up or down with probability given by the
+  // distance: 16 random bits added below the 4 kept mantissa bits of x's pattern, then truncated;
+  // under 2**-6, x * 2**10 plus a uniform in [0, 1) truncated to an integer. NaN is code 0.
+  static LION_INLINE int8_t encode(float x, uint32_t noise) {
+    const float a = std::fabs(x);
+    const uint32_t kept = (bits_of(a) + (noise << (kDropped - 16))) & ~((1u << kDropped) - 1);
+    const int32_t normal = ((static_cast<int32_t>(kept >> 23) - static_cast<int32_t>(kRebias)) << kMantissaBits) +
+                           static_cast<int32_t>((kept >> kDropped) & kMantissaMask);
+    const bool low = a < kSubnormalLimit;
+    const float small = low ? a : 0.f;
+    const auto subnormal =
+        static_cast<int32_t>(std::floor(small * kSubnormalScale + static_cast<float>(noise) * 0x1p-16f));
+    int32_t k = low ? subnormal : normal;
+    k = x != x ? 0 : k;
+    return static_cast<int8_t>(x < 0.f ? -k : k);
+  }
+};
+
 LION_INLINE float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
 
 // All ones where x is NaN or inf (exponent all ones), else 0.
@@ -205,15 +259,27 @@ LION_INLINE T keep_where(uint32_t bad, T updated, T old) {
   }
 }
 
+// The momentum of element i as fp32: an 8-bit one through its block's scale.
+template <class M>
+LION_INLINE float load_momentum(const typename M::T* m, const float* scale, int64_t i) {
+  if constexpr (std::is_same_v<M, Q8>) {
+    return Q8::value(m[i]) * scale[i >> Q8::kBlockShift];
+  } else {
+    return M::load(m[i]);
+  }
+}
+
 // Elements of [begin, end) whose update agrees in sign with the gradient (cautious Lion).
 template <class G, class M>
-int64_t count_agreeing(const void* g_, const void* m_, int64_t begin, int64_t end, const Hyper& h) {
+int64_t count_agreeing(const void* g_, const void* m_, const void* scale_, int64_t begin, int64_t end,
+                       const Hyper& h) {
   const auto* __restrict g = static_cast<const typename G::T*>(g_);
   const auto* __restrict m = static_cast<const typename M::T*>(m_);
+  const auto* __restrict scale = static_cast<const float*>(scale_);
   int64_t count = 0;
   for (int64_t i = begin; i < end; ++i) {
     const float gi = G::load(g[i]) * h.grad_sign;
-    const float u = sign_of(M::load(m[i]) * h.beta1 + gi * h.one_minus_beta1);
+    const float u = sign_of(load_momentum<M>(m, scale, i) * h.beta1 + gi * h.one_minus_beta1);
     count += (u * gi > 0.f);
   }
   return count;
@@ -360,21 +426,63 @@ void update_block(void* p, const void* g, void* m, void* c, int64_t begin, int64
   update_elements<P, G, M, kRounding, kCautious>(p, g, m, c, begin, end, h, fraction, p_seed, m_seed, skip);
 }
 
+// The update of [begin, end) of one tensor with an 8-bit momentum (begin a multiple of the
+// scales' block), block by block: its codes widened to fp32 in a scratch block, the portable update
+// of the same roundings with that fp32 momentum (where a gradient is skipped, the element keeps its
+// widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
+// so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum.
+template <class P, class G, int kRounding, bool kCautious>
+void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_, int64_t begin, int64_t end,
+                     const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
+  auto* p = static_cast<typename P::T*>(p_);
+  const auto* g = static_cast<const typename G::T*>(g_);
+  auto* __restrict m = static_cast<int8_t*>(m_);
+  auto* c = static_cast<typename P::T*>(c_);
+  auto* __restrict scale = static_cast<float*>(scale_);
+  alignas(64) float m32[Q8::kBlockSize];
+  for (int64_t start = begin; start < end; start += Q8::kBlockSize) {
+    const int64_t n = end - start < Q8::kBlockSize ? end - start : Q8::kBlockSize;
+    const int64_t block = start >> Q8::kBlockShift;
+    const float old_scale = scale[block];
+    for (int64_t j = 0; j < n; ++j) m32[j] = Q8::value(m[start + j]) * old_scale;
+    update_elements<P, G, Fp32, kRounding, kCautious>(p + start, g + start, m32, c + start, 0, n, h, fraction, p_seed,
+                                                      0, skip, start);
+    uint32_t absmax = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t a = bits_of(m32[j]) & 0x7FFFFFFFu;
+      absmax = a > absmax ? a : absmax;
+    }
+    const float new_scale = float_of(absmax);
+    scale[block] = new_scale;
+    for (int64_t j = 0; j < n; ++j) m[start + j] = Q8::encode(m32[j] / new_scale, random_bits16(start + j, m_seed));
+  }
+}
+
 template <class P, class G, class M, int kRounding>
 constexpr int kind_of() {
   return P::kind | (std::is_same_v<G, P> ? 0 : kGradFp32) | (std::is_same_v<M, Bf16> ? kMomentumBf16 : 0) |
-         (kRounding << kRoundingShift);
+         (std::is_same_v<M, Q8> ? kMomentumInt8 : 0) | (kRounding << kRoundingShift);
+}
+
+// One block of one tensor, whatever its momentum.
+template <class P, class G, class M, int kRounding, bool kCautious>
+LION_INLINE void update_tensor_block(void* p, const void* g, void* m, void* c, void* scale, int64_t begin, int64_t end,
+                                     const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
+  if constexpr (std::is_same_v<M, Q8>) {
+    update_block_q8<P, G, kRounding, kCautious>(p, g, m, c, scale, begin, end, h, fraction, p_seed, m_seed, skip);
+  } else {
+    update_block<P, G, M, kRounding, kCautious>(p, g, m, c, begin, end, h, fraction, p_seed, m_seed, skip);
+  }
 }
 
 // Every kind the kernel takes: fp32 params (exact, so one rounding), and bf16 and fp16 params
 // with a grad of their dtype or fp32, either momentum and each rounding.
+#define LION_ROUNDINGS(X, P, G, M) X(P, G, M, kNearest) X(P, G, M, kStochastic) X(P, G, M, kKahan)
 #define LION_LOW_PRECISION_KINDS(X, P) \
-  X(P, P, Fp32, kNearest) X(P, P, Fp32, kStochastic) X(P, P, Fp32, kKahan) \
-  X(P, P, Bf16, kNearest) X(P, P, Bf16, kStochastic) X(P, P, Bf16, kKahan) \
-  X(P, Fp32, Fp32, kNearest) X(P, Fp32, Fp32, kStochastic) X(P, Fp32, Fp32, kKahan) \
-  X(P, Fp32, Bf16, kNearest) X(P, Fp32, Bf16, kStochastic) X(P, Fp32, Bf16, kKahan)
+  LION_ROUNDINGS(X, P, P, Fp32) LION_ROUNDINGS(X, P, P, Bf16) LION_ROUNDINGS(X, P, P, Q8) \
+  LION_ROUNDINGS(X, P, Fp32, Fp32) LION_ROUNDINGS(X, P, Fp32, Bf16) LION_ROUNDINGS(X, P, Fp32, Q8)
 #define LION_KINDS(X) \
-  X(Fp32, Fp32, Fp32, kNearest) X(Fp32, Fp32, Bf16, kNearest) \
+  X(Fp32, Fp32, Fp32, kNearest) X(Fp32, Fp32, Bf16, kNearest) X(Fp32, Fp32, Q8, kNearest) \
   LION_LOW_PRECISION_KINDS(X, Bf16) LION_LOW_PRECISION_KINDS(X, Fp16)
 
 // One call's tensors. Each tensor belongs to a param group, whose hyperparameters it reads, and
@@ -384,6 +492,7 @@ struct Step {
   const void* const* grads;
   void* const* exp_avgs;
   void* const* residuals;  // the Kahan residual of each tensor (unused by other kinds)
+  void* const* scales;     // the block scales of each 8-bit momentum (unused by other kinds)
   const int64_t* numels;
   const int32_t* kinds;
   const int32_t* groups;   // each tensor's group: its row of `hyper`
@@ -408,18 +517,26 @@ void update_block_of_kind(const Step& s, int64_t b) {
   const float fraction = s.kinds[t] & kCautious ? s.fractions[t] : 1.f;
   const auto p_seed = static_cast<uint32_t>(s.seeds[2 * t]), m_seed = static_cast<uint32_t>(s.seeds[2 * t + 1]);
   switch (s.kinds[t]) {
-#define LION_UPDATE_CASES(P, G, M, R)                                                                         \
-  case kind_of<P, G, M, R>():                                                                                 \
-    return update_block<P, G, M, R, false>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t], begin, end, \
-                                           h, fraction, p_seed, m_seed, s.skip);                               \
-  case kind_of<P, G, M, R>() | kCautious:                                                                     \
-    return update_block<P, G, M, R, true>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t], begin, end,  \
-                                          h, fraction, p_seed, m_seed, s.skip);
+#define LION_UPDATE_CASES(P, G, M, R)                                                                          \
+  case kind_of<P, G, M, R>():                                                                                  \
+    return update_tensor_block<P, G, M, R, false>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t],        \
+                                                  s.scales[t], begin, end, h, fraction, p_seed, m_seed, s.skip); \
+  case kind_of<P, G, M, R>() | kCautious:                                                                      \
+    return update_tensor_block<P, G, M, R, true>(s.params[t], s.grads[t], s.exp_avgs[t], s.residuals[t],         \
+                                                 s.scales[t], begin, end, h, fraction, p_seed, m_seed, s.skip);
     LION_KINDS(LION_UPDATE_CASES)
 #undef LION_UPDATE_CASES
     default:
       return;  // unreachable: lion_hf_cpu_step refuses unknown kinds before any update
   }
+}
+
+template <class G>
+int64_t count_agreeing_with(int kind, const void* g, const void* m, const void* scale, int64_t begin, int64_t end,
+                            const Hyper& h) {
+  if (kind & kMomentumInt8) return count_agreeing<G, Q8>(g, m, scale, begin, end, h);
+  if (kind & kMomentumBf16) return count_agreeing<G, Bf16>(g, m, scale, begin, end, h);
+  return count_agreeing<G, Fp32>(g, m, scale, begin, end, h);
 }
 
 int64_t count_agreeing_of_kind(const Step& s, int64_t b) {
@@ -429,15 +546,11 @@ int64_t count_agreeing_of_kind(const Step& s, int64_t b) {
   const Hyper& h = s.hyper[s.groups[t]];
   const void* g = s.grads[t];
   const void* m = s.exp_avgs[t];
-  const bool bf16_momentum = kind & kMomentumBf16;
+  const void* scale = s.scales[t];
   const int grad = (kind & kGradFp32) ? kParamFp32 : (kind & kParamMask);
-  if (grad == kParamBf16) {
-    return bf16_momentum ? count_agreeing<Bf16, Bf16>(g, m, begin, end, h) : count_agreeing<Bf16, Fp32>(g, m, begin, end, h);
-  }
-  if (grad == kParamFp16) {
-    return bf16_momentum ? count_agreeing<Fp16, Bf16>(g, m, begin, end, h) : count_agreeing<Fp16, Fp32>(g, m, begin, end, h);
-  }
-  return bf16_momentum ? count_agreeing<Fp32, Bf16>(g, m, begin, end, h) : count_agreeing<Fp32, Fp32>(g, m, begin, end, h);
+  if (grad == kParamBf16) return count_agreeing_with<Bf16>(kind, g, m, scale, begin, end, h);
+  if (grad == kParamFp16) return count_agreeing_with<Fp16>(kind, g, m, scale, begin, end, h);
+  return count_agreeing_with<Fp32>(kind, g, m, scale, begin, end, h);
 }
 
 LION_INLINE bool known_kind(int32_t kind) {
@@ -454,10 +567,12 @@ LION_INLINE bool known_kind(int32_t kind) {
 }  // namespace
 
 // One Lion step over `n_tensors` tensors of any kinds and groups. `hyper` holds 7 floats per group
-// (lr, decay, beta1, 1 - beta1, beta2, 1 - beta2, and -1 to maximize or 1). Returns how many
-// tensors have a kind it does not know; then it has updated nothing.
+// (lr, decay, beta1, 1 - beta1, beta2, 1 - beta2, and -1 to maximize or 1); `scales` the block
+// scales of each 8-bit momentum. Returns how many tensors have a kind it does not know; then it
+// has updated nothing.
 extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, const void* const* grads,
-                                    void* const* exp_avgs, void* const* residuals, const int64_t* numels,
+                                    void* const* exp_avgs, void* const* residuals, void* const* scales,
+                                    const int64_t* numels,
                                     const int32_t* kinds, const int32_t* groups, const int32_t* seeds,
                                     const float* hyper, int skip_nonfinite, int n_threads) {
   static_assert(sizeof(Hyper) == 7 * sizeof(float), "Hyper is read from 7 floats per group");
@@ -468,7 +583,7 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
     any_cautious |= (kinds[t] & kCautious) != 0;
   }
   if (unknown) return unknown;
-  Step s{params, grads, exp_avgs, residuals, numels, kinds, groups, seeds, reinterpret_cast<const Hyper*>(hyper),
+  Step s{params, grads, exp_avgs, residuals, scales, numels, kinds, groups, seeds, reinterpret_cast<const Hyper*>(hyper),
          skip_nonfinite ? 0xFFFFFFFFu : 0u, {}, {}, {}};
   for (int64_t t = 0; t < n_tensors; ++t) {
     for (int64_t start = 0; start < numels[t]; start += kBlock) {

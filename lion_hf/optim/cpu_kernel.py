@@ -2,7 +2,7 @@
 
 The kernel takes plain contiguous CPU tensors of every kind the other impls take: fp32, bf16 and
 fp16 params (a grad of the param's dtype, or any other float grad, which is upcast to fp32 as
-:func:`~lion_hf.optim.numerics.lion_tensor` upcasts it), fp32 or bf16 momenta, each
+:func:`~lion_hf.optim.numerics.lion_tensor` upcasts it), fp32, bf16 or 8-bit momenta, each
 ``param_rounding`` (Kahan residuals included). Given the same seeds it computes the step of
 :func:`~lion_hf.optim.numerics.lion_tensor` (the reference; ``impl="for_loop"``) bit for bit.
 What it does not take, it leaves to the dispatcher, which runs it with ``foreach`` (one rule,
@@ -44,13 +44,14 @@ _kernel: Callable[..., int] | None = None
 _sign_vote: tuple[Callable[..., int], Callable[..., None]] | None = None
 
 _P = ctypes.c_void_p
-# n, params, grads, momenta, residuals, numels, kinds, groups, seeds, hyper, skip_nonfinite, threads
-_ARGTYPES = [ctypes.c_int64, *[_P] * 9, ctypes.c_int, ctypes.c_int]
+# n, params, grads, momenta, residuals, scales, numels, kinds, groups, seeds, hyper, skip_nonfinite, threads
+_ARGTYPES = [ctypes.c_int64, *[_P] * 10, ctypes.c_int, ctypes.c_int]
 
 # The kernel's tensor kinds (cpu_kernel.cpp): param dtype, grad fp32 although the param is not,
-# bf16 momentum, and how a bf16/fp16 param is stored.
+# bf16 or 8-bit momentum, and how a bf16/fp16 param is stored.
 _PARAM_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_GRAD_FP32, _MOMENTUM_BF16, _CAUTIOUS = 4, 8, 64
+_GRAD_FP32, _MOMENTUM_BF16, _CAUTIOUS, _MOMENTUM_INT8 = 4, 8, 64, 128
+_MOMENTUM_KIND = {torch.float32: 0, torch.bfloat16: _MOMENTUM_BF16, torch.int8: _MOMENTUM_INT8}
 _ROUNDING_KIND = {"nearest": 0, "stochastic": 1 << 4, "kahan": 2 << 4}
 _DTYPE = operator.attrgetter("dtype")
 
@@ -126,13 +127,13 @@ def _kind_table(flags: int) -> dict[tuple[torch.dtype, torch.dtype, torch.dtype]
     table = {}
     for p_dtype in _PARAM_KIND:
         for g_dtype in {p_dtype, torch.float32}:
-            for m_dtype in (torch.float32, torch.bfloat16):
+            for m_dtype, m_kind in _MOMENTUM_KIND.items():
                 kind = _PARAM_KIND[p_dtype]
                 if kind:
                     kind |= flags | (_GRAD_FP32 if g_dtype != p_dtype else 0)
                 else:
                     kind |= flags & _CAUTIOUS  # an fp32 param stores exactly: no rounding
-                table[(p_dtype, g_dtype, m_dtype)] = kind | (_MOMENTUM_BF16 if m_dtype == torch.bfloat16 else 0)
+                table[(p_dtype, g_dtype, m_dtype)] = kind | m_kind
     return table
 
 
@@ -147,6 +148,7 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]
     gs: list[Tensor] = []
     ms: list[Tensor] = []
     cs: list[Tensor | None] = []
+    scales: list[Tensor | None] = []
     kinds: list[int] = []
     members: list[int] = []
     seed_rows: list[np.ndarray] = []
@@ -174,25 +176,28 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]
         gs += grads
         ms += taken.exp_avgs
         cs += taken.kahan_comps
+        scales += taken.scales()
     n = len(ps)
     if n == 0:
         return lefts
     residuals = [p if c is None else c for p, c in zip(ps, cs)]  # the kernel reads only real ones
-    pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms, *residuals]), np.int64, 4 * n)
+    scale_tensors = [p if s is None else s for p, s in zip(ps, scales)]  # likewise
+    pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms, *residuals, *scale_tensors]), np.int64, 5 * n)
     numels = np.fromiter(map(Tensor.numel, ps), np.int64, n)
     kind_array = np.array(kinds, dtype=np.int32)
     member_array = np.array(members, dtype=np.int32)
     seeds = seed_rows[0] if len(seed_rows) == 1 else np.concatenate(seed_rows)
     seeds = np.ascontiguousarray(seeds, dtype=np.int32)
-    address = pointers.ctypes.data  # params, grads, momenta, residuals: n pointers each
-    unknown = function(n, address, address + 8 * n, address + 16 * n, address + 24 * n, numels.ctypes.data,
+    address = pointers.ctypes.data  # params, grads, momenta, residuals, scales: n pointers each
+    unknown = function(n, address, address + 8 * n, address + 16 * n, address + 24 * n, address + 32 * n,
+                       numels.ctypes.data,
                        kind_array.ctypes.data, member_array.ctypes.data, seeds.ctypes.data, hyper.ctypes.data,
                        skip_nonfinite, torch.get_num_threads())
     if unknown:  # _kind and the kernel disagree: a bug here, never a silent no-op
         raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of {sorted(set(kinds))}")
     # Written through raw pointers, which autograd cannot see: bump the version counters as an
     # in-place op would (a stale saved tensor is then caught, as in the other impls).
-    increment_version([*ps, *ms, *[c for c in cs if c is not None]])
+    increment_version([*ps, *ms, *[c for c in cs if c is not None], *[s for s in scales if s is not None]])
     return lefts
 
 

@@ -193,7 +193,8 @@ def prepare_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str, gra
     devices: dict[torch.device, None] = {}  # ordered: the first group's device first
     for group in groups:
         devices.update(dict.fromkeys(check_step_tensors(group.params, group.grads, group.exp_avgs,
-                                                        group.kahan_comps, group.param_rounding)))
+                                                        group.kahan_comps, group.param_rounding,
+                                                        group.exp_avg_scales)))
     cxx = os.environ.get("CXX")
     impls = {device: _resolve(impl, device) if impl == "auto" else _explicit_impl_checked(impl, device, cxx)
              for device in devices}
@@ -216,7 +217,7 @@ def _on_device(prepared: PreparedStep, device: torch.device) -> list[StepGroup]:
 
 def _shares_memory(groups: list[StepGroup]) -> bool:
     # One check over every tensor of the step on a device, by their strided extents.
-    return overlapping([t for group in groups for ts in group[:4] for t in ts if t is not None])
+    return overlapping([t for group in groups for ts in (*group[:4], group.scales()) for t in ts if t is not None])
 
 
 def apply_step(prepared: PreparedStep) -> None:

@@ -11,30 +11,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lion_hf.optim.numerics import StepGroup, apply_update, interpolate, lion_tensor, param_stochastic
+from lion_hf.optim.numerics import (
+    StepGroup,
+    apply_update,
+    interpolate,
+    lion_tensor,
+    load_momentum,
+    momentum_stochastic,
+    param_stochastic,
+)
 from lion_hf.optim.signs import write_trits
 
 __all__ = ["for_loop_lion", "for_loop_signs", "for_loop_vote_apply"]
 
 
 def _tensors(group: StepGroup):
-    """(p, g, m, comp, p_seed, m_seed) of the group's non-empty tensors, the seeds None where that
-    store is not stochastic."""
+    """(p, g, m, comp, p_seed, m_seed, m_scale) of the group's non-empty tensors, the seeds None
+    where that store is not stochastic, ``m_scale`` the block scales of an 8-bit momentum."""
     pairs = [(None, None)] * len(group.params) if group.seeds is None else group.seeds.tolist()
-    for p, g, m, comp, (p_seed, m_seed) in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs):
+    for p, g, m, comp, (p_seed, m_seed), scale in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps,
+                                                      pairs, group.scales()):
         if p.numel() == 0:
             continue
         yield (p, g, m, comp, p_seed if param_stochastic(p.dtype, group.param_rounding) else None,
-               m_seed if m.dtype == torch.bfloat16 else None)
+               m_seed if momentum_stochastic(m.dtype) else None, scale)
 
 
 def for_loop_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
     """One step over the groups' plain (local) tensors, already checked by the dispatcher; takes
     every tensor (returns no leftovers)."""
     for group in groups:
-        for p, g, m, comp, p_seed, m_seed in _tensors(group):
+        for p, g, m, comp, p_seed, m_seed, scale in _tensors(group):
             lion_tensor(p, g, m, comp, group.lr, group.decay, group.beta1, group.beta2, p_seed, m_seed,
-                        group.maximize, group.cautious, skip_nonfinite)
+                        group.maximize, group.cautious, skip_nonfinite, scale)
     return [[] for _ in groups]
 
 
@@ -49,9 +58,9 @@ def for_loop_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: bo
     group); ``zero_nonfinite``: an element with a NaN/inf gradient sends sign 0."""
     offset = 0
     for group in groups:
-        for g, m in zip(group.grads, group.exp_avgs):
+        for g, m, scale in zip(group.grads, group.exp_avgs, group.scales()):
             g32 = _g32(g, group.maximize)
-            c = interpolate(m.float(), g32, group.beta1)
+            c = interpolate(load_momentum(m, scale), g32, group.beta1)
             if zero_nonfinite:
                 c = torch.where(torch.isfinite(g32), c, 0.0)
             write_trits(trits[offset:offset + g.numel()], c)
@@ -65,9 +74,9 @@ def for_loop_vote_apply(groups: list[StepGroup], update: Tensor, *, keep_nonfini
     value (the weight still follows the vote, so that replicas stay identical)."""
     offset = 0
     for group in groups:
-        for p, g, m, comp, p_seed, m_seed in _tensors(group):
+        for p, g, m, comp, p_seed, m_seed, scale in _tensors(group):
             g32 = _g32(g, group.maximize)
             u = update[offset:offset + p.numel()].view(p.shape)
             offset += p.numel()
             apply_update(p, g32, m, comp, u, group.lr, group.decay, group.beta2, p_seed, m_seed, None,
-                         torch.isfinite(g32) if keep_nonfinite_momentum else None)
+                         torch.isfinite(g32) if keep_nonfinite_momentum else None, scale)

@@ -22,6 +22,7 @@ from lion_hf.optim.numerics import (
     StepGroup,
     any_nonfinite,
     cautious_update,
+    load_momentum,
     param_stochastic,
     store_momentum,
     store_param,
@@ -83,7 +84,9 @@ def foreach_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: boo
         g32 = [g if g.dtype == torch.float32 else g.float() for g in group.grads]
         if group.maximize:
             g32 = torch._foreach_neg(g32)
-        c = _interpolate([m if m.dtype == torch.float32 else m.float() for m in group.exp_avgs], g32, group.beta1)
+        m32 = [m if m.dtype == torch.float32 else load_momentum(m, scale)
+               for m, scale in zip(group.exp_avgs, group.scales())]
+        c = _interpolate(m32, g32, group.beta1)
         for g, ci in zip(g32, c):
             if zero_nonfinite:
                 ci = torch.where(torch.isfinite(g), ci, 0.0)
@@ -108,25 +111,27 @@ def _foreach_group(group: StepGroup, updates: list[Tensor] | None, *, mask_param
     residual or not); ``updates``: one given update per tensor (else each tensor's own sign)."""
     pairs = [(0, 0)] * len(group.params) if group.seeds is None else group.seeds.tolist()
     given = [None] * len(group.params) if updates is None else updates
-    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], [], [], []])
-    for p, g, m, comp, pair, u in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs, given):
+    buckets: dict[tuple, list[list]] = defaultdict(lambda: [[], [], [], [], [], [], []])
+    for p, g, m, comp, pair, u, scale in zip(group.params, group.grads, group.exp_avgs, group.kahan_comps, pairs,
+                                             given, group.scales()):
         if p.numel() == 0:
             continue
         bucket = buckets[(p.device, p.dtype, g.dtype, m.dtype, comp is not None)]
-        for lst, t in zip(bucket, (p, g, m, comp, pair, u)):
+        for lst, t in zip(bucket, (p, g, m, comp, pair, u, scale)):
             lst.append(t)
 
     flags = dict(lr=group.lr, decay=group.decay, beta1=group.beta1, beta2=group.beta2, maximize=group.maximize,
                  cautious=group.cautious, mask_params=mask_params, mask_momenta=mask_momenta,
                  param_rounding=group.param_rounding)
-    for (device, p_dtype, g_dtype, m_dtype, kahan), (ps, gs, ms, cs, bucket_seeds, us) in buckets.items():
+    for (device, p_dtype, g_dtype, m_dtype, kahan), (ps, gs, ms, cs, bucket_seeds, us, scales) in buckets.items():
         all_fp32 = p_dtype == g_dtype == m_dtype == torch.float32
         if device.type == "cpu" and all_fp32 and not group.cautious and updates is None:  # nothing to round
-            rounds = [(*r, None, None) for r in cache_rounds(ps, gs, ms)]
+            rounds = [(*r, None, None, r[3]) for r in cache_rounds(ps, gs, ms)]
         else:
-            rounds = [(ps, gs, ms, cs, bucket_seeds, None if updates is None else us)]
-        for round_ps, round_gs, round_ms, round_cs, round_seeds, round_us in rounds:
-            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, round_us, kahan=kahan, **flags)
+            rounds = [(ps, gs, ms, cs, bucket_seeds, None if updates is None else us, scales)]
+        for round_ps, round_gs, round_ms, round_cs, round_seeds, round_us, round_scales in rounds:
+            _foreach_round(round_ps, round_gs, round_ms, round_cs, round_seeds, round_us, round_scales, kahan=kahan,
+                           **flags)
 
 
 def _interpolate(m32: list[Tensor], g32: list[Tensor], beta: float) -> list[Tensor]:
@@ -144,6 +149,7 @@ def _foreach_round(
     cs: list[Tensor | None],
     seeds: list[tuple[int, int]] | None,
     given: list[Tensor] | None,
+    scales: list[Tensor | None],
     *,
     lr: float,
     decay: float,
@@ -159,7 +165,8 @@ def _foreach_round(
     """One foreach step over lists of one device and dtypes (a bucket, or a round of one), with
     each tensor's (param, momentum) seeds where it has low-precision storage. ``given``: the
     update of each tensor, computed beforehand (DistributedLion's vote), else each tensor's own
-    sign. ``mask_params`` / ``mask_momenta``: where a gradient is NaN/inf, that param / momentum
+    sign. ``scales``: the block scales of each 8-bit momentum (None for the others).
+    ``mask_params`` / ``mask_momenta``: where a gradient is NaN/inf, that param / momentum
     element keeps its value."""
     p_dtype, m_dtype = ps[0].dtype, ms[0].dtype
     fp32_params = p_dtype == torch.float32
@@ -172,7 +179,7 @@ def _foreach_round(
     w32 = ps if fp32_params else [p.float() for p in ps]
     if kahan:
         torch._foreach_add_(w32, [c.float() for c in cs])
-    m32 = ms if fp32_state else [m.float() for m in ms]
+    m32 = ms if fp32_state else [load_momentum(m, scale) for m, scale in zip(ms, scales)]
 
     if given is None:
         update = _interpolate(m32, g32, beta1)
@@ -227,4 +234,4 @@ def _foreach_round(
             torch._foreach_copy_(ms, kept)
     else:
         for i, (m, n) in enumerate(zip(ms, new_m)):
-            store_momentum(m, n, None if m_ok is None else m_ok[i], seeds[i][1])
+            store_momentum(m, n, None if m_ok is None else m_ok[i], seeds[i][1], scales[i], m32[i])

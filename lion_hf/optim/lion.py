@@ -17,7 +17,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lion_hf.optim.dispatch import resolve_impl, run_step
-from lion_hf.optim.numerics import StepGroup
+from lion_hf.optim.numerics import (
+    PLAIN_TENSOR_TYPES,
+    StepGroup,
+    dequantize_momentum,
+    eight_bit_state,
+    quantize_momentum,
+)
 from lion_hf.optim.options import OPTIONS, STATE_DTYPES, defaults
 from lion_hf.optim.validation import (
     check_loaded_state_dict,
@@ -32,6 +38,36 @@ __all__ = ["Lion", "lion"]
 # What a group saved by an older version may lack.
 _GROUP_DEFAULTS = defaults("maximize", "cautious", "state_dtype", "param_rounding")
 _BETAS = OPTIONS["betas"].default
+
+
+def _momentum_dtype(p: Tensor, state_dtype: str) -> torch.dtype:
+    """The dtype the momentum of ``p`` is stored in under ``state_dtype``: under "int8", 8-bit
+    codes for the params :func:`~lion_hf.optim.numerics.eight_bit_state` takes, fp32 for the rest."""
+    if state_dtype == "int8" and not eight_bit_state(p):
+        return torch.float32
+    return STATE_DTYPES[state_dtype]
+
+
+def _store_momentum_as(p: Tensor, s: dict[str, Any], exp_avg: Tensor, scale: Tensor | None, dtype: torch.dtype) -> None:
+    """Set ``s["exp_avg"]`` (and ``s["exp_avg_scale"]``) to the momentum ``exp_avg`` (int8 codes
+    with their block ``scale``, or a float tensor) stored as ``dtype``, on the param's device: codes
+    to another dtype are dequantized, a float momentum to int8 is quantized (stochastically, with
+    a fixed seed, so that a load is reproducible and draws nothing from the generator). Always a
+    new tensor: the caller's is never aliased."""
+    if scale is not None and dtype == torch.int8:
+        codes, scale = exp_avg, scale
+    elif dtype == torch.int8:
+        if type(p) not in PLAIN_TENSOR_TYPES:
+            raise ValueError("Lion: state_dtype='int8' does not take DTensor (FSDP2) params: the blocks of its "
+                             "8-bit momentum would cross the shards. Use state_dtype='bf16' there.")
+        codes, scale = quantize_momentum(exp_avg.detach().to(device=p.device, dtype=torch.float32).contiguous(), 0)
+    else:
+        value = exp_avg if scale is None else dequantize_momentum(exp_avg, scale.to(exp_avg.device))
+        s["exp_avg"] = value.to(device=p.device, dtype=dtype, copy=True)
+        s.pop("exp_avg_scale", None)
+        return
+    s["exp_avg"] = codes.to(device=p.device, copy=True).contiguous()
+    s["exp_avg_scale"] = scale.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
 
 
 def _refuse_a_set(params: Any) -> None:
@@ -104,9 +140,13 @@ class Lion(Optimizer):
         cautious: apply the update only where sign(update) agrees with the gradient, rescaled by
             1 / fraction agreeing (Liang et al. 2024, "Cautious Optimizers"); off by default.
             Under FSDP2 the fraction is taken per local shard.
-        state_dtype: ``"fp32"`` (default) or ``"bf16"`` momentum. bf16 halves the optimizer state
-            (2 instead of 4 bytes per parameter) and is stored with stochastic rounding, so the
-            momentum stays unbiased even when one step's change is below half a bf16 ulp.
+        state_dtype: ``"fp32"`` (default), ``"bf16"`` or ``"int8"`` momentum. bf16 halves the
+            optimizer state (2 instead of 4 bytes per parameter) and is stored with stochastic
+            rounding, so the momentum stays unbiased even when one step's change is below half a
+            bf16 ulp. int8 stores 8-bit codes (``state[p]["exp_avg"]``, int8) with one fp32 scale per
+            block of 256 elements (``state[p]["exp_avg_scale"]``), about 1 byte per parameter, also
+            rounded stochastically; params under 4096 elements keep fp32 state
+            (docs/implementations.md, "8-bit state").
         param_rounding: how a bf16 or fp16 param stores its new value (fp32 params are exact):
 
             * ``"stochastic"`` (default): up or down with probability given by the distance, so
@@ -142,7 +182,8 @@ class Lion(Optimizer):
             warns and continues with ``foreach``.
 
     All implementations compute in fp32 for fp32, bf16 and fp16 parameters, share one state
-    layout (``state[p]["exp_avg"]``, a plain tensor) and so load each other's state dicts.
+    layout (``state[p]["exp_avg"]``, a plain tensor, and its ``"exp_avg_scale"`` when it is 8-bit)
+    and so load each other's state dicts.
     """
 
     def __init__(
@@ -220,10 +261,11 @@ class Lion(Optimizer):
 
     def _collect(
         self, group: dict[str, Any], states_by_id: dict[int, dict[str, Any]]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:
-        """The group's params with a gradient, their gradients, momenta and Kahan residuals (None
-        where there is none); creates missing state. It runs every step, so it works list by
-        list, each fact read once."""
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None], list[Tensor | None] | None]:
+        """The group's params with a gradient, their gradients, momenta, Kahan residuals (None
+        where there is none) and, under state_dtype "int8", the momenta's block scales (None where
+        a momentum is not 8-bit; None for another state_dtype); creates missing state. It runs
+        every step, so it works list by list, each fact read once."""
         params = list(group["params"])
         grads = [p.grad for p in params]
         # Identity tests only: `None in grads` would call Tensor.__eq__(None) on every grad.
@@ -234,15 +276,26 @@ class Lion(Optimizer):
         if not all([s is not None for s in states]):
             states = [self.state[p] if s is None else s for p, s in zip(params, states)]
         state_dtype = STATE_DTYPES[group["state_dtype"]]
+        eight_bit = state_dtype == torch.int8
         exp_avgs = [s.get("exp_avg") for s in states]
-        if not all([m is not None for m in exp_avgs]) or {m.dtype for m in exp_avgs} != {state_dtype}:
+        wanted = [_momentum_dtype(p, "int8") for p in params] if eight_bit else None
+        present = all([m is not None for m in exp_avgs])
+        if not present or ([m.dtype for m in exp_avgs] != wanted if eight_bit
+                            else {m.dtype for m in exp_avgs} != {state_dtype}):
             for i, (p, s) in enumerate(zip(params, states)):
+                dtype = wanted[i] if eight_bit else state_dtype
                 exp_avg = s.get("exp_avg")  # read again: a param listed twice shares its first entry's
-                if exp_avg is None:
-                    exp_avg = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-                elif exp_avg.dtype != state_dtype:
-                    exp_avg = exp_avg.to(state_dtype)
-                s["exp_avg"] = exp_avgs[i] = exp_avg
+                if exp_avg is None and dtype == torch.int8:
+                    _store_momentum_as(p, s, torch.zeros(p.shape, device=p.device), None, dtype)
+                elif exp_avg is None:
+                    s["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                elif exp_avg.dtype != dtype:
+                    _store_momentum_as(p, s, exp_avg, s.get("exp_avg_scale"), dtype)
+                exp_avgs[i] = s["exp_avg"]
+        scales = [s.get("exp_avg_scale") for s in states] if eight_bit else None
+        if not eight_bit and True in ["exp_avg_scale" in s for s in states]:
+            for s in states:
+                s.pop("exp_avg_scale", None)
         comps: list[Tensor | None] = [None] * len(params)
         if group["param_rounding"] == "kahan":
             for i, (p, s) in enumerate(zip(params, states)):
@@ -256,15 +309,18 @@ class Lion(Optimizer):
         elif True in ["kahan_comp" in s for s in states]:
             for s in states:
                 s.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
-        return params, grads, exp_avgs, comps
+        return params, grads, exp_avgs, comps, scales
 
     def _step_groups(self) -> list[StepGroup]:
         """Each group's share of this step (its params with a gradient, their state, its
         hyperparameters), as the dispatcher takes it."""
         states_by_id = self._states_by_id()
-        return [StepGroup(*self._collect(group, states_by_id), group["lr"], *group["betas"], group["weight_decay"],
-                          group["maximize"], group["cautious"], group["param_rounding"])
-                for group in self.param_groups]
+        steps = []
+        for group in self.param_groups:
+            *tensors, scales = self._collect(group, states_by_id)
+            steps.append(StepGroup(*tensors, group["lr"], *group["betas"], group["weight_decay"], group["maximize"],
+                                   group["cautious"], group["param_rounding"], exp_avg_scales=scales))
+        return steps
 
     def set_grad_norm(self, norm: float | Tensor) -> None:
         """The global norm of the gradients the next :meth:`step` will use, already computed by the
@@ -304,13 +360,23 @@ class Lion(Optimizer):
         ``state_dtype`` this optimizer was built with (like ``impl``, the ``state_dtype`` and
         ``param_rounding`` chosen now win over the checkpoint's; a Kahan residual is kept when
         both use "kahan"). Keys may be indices or parameter names (FSDP2's distributed
-        checkpoints)."""
+        checkpoints). An 8-bit momentum (int8 codes and their block scales ``exp_avg_scale``) is
+        checked too (shape, dtype, codes, finite scales >= 0); it loads bit for bit into an 8-bit
+        Lion, and dequantized into one with fp32 or bf16 state; a float momentum loading into an
+        8-bit Lion is quantized (stochastically, with a fixed seed)."""
         wanted = [(group["state_dtype"], group["param_rounding"]) for group in self.param_groups]
         checked = check_loaded_state_dict(state_dict, self.param_groups, _GROUP_DEFAULTS)
-        # torch casts every floating state tensor to its param's dtype; that would round an fp32
-        # momentum of a bf16 param to bf16. Keep the saved tensors and restore them after.
+        for group in self.param_groups:
+            if group["state_dtype"] == "int8":
+                for p in group["params"]:
+                    if type(p) not in PLAIN_TENSOR_TYPES and eight_bit_state(p):
+                        raise ValueError("Lion: state_dtype='int8' does not take DTensor (FSDP2) params: the blocks "
+                                         "of its 8-bit momentum would cross the shards. Use state_dtype='bf16'.")
+        # torch casts every floating state tensor to its param's dtype (and 8-bit codes with them);
+        # that would round an fp32 momentum of a bf16 param to bf16. Keep the saved tensors and
+        # restore them after.
         saved = {
-            key: s["exp_avg"]
+            key: (s["exp_avg"], s.get("exp_avg_scale"))
             for key, s in state_dict.get("state", {}).items()
             if isinstance(s, dict) and isinstance(s.get("exp_avg"), Tensor)
         }
@@ -322,7 +388,8 @@ class Lion(Optimizer):
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
         current = [(p, group) for group in self.param_groups for p in group["params"]]
         by_key = dict(zip(saved_keys, current))
-        for key, exp_avg in saved.items():
+        for key, (exp_avg, scale) in saved.items():
             p, group = by_key[key]
-            dtype = STATE_DTYPES[group["state_dtype"]]
-            self.state[p]["exp_avg"] = exp_avg.to(device=p.device, dtype=dtype, copy=True)
+            state = self.state[p]
+            state.pop("exp_avg_scale", None)
+            _store_momentum_as(p, state, exp_avg, scale, _momentum_dtype(p, group["state_dtype"]))

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "EIGHT_BIT_BLOCK",
+    "EIGHT_BIT_MAX_CODE",
+    "EIGHT_BIT_MIN_NUMEL",
     "PARAM_DTYPES",
     "PLAIN_TENSOR_TYPES",
     "StepGroup",
@@ -26,10 +29,16 @@ __all__ = [
     "any_nonfinite",
     "apply_update",
     "cautious_update",
+    "dequantize_momentum",
+    "eight_bit_scale_numel",
+    "eight_bit_state",
     "interpolate",
     "lion_tensor",
+    "load_momentum",
     "local",
+    "momentum_stochastic",
     "param_stochastic",
+    "quantize_momentum",
     "ranges_overlap",
     "step_may_proceed",
     "stochastic_round_to_bf16",
@@ -51,7 +60,9 @@ class StepGroup(NamedTuple):
     Every impl takes a step as a list of these (all on one device) and updates them in place.
     ``kahan_comps`` holds the Kahan residual of each bf16/fp16 param under ``param_rounding``
     "kahan" (None elsewhere); ``seeds`` each tensor's stochastic-rounding seeds
-    (:func:`with_seeds`), or None when no store of the group rounds stochastically.
+    (:func:`with_seeds`), or None when no store of the group rounds stochastically;
+    ``exp_avg_scales`` the block scales of each 8-bit (int8) momentum (None for the others, and
+    for the whole group when it holds none; see :func:`quantize_momentum`).
     """
 
     params: list[Tensor]
@@ -66,6 +77,7 @@ class StepGroup(NamedTuple):
     cautious: bool
     param_rounding: str
     seeds: Tensor | None = None
+    exp_avg_scales: list[Tensor | None] | None = None
 
     @property
     def decay(self) -> float:
@@ -73,10 +85,16 @@ class StepGroup(NamedTuple):
         return 1.0 - self.lr * self.weight_decay
 
     def subset(self, indices: list[int]) -> StepGroup:
-        """The same group over the tensors at ``indices``, with their seeds."""
+        """The same group over the tensors at ``indices``, with their seeds and scales."""
         pick = [[ts[i] for i in indices] for ts in (self.params, self.grads, self.exp_avgs, self.kahan_comps)]
         return self._replace(params=pick[0], grads=pick[1], exp_avgs=pick[2], kahan_comps=pick[3],
-                             seeds=None if self.seeds is None else self.seeds[indices])
+                             seeds=None if self.seeds is None else self.seeds[indices],
+                             exp_avg_scales=None if self.exp_avg_scales is None
+                             else [self.exp_avg_scales[i] for i in indices])
+
+    def scales(self) -> list[Tensor | None]:
+        """The block scales of each momentum, None where it is not 8-bit."""
+        return [None] * len(self.params) if self.exp_avg_scales is None else self.exp_avg_scales
 
 
 def local(t: Tensor) -> Tensor:
@@ -172,7 +190,8 @@ def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
             needed.append(None)
             continue
         needed.append([(bool(p.numel()) and param_stochastic(p.dtype, group.param_rounding),
-                        bool(p.numel()) and m.dtype == torch.bfloat16) for p, m in zip(group.params, group.exp_avgs)])
+                        bool(p.numel()) and momentum_stochastic(m.dtype))
+                       for p, m in zip(group.params, group.exp_avgs)])
     count = sum(a + b for flags in needed if flags is not None for a, b in flags)
     if not count:
         return groups
@@ -196,6 +215,107 @@ def param_stochastic(dtype: torch.dtype, param_rounding: str) -> bool:
     return dtype != torch.float32 and param_rounding == "stochastic"
 
 
+def momentum_stochastic(dtype: torch.dtype) -> bool:
+    """Whether a momentum of ``dtype`` is stored by stochastic rounding: bf16 and 8-bit ones are."""
+    return dtype == torch.bfloat16 or dtype == torch.int8
+
+
+# --------------------------------------------------------------------------------------
+# 8-bit momentum (state_dtype="int8")
+# --------------------------------------------------------------------------------------
+
+# Elements per block of an 8-bit momentum: one fp32 scale per block, so 1 + 4 / 256 bytes per element.
+EIGHT_BIT_BLOCK = 256
+# A momentum of fewer elements stays fp32 under state_dtype="int8" (biases, norms, small heads):
+# together they are a sliver of the state, and a block's scale would cost more there. The one rule,
+# applied where the state is created or loaded (Lion), so that every impl sees the same tensors.
+EIGHT_BIT_MIN_NUMEL = 4096
+# A code is a sign and a 7-bit magnitude: an 8-bit float of m / absmax with _EXPONENT_BITS exponent
+# bits and the rest mantissa (cpu_kernel.cpp's Q8 holds the same constants).
+_EXPONENT_BITS = 3
+_MANTISSA_BITS = 7 - _EXPONENT_BITS
+_TOP = (1 << _EXPONENT_BITS) - 1  # the exponent field of 1.0
+_DROPPED = 23 - _MANTISSA_BITS  # the fp32 mantissa bits a code drops
+_REBIAS = 127 - _TOP  # fp32 exponent = the code's exponent field + _REBIAS
+# The largest code magnitude (1.0: exponent field _TOP, mantissa 0), the block's absmax itself.
+EIGHT_BIT_MAX_CODE = _TOP << _MANTISSA_BITS
+# Below the smallest normal code codes step linearly (as IEEE subnormals), by _SUBNORMAL_STEP.
+_SUBNORMAL_LIMIT = 2.0 ** (1 - _TOP)
+_SUBNORMAL_STEP = 2.0 ** (1 - _TOP - _MANTISSA_BITS)
+
+
+def eight_bit_state(p: Tensor) -> bool:
+    """Whether state_dtype="int8" stores the momentum of ``p`` in 8 bits (else in fp32)."""
+    return p.numel() >= EIGHT_BIT_MIN_NUMEL
+
+
+def eight_bit_scale_numel(numel: int) -> int:
+    """How many block scales an 8-bit momentum of ``numel`` elements has."""
+    return -(-numel // EIGHT_BIT_BLOCK)
+
+
+def _blocks(t: Tensor) -> Tensor:
+    """``t``'s elements in row-major order, zero-padded to whole blocks: (blocks, EIGHT_BIT_BLOCK)."""
+    flat = t.reshape(-1)
+    pad = (-flat.numel()) % EIGHT_BIT_BLOCK
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, EIGHT_BIT_BLOCK)
+
+
+def dequantize_momentum(codes: Tensor, scale: Tensor) -> Tensor:
+    """An 8-bit momentum as fp32 (a new tensor of the codes' shape): ``value(code) * scale``.
+
+    A code is a signed 8-bit float of ``m / absmax``: its magnitude ``k`` (0..112) holds 3 exponent
+    and 4 mantissa bits, ``2**(k // 16 - 7) * (1 + (k % 16) / 16)`` for ``k >= 16`` (112 is 1.0),
+    and ``k * 2**-10`` below (evenly spaced down to 0, as IEEE subnormals are). Each element's block
+    (``EIGHT_BIT_BLOCK`` elements in row-major order) has one fp32 scale, the block's absmax.
+    """
+    k = _blocks(codes).to(torch.int32)
+    negative = k < 0
+    k = k.abs()
+    mask = (1 << _MANTISSA_BITS) - 1
+    normal = (((k >> _MANTISSA_BITS) + _REBIAS) << 23 | (k & mask) << _DROPPED).view(torch.float32)
+    value = torch.where(k > mask, normal, k.float() * _SUBNORMAL_STEP)
+    value = torch.where(negative, -value, value) * scale.view(-1, 1)
+    return value.view(-1)[:codes.numel()].view(codes.shape)
+
+
+def quantize_momentum(m32: Tensor, seed: Tensor | int, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """An fp32 momentum as 8-bit codes (int8, its shape) and block scales (fp32, one per block).
+
+    Each block's scale is its absmax (the largest ``|m|``, so that element is exact; taken on the
+    bit patterns, so a NaN makes the scale NaN), and each element is coded from ``x = m / scale``,
+    in [-1, 1], by stochastic rounding to one of its two neighbouring codes (unbiased to 2**-16
+    of a code step): at or above 2**-6, 16 random bits are added below the 4 kept mantissa bits
+    of x's fp32 pattern, which is then truncated (as bf16 state rounds); below, ``x * 2**10``
+    plus a uniform in [0, 1) is truncated to an integer. The random bits are
+    :func:`random_bits16` of each element's row-major index and ``seed`` (``noise``, for
+    measurements only, replaces them). An all-zero block has scale 0 and codes 0; a NaN x (a
+    block holding a NaN or inf) is code 0, and its block's scale is NaN.
+    """
+    blocks = _blocks(m32.float())
+    magnitude_bits = blocks.contiguous().view(torch.int32) & 0x7FFFFFFF
+    scale = magnitude_bits.amax(dim=1).view(torch.float32)
+    x = blocks / scale.view(-1, 1)
+    a = x.abs()
+    if noise is None:
+        noise = random_bits16(a.numel(), seed, a.device).view(a.shape)
+    kept = (a.view(torch.int32) + (noise << (_DROPPED - 16))) & -(1 << _DROPPED)
+    normal = ((kept >> 23) - _REBIAS << _MANTISSA_BITS) + ((kept >> _DROPPED) & ((1 << _MANTISSA_BITS) - 1))
+    low = torch.where(a < _SUBNORMAL_LIMIT, a, 0.0)
+    subnormal = torch.floor(low * (1 / _SUBNORMAL_STEP) + noise.float() * 2.0**-16).to(torch.int32)
+    k = torch.where(a < _SUBNORMAL_LIMIT, subnormal, normal)
+    k = torch.where(torch.isnan(x), 0, k)
+    codes = torch.where(x < 0, -k, k).to(torch.int8)
+    return codes.view(-1)[:m32.numel()].view(m32.shape), scale
+
+
+def load_momentum(m: Tensor, scale: Tensor | None) -> Tensor:
+    """The momentum as fp32: dequantized when it is 8-bit (``scale``: its block scales)."""
+    return m.float() if scale is None else dequantize_momentum(m, scale)
+
+
 # --------------------------------------------------------------------------------------
 # The per-tensor update
 # --------------------------------------------------------------------------------------
@@ -212,7 +332,17 @@ def store_param(p: Tensor, new_w: Tensor, comp: Tensor | None, ok: Tensor | None
     p.copy_(new_p if ok is None else torch.where(ok, new_p, p))
 
 
-def store_momentum(m: Tensor, new_m: Tensor, ok: Tensor | None, seed: Tensor | int | None) -> None:
+def store_momentum(m: Tensor, new_m: Tensor, ok: Tensor | None, seed: Tensor | int | None,
+                   scale: Tensor | None = None, m32: Tensor | None = None) -> None:
+    """Store the new fp32 momentum ``new_m`` in ``m``; where ``ok`` is False the element keeps its
+    value. An 8-bit momentum (``scale``: its block scales, ``m32``: its value before the step) is
+    stored whole: the kept values join the new ones and every block is quantized again."""
+    if scale is not None:
+        kept = new_m if ok is None else torch.where(ok, new_m, m32)
+        codes, new_scale = quantize_momentum(kept, seed)
+        m.copy_(codes)
+        scale.copy_(new_scale)
+        return
     new = round_to(new_m, m.dtype, seed)
     m.copy_(new if ok is None else torch.where(ok, new, m))
 
@@ -242,17 +372,23 @@ def apply_update(
     m_seed: Tensor | int | None,
     param_ok: Tensor | None,
     momentum_ok: Tensor | None,
+    m_scale: Tensor | None = None,
+    m32: Tensor | None = None,
 ) -> None:
     """The second half of the Lion update, in place, from an ``update`` computed beforehand (Lion's
     own sign, or DistributedLion's vote): decoupled decay and the step of the weight, its
     rounding, and the momentum from the fp32 gradient ``g32`` (already negated under maximize).
-    Where ``param_ok`` / ``momentum_ok`` is False, the param / momentum keeps its stored bits."""
+    Where ``param_ok`` / ``momentum_ok`` is False, the param / momentum keeps its stored bits (an
+    8-bit momentum, ``m_scale`` its block scales, keeps its value, quantized again with its block).
+    ``m32``: the momentum as fp32, when the caller has it already."""
     p32 = p.float()
     w32 = p32 if comp is None else p32 + comp.float()
     new_w = w32 * decay - update * lr
-    new_m = interpolate(m.float(), g32, beta2)
+    if m32 is None:
+        m32 = load_momentum(m, m_scale)
+    new_m = interpolate(m32, g32, beta2)
     store_param(p, new_w, comp, param_ok, p_seed)
-    store_momentum(m, new_m, momentum_ok, m_seed)
+    store_momentum(m, new_m, momentum_ok, m_seed, m_scale, m32)
 
 
 def lion_tensor(
@@ -269,6 +405,7 @@ def lion_tensor(
     maximize: bool,
     cautious: bool,
     skip_nonfinite: bool,
+    m_scale: Tensor | None = None,
 ) -> None:
     """The one per-tensor Lion update, in place: the reference every impl (``for_loop``,
     ``foreach``, the C++ and Triton kernels) is held to, bit for bit where they round alike.
@@ -276,18 +413,21 @@ def lion_tensor(
     Computes in fp32 whatever the storage. ``decay`` is ``1 - lr * weight_decay``. The weight
     being optimised is ``p + comp`` under Kahan summation (``comp`` holds what the last store
     of ``p`` rounded away), else ``p``. ``p_seed`` / ``m_seed`` choose stochastic rounding of
-    the new param / momentum (None: round-to-nearest). Scalars may be floats or 0-d tensors.
+    the new param / momentum (None: round-to-nearest). An 8-bit momentum ``m`` (int8 codes) comes
+    with ``m_scale``, its block scales (:func:`quantize_momentum`), and is computed with as its
+    fp32 value and stored again, blocks and scales anew. Scalars may be floats or 0-d tensors.
     Each product and sum is its own rounded fp32 operation, in this order; the C++ kernel is
     built without FMA contraction so that it rounds alike.
     """
     g32 = g.float()
     if maximize:
         g32 = -g32
-    update = torch.sign(interpolate(m.float(), g32, beta1))
+    m32 = load_momentum(m, m_scale)
+    update = torch.sign(interpolate(m32, g32, beta1))
     if cautious:
         update = cautious_update(update, g32)
     ok = torch.isfinite(g32) if skip_nonfinite else None
-    apply_update(p, g32, m, comp, update, lr, decay, beta2, p_seed, m_seed, ok, ok)
+    apply_update(p, g32, m, comp, update, lr, decay, beta2, p_seed, m_seed, ok, ok, m_scale, m32)
 
 
 # --------------------------------------------------------------------------------------

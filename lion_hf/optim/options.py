@@ -28,7 +28,10 @@ __all__ = [
 
 IMPLS = ("auto", "for_loop", "foreach", "cpp", "triton")
 NONFINITE_POLICIES = ("skip_elements", "skip_step", "raise", "propagate")
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The momentum's storage. "int8": blockwise 8-bit codes (``numerics.quantize_momentum``), one fp32
+# scale per block of 256 elements, stored by stochastic rounding; momenta of fewer than
+# ``numerics.EIGHT_BIT_MIN_NUMEL`` elements stay fp32.
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 # How a bf16/fp16 param stores its new fp32 value (fp32 params are exact whatever is chosen).
 # Lion moves every element by exactly lr, which is under half an ulp of a bf16 weight above
 # about 2**8 * lr: round-to-nearest ("nearest") then drops the step. "stochastic" rounds up or
@@ -58,8 +61,9 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("maximize", False, (False, True), True, "Maximise the objective instead of minimising it."),
     Option("cautious", False, (False, True), True, "Cautious Lion: apply the update only where it agrees in sign "
            "with the gradient, rescaled (Liang et al. 2024)."),
-    Option("state_dtype", "fp32", tuple(STATE_DTYPES), True, "Momentum dtype; bf16 halves the optimizer state and "
-           "is stored with stochastic rounding."),
+    Option("state_dtype", "fp32", tuple(STATE_DTYPES), True, "Momentum dtype; bf16 halves the optimizer state, "
+           "int8 (8-bit codes with one fp32 scale per block of 256, about 1 byte/param; tensors under 4096 "
+           "elements stay fp32) quarters it; both are stored with stochastic rounding."),
     Option("param_rounding", "stochastic", PARAM_ROUNDINGS, True, "How bf16/fp16 weights store each step: "
            "'stochastic' (unbiased, no memory), 'kahan' (a compensation buffer, +2 bytes/param) or 'nearest' "
            "(drops steps under half an ulp). fp32 weights are exact whatever is chosen."),

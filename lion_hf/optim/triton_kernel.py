@@ -405,7 +405,10 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 def _layout_problem(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None) -> str | None:
     """Why the kernel cannot update this param as flat memory, or None: it needs the grad in the
-    param's dtype, and p, g, m (and the residual) contiguous, or dense with identical strides."""
+    param's dtype, and p, g, m (and the residual) contiguous, or dense with identical strides. An
+    8-bit (int8) momentum is not the kernel's: it runs in ``foreach``."""
+    if m.dtype == torch.int8:
+        return "its momentum is 8-bit (state_dtype='int8'), which the Triton kernel does not take"
     if g.dtype != p.dtype:
         return f"its grad is {g.dtype} but the param is {p.dtype}"
     tensors = (p, g, m) if c is None else (p, g, m, c)

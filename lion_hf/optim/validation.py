@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lion_hf.optim.numerics import PARAM_DTYPES, ranges_overlap
+from lion_hf.optim.numerics import EIGHT_BIT_MAX_CODE, PARAM_DTYPES, eight_bit_scale_numel, ranges_overlap
 from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = [
     "as_float",
+    "check_eight_bit_state",
     "check_loaded_state",
     "check_loaded_state_dict",
     "check_step_scalars",
@@ -271,12 +272,14 @@ def readable_grads(grads: list[Tensor]) -> list[Tensor]:
 
 
 def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                       kahan_comps: list[Tensor | None], param_rounding: str) -> list[torch.device]:
+                       kahan_comps: list[Tensor | None], param_rounding: str,
+                       exp_avg_scales: list[Tensor | None] | None = None) -> list[torch.device]:
     """The tensors of one group's step (local shards), for every impl alike: each grad and momentum
     has its param's shape and device; dtypes are ones Lion computes with; no param is on the meta
     device; nothing the step writes is an inference tensor (outside inference mode); a Kahan
-    residual matches its param. ValueError naming the tensor; sparse gradients
-    are a RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons).
+    residual matches its param; an 8-bit (int8) momentum has its block scales (``exp_avg_scales``)
+    and no other momentum has any. ValueError naming the tensor; sparse gradients are a
+    RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons).
     Returns the devices the params are on, in order of first appearance."""
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
         raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
@@ -299,7 +302,7 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     if not m_dtypes <= set(_MOMENTUM_DTYPES):
         i = _first([m.dtype not in _MOMENTUM_DTYPES for m in exp_avgs])
         raise ValueError(f"Lion: the momentum (exp_avg) of param {i} has dtype {exp_avgs[i].dtype}; it must be "
-                         "float32 or bfloat16")
+                         "float32, bfloat16 or int8 (8-bit codes, with their block scales)")
     if any(True in map(_IS_META, ts) for ts in (params, grads, exp_avgs)):
         raise ValueError("Lion cannot step params on the meta device: they hold no values. Materialise them first "
                          "(e.g. module.to_empty(device=...) and load the weights) and build the optimizer after.")
@@ -326,6 +329,8 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _check_memory(name, tensors)
     comp_indices = [i for i, c in enumerate(kahan_comps) if c is not None]
     _check_memory("Kahan residual", [kahan_comps[i] for i in comp_indices], comp_indices)
+    if exp_avg_scales is not None or torch.int8 in m_dtypes:
+        _check_scales(exp_avgs, exp_avg_scales)
     # Device indices (-1 for the CPU) are cheaper to compare than device objects.
     indices = list(map(Tensor.get_device, params))
     if list(map(Tensor.get_device, grads)) != indices or list(map(Tensor.get_device, exp_avgs)) != indices:
@@ -348,6 +353,53 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     return devices
 
 
+def _check_scales(exp_avgs: list[Tensor], scales: list[Tensor | None] | None) -> None:
+    """Each 8-bit momentum's block scales: fp32, contiguous, one per block, on its device; none
+    for another momentum."""
+    if scales is None or len(scales) != len(exp_avgs):
+        raise ValueError(f"Lion: an 8-bit (int8) momentum needs its block scales: exp_avg_scales must list one "
+                         f"per momentum (None where it is not int8), got "
+                         f"{None if scales is None else f'{len(scales)} for {len(exp_avgs)} momenta'}")
+    for i, (m, scale) in enumerate(zip(exp_avgs, scales)):
+        if (m.dtype == torch.int8) != (scale is not None):
+            raise ValueError(f"Lion: the momentum (exp_avg) of param {i} has dtype {m.dtype} and "
+                             f"{'no' if scale is None else 'a'} block scale tensor: an int8 momentum has one, "
+                             "others have none")
+        if scale is None:
+            continue
+        blocks = eight_bit_scale_numel(m.numel())
+        if scale.dtype != torch.float32 or scale.dim() != 1 or scale.numel() != blocks or scale.device != m.device:
+            raise ValueError(f"Lion: the block scales (exp_avg_scale) of param {i} must be a 1-D float32 tensor of "
+                             f"{blocks} elements on {m.device}, got {scale.dtype}, shape {tuple(scale.shape)} on "
+                             f"{scale.device}")
+        if not scale.is_contiguous():
+            raise ValueError(f"Lion: the block scales (exp_avg_scale) of param {i} are not contiguous")
+    indices = [i for i, scale in enumerate(scales) if scale is not None]
+    _check_memory("block scales (exp_avg_scale)", [scales[i] for i in indices], indices)
+
+
+def check_eight_bit_state(codes: Any, scale: Any, shape: torch.Size, where: str) -> None:
+    """A saved 8-bit momentum: int8 codes of the param's ``shape`` whose magnitudes are codes
+    (at most ``numerics.EIGHT_BIT_MAX_CODE``), and fp32 block scales, one per block, finite and
+    >= 0 (an absmax). ValueError naming ``where`` otherwise."""
+    if not isinstance(codes, Tensor) or codes.dtype != torch.int8 or codes.shape != shape:
+        found = (codes.dtype, tuple(codes.shape)) if isinstance(codes, Tensor) else type(codes).__name__
+        raise ValueError(f"Lion: the 8-bit momentum (exp_avg) of {where} must be an int8 tensor of its param's "
+                         f"shape {tuple(shape)}, got {found}")
+    blocks = eight_bit_scale_numel(codes.numel())
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != (blocks,):
+        found = (scale.dtype, tuple(scale.shape)) if isinstance(scale, Tensor) else type(scale).__name__
+        raise ValueError(f"Lion: the block scales (exp_avg_scale) of {where} must be a float32 tensor of shape "
+                         f"({blocks},), got {found}")
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        bad = int((~(torch.isfinite(scale) & (scale >= 0))).sum())
+        raise ValueError(f"Lion: the block scales (exp_avg_scale) of {where} hold {bad} value(s) that are NaN, inf "
+                         "or negative: the checkpoint is corrupt")
+    if codes.numel() and int(codes.to(torch.int16).abs().max()) > EIGHT_BIT_MAX_CODE:
+        raise ValueError(f"Lion: the 8-bit momentum (exp_avg) of {where} holds codes beyond "
+                         f"+-{EIGHT_BIT_MAX_CODE}: it was not written by this Lion")
+
+
 def check_loaded_state(state: dict[Any, Any]) -> None:
     """A loaded optimizer state is Lion's: each entry holds an ``exp_avg`` (and at most a Kahan
     ``kahan_comp``), all finite. Another optimizer's state (AdamW's ``exp_avg_sq``, ``step``) is
@@ -357,13 +409,14 @@ def check_loaded_state(state: dict[Any, Any]) -> None:
     for key, entry in state.items():
         if not isinstance(entry, dict) or not entry:
             continue
-        foreign = sorted(set(entry) - {"exp_avg", "kahan_comp"})
+        foreign = sorted(set(entry) - {"exp_avg", "kahan_comp", "exp_avg_scale"})
         if foreign or "exp_avg" not in entry:
             found = ", ".join(map(repr, sorted(entry)))
             raise ValueError(f"Lion: the state of param {key!r} holds {found}: this state dict comes from another "
-                             "optimizer (Lion keeps only 'exp_avg', and 'kahan_comp' under Kahan rounding). "
+                             "optimizer (Lion keeps only 'exp_avg', its block scales 'exp_avg_scale' when it is "
+                             "8-bit, and 'kahan_comp' under Kahan rounding). "
                              "Resume it with the optimizer that saved it, or start Lion without its state.")
-        for name in ("exp_avg", "kahan_comp"):
+        for name in ("exp_avg", "kahan_comp"):  # block scales: check_eight_bit_state
             value = entry.get(name)
             if name in entry and not isinstance(value, Tensor):
                 raise ValueError(f"Lion: the {name} of param {key!r} is a {type(value).__name__}, not a tensor")
@@ -442,9 +495,12 @@ def check_loaded_state_dict(state_dict: Any, current_groups: list[dict[str, Any]
         if not isinstance(entry, dict):
             raise ValueError(f"Lion: the state of param {key!r} is a {type(entry).__name__}, not a dict")
         p = params_by_key[key]
+        codes = entry.get("exp_avg")
+        if "exp_avg_scale" in entry or (isinstance(codes, Tensor) and codes.dtype == torch.int8):
+            check_eight_bit_state(entry.get("exp_avg"), entry.get("exp_avg_scale"), p.shape, f"param {key!r}")
         for name in ("exp_avg", "kahan_comp"):
             value = entry.get(name)
-            if value is None:
+            if value is None or (name == "exp_avg" and "exp_avg_scale" in entry):
                 continue
             if not value.dtype.is_floating_point:
                 raise ValueError(f"Lion: the {name} of param {key!r} has dtype {value.dtype}; it must be "
