@@ -305,6 +305,12 @@ class LionTrainer(Trainer):
             self._attach_gradient_release(model)
         return super().training_step(model, *args, **kwargs)
 
+    @property
+    def gradient_release(self) -> GradientRelease | None:
+        """The :class:`lion_hf.GradientRelease` stepping the params in backward (None before the first
+        training step, and without ``lion_gradient_release``)."""
+        return getattr(self, "_lion_release", None)
+
     def _attach_gradient_release(self, model: nn.Module) -> None:
         """The release of the optimizer HF steps, attached once (again if train() built another)."""
         inner = unwrap_optimizer(self.optimizer)
