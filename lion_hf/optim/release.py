@@ -46,8 +46,7 @@ from torch import Tensor
 
 from lion_hf.optim.dispatch import apply_step, prepare_step
 from lion_hf.optim.lion import Lion
-from lion_hf.optim.numerics import StepGroup, with_seeds
-from lion_hf.optim.options import STATE_DTYPES
+from lion_hf.optim.numerics import with_seeds
 from lion_hf.optim.validation import check_step_scalars, validate_options
 
 __all__ = ["RELEASE_POLICIES", "GradientRelease"]
@@ -212,21 +211,19 @@ class GradientRelease:
     def _draw_seeds(self) -> dict[int, Tensor | None]:
         """Each param's row of the step's stochastic-rounding seeds, drawn in one call in the order
         the ordinary step draws them (:func:`~lion_hf.optim.numerics.with_seeds` over every
-        trainable param, group by group); only the params' and momenta's dtypes matter to it."""
+        trainable param, group by group). The groups are built by :meth:`Lion.step_group`, so each
+        momentum exists with the dtype the step will store (created here at the first step, as the
+        ordinary step creates it before drawing); a param whose gradient is not there yet stands in
+        with a zero-stride tensor (with_seeds reads dtypes and sizes only)."""
+        opt = self.optimizer
         templates, params = [], []
-        for group in self.optimizer.param_groups:
+        for index, group in enumerate(opt.param_groups):
             trainable = [p for p in group["params"] if p.requires_grad]
             if not trainable:
                 continue
-            state_dtype = STATE_DTYPES[group["state_dtype"]]
-            momenta = []
-            for p in trainable:
-                state = self.optimizer.state.get(p)
-                momentum = None if state is None else state.get("exp_avg")
-                momenta.append(torch.empty(0, dtype=state_dtype) if momentum is None else momentum)
-            templates.append(StepGroup(trainable, trainable, momenta, [None] * len(trainable), group["lr"],
-                                       *group["betas"], group["weight_decay"], group["maximize"], group["cautious"],
-                                       group["param_rounding"]))
+            stand_ins = [p.grad if p.grad is not None else torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+                         for p in trainable]
+            templates.append(opt.step_group(index, trainable, stand_ins))
             params.append(trainable)
         seeds: dict[int, Tensor | None] = {}
         for template, group_params in zip(with_seeds(templates), params):
