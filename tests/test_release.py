@@ -195,6 +195,50 @@ def test_what_release_cannot_honour_is_refused():
     assert torch.equal(params[0].detach(), torch.ones(4))
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_backward_steps_each_param_once_as_the_ordinary_step(reentrant):
+    # A reentrant checkpoint runs a backward inside a node of the outer one. Here the checkpointed
+    # block is the model's last op, so the first hooks fire in that inner backward and the first
+    # layer's in the outer one after it: the step must begin once and end with the outer backward
+    # (bf16: every param rounds with the ordinary step's seeds).
+    from torch.utils.checkpoint import checkpoint
+
+    def run(release: bool):
+        torch.manual_seed(0)
+        first, second = torch.nn.Linear(8, 8).bfloat16(), torch.nn.Linear(8, 1).bfloat16()
+        params = [*first.parameters(), *second.parameters()]
+        opt = Lion(params, lr=1e-2, state_dtype="bf16", impl="for_loop")
+        handle = GradientRelease(opt) if release else None
+        torch.manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+            out = checkpoint(lambda t: second(t.relu()), first(x), use_reentrant=reentrant)
+            (out.float() ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return params, handle
+
+    ordinary, _ = run(False)
+    released, handle = run(True)
+    assert handle.steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(ordinary, released))
+
+
+def test_a_gradient_that_arrives_in_two_parts_is_refused():
+    # A param used inside a reentrant checkpoint and outside it gets its gradient in two backward
+    # passes, each firing the hook: a second step on a partial gradient would be a silently
+    # different update, so the release raises before it.
+    from torch.utils.checkpoint import checkpoint
+
+    layer = torch.nn.Linear(4, 1)
+    opt = Lion(layer.parameters(), lr=0.1)
+    GradientRelease(opt)
+    x = torch.randn(2, 4, requires_grad=True)
+    loss = checkpoint(layer, x, use_reentrant=True).sum() + layer.bias.sum() * 3
+    with pytest.raises(RuntimeError, match="received its gradient twice in one step"):
+        loss.backward()
+
+
 def test_a_copy_of_the_optimizer_steps_ordinarily():
     model = tiny_bert()
     opt = Lion(model.parameters(), lr=1e-3)

@@ -101,7 +101,9 @@ class GradientRelease:
             for p in group["params"]:
                 self._index.setdefault(id(p), index)
         self._seeds: dict[int, Tensor | None] | None = None  # this step's, by id(param), once drawn
+        self._stepped: set[int] = set()  # ids of the params this step has stepped
         self._in_backward = False
+        self._nested_end = False
         self._last = True
         self._lock = threading.Lock()
         self._handles: list[Any] = []
@@ -187,15 +189,26 @@ class GradientRelease:
             # close the backward when the engine has run every node.
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-            self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
-            if self._last:
-                self._begin_step()
+            # After a backward that ended nested in another's node (reentrant checkpointing) the outer
+            # one may go on firing hooks of the same step: a param not stepped yet continues it.
+            continuing = self._nested_end and self._last and id(p) not in self._stepped
+            self._nested_end = False
+            if not continuing:
+                self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
+                if self._last:
+                    self._begin_step()
         if self._last and p.grad is not None:
             self._step(p, None)
             p.grad = None
 
     def _end_backward(self) -> None:
         self._in_backward = False
+        current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
+        if current_node() is not None:
+            # The backward that ended ran inside a node of another (reentrant checkpointing): the
+            # outer one goes on, and hooks it fires may still belong to this step (see _hook).
+            self._nested_end = True
+            return
         if self._last:
             self._seeds = None
 
@@ -206,6 +219,7 @@ class GradientRelease:
         _check_policy(opt)
         check_step_scalars(opt.param_groups)
         self._seeds = self._draw_seeds()
+        self._stepped = set()
         self.steps += 1
 
     def _draw_seeds(self) -> dict[int, Tensor | None]:
@@ -237,9 +251,20 @@ class GradientRelease:
         opt = self.optimizer
         if self._seeds is None:  # a hook that ran outside a begun step (should not happen): begin one
             self._begin_step()
+        if id(p) in self._stepped:
+            # Its gradient arrived in two parts, each firing the hook (a param used both inside and
+            # outside a reentrant checkpoint, or two backward calls in one micro-batch): stepping
+            # again would apply a second, partial update.
+            raise RuntimeError(
+                f"gradient release: a param of shape {tuple(p.shape)} received its gradient twice in one step, so it "
+                "would be stepped twice on partial gradients (reentrant activation checkpointing with the param also "
+                "used outside the checkpoint, or several backward calls for one micro-batch). Use non-reentrant "
+                "checkpointing (HF's default), one backward per micro-batch, or mark the earlier backwards as not "
+                "the last micro-batch (last_micro_batch).")
         step = opt.step_group(self._index[id(p)], [p], None if grad is None else [grad])
         if not step.params:
             return
+        self._stepped.add(id(p))
         prepared = prepare_step([step], impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
         if prepared is None:  # only the skip_step / raise gate returns None; refused above
             return
