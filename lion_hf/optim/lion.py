@@ -143,6 +143,10 @@ class Lion(Optimizer):
 
     All implementations compute in fp32 for fp32, bf16 and fp16 parameters, share one state
     layout (``state[p]["exp_avg"]``, a plain tensor) and so load each other's state dicts.
+
+    Gradient release: ``lion_hf.GradientRelease(opt)`` steps each param during backward, as soon
+    as its gradient is ready, and frees the gradient (docs/gradient_release.md); while it is
+    attached (:attr:`gradient_release`), :meth:`step` updates nothing.
     """
 
     def __init__(
