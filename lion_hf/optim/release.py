@@ -78,7 +78,9 @@ class GradientRelease:
         release = GradientRelease(opt, last_micro_batch=lambda: (i + 1) % n == 0)
         for i, batch in enumerate(loader):
             model(**batch).loss.div(n).backward()   # the last micro-batch's backward steps
-            scheduler_step_if_needed()
+            if (i + 1) % n == 0:
+                opt.step()                          # updates nothing; checks no gradient was left
+                scheduler.step()
     """
 
     def __init__(self, optimizer: Lion, *, last_micro_batch: Callable[[], bool] | None = None,
