@@ -95,25 +95,34 @@ def test_released_steps_equal_ordinary_steps_bit_for_bit(impl, state_dtype, weig
     assert all(p.grad is None for p in released.parameters())
 
 
-def test_each_gradient_is_freed_as_its_param_is_stepped():
+@pytest.mark.parametrize("bucket_numel", [0, 20_000])
+def test_each_gradient_is_freed_once_its_bucket_is_stepped(bucket_numel):
     model = tiny_bert()
     params = list(model.parameters())
     opt = Lion(params, lr=1e-3)
-    live_at_hook: list[int] = []
-    GradientRelease(opt)
+    live_at_hook: list[int] = []  # gradient elements alive when each param's gradient is ready
+    release = GradientRelease(opt, bucket_numel=bucket_numel)
     for p in params:  # registered after the release's hooks, so they run after them
-        p.register_post_accumulate_grad_hook(lambda _: live_at_hook.append(sum(q.grad is not None for q in params)))
+        p.register_post_accumulate_grad_hook(
+            lambda _: live_at_hook.append(sum(q.numel() for q in params if q.grad is not None)))
     model(**_batch(0)).loss.backward()
-    assert len(live_at_hook) == len(params)
-    assert max(live_at_hook) == 0, "a gradient outlived its param's step"
+    assert len(live_at_hook) == len(params) and release.steps == 1
+    largest = max(p.numel() for p in params)
+    assert max(live_at_hook) < bucket_numel + largest, "a gradient outlived its bucket's step"
+    if bucket_numel == 0:
+        assert max(live_at_hook) == 0
+    else:
+        assert max(live_at_hook) > 0  # params wait for their bucket
+    assert all(p.grad is None for p in params)
     # The same count without release: every gradient stays until the step.
     plain = tiny_bert()
     plain_params = list(plain.parameters())
     live: list[int] = []
     for p in plain_params:
-        p.register_post_accumulate_grad_hook(lambda _: live.append(sum(q.grad is not None for q in plain_params)))
+        p.register_post_accumulate_grad_hook(
+            lambda _: live.append(sum(q.numel() for q in plain_params if q.grad is not None)))
     plain(**_batch(0)).loss.backward()
-    assert max(live) == len(plain_params)
+    assert max(live) == sum(p.numel() for p in plain_params)
 
 
 def test_the_lr_of_each_step_is_the_schedulers_at_that_step():
@@ -188,6 +197,8 @@ def test_what_release_cannot_honour_is_refused():
     GradientRelease(opt)
     with pytest.raises(ValueError, match="already has a GradientRelease"):
         GradientRelease(opt)
+    with pytest.raises(ValueError, match="bucket_numel must be an int >= 0"):
+        GradientRelease(Lion([torch.nn.Parameter(torch.ones(2))]), bucket_numel=-1)
     # A policy changed after attaching is refused at the next step, before any param moves.
     opt.nonfinite_grad = "skip_step"
     with pytest.raises(ValueError, match="skip_step"):

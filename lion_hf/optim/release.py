@@ -3,11 +3,14 @@ the gradient freed.
 
 Lion's update of a parameter needs that parameter's gradient alone, so nothing waits for the
 whole model's gradients: a post-accumulate-grad hook on each parameter (torch's
-``Tensor.register_post_accumulate_grad_hook``) steps it, through the dispatcher's one step path
-(:func:`~lion_hf.optim.dispatch.prepare_step` then :func:`~lion_hf.optim.dispatch.apply_step` on
-that param's slice of its group, :meth:`Lion.step_group`), and sets ``p.grad = None``. At most a
-few gradients are alive at once instead of all of them: a full fine-tune saves the gradients'
-bytes (2 or 4 per parameter) at the peak.
+``Tensor.register_post_accumulate_grad_hook``) hands it to a small bucket, and once the bucket's
+gradients hold ``bucket_numel`` elements (and at the end of backward) its params are stepped,
+through the dispatcher's one step path (:func:`~lion_hf.optim.dispatch.prepare_step` then
+:func:`~lion_hf.optim.dispatch.apply_step` on each param's slice of its group,
+:meth:`Lion.step_group`), and their gradients set to None. One dispatch per bucket, not per param,
+keeps the per-call cost of the kernels out of backward; ``bucket_numel=0`` steps each param alone.
+At most a bucket's gradients are alive at once instead of all of them: a full fine-tune saves the
+gradients' bytes (2 or 4 per parameter) at the peak.
 
 * **Exact.** A step in backward computes what :meth:`Lion.step` computes from the same gradient
   with the group's lr at that moment (a scheduler steps after the optimizer, so the lr of step
@@ -49,8 +52,12 @@ from lion_hf.optim.lion import Lion
 from lion_hf.optim.numerics import with_seeds
 from lion_hf.optim.validation import check_step_scalars, validate_options
 
-__all__ = ["RELEASE_POLICIES", "GradientRelease"]
+__all__ = ["DEFAULT_BUCKET_NUMEL", "RELEASE_POLICIES", "GradientRelease"]
 
+# Ready params are stepped together once their gradients hold this many elements (or at the end
+# of backward): one dispatch per bucket instead of per param, for at most this many gradient
+# elements held beyond the ordinary release (16 MB of fp32).
+DEFAULT_BUCKET_NUMEL = 1 << 22
 # The nonfinite_grad policies a released step can honour: each judges one element at a time.
 RELEASE_POLICIES = ("skip_elements", "propagate")
 
@@ -84,7 +91,7 @@ class GradientRelease:
     """
 
     def __init__(self, optimizer: Lion, *, last_micro_batch: Callable[[], bool] | None = None,
-                 _ddp: Any = None) -> None:
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, _ddp: Any = None) -> None:
         if not isinstance(optimizer, Lion):
             raise TypeError(f"GradientRelease steps a lion_hf Lion, got {type(optimizer).__name__}")
         if type(optimizer) is not Lion:
@@ -93,10 +100,15 @@ class GradientRelease:
         if optimizer.gradient_release is not None:
             raise ValueError("this optimizer already has a GradientRelease attached; remove() it first")
         _check_policy(optimizer)
+        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 0:
+            raise ValueError(f"bucket_numel must be an int >= 0 (0: each param on its own), got {bucket_numel!r}")
         if last_micro_batch is not None and not callable(last_micro_batch):
             raise TypeError(f"last_micro_batch must be a callable returning a bool, got {last_micro_batch!r}")
         self.optimizer = optimizer
         self.last_micro_batch = last_micro_batch
+        self.bucket_numel = bucket_numel
+        self._pending: list[Tensor] = []  # ready params waiting for their bucket's dispatch
+        self._pending_numel = 0
         self.steps = 0  # steps run in backward
         self._index: dict[int, int] = {}  # id(param) -> its group's index
         for index, group in enumerate(optimizer.param_groups):
@@ -142,11 +154,9 @@ class GradientRelease:
             reduced = allreduce_hook(state, bucket)
 
             def step_bucket(fut):
-                params, grads = bucket.parameters(), bucket.gradients()
+                pairs = [(p, g) for p, g in zip(bucket.parameters(), bucket.gradients()) if id(p) in release._index]
                 with release._lock:
-                    for p, g in zip(params, grads):
-                        if id(p) in release._index:
-                            release._step(p, g)
+                    release._step([p for p, _ in pairs], [g for _, g in pairs])
                 return fut.value()
 
             return reduced.then(step_bucket)
@@ -200,11 +210,23 @@ class GradientRelease:
                 if self._last:
                     self._begin_step()
         if self._last and p.grad is not None:
-            self._step(p, None)
-            p.grad = None
+            self._check_once(p)
+            self._pending.append(p)
+            self._pending_numel += p.numel()
+            if self._pending_numel >= self.bucket_numel:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Step the params whose gradients are ready, in one dispatch, and free their gradients."""
+        pending, self._pending, self._pending_numel = self._pending, [], 0
+        if pending:
+            self._step(pending, None)
+            for p in pending:
+                p.grad = None
 
     def _end_backward(self) -> None:
         self._in_backward = False
+        self._flush()
         current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
         if current_node() is not None:
             # The backward that ended ran inside a node of another (reentrant checkpointing): the
@@ -247,12 +269,7 @@ class GradientRelease:
                 seeds.setdefault(id(p), None if template.seeds is None else template.seeds[i:i + 1])
         return seeds
 
-    def _step(self, p: Tensor, grad: Tensor | None) -> None:
-        """Lion's step of ``p`` alone, on ``grad`` (default ``p.grad``): its slice of its group through
-        the dispatcher's prepare and apply stages, with the seeds drawn for it."""
-        opt = self.optimizer
-        if self._seeds is None:  # a hook that ran outside a begun step (should not happen): begin one
-            self._begin_step()
+    def _check_once(self, p: Tensor) -> None:
         if id(p) in self._stepped:
             # Its gradient arrived in two parts, each firing the hook (a param used both inside and
             # outside a reentrant checkpoint, or two backward calls in one micro-batch): stepping
@@ -263,17 +280,36 @@ class GradientRelease:
                 "used outside the checkpoint, or several backward calls for one micro-batch). Use non-reentrant "
                 "checkpointing (HF's default), one backward per micro-batch, or mark the earlier backwards as not "
                 "the last micro-batch (last_micro_batch).")
-        step = opt.step_group(self._index[id(p)], [p], None if grad is None else [grad])
-        if not step.params:
-            return
         self._stepped.add(id(p))
-        prepared = prepare_step([step], impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
-        if prepared is None:  # only the skip_step / raise gate returns None; refused above
+
+    def _step(self, params: list[Tensor], grads: list[Tensor] | None) -> None:
+        """Lion's step of ``params`` (gradients ``grads``, default their ``.grad``): each group's slice
+        (:meth:`Lion.step_group`) with the seeds drawn for its params, through the dispatcher's
+        prepare and apply stages in one call, as :meth:`Lion.step` runs all its groups."""
+        opt = self.optimizer
+        if self._seeds is None:  # a bucket outside a begun step (should not happen): begin one
+            self._begin_step()
+        if grads is not None:
+            for p in params:
+                self._check_once(p)
+        by_group: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            by_group.setdefault(self._index[id(p)], []).append(i)
+        steps = []
+        for index, positions in sorted(by_group.items()):
+            step = opt.step_group(index, [params[i] for i in positions],
+                                  None if grads is None else [grads[i] for i in positions])
+            if not step.params:
+                continue
+            rows = [self._seeds.get(id(p)) for p in step.params]
+            if rows[0] is not None:
+                step = step._replace(seeds=torch.cat(rows))
+            steps.append(step)
+        if not steps:
             return
-        seeds = self._seeds.get(id(p))
-        if seeds is not None:
-            prepared = prepared._replace(groups=[g._replace(seeds=seeds) for g in prepared.groups])
-        apply_step(prepared)
+        prepared = prepare_step(steps, impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
+        if prepared is not None:  # only the skip_step / raise gate returns None; refused above
+            apply_step(prepared)
 
     def check_stepped(self) -> None:
         """Called by :meth:`Lion.step` while this release is attached: every param's gradient should
