@@ -13,8 +13,6 @@ from lion_hf.optim.options import OPTIONS, VOTES
 from lion_hf.optim.validation import validate_group, validate_options
 
 __all__ = [
-    "LION_DISTRIBUTED",
-    "LION_OPTIM",
     "AdamWLikeLearningRateWarning",
     "LionTrainingArguments",
     "default_nonfinite_policy",

@@ -191,3 +191,31 @@ def test_meta_params_are_the_meta_error_under_every_nonfinite_policy(policy):
     p.grad = torch.ones(4, device="meta")
     with pytest.raises(ValueError, match="meta device"):
         opt.step()
+
+
+@pytest.mark.parametrize("caller", ["Lion.step", "lion()"])
+def test_the_impl_is_checked_once_per_step(monkeypatch, caller):
+    """The impl's name is checked once, by the optimizer; the dispatcher then only looks up (cached)
+    whether it can run on each device."""
+    from lion_hf import lion
+    from lion_hf.optim import lion as lion_module
+
+    p = torch.nn.Parameter(torch.randn(10))
+    q, m = torch.randn(10), torch.zeros(10)
+    opt = Lion([p], impl="foreach")
+
+    def step():
+        p.grad = torch.randn(10)
+        if caller == "Lion.step":
+            opt.step()
+        else:
+            lion([q], [torch.randn(10)], [m], lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.0, impl="foreach")
+
+    step()  # warm: the dispatcher's per-device cache is filled
+    calls = []
+    for module, name in ((lion_module, "validate_options"), (lion_module, "resolve_impl"),
+                         (dispatch, "resolve_impl"), (dispatch, "_resolve"), (dispatch, "impl_unavailable")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    step()
+    assert calls == ["validate_options"]

@@ -345,6 +345,36 @@ def test_ranks_whose_gradients_cover_different_params_all_raise_and_change_nothi
         assert all(rank["layouts"][case + "_unchanged"] for rank in ranks), case
 
 
+@pytest.mark.parametrize("case", ["lr", "weight_decay", "group_lr", "param_rounding", "state_dtype", "vote",
+                                  "maximize", "nonfinite_grad"])
+def test_ranks_that_disagree_on_what_shapes_the_update_all_raise_the_same_error(ranks, case):
+    messages = {rank["agreement"][case] for rank in ranks}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert "disagree on what shapes the update" in message and "rank(s) [1]" in message, message
+    assert all(rank["agreement"][case + "_unchanged"] for rank in ranks)
+
+
+def test_an_lr_equal_in_fp32_agrees_and_ranks_built_with_other_params_all_raise(ranks):
+    assert all(rank["agreement"]["fp32_equal_lr"] == "stepped" for rank in ranks)
+    messages = {rank["agreement"]["params"] for rank in ranks}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert "built with different params" in message and "rank 1: 6 params" in message, message
+
+
+def test_a_failed_collective_names_a_rank_that_skipped_step(monkeypatch):
+    from lion_hf.optim import distributed
+
+    def closed(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(torch.distributed, "all_gather_single", closed, raising=False)
+    monkeypatch.setattr(torch.distributed, "all_gather_into_tensor", closed)
+    with pytest.raises(RuntimeError, match=r"Connection closed by peer.*skipped a step\(\) call"):
+        distributed._all_gather(torch.empty(4, dtype=torch.uint8), torch.empty(2, dtype=torch.uint8), None)
+
+
 # --------------------------------------------------------------------------------------
 # LionTrainer(lion_distributed=...): one process, no launch
 # --------------------------------------------------------------------------------------
@@ -550,3 +580,49 @@ def test_the_cpp_kernel_and_the_torch_path_agree_bit_for_bit(monkeypatch, world_
             torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)]))
     moved = sum(int((a != p).sum()) for a, p in zip(kernel_ps, params))
     assert moved > numel // 4, "the step hardly moved the weights: the comparison would be vacuous"
+
+
+_FAKE_TWO_RANKS = """
+import os, sys, warnings
+import torch
+from lion_hf import DistributedLion
+from lion_hf.optim import distributed
+
+def gather(output, buffer, group):  # two ranks with the same signs
+    output.view(2, -1).copy_(buffer.expand(2, -1))
+
+DistributedLion.world_size = lambda self: 2
+distributed._all_gather = gather
+warnings.simplefilter("ignore")
+params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 5))]
+before = [p.detach().clone() for p in params]
+opt = DistributedLion(params, lr=0.01, impl=sys.argv[1])
+for p in params:
+    p.grad = torch.randn(p.shape)
+opt.step()
+assert all(not torch.equal(a, p) for a, p in zip(before, params)), "the step did not move the weights"
+maps = open("/proc/self/maps").read()
+print("module", "lion_hf.optim.cpu_kernel" in sys.modules)
+print("mapped", "lion_cpu_kernel_" in maps)
+print("built", any(name.endswith(".so") for name in os.listdir(os.environ["LION_HF_CACHE"])))
+"""
+
+
+@pytest.mark.parametrize("impl", ["foreach", pytest.param("auto", marks=pytest.mark.slow)])  # auto: a fresh build
+def test_foreach_never_builds_or_loads_the_cpp_kernel(tmp_path, impl):
+    """DistributedLion(impl="foreach") steps (both passes) without importing the kernel's module,
+    building its library into an empty cache or mapping it; "auto" on the CPU does all three (where
+    a compiler is found), so the check can tell them apart."""
+    from lion_hf.optim.dispatch import impl_unavailable
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    result = subprocess.run([sys.executable, "-c", _FAKE_TWO_RANKS, impl], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**_env(), "LION_HF_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = dict(line.split() for line in result.stdout.splitlines())
+    if impl == "foreach":
+        assert facts == {"module": "False", "mapped": "False", "built": "False"}, facts
+    elif impl_unavailable("cpp", "cpu") is None:
+        assert facts == {"module": "True", "mapped": "True", "built": "True"}, facts
+

@@ -19,7 +19,7 @@ ALLOWED = {
     "validation": {"options", "numerics"},
     "for_loop": {"numerics", "signs"},
     "foreach": {"numerics", "signs"},
-    "triton_kernel": {"options", "numerics"},
+    "triton_kernel": {"options", "numerics", "signs"},
     "cpu_kernel": {"numerics", "cpu_kernel_build"},
     "dispatch": {"options", "numerics", "signs", "validation", "for_loop", "foreach", "cpu_kernel", "cpu_kernel_build",
                  "triton_kernel"},

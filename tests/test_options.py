@@ -52,7 +52,7 @@ def test_training_arguments_take_the_tables_defaults_and_help():
 def test_the_trainer_factory_takes_lions_arguments_from_the_table():
     from lion_hf.trainer import lion_optimizer_cls_and_kwargs
 
-    factory, kwargs = lion_optimizer_cls_and_kwargs(lr=1e-3)
+    _, kwargs = lion_optimizer_cls_and_kwargs(lr=1e-3)
     assert kwargs == {"lr": 1e-3}
     with pytest.raises(ValueError, match="allowed: " + str(sorted(set(OPTIONS) - set(NOT_LION_ARGUMENTS)))
                        .replace("[", r"\[")
@@ -65,16 +65,19 @@ def test_validation_allows_exactly_the_tables_choices(name):
     option = OPTIONS[name]
     group = {key: OPTIONS[key].default for key in GROUP_OPTIONS}
     for value in (*option.choices, "not-a-choice"):
-        if name in GROUP_OPTIONS:
-            call = lambda: validate_group({**group, name: value})  # noqa: E731
-        elif name == "vote":
-            call = lambda: DistributedLion([torch.nn.Parameter(torch.zeros(1))], vote=value)  # noqa: E731
-        else:
-            call = lambda: validate_options(**{name: value})  # noqa: E731
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if value == "not-a-choice":
                 with pytest.raises(ValueError, match=f"{name} must be one of"):
-                    call()
+                    _set(name, value, group)
             else:
-                call()
+                _set(name, value, group)
+
+
+def _set(name, value, group):
+    if name in GROUP_OPTIONS:
+        validate_group({**group, name: value})
+    elif name == "vote":
+        DistributedLion([torch.nn.Parameter(torch.zeros(1))], vote=value)
+    else:
+        validate_options(**{name: value})

@@ -655,7 +655,7 @@ def _dispatch_step(params, grads, moms, **flags):
 
     group = StepGroup(params, grads, moms, [None] * len(params), lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1,
                       maximize=False, cautious=False, param_rounding=flags.get("param_rounding", "nearest"))
-    run_step([group], impl=flags.get("impl", "triton"), skip_nonfinite=True)
+    run_step([group], impl=flags.get("impl", "triton"), nonfinite_grad="skip_elements")
 
 
 def _fresh_fp32_tensors(seed):
@@ -719,3 +719,101 @@ def test_a_misaligned_view_gets_its_own_launch_and_the_for_loop_bits(monkeypatch
     assert sorted(launches)[-1] != 0 and len([a for a in launches if a == 0]) >= 1, launches
     for a, b in zip(ps + ms, want[0] + want[2]):
         assert bits_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# DistributedLion's sign pass and vote, bit for bit against the torch path
+# --------------------------------------------------------------------------------------
+
+
+def _vote_groups(seed):
+    from lion_hf.optim.numerics import StepGroup
+
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for maximize, (g_dtype, m_dtype), sizes in ((False, (torch.float32, torch.float32), (1, 0, 1500)),
+                                                (True, (torch.bfloat16, torch.bfloat16), (2100, 3)),
+                                                (False, (torch.float16, torch.float32), (777,))):
+        grads = [torch.randn(n, generator=gen).to(g_dtype) for n in sizes]
+        moms = [(torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) > 0.2)).to(m_dtype) for n in sizes]
+        for g in grads:
+            if g.numel() > 10:
+                g[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+        params = [torch.randn(n, generator=gen).to(g_dtype) for n in sizes]
+        groups.append(StepGroup([p.to(DEVICE) for p in params], [g.to(DEVICE) for g in grads],
+                                [m.to(DEVICE) for m in moms], [None] * len(sizes), 0.01, 0.9, 0.99, 0.1, maximize,
+                                False, "nearest"))
+    return groups
+
+
+@pytest.mark.parametrize("zero_nonfinite", [False, True])
+def test_sign_pass_writes_the_trits_of_the_torch_path(zero_nonfinite):
+    from lion_hf.optim.foreach import foreach_signs
+
+    groups = _vote_groups(5)
+    numel = sum(g.numel() for group in groups for g in group.grads)
+    want = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
+    foreach_signs(groups, want, zero_nonfinite=zero_nonfinite)
+    got = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
+    assert lion_triton.triton_signs(groups, got, zero_nonfinite=zero_nonfinite)
+    assert torch.equal(got, want)
+    assert len(set(want.tolist())) == 3  # all three signs occur
+
+
+@pytest.mark.parametrize("vote", ["majority", "average"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_vote_kernel_is_combine_signs_bit_for_bit(vote, world):
+    from lion_hf.optim.signs import combine_signs, pack_signs
+
+    gen = torch.Generator().manual_seed(world)
+    for numel in (7, 2 * 5 * 4096 + 13):  # one short chunk; two full chunks and a short one
+        gathered = torch.stack([pack_signs([torch.randint(-1, 2, (numel,), generator=gen).float()])
+                                for _ in range(world)]).to(DEVICE)
+        want = combine_signs(gathered, numel, vote)
+        got = lion_triton.triton_vote(gathered, numel, vote)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (numel, vote)
+
+
+def test_distributed_lion_on_triton_is_foreach_bit_for_bit(monkeypatch):
+    """Two simulated ranks (the gather returns this rank's buffer and another rank's signs):
+    DistributedLion(impl="triton") runs its sign pass and vote in the Triton kernels and moves the
+    weights and momenta exactly as impl="foreach" does."""
+    from lion_hf import DistributedLion
+    from lion_hf.optim import distributed
+    from lion_hf.optim.signs import HEADER_BYTES, pack_signs
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(300,), (7, 5), (0,), (2 * 5 * 4096 + 3,)]
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    other = pack_signs([torch.randint(-1, 2, (numel,), generator=gen).float()]).to(DEVICE)
+
+    def gather(output, buffer, group):
+        rows = output.view(2, -1)
+        rows[0] = buffer
+        rows[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
+        rows[1, HEADER_BYTES:] = other
+
+    monkeypatch.setattr(DistributedLion, "world_size", lambda self: 2)
+    monkeypatch.setattr(distributed, "_all_gather", gather)
+    calls = []
+    for name in ("triton_signs", "triton_vote"):
+        original = getattr(lion_triton, name)
+        monkeypatch.setattr(lion_triton, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    results = []
+    for impl in ("triton", "foreach"):
+        ps = [torch.nn.Parameter(p.clone().to(DEVICE)) for p in params]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone().to(DEVICE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = DistributedLion([{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "maximize": True}],
+                                  lr=0.01, vote="average", nonfinite_grad="skip_elements", impl=impl)
+        for _ in range(2):
+            opt.step()
+        results.append([t.detach().cpu() for p in ps for t in (p, opt.state[p]["exp_avg"])])
+    assert calls.count("triton_signs") == 2 and calls.count("triton_vote") == 2, calls
+    for a, b in zip(*results):
+        assert torch.equal(a.view(-1).view(torch.int32), b.view(-1).view(torch.int32))
+    assert not torch.equal(results[0][0], params[0])

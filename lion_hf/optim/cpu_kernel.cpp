@@ -22,7 +22,7 @@
 // element's index and a per-tensor seed for stochastic rounding; fp16's two neighbours found
 // the same way). It is built with -ffp-contract=off, so no product is fused into an FMA and
 // each result rounds as torch's separate ops round it: given the same seeds the step is bit
-// for bit impl="for_loop"'s (tested), except for NaN payloads and a cautious tensor of more
+// for bit that of numerics.lion_tensor, the one reference (impl="for_loop"; tested), except for NaN payloads and a cautious tensor of more
 // than 2**24 elements, which may round its agreeing fraction differently.
 //
 // Why one call: the tensors of every param group of a step are cut into blocks of equal length
@@ -504,14 +504,16 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// Distributed Lion (lion_hf/optim/distributed.py): fp32 params, grads and momenta only.
+// Distributed Lion (lion_hf/optim/distributed.py, through dispatch.vote_signs / vote_apply): fp32
+// params, grads and momenta only.
 //
 // Pass 1 (lion_hf_dist_signs) writes the ternary sign of c = m * beta1 + g' * (1 - beta1) of every
 // element, packed base 3; pass 2 (lion_hf_dist_apply), once every rank's signs are gathered, sums
-// them, votes, and updates the weights and this rank's momentum. The arithmetic is the torch path's
-// in distributed.py, operation for operation in fp32 (no FMA: -ffp-contract=off).
+// them, votes, and updates the weights and this rank's momentum. The arithmetic is that of the
+// torch path (for_loop.for_loop_signs / for_loop_vote_apply: numerics.interpolate and
+// numerics.apply_update), operation for operation in fp32 (no FMA: -ffp-contract=off).
 //
-// The packing (distributed.py's module docstring): the elements of a step, tensor after tensor,
+// The packing (signs.py's module docstring): the elements of a step, tensor after tensor,
 // are cut into chunks of 5 * 4096; a chunk of `len` elements packs into S = ceil(len / 5) bytes,
 // its element o in byte o % S as digit o / S (weight 3**digit), trit = sign + 1; padding is sign 0.
 // Digits are planar so that both passes read and write contiguous runs and vectorise.

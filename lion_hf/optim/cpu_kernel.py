@@ -4,13 +4,15 @@ The kernel takes plain contiguous CPU tensors of every kind the other impls take
 fp16 params (a grad of the param's dtype, or any other float grad, which is upcast to fp32 as
 :func:`~lion_hf.optim.numerics.lion_tensor` upcasts it), fp32 or bf16 momenta, each
 ``param_rounding`` (Kahan residuals included). Given the same seeds it computes the step of
-``impl="for_loop"`` bit for bit. What it does not take, it leaves to the dispatcher, which runs
-it with ``foreach`` (one rule, in ``dispatch``): a tensor that is not contiguous (of param, grad,
-momentum or residual). It checks no memory itself: the dispatcher hands it only tensors that
-passed ``validation.check_step_tensors`` (in-bounds storage, no zero tensor or negated view) and
-a step whose tensors do not overlap (one check in ``dispatch.run_step`` over every tensor of the
-step, by strided extent; a step whose tensors overlap runs in ``for_loop``, as the kernel's
-threads would race on shared elements).
+:func:`~lion_hf.optim.numerics.lion_tensor` (the reference; ``impl="for_loop"``) bit for bit.
+What it does not take, it leaves to the dispatcher, which runs it with ``foreach`` (one rule,
+in ``dispatch``): a tensor that is not contiguous (of param, grad, momentum or residual). It
+checks no memory itself: the dispatcher hands it only tensors that passed
+``validation.check_step_tensors`` (in-bounds storage, no zero tensor or negated view) and a step
+whose tensors do not overlap (one check in ``dispatch.apply_step`` over every tensor of the step,
+by strided extent; a step whose tensors overlap runs in ``for_loop``, as the kernel's threads
+would race on shared elements). DistributedLion's two passes (:func:`cpp_signs`,
+:func:`cpp_vote_apply`) take the whole step or none of it.
 
 The library is built and loaded by :mod:`~lion_hf.optim.cpu_kernel_build`. If that fails, a
 warning says why, this process records the failure (``build_failure``), and ``dispatch`` then
@@ -203,8 +205,9 @@ def _vote_arguments(groups: list[StepGroup]) -> tuple | None:
     columns = [[t for group in groups for t in getattr(group, name)] for name in ("params", "grads", "exp_avgs")]
     if not columns[0]:
         return None
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               for column in columns for t in column):
+    tensors = [t for column in columns for t in column]
+    if (set(map(_DTYPE, tensors)) != {torch.float32} or set(map(Tensor.get_device, tensors)) != {-1}
+            or not all(map(Tensor.is_contiguous, tensors))):
         return None
     kernels = sign_vote_kernels()
     if kernels is None:

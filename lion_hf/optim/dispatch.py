@@ -253,8 +253,8 @@ def run_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str,
 
 def _vote_impl(prepared: PreparedStep) -> tuple[str, list[StepGroup]]:
     """The one device's impl for the vote's passes: ``for_loop`` where tensors share memory;
-    ``cpp`` (its two passes, over the whole step or none of it); ``foreach`` elsewhere (the
-    Triton kernel has no sign pass yet, so on CUDA the passes run in foreach)."""
+    ``cpp`` (its two passes, over the whole step or none of it); ``triton`` (its sign pass and
+    its vote; the update is then applied in foreach); ``foreach`` elsewhere."""
     if len(prepared.impls) > 1:
         raise ValueError(f"DistributedLion: the params are on several devices ({', '.join(map(str, prepared.impls))}); "
                          "the sign vote steps the params of one device")
@@ -283,7 +283,13 @@ def vote_signs(prepared: PreparedStep, out: Tensor, *, count_nonfinite: bool) ->
         out.fill_(ZERO_SIGNS_BYTE)  # skipped by every rank anyway
         return True
     trits = torch.ones(out.numel() * TRITS_PER_BYTE, dtype=torch.uint8, device=out.device)
-    (for_loop_signs if concrete == "for_loop" else foreach_signs)(groups, trits, zero_nonfinite=zero_nonfinite)
+    if concrete == "triton":
+        from lion_hf.optim.triton_kernel import triton_signs
+
+        if not triton_signs(groups, trits, zero_nonfinite=zero_nonfinite):
+            foreach_signs(groups, trits, zero_nonfinite=zero_nonfinite)
+    else:
+        (for_loop_signs if concrete == "for_loop" else foreach_signs)(groups, trits, zero_nonfinite=zero_nonfinite)
     pack_trits(trits, out=out)
     return False
 
@@ -301,6 +307,13 @@ def vote_apply(prepared: PreparedStep, gathered: Tensor, offset: int, *, vote: s
             return
         concrete = "foreach"
     numel = sum(p.numel() for group in groups for p in group.params)
-    update = combine_signs(gathered[:, offset:offset + packed_nbytes(numel, 0)], numel, vote)
+    signs = gathered[:, offset:offset + packed_nbytes(numel, 0)]
+    update = None
+    if concrete == "triton":
+        from lion_hf.optim.triton_kernel import triton_vote
+
+        update = triton_vote(signs, numel, vote)
+    if update is None:
+        update = combine_signs(signs, numel, vote)
     (for_loop_vote_apply if concrete == "for_loop" else foreach_vote_apply)(groups, update,
                                                                            keep_nonfinite_momentum=keep)

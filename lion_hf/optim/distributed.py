@@ -174,8 +174,12 @@ class DistributedLion(Lion):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.process_group = None  # a process group does not pickle: the default group
-        self._agreed_layout = None
+        # A process group does not pickle: a copy uses the default group. load_state_dict (which
+        # calls __setstate__) keeps this optimizer's.
+        self.process_group = getattr(self, "process_group", None)
+        # Kept through load_state_dict (which calls __setstate__; the params stay the same); a
+        # copy unpickled elsewhere agrees again at its first step.
+        self._agreed_layout = getattr(self, "_agreed_layout", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("cautious", self.defaults.get("cautious", False)):

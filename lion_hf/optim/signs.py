@@ -43,7 +43,6 @@ from torch import Tensor
 from lion_hf.optim.options import VOTES
 
 __all__ = [
-    "CHUNK_BYTES",
     "HEADER_BYTES",
     "TRITS_PER_BYTE",
     "ZERO_SIGNS_BYTE",

@@ -1,7 +1,8 @@
 """Fused multi-tensor Triton kernel for one Lion step (Chen et al. 2023).
 
-Semantics are those of :func:`lion_hf.optim.reference.lion_reference_step`, computed in fp32
-registers whatever the storage dtype::
+Semantics are those of :func:`lion_hf.optim.numerics.lion_tensor`, the one reference every impl
+is held to (and the one its self-check below compares with), computed in fp32 registers whatever
+the storage dtype::
 
     g  = -g if maximize
     c  = beta1 * m + (1 - beta1) * g ;  u = sign(c)           (sign(0) = sign(NaN) = 0, as torch.sign)
@@ -98,7 +99,6 @@ correct, slow, for debugging only. CPU tensors without the interpreter raise ``R
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -107,7 +107,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.numerics import PARAM_ROUNDINGS, StepGroup, lion_tensor, local
+from lion_hf.optim.numerics import StepGroup, lion_tensor, local
+from lion_hf.optim.options import PARAM_ROUNDINGS
+from lion_hf.optim.signs import CHUNK_BYTES, ZERO_SIGNS_BYTE
 
 try:
     import triton
@@ -118,7 +120,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
         "(or pip install 'lion_hf[triton]')"
     ) from exc
 
-__all__ = ["BLOCK_SIZE", "INTERPRET", "triton_lion", "triton_lion_"]
+__all__ = ["BLOCK_SIZE", "INTERPRET", "triton_lion", "triton_lion_", "triton_signs", "triton_vote"]
 
 _ROWS = 256
 _COLS = 8  # one Philox draw (4 x 32 bits) gives 16 bits to each of 8 elements
@@ -533,8 +535,6 @@ def _run_group(ps, gs, ms, cs, *, device: torch.device, **kwargs: Any) -> None:
 # (device, param dtype, momentum dtype, Kahan, aligned, maximize, cautious, skip, param rounding) -> why the
 # kernel's result differed from the reference on the probe, or None when it agreed.
 _verdicts: dict[tuple, str | None] = {}
-# Seconds spent on self-checks in this process (docs/implementations.md states what they cost).
-self_check_seconds = 0.0
 
 
 def _probe(device: torch.device, p_dtype: torch.dtype, m_dtype: torch.dtype, kahan: bool, aligned: bool):
@@ -585,11 +585,9 @@ def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int) 
 
 def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> str | None:
     """Run the kernel once on the probe of ``key``'s kind and compare with numerics.lion_tensor."""
-    global self_check_seconds
     verdict = _verdicts.get(key, ...)
     if verdict is not ...:
         return verdict
-    start = time.perf_counter()
     device, p_dtype, m_dtype, kahan, aligned, maximize, cautious, skip_nonfinite, _ = key
     ps, gs, ms, cs = _probe(device, p_dtype, m_dtype, kahan, aligned)
     refs = [[t.clone() for t in ts] for ts in (ps, ms, cs or [])]
@@ -609,7 +607,6 @@ def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> st
         if verdict is not None:
             break
     _verdicts[key] = verdict
-    self_check_seconds += time.perf_counter() - start
     if verdict is not None:
         warnings.warn(f"Lion: the Triton kernel's step differs from the reference on {device} for {p_dtype} params "
                       f"with {m_dtype} momentum (param_rounding={param_rounding!r}, cautious={cautious}, "
@@ -767,3 +764,101 @@ def triton_lion_(
     _launch_all(ps, gs, ms, cs, lr=lr, decay=1.0 - float(lr) * float(weight_decay), beta1=beta1, beta2=beta2,
                 maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
                 seed=seed, self_check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# DistributedLion's sign pass and vote (the wire format: lion_hf.optim.signs)
+# ---------------------------------------------------------------------------------------------
+
+_VOTE_BLOCK = 1024
+_SIGN_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@_jit
+def _trits_kernel(g_ptr, m_ptr, out_ptr, n, beta1, one_minus_beta1, flip, G_DTYPE: tl.constexpr,
+                  M_DTYPE: tl.constexpr, ZERO_NONFINITE: tl.constexpr, BLOCK: tl.constexpr):
+    """trit = sign(c) + 1 of ``c = m * beta1 + g' * (1 - beta1)`` (``g' = g * flip``, -1 under
+    maximize), as two rounded products and a sum (numerics.interpolate); sign(NaN) = 0, and an
+    element with a NaN/inf gradient sends 0 under ZERO_NONFINITE."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    g = _load_f32(g_ptr + offsets, mask, G_DTYPE, True) * flip
+    m = _load_f32(m_ptr + offsets, mask, M_DTYPE, True)
+    product_m = m * beta1
+    product_g = g * one_minus_beta1
+    c = product_m + product_g
+    if ZERO_NONFINITE:
+        c = tl.where(tl.abs(g) < float("inf"), c, 0.0)
+    trit = tl.where(c > 0, 2, tl.where(c < 0, 0, 1)).to(tl.uint8)
+    tl.store(out_ptr + offsets, trit, mask=mask)
+
+
+@_jit
+def _vote_kernel(gathered_ptr, row_bytes, world, out_ptr, numel, nbytes, full_bytes, last_size, inv_world,
+                 CHUNK: tl.constexpr, ZERO_SIGNS: tl.constexpr, AVERAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """The combined update of every element from every rank's packed signs (one row per rank):
+    per packed byte, its five digits summed over the ranks, then sign(sum) (majority) or
+    sum * (1 / world) (average), written to the element each digit stands for (planar chunks:
+    element ``o`` of a chunk of S bytes is digit ``o // S`` of byte ``o % S``)."""
+    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = b < nbytes
+    full = b < full_bytes
+    size = tl.where(full, CHUNK, last_size)
+    chunk_byte = tl.where(full, (b // CHUNK) * CHUNK, full_bytes)
+    chunk_element = chunk_byte * 5
+    weight = 1
+    for d in tl.static_range(5):
+        total = tl.zeros([BLOCK], dtype=tl.int32)
+        for r in range(world):
+            byte = tl.load(gathered_ptr + r * row_bytes + b, mask=in_range, other=ZERO_SIGNS).to(tl.int32)
+            total += (byte // weight) % 3 - 1
+        element = chunk_element + d * size + (b - chunk_byte)
+        if AVERAGE:
+            value = total.to(tl.float32) * inv_world
+        else:
+            value = tl.where(total > 0, 1.0, tl.where(total < 0, -1.0, 0.0))
+        tl.store(out_ptr + element, value, mask=in_range & (element < numel))
+        weight = weight * 3
+
+
+def _runs_here(device: torch.device) -> bool:
+    return device.type == "cpu" if INTERPRET else device.type == "cuda"
+
+
+def triton_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: bool) -> bool:
+    """DistributedLion's first pass (see ``for_loop.for_loop_signs``): each tensor's trits added
+    into ``trits`` (uint8, the step's elements in order), one launch per tensor. False, with
+    nothing written, when a tensor is one the kernel does not take (not contiguous, not on the
+    device the kernel runs on): the step's signs then run in foreach."""
+    tensors = [(g, m, group) for group in groups for g, m in zip(group.grads, group.exp_avgs)]
+    if not _runs_here(trits.device) or not all(
+            g.is_contiguous() and m.is_contiguous() and g.device == trits.device and m.device == trits.device
+            and g.dtype in _SIGN_DTYPES and m.dtype in _SIGN_DTYPES for g, m, _ in tensors):
+        return False
+    offset = 0
+    for g, m, group in tensors:
+        n = g.numel()
+        if n:
+            _trits_kernel[(triton.cdiv(n, _VOTE_BLOCK),)](
+                g, m, trits[offset:offset + n], n, group.beta1, 1.0 - group.beta1, -1.0 if group.maximize else 1.0,
+                G_DTYPE=_SIGN_DTYPES[g.dtype], M_DTYPE=_SIGN_DTYPES[m.dtype], ZERO_NONFINITE=zero_nonfinite,
+                BLOCK=_VOTE_BLOCK)
+        offset += n
+    return True
+
+
+def triton_vote(gathered: Tensor, numel: int, vote: str) -> Tensor | None:
+    """The fp32 update of ``numel`` elements voted from ``gathered`` ((world size, packed bytes)
+    uint8, headers cut off), as ``signs.combine_signs`` computes it; None when the kernel does not
+    run on its device."""
+    if not _runs_here(gathered.device):
+        return None
+    gathered = gathered.contiguous()
+    world, nbytes = gathered.shape
+    full = nbytes // CHUNK_BYTES * CHUNK_BYTES
+    out = torch.empty(numel, dtype=torch.float32, device=gathered.device)
+    if nbytes:
+        _vote_kernel[(triton.cdiv(nbytes, _VOTE_BLOCK),)](
+            gathered, nbytes, world, out, numel, nbytes, full, nbytes - full, 1.0 / world, CHUNK=CHUNK_BYTES,
+            ZERO_SIGNS=ZERO_SIGNS_BYTE, AVERAGE=vote == "average", BLOCK=_VOTE_BLOCK)
+    return out

@@ -266,6 +266,60 @@ def check_gradient_layouts(rank):
     return outcome
 
 
+# Options that shape the update, and rank 1's different value: every rank must raise (issue 34).
+DISAGREEMENTS = {
+    "lr": ({"lr": 0.01}, {"lr": 0.02}),
+    "weight_decay": ({}, {"wd": 0.2}),
+    "group_lr": ({}, {"group_lr": 0.03}),
+    "param_rounding": ({"param_rounding": "stochastic"}, {"param_rounding": "nearest"}),
+    "state_dtype": ({"state_dtype": "fp32"}, {"state_dtype": "bf16"}),
+    "vote": ({"vote": "majority"}, {"vote": "average"}),
+    "maximize": ({}, {"maximize": True}),
+    "nonfinite_grad": ({"nonfinite_grad": "skip_step"}, {"nonfinite_grad": "skip_elements"}),
+}
+
+
+def check_agreement(rank):
+    """Rank 1 builds DistributedLion with one option that shapes the update set otherwise: every rank
+    raises the same RuntimeError and nothing moves. An lr that differs only below fp32's precision
+    agrees (the kernels compute with fp32). Ranks built with different params all raise at
+    construction (not one dying in the collective)."""
+    outcome = {}
+    for case, (base, other) in DISAGREEMENTS.items():
+        kwargs = dict(other if rank == 1 else base)
+        wd, group_lr = kwargs.pop("wd", 0.1), kwargs.pop("group_lr", None)
+        maximize = kwargs.pop("maximize", False)
+        params = make_params()
+        param_groups = groups(params, wd)
+        if group_lr is not None:
+            param_groups[1]["lr"] = group_lr
+        param_groups[0]["maximize"] = maximize
+        opt = DistributedLion(param_groups, **{"lr": 0.01, **kwargs})
+        for p, g in zip(params, grads_for(rank, 0, same=False)):
+            p.grad = g
+        before = snapshot(params)
+        try:
+            opt.step()
+            outcome[case] = "stepped"
+        except RuntimeError as exc:
+            outcome[case] = str(exc)
+        outcome[case + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(params)))
+    params = make_params()
+    opt = DistributedLion(groups(params), lr=0.01 * (1 + 1e-12 * rank))  # the same fp32 value
+    for p, g in zip(params, grads_for(rank, 0, same=False)):
+        p.grad = g
+    opt.step()
+    outcome["fp32_equal_lr"] = "stepped"
+    params = make_params() + ([torch.nn.Parameter(torch.zeros(3))] if rank == 1 else [])
+    try:
+        DistributedLion(params, lr=0.01)
+        outcome["params"] = "built"
+    except RuntimeError as exc:
+        outcome["params"] = str(exc)
+    dist.barrier()  # the group survived every case
+    return outcome
+
+
 def main():
     out_dir = sys.argv[1]
     warnings.simplefilter("ignore")
@@ -284,6 +338,7 @@ def main():
         "skip": check_skip(rank),
         "resume": check_resume(rank),
         "layouts": check_gradient_layouts(rank),
+        "agreement": check_agreement(rank),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
