@@ -26,7 +26,7 @@ ALLOWED = {
     "lion": {"options", "numerics", "validation", "dispatch"},
     # DistributedLion runs its passes through the dispatcher: it imports no impl.
     "distributed": {"options", "numerics", "signs", "validation", "dispatch", "lion"},
-    # Gradient release steps one param at a time through the dispatcher's prepare and apply stages.
+    # Gradient release steps buckets of params through the dispatcher's prepare and apply stages.
     "release": {"options", "numerics", "validation", "dispatch", "lion"},
     "__init__": {"options", "dispatch", "lion", "distributed", "release"},
 }
