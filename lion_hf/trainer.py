@@ -454,6 +454,10 @@ def lion_optimizers(
     """
     if num_training_steps <= 0:
         raise ValueError(f"num_training_steps must be > 0, got {num_training_steps}")
+    if getattr(args, "lion_gradient_release", False):
+        # A plain Trainer would train without it, silently: only LionTrainer attaches the release.
+        raise ValueError("lion_gradient_release=True needs LionTrainer (it attaches the release at the first training "
+                         "step); with a plain Trainer attach lion_hf.GradientRelease to the optimizer yourself")
     optimizer = Lion(lion_param_groups(model, args.weight_decay), **_lion_kwargs(args))
     scheduler = get_scheduler(
         args.lr_scheduler_type,

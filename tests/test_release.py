@@ -355,6 +355,13 @@ def test_training_arguments_settle_clipping_and_refuse_what_release_cannot_run(t
         check_gradient_release(args, deepspeed=False, fsdp=True)
 
 
+def test_lion_optimizers_refuses_release_it_could_not_attach(tmp_path):
+    from lion_hf import lion_optimizers
+
+    with pytest.raises(ValueError, match="needs LionTrainer"):
+        lion_optimizers(tiny_bert(), _args(tmp_path, lion_gradient_release=True), num_training_steps=10)
+
+
 def test_lion_trainer_refuses_release_of_an_optimizer_of_the_users_own(tmp_path):
     model = tiny_bert()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
