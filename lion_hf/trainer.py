@@ -21,7 +21,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim import OPTIONS, DistributedLion, Lion
+from lion_hf.optim import OPTIONS, DistributedLion, GradientRelease, Lion
+from lion_hf.optim.options import NOT_LION_ARGUMENTS
 from lion_hf.optim.validation import validate_group, validate_options
 from lion_hf.param_groups import lion_param_groups, matrices_only
 from lion_hf.training_args import LionTrainingArguments, default_nonfinite_policy
@@ -30,6 +31,7 @@ __all__ = [
     "LionFactory",
     "LionTrainer",
     "check_distributed_lion",
+    "check_gradient_release",
     "lion_optimizer_cls_and_kwargs",
     "lion_optimizers",
     "local_gradients_hook",
@@ -93,6 +95,27 @@ def check_distributed_lion(args: TrainingArguments, *, deepspeed: bool, fsdp: bo
     return vote
 
 
+def check_gradient_release(args: TrainingArguments, *, deepspeed: bool, fsdp: bool) -> bool:
+    """Whether ``args`` asks for gradient release (``lion_gradient_release``); a ValueError under
+    DeepSpeed (its engine runs backward, partitions and reduces the gradients and steps the
+    optimizer on its own schedule, so no hook of ours may step a param mid-backward) or FSDP (the
+    gradient of a param is complete only after FSDP's reduce-scatter of its unit, in FSDP's own
+    post-backward hook, and it is a shard)."""
+    if not getattr(args, "lion_gradient_release", False):
+        return False
+    if deepspeed:
+        raise ValueError("lion_gradient_release=True cannot run under DeepSpeed: its engine runs backward, reduces and "
+                         "partitions the gradients and steps the optimizer on its own schedule, so a param cannot be "
+                         "stepped as its gradient arrives. Use DDP (accelerate launch --multi_gpu) or one process, or "
+                         "lion_gradient_release=False.")
+    if fsdp:
+        raise ValueError("lion_gradient_release=True cannot run under FSDP: a param's gradient is ready only after "
+                         "FSDP's reduce-scatter of its unit, in FSDP's own post-backward hook, and each rank holds a "
+                         "shard of it. Use DDP (accelerate launch --multi_gpu) or one process, or "
+                         "lion_gradient_release=False.")
+    return True
+
+
 class LionTrainer(Trainer):
     """``transformers.Trainer`` that optimises with :class:`lion_hf.Lion`.
 
@@ -112,6 +135,14 @@ class LionTrainer(Trainer):
     counts items divides by the rank's own count, and no count is gathered), each rank's momentum
     is saved as ``optimizer_rank{r}.pt`` in every checkpoint and restored on resume. On one
     process plain Lion trains (with a warning); FSDP and DeepSpeed are refused.
+
+    With ``LionTrainingArguments(lion_gradient_release=True)`` each param is stepped during
+    backward and its gradient freed (:class:`lion_hf.GradientRelease`, attached at the first
+    training step): on one process by a post-accumulate-grad hook per param, told which
+    micro-batch is a step's last by accelerate's ``sync_gradients`` (what HF's loop sets before
+    each micro-batch); under DDP by a communication hook that steps each bucket after its
+    all-reduce. HF's ``optimizer.step()`` then updates nothing, the scheduler steps as usual, and
+    no gradient norm is computed or logged (clipping is off, see ``LionTrainingArguments``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -120,6 +151,9 @@ class LionTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
         self._lion_vote = check_distributed_lion(self.args, deepspeed=self.is_deepspeed_enabled,
                                                  fsdp=self.is_fsdp_enabled)
+        self._lion_release_wanted = check_gradient_release(self.args, deepspeed=self.is_deepspeed_enabled,
+                                                           fsdp=self.is_fsdp_enabled)
+        self._lion_release: GradientRelease | None = None
         if self._lion_vote is not None:
             if self.args.world_size > 1:
                 # Each rank's loss must be its own mean: no count of the other ranks' items, no
@@ -267,7 +301,39 @@ class LionTrainer(Trainer):
                         "lion_distributed='none'.")
                 model.register_comm_hook(None, local_gradients_hook)
                 model._lion_local_gradients = True
+        if getattr(self, "_lion_release_wanted", False):
+            self._attach_gradient_release(model)
         return super().training_step(model, *args, **kwargs)
+
+    @property
+    def gradient_release(self) -> GradientRelease | None:
+        """The :class:`lion_hf.GradientRelease` stepping the params in backward (None before the first
+        training step, and without ``lion_gradient_release``)."""
+        return getattr(self, "_lion_release", None)
+
+    def _attach_gradient_release(self, model: nn.Module) -> None:
+        """The release of the optimizer HF steps, attached once (again if train() built another)."""
+        inner = unwrap_optimizer(self.optimizer)
+        release = self._lion_release
+        if release is not None and release.optimizer is inner and release.active:
+            return
+        if type(inner) is not Lion:
+            raise ValueError(f"lion_gradient_release=True steps lion_hf.Lion in backward, but this Trainer steps "
+                             f"{type(inner).__name__} (an optimizer passed with optimizers= or "
+                             "optimizer_cls_and_kwargs=?). Let LionTrainer build the optimizer, or set "
+                             "lion_gradient_release=False.")
+        if release is not None:
+            release.remove()
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            if getattr(model, "_lion_release_hook", None) is not None:
+                raise ValueError("this DDP model already carries the gradient-release communication hook of another "
+                                 "optimizer (DDP takes one hook per model); build a new Trainer for a new optimizer")
+            self._lion_release = GradientRelease.ddp(inner, model)
+            model._lion_release_hook = self._lion_release
+        else:
+            accelerator = self.accelerator
+            # HF's loop sets sync_gradients before each micro-batch: True on a step's last one.
+            self._lion_release = GradientRelease(inner, last_micro_batch=lambda: accelerator.sync_gradients)
 
     def _distributed_lion(self) -> DistributedLion | None:
         inner = unwrap_optimizer(self.optimizer)
@@ -322,6 +388,8 @@ class LionTrainer(Trainer):
         # log). It is finite exactly when every gradient is, so Lion's skip_step verdict comes from
         # it instead of another read of every gradient. Not under DeepSpeed, whose engine steps
         # and reports the norm on its own schedule.
+        if self._lion_release is not None and self._lion_release.active:
+            return None  # the gradients were stepped and freed in backward: a norm over none would read 0
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         inner = unwrap_optimizer(self.optimizer)
         if (isinstance(inner, Lion) and grad_norm is not None
@@ -350,8 +418,8 @@ class LionFactory:
         return Lion(lion_param_groups(model, weight_decay), **kwargs)
 
 
-# Lion's keyword arguments and their defaults: every option of the table but DistributedLion's vote.
-_LION_DEFAULTS = {name: option.default for name, option in OPTIONS.items() if name != "vote"}
+# Lion's keyword arguments and their defaults: every option of the table that Lion's constructor takes.
+_LION_DEFAULTS = {name: option.default for name, option in OPTIONS.items() if name not in NOT_LION_ARGUMENTS}
 _LION_KWARGS = set(_LION_DEFAULTS)
 
 
@@ -422,6 +490,10 @@ def lion_optimizers(
         warnings.warn(f"num_training_steps={num_training_steps} disagrees with {source}: the lr schedule would run "
                       f"over {num_training_steps} steps while the Trainer trains {derived}. Leave num_training_steps "
                       "unset to take the run's length.", UserWarning, stacklevel=2)
+    if getattr(args, "lion_gradient_release", False):
+        # A plain Trainer would train without it, silently: only LionTrainer attaches the release.
+        raise ValueError("lion_gradient_release=True needs LionTrainer (it attaches the release at the first training "
+                         "step); with a plain Trainer attach lion_hf.GradientRelease to the optimizer yourself")
     optimizer = Lion(lion_param_groups(model, args.weight_decay), **_lion_kwargs(args))
     scheduler = get_scheduler(
         args.lr_scheduler_type,

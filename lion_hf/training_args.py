@@ -110,6 +110,15 @@ class LionTrainingArguments(TrainingArguments):
             local updates are exchanged and voted (docs/distributed_lion.md). Clipping and the
             logged grad norm are then per rank (rank 0's is logged). Refused under FSDP and
             DeepSpeed; on one process plain Lion trains, with a warning.
+        lion_gradient_release: step each param during backward as soon as its gradient is ready
+            and free the gradient (:class:`lion_hf.GradientRelease`; docs/gradient_release.md):
+            the update is the ordinary one, gradient accumulation included, without a buffer of
+            all the gradients. A global gradient norm needs every gradient before the first step,
+            so clipping is off: ``max_grad_norm`` is set to 0 (a warning says so when it was > 0,
+            as HF's default 1.0 is), and ``lion_nonfinite_grad`` is ``skip_elements`` unless
+            ``propagate`` is asked for ("skip_step"/"raise" judge the whole step first and are
+            refused). Under DDP each bucket is stepped after its all-reduce; refused with an HF
+            optimizer, ``lion_distributed``, FSDP and DeepSpeed.
     """
 
     optim: str = field(
@@ -135,6 +144,13 @@ class LionTrainingArguments(TrainingArguments):
                           "spreads a NaN to every gradient), else skip_elements."},
     )
 
+    lion_gradient_release: bool = field(
+        default=OPTIONS["gradient_release"].default,
+        metadata={"help": _help("gradient_release") + " Sets max_grad_norm to 0 (with a warning when it was > 0); "
+                          "under DDP the step runs after each bucket's all-reduce; not under FSDP, DeepSpeed or "
+                          "lion_distributed."},
+    )
+
     lion_distributed: str = field(
         default="none",
         metadata={"help": f"One of {LION_DISTRIBUTED}. 'majority'/'average': Distributed Lion under DDP (no gradient "
@@ -158,6 +174,8 @@ class LionTrainingArguments(TrainingArguments):
         super().__post_init__()
         if use_lion:
             self.optim = LION_OPTIM
+        if self.lion_gradient_release:
+            self._settle_gradient_release(use_lion)
         if self.lion_nonfinite_grad is None:
             self.lion_nonfinite_grad = default_nonfinite_policy(self.max_grad_norm)
         elif (use_lion and self.lion_nonfinite_grad == "skip_elements"
@@ -169,7 +187,8 @@ class LionTrainingArguments(TrainingArguments):
                 stacklevel=_CALLERS_STACKLEVEL,
             )
         choices = {f"lion_{name}": OPTIONS[name].choices
-                   for name in ("impl", "state_dtype", "nonfinite_grad", "param_rounding", "cautious")}
+                   for name in ("impl", "state_dtype", "nonfinite_grad", "param_rounding", "cautious",
+                                "gradient_release")}
         for name, allowed in {**choices, "lion_distributed": LION_DISTRIBUTED}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -197,6 +216,31 @@ class LionTrainingArguments(TrainingArguments):
                 AdamWLikeLearningRateWarning,
                 stacklevel=_CALLERS_STACKLEVEL,
             )
+
+    def _settle_gradient_release(self, use_lion: bool) -> None:
+        """What gradient release needs of the other arguments: refused where it cannot run, clipping off."""
+        if not use_lion:
+            raise ValueError(f"lion_gradient_release=True needs optim='lion' (this package's Lion steps each param in "
+                             f"backward), got optim={str(self.optim)!r}")
+        if self.lion_distributed != "none":
+            raise ValueError(f"lion_gradient_release=True cannot run with lion_distributed={self.lion_distributed!r}: "
+                             "Distributed Lion votes over the signs of the whole step, so no param can step before "
+                             "every gradient is ready. Choose one (under DDP, gradient release steps each bucket "
+                             "after its all-reduce).")
+        if self.lion_nonfinite_grad in ("skip_step", "raise"):
+            raise ValueError(f"lion_nonfinite_grad={self.lion_nonfinite_grad!r} cannot hold under "
+                             "lion_gradient_release=True: it judges the whole step before anything moves, while "
+                             "release steps each param as its gradient arrives. Use 'skip_elements' (each NaN/inf "
+                             "element left unchanged; the default here) or 'propagate'.")
+        if (self.max_grad_norm or 0) > 0:
+            warnings.warn(
+                f"lion_gradient_release=True: gradient clipping is off (max_grad_norm={self.max_grad_norm:g} set to "
+                "0). Clipping scales every gradient by one global norm, which needs all of them before the first "
+                "param steps; Lion takes only the sign of its update, so clipping changes it only through the mix of "
+                "momentum and gradient (docs/gradient_release.md). Set max_grad_norm=0 to silence this.",
+                stacklevel=_CALLERS_STACKLEVEL + 1,
+            )
+            self.max_grad_norm = 0.0
 
     @property
     def uses_lion(self) -> bool:

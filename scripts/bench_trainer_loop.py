@@ -13,6 +13,9 @@ Both sides run HF's whole training loop (forward, backward, gradient clipping at
   (``adamw_torch_fused``).
 * with ``--with-propagate``, also ``LionTrainer`` with ``lion_nonfinite_grad="propagate"`` (no
   check at all): the floor that the default policy is measured against.
+* with ``--with-release``, also ``LionTrainer`` with ``lion_gradient_release=True`` (each param
+  stepped in backward) and the same step without it (``max_grad_norm=0``, as release sets it):
+  the cost of release is the ratio of these two.
 
 Setups: ``step_weighs`` is all-MiniLM-L6-v2's shapes (22.7M params, built from its config) on
 batches of 2 x 8 tokens, where the optimizer step is a large share of a training step;
@@ -97,7 +100,8 @@ def one_round(kind: str, setup: dict, steps: int, out_dir: str) -> list[float]:
             trainer = Trainer(model=model, args=TrainingArguments(**common, learning_rate=1e-4), train_dataset=data,
                               callbacks=[timer])
         else:
-            extra = {"lion_nonfinite_grad": "propagate"} if kind == "lion_propagate" else {}
+            extra = {"lion_propagate": {"lion_nonfinite_grad": "propagate"}, "lion_noclip": {"max_grad_norm": 0.0},
+                     "lion_release": {"max_grad_norm": 0.0, "lion_gradient_release": True}}.get(kind, {})
             trainer = LionTrainer(model=model, args=LionTrainingArguments(**common, learning_rate=5e-5, **extra),
                                   train_dataset=data, callbacks=[timer])
     trainer.train()
@@ -111,11 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=12, help="training steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of every round")
     parser.add_argument("--with-propagate", action="store_true", help="also time LionTrainer with no non-finite check")
+    parser.add_argument("--with-release", action="store_true",
+                        help="also time LionTrainer with gradient release and the same step without clipping")
     parser.add_argument("--out", default="runs/bench_trainer_loop")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     kinds = ["lion_trainer_default", "adamw_trainer_default"] + (["lion_propagate"] if args.with_propagate else [])
+    kinds += ["lion_noclip", "lion_release"] if args.with_release else []
     env = {"machine": torch.cuda.get_device_name() if torch.cuda.is_available()
            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "ms_per_step": {k: m * 1e3 for k, m in medians.items()},
                 "ratio_to_adamw": {k: m / medians["adamw_trainer_default"] for k, m in medians.items()},
             }
+            if args.with_release:
+                results["setups"][name]["release_ratio"] = medians["lion_release"] / medians["lion_noclip"]
     lines = [f"Machine: {env['machine']}; torch {env['torch']}; {env['date']}", "",
              "| setup | batch x tokens | " + " | ".join(f"{k} ms/step" for k in kinds) + " | Lion default / AdamW |",
              "|---|---|" + "---:|" * (len(kinds) + 1)]
@@ -141,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         cells = " | ".join(f"{row['ms_per_step'][k]:.1f}" for k in kinds)
         lines.append(f"| {name} | {row['batch']} x {row['seq']} | {cells} | "
                      f"{row['ratio_to_adamw']['lion_trainer_default']:.2f} |")
+    if args.with_release:
+        lines += ["", "| setup | release / same step without release |", "|---|---:|"]
+        lines += [f"| {name} | {row['release_ratio']:.3f} |" for name, row in results["setups"].items()]
     markdown = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,9 @@ ALLOWED = {
     "lion": {"options", "numerics", "validation", "dispatch"},
     # DistributedLion runs its passes through the dispatcher: it imports no impl.
     "distributed": {"options", "numerics", "signs", "validation", "dispatch", "lion"},
-    "__init__": {"options", "dispatch", "lion", "distributed"},
+    # Gradient release steps buckets of params through the dispatcher's prepare and apply stages.
+    "release": {"options", "numerics", "validation", "dispatch", "lion"},
+    "__init__": {"options", "dispatch", "lion", "distributed", "release"},
 }
 IMPL_MODULES = {"for_loop", "foreach", "cpu_kernel", "cpu_kernel_build", "triton_kernel"}
 
@@ -70,7 +72,7 @@ def test_only_the_dispatcher_calls_an_impl():
     impl_functions = {"for_loop_lion", "for_loop_signs", "for_loop_vote_apply", "foreach_lion", "foreach_signs",
                       "foreach_vote_apply", "cpp_lion", "cpp_signs", "cpp_vote_apply", "triton_lion",
                       "sign_vote_kernels", "kernel"}
-    for name in ("lion", "distributed"):
+    for name in ("lion", "distributed", "release"):
         imported = {module.removeprefix("lion_hf.optim.") for module, _ in _imports(OPTIM / f"{name}.py")}
         assert not imported & IMPL_MODULES, f"{name}.py imports {sorted(imported & IMPL_MODULES)}"
         tree = ast.parse((OPTIM / f"{name}.py").read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lion_hf import DistributedLion, Lion, LionTrainingArguments, lion
-from lion_hf.optim.options import DISTRIBUTED_DEFAULTS, GROUP_OPTIONS, OPTIONS
+from lion_hf.optim.options import DISTRIBUTED_DEFAULTS, GROUP_OPTIONS, NOT_LION_ARGUMENTS, OPTIONS
 from lion_hf.optim.validation import validate_group, validate_options
 
 
@@ -20,10 +20,11 @@ def _defaults(function) -> dict:
 
 def test_lion_and_distributed_lion_take_every_option_with_the_tables_default():
     lion_defaults = _defaults(Lion.__init__)
-    assert set(lion_defaults) == set(OPTIONS) - {"vote"}
-    assert lion_defaults == {name: option.default for name, option in OPTIONS.items() if name != "vote"}
+    assert set(lion_defaults) == set(OPTIONS) - set(NOT_LION_ARGUMENTS)
+    assert lion_defaults == {name: option.default for name, option in OPTIONS.items() if name not in NOT_LION_ARGUMENTS}
     distributed = _defaults(DistributedLion.__init__)
-    assert set(distributed) == set(OPTIONS) - {"cautious"} | {"process_group"}  # cautious is refused there
+    # cautious is refused there; gradient release is not for DistributedLion
+    assert set(distributed) == set(OPTIONS) - {"cautious", "gradient_release"} | {"process_group"}
     for name in set(distributed) - {"process_group"}:
         assert distributed[name] == DISTRIBUTED_DEFAULTS.get(name, OPTIONS[name].default), name
 
@@ -33,13 +34,13 @@ def test_the_functional_step_takes_the_tables_defaults():
     assert (defaults.pop("beta1"), defaults.pop("beta2")) == OPTIONS["betas"].default
     defaults.pop("kahan_comps")
     assert defaults == {name: OPTIONS[name].default for name in defaults}
-    assert set(defaults) == set(OPTIONS) - {"betas", "state_dtype", "vote"}
+    assert set(defaults) == set(OPTIONS) - {"betas", "state_dtype", *NOT_LION_ARGUMENTS}
 
 
 def test_training_arguments_take_the_tables_defaults_and_help():
     fields = {f.name: f for f in dataclasses.fields(LionTrainingArguments)}
     assert (fields["lion_beta1"].default, fields["lion_beta2"].default) == OPTIONS["betas"].default
-    for name in ("impl", "state_dtype", "param_rounding", "cautious"):
+    for name in ("impl", "state_dtype", "param_rounding", "cautious", "gradient_release"):
         field = fields[f"lion_{name}"]
         assert field.default == OPTIONS[name].default, name
         assert OPTIONS[name].help in field.metadata["help"], name
@@ -53,7 +54,8 @@ def test_the_trainer_factory_takes_lions_arguments_from_the_table():
 
     _, kwargs = lion_optimizer_cls_and_kwargs(lr=1e-3)
     assert kwargs == {"lr": 1e-3}
-    with pytest.raises(ValueError, match="allowed: " + str(sorted(set(OPTIONS) - {"vote"})).replace("[", r"\[")
+    with pytest.raises(ValueError, match="allowed: " + str(sorted(set(OPTIONS) - set(NOT_LION_ARGUMENTS)))
+                       .replace("[", r"\[")
                        .replace("]", r"\]")):
         lion_optimizer_cls_and_kwargs(lr=1e-3, eps=1e-8)
 

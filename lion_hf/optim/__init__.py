@@ -11,7 +11,8 @@ Layers, bottom to top (imports flow one way; ``tests/test_layout.py`` checks):
 * ``dispatch``: which impl runs, and the one path of every step (prepare, then apply; and
   Distributed Lion's two passes);
 * ``lion``: the ``Lion`` class and the functional ``lion()``;
-* ``distributed``: ``DistributedLion`` (each rank its own momentum, signs exchanged and voted).
+* ``distributed``: ``DistributedLion`` (each rank its own momentum, signs exchanged and voted);
+* ``release``: ``GradientRelease`` (each param stepped during backward, its gradient freed).
 
 The functional step is ``lion_hf.lion`` (defined in ``lion_hf.optim.lion``); it is not
 re-exported here, so that ``lion_hf.optim.lion`` keeps naming the module.
@@ -21,6 +22,7 @@ from lion_hf.optim.dispatch import impl_unavailable, resolve_impl
 from lion_hf.optim.distributed import DistributedLion, combine_signs, pack_signs, unpack_signs
 from lion_hf.optim.lion import Lion
 from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, OPTIONS, PARAM_ROUNDINGS, STATE_DTYPES, VOTES
+from lion_hf.optim.release import GradientRelease
 
 __all__ = [
     "IMPLS",
@@ -30,6 +32,7 @@ __all__ = [
     "STATE_DTYPES",
     "VOTES",
     "DistributedLion",
+    "GradientRelease",
     "Lion",
     "combine_signs",
     "impl_unavailable",

@@ -184,6 +184,10 @@ class Lion(Optimizer):
     All implementations compute in fp32 for fp32, bf16 and fp16 parameters, share one state
     layout (``state[p]["exp_avg"]``, a plain tensor, and its ``"exp_avg_scale"`` when it is 8-bit)
     and so load each other's state dicts.
+
+    Gradient release: ``lion_hf.GradientRelease(opt)`` steps each param during backward, as soon
+    as its gradient is ready, and frees the gradient (docs/gradient_release.md); while it is
+    attached (:attr:`gradient_release`), :meth:`step` updates nothing.
     """
 
     def __init__(
@@ -214,6 +218,9 @@ class Lion(Optimizer):
         self.nonfinite_grad = nonfinite_grad
         self.skipped_steps = 0
         self._grad_norm: float | Tensor | None = None
+        # The lion_hf.optim.release.GradientRelease stepping this optimizer's params during backward,
+        # or None. Set and cleared by that handle; while it is set, step() updates nothing.
+        self.gradient_release: Any = None
         super().__init__(params, defaults)
 
     # Optimizer.__getstate__ keeps only defaults/state/param_groups: a deepcopy or a pickled
@@ -231,6 +238,7 @@ class Lion(Optimizer):
             if not hasattr(self, name):
                 setattr(self, name, default)
         self._grad_norm = None
+        self.gradient_release = None  # its hooks live on the original's params, not on a copy's
         for group in self.param_groups:
             for key, default in _GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
@@ -311,16 +319,42 @@ class Lion(Optimizer):
                 s.pop("kahan_comp", None)  # rounding changed since the checkpoint: the residual (< 1 ulp) goes
         return params, grads, exp_avgs, comps, scales
 
-    def _step_groups(self) -> list[StepGroup]:
+    def _step_groups(self, groups: list[dict[str, Any]] | None = None) -> list[StepGroup]:
         """Each group's share of this step (its params with a gradient, their state, its
-        hyperparameters), as the dispatcher takes it."""
-        states_by_id = self._states_by_id()
+        hyperparameters), as the dispatcher takes it; ``groups`` (default: all) may be slices of
+        the param groups (:meth:`step_group`)."""
+        states_by_id = self._states_by_id() if groups is None else {}
         steps = []
-        for group in self.param_groups:
+        for group in self.param_groups if groups is None else groups:
             *tensors, scales = self._collect(group, states_by_id)
             steps.append(StepGroup(*tensors, group["lr"], *group["betas"], group["weight_decay"], group["maximize"],
                                    group["cautious"], group["param_rounding"], exp_avg_scales=scales))
         return steps
+
+    def step_group(self, index: int, params: list[Tensor], grads: list[Tensor] | None = None) -> StepGroup:
+        """The share of param group ``index`` that ``params`` (some of its params) take in a step,
+        built as :meth:`step` builds it (their state created where missing, the group's
+        hyperparameters as they are now), for stepping them apart from the rest: gradient release
+        (``lion_hf.optim.release``) runs it through the dispatcher's one step path. Params without
+        a gradient are left out, unless ``grads`` gives each param's gradient instead of its
+        ``.grad`` (DDP's all-reduced bucket)."""
+        group = self.param_groups[index]
+        if grads is None:
+            return self._step_groups([{**group, "params": list(params)}])[0]
+        if len(grads) != len(params):
+            raise ValueError(f"Lion.step_group: {len(params)} params but {len(grads)} grads")
+        # _collect takes the params that have a .grad; the grads handed in replace them.
+        held = [p.grad for p in params]
+        try:
+            for p, g in zip(params, grads):
+                if p.grad is None:
+                    p.grad = g
+            step = self._step_groups([{**group, "params": list(params)}])[0]
+        finally:
+            for p, g in zip(params, held):
+                if g is None:
+                    p.grad = None
+        return step._replace(grads=list(grads))
 
     def set_grad_norm(self, norm: float | Tensor) -> None:
         """The global norm of the gradients the next :meth:`step` will use, already computed by the
@@ -338,6 +372,11 @@ class Lion(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.gradient_release is not None:
+            # Every param was stepped in backward, its gradient freed; the handle raises if a
+            # gradient was left behind (a backward not marked as the last micro-batch).
+            self.gradient_release.check_stepped()
+            return loss
 
         # The options are plain attributes and group entries: a scheduler or a user may have
         # changed them since they were validated. These checks are a few comparisons, and the

@@ -18,6 +18,7 @@ __all__ = [
     "GROUP_OPTIONS",
     "IMPLS",
     "NONFINITE_POLICIES",
+    "NOT_LION_ARGUMENTS",
     "OPTIONS",
     "PARAM_ROUNDINGS",
     "STATE_DTYPES",
@@ -74,7 +75,15 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "first use) on the CPU, else foreach."),
     Option("vote", "majority", VOTES, False, "DistributedLion: how the ranks' signs combine: 'majority' (a tie "
            "does not move the weight) or 'average' (the mean sign, in steps of 1 / world size)."),
+    Option("gradient_release", False, (False, True), False, "Gradient release (lion_hf.optim.release."
+           "GradientRelease, LionTrainer): each param is stepped during backward as soon as its gradient is ready "
+           "and the gradient freed, so the gradients of the whole model never live at once. No gradient clipping "
+           "(a global norm needs every gradient first); nonfinite_grad 'skip_elements' or 'propagate'."),
 )}
+
+# The options that Lion's constructor does not take: DistributedLion's vote, and gradient release
+# (a GradientRelease attached to a Lion, or LionTrainingArguments.lion_gradient_release).
+NOT_LION_ARGUMENTS = ("vote", "gradient_release")
 
 # The keys a param group holds (the rest are optimizer-wide).
 GROUP_OPTIONS = tuple(name for name, option in OPTIONS.items() if option.group)
