@@ -41,6 +41,16 @@ def snapshot(params):
     return [p.detach().clone() for p in params]
 
 
+def record_step(opt, params, before, outcome, case):
+    """One step into ``outcome``: "stepped" or the RuntimeError's text, and whether the params kept ``before``."""
+    try:
+        opt.step()
+        outcome[case] = "stepped"
+    except RuntimeError as exc:
+        outcome[case] = str(exc)
+    outcome[case + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(params)))
+
+
 def momenta(opt, params):
     return [opt.state[p]["exp_avg"].clone() for p in params]
 
@@ -256,12 +266,7 @@ def check_gradient_layouts(rank):
             else:
                 keep = not (rank == 1 and i == 0)
             p.grad = torch.randn(p.shape) if keep else None
-        try:
-            opt.step()
-            outcome[case] = "stepped"
-        except RuntimeError as exc:
-            outcome[case] = str(exc)
-        outcome[case + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(params)))
+        record_step(opt, params, before, outcome, case)
     dist.barrier()  # the group survived both
     return outcome
 
@@ -298,12 +303,7 @@ def check_agreement(rank):
         for p, g in zip(params, grads_for(rank, 0, same=False)):
             p.grad = g
         before = snapshot(params)
-        try:
-            opt.step()
-            outcome[case] = "stepped"
-        except RuntimeError as exc:
-            outcome[case] = str(exc)
-        outcome[case + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(params)))
+        record_step(opt, params, before, outcome, case)
     params = make_params()
     opt = DistributedLion(groups(params), lr=0.01 * (1 + 1e-12 * rank))  # the same fp32 value
     for p, g in zip(params, grads_for(rank, 0, same=False)):
