@@ -107,7 +107,14 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lion_hf.optim.numerics import StepGroup, lion_tensor, local
+from lion_hf.optim.numerics import (
+    EIGHT_BIT_BLOCK,
+    StepGroup,
+    eight_bit_scale_numel,
+    lion_tensor,
+    local,
+    quantize_momentum,
+)
 from lion_hf.optim.options import PARAM_ROUNDINGS
 from lion_hf.optim.signs import CHUNK_BYTES, ZERO_SIGNS_BYTE
 
@@ -128,7 +135,23 @@ BLOCK_SIZE = _ROWS * _COLS
 _NUM_WARPS = 8  # 8 elements per thread: two 16-byte fp32 accesses per tensor, ~32-58 registers
 
 _PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_STATE_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+_STATE_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.int8: tl.int8}
+
+# An 8-bit momentum's tile: one row per block of EIGHT_BIT_BLOCK codes (one scale each), BLOCK_SIZE
+# elements in all, so that a program holds whole blocks and takes each block's absmax in registers.
+_Q_COLS = EIGHT_BIT_BLOCK
+_Q_ROWS = BLOCK_SIZE // EIGHT_BIT_BLOCK
+# The code's format, numerics.dequantize_momentum's (cpu_kernel.cpp's Q8 spells it too): a sign and a 7-bit
+# magnitude of 3 exponent and 4 mantissa bits, evenly spaced (as IEEE subnormals) below the smallest normal.
+_Q_MANTISSA: tl.constexpr = tl.constexpr(4)
+_Q_MANTISSA_MASK: tl.constexpr = tl.constexpr(15)
+_Q_DROPPED: tl.constexpr = tl.constexpr(19)  # fp32 mantissa bits a code drops: 23 - 4
+_Q_KEPT: tl.constexpr = tl.constexpr(-(1 << 19))  # the fp32 bits a code keeps: sign, exponent, 4 mantissa bits
+_Q_NOISE_SHIFT: tl.constexpr = tl.constexpr(19 - 16)  # 16 random bits just below the kept ones
+_Q_REBIAS: tl.constexpr = tl.constexpr(120)  # fp32 exponent = code exponent field + 127 - 7
+_Q_SUBNORMAL_LIMIT: tl.constexpr = tl.constexpr(2.0**-6)  # the smallest normal code, 2 ** (1 - 7)
+_Q_SUBNORMAL_STEP: tl.constexpr = tl.constexpr(2.0**-10)  # the subnormal codes' spacing, 2 ** (1 - 7 - 4)
+_Q_SUBNORMAL_SCALE: tl.constexpr = tl.constexpr(2.0**10)
 
 # Interpreter or compiled mode is fixed when triton.language is first imported (its own jit
 # functions, Philox included, are built then); build this module's kernels in the same mode.
@@ -382,6 +405,193 @@ def _lion_kernel(
 
 
 # --------------------------------------------------------------------------------------
+# 8-bit momentum (state_dtype="int8"): whole blocks per program, the other impls' bits
+# --------------------------------------------------------------------------------------
+
+
+@_jit
+def _hash16(index, seed):
+    """numerics.random_bits16: 16 random bits from an element's row-major ``index`` (int64) and a
+    16-bit ``seed``. Integer ops only (every product below 2**31), so every backend gets the bits
+    for_loop gets."""
+    x = ((index & 0xFFFF).to(tl.int32) + seed) & 0xFFFF
+    x = ((x ^ (x >> 8)) * 0x6D2B) & 0xFFFF
+    x = ((x ^ (x >> 7)) * 0x5A35) & 0xFFFF
+    return x ^ (x >> 8)
+
+
+@_jit
+def _dequantize8(codes, scale):
+    """numerics.dequantize_momentum of a [rows, EIGHT_BIT_BLOCK] tile of codes with one scale per
+    row: the code's value (an fp32 pattern built from its bits, or k * 2**-10 for the subnormal
+    codes; both exact) times the scale, one rounded fp32 product."""
+    k = codes.to(tl.int32)
+    negative = k < 0
+    k = tl.where(negative, -k, k)
+    normal = ((((k >> _Q_MANTISSA) + _Q_REBIAS) << 23) | ((k & _Q_MANTISSA_MASK) << _Q_DROPPED)).to(
+        tl.float32, bitcast=True)
+    value = tl.where(k > _Q_MANTISSA_MASK, normal, k.to(tl.float32) * _Q_SUBNORMAL_STEP)
+    value = tl.where(negative, -value, value)
+    return value * scale[:, None]
+
+
+@_jit
+def _quantize8(m, noise):
+    """numerics.quantize_momentum of a [rows, EIGHT_BIT_BLOCK] fp32 tile (lanes past the tensor's
+    end hold 0, as the reference's zero padding): each row's scale is its absmax taken on the bit
+    patterns (a NaN wins: the scale is NaN), x = m / scale divided with IEEE rounding (``div_rn``:
+    Triton's ``/`` may be approximate on a GPU), then the stochastic code from ``noise``. Returns
+    (int8 codes, fp32 scales)."""
+    magnitude_bits = m.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    scale = tl.max(magnitude_bits, axis=1).to(tl.float32, bitcast=True)
+    x = tl.math.div_rn(m, tl.broadcast_to(scale[:, None], m.shape))
+    a = tl.abs(x)
+    kept = (a.to(tl.int32, bitcast=True) + (noise << _Q_NOISE_SHIFT)) & _Q_KEPT
+    normal = (((kept >> 23) - _Q_REBIAS) << _Q_MANTISSA) + ((kept >> _Q_DROPPED) & _Q_MANTISSA_MASK)
+    low = tl.where(a < _Q_SUBNORMAL_LIMIT, a, 0.0)
+    # A sum >= 0: truncation is the reference's floor (and needs no libdevice call).
+    subnormal = (low * _Q_SUBNORMAL_SCALE + noise.to(tl.float32) * (1.0 / 65536.0)).to(tl.int32)
+    k = tl.where(a < _Q_SUBNORMAL_LIMIT, subnormal, normal)
+    k = tl.where(x != x, 0, k)  # NaN x (a NaN or inf in the block, or an all-zero block): code 0
+    codes = tl.where(x < 0, -k, k).to(tl.int8)
+    return codes, scale
+
+
+@_jit
+def _block8(ptr_table, seed_table, layout, n_tensors, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+            ROWS: tl.constexpr, COLS: tl.constexpr, KAHAN: tl.constexpr):
+    """:func:`_block` for a tensor with an 8-bit momentum, plus its scales' pointers (one per row:
+    the last pointer-table segment), which of the tile's rows exist, the elements' row-major
+    indices (the hash's counter) and the tensor's two 16-bit seeds (param, momentum)."""
+    t, n, p_ptrs, g_ptrs, m_ptrs, c_ptrs, offs, remaining = _block(
+        ptr_table, layout, n_tensors, P_DTYPE, tl.int8, ALIGNED, ROWS, COLS, KAHAN)
+    info = tl.load(layout + n_tensors + tl.program_id(0))
+    start = (info - (t << 32)) * (ROWS * COLS)
+    segment = 4 if KAHAN else 3
+    s_ptr = tl.load(ptr_table + segment * n_tensors + t).to(tl.pointer_type(tl.float32)) + start // COLS
+    rows = tl.arange(0, ROWS)
+    p_seed = tl.load(seed_table + 2 * t)
+    m_seed = tl.load(seed_table + 2 * t + 1)
+    return (t, n, p_ptrs, g_ptrs, m_ptrs, c_ptrs, s_ptr + rows, rows * COLS < remaining, start + offs, offs,
+            remaining, p_seed, m_seed)
+
+
+@_jit
+def _load_momentum8(m_ptrs, s_ptrs, mask, row_mask, MASKED: tl.constexpr):
+    if MASKED:
+        codes = tl.load(m_ptrs, mask=mask, other=0)
+        scale = tl.load(s_ptrs, mask=row_mask, other=0.0)
+    else:
+        codes = tl.load(m_ptrs)
+        scale = tl.load(s_ptrs)
+    return _dequantize8(codes, scale)
+
+
+@_jit
+def _count8_tile(counts, t, g_ptrs, m_ptrs, s_ptrs, mask, row_mask, beta1, one_minus_beta1, P_DTYPE: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
+    g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
+    m = _load_momentum8(m_ptrs, s_ptrs, mask, row_mask, MASKED)
+    if MAXIMIZE:
+        g = -g
+    u = _sign(beta1 * m + one_minus_beta1 * g)
+    agree = tl.where(u * g > 0, 1, 0)  # masked-out lanes loaded g = 0: never agreeing
+    tl.atomic_add(counts + t, tl.sum(agree).to(tl.int64))
+
+
+@_jit(do_not_specialize=["n_tensors"])
+def _agree_count8_kernel(
+    ptr_table, seed_table, layout, counts, n_tensors, beta1, one_minus_beta1,
+    P_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    KAHAN: tl.constexpr = False,
+):
+    """The cautious pre-pass (:func:`_agree_count_kernel`) over 8-bit momenta."""
+    t, _, _, g_ptrs, m_ptrs, _, s_ptrs, row_mask, _, offs, remaining, _, _ = _block8(
+        ptr_table, seed_table, layout, n_tensors, P_DTYPE, ALIGNED, ROWS, COLS, KAHAN)
+    mask = offs < remaining
+    if remaining == ROWS * COLS:
+        _count8_tile(counts, t, g_ptrs, m_ptrs, s_ptrs, mask, row_mask, beta1, one_minus_beta1, P_DTYPE, MAXIMIZE,
+                     False)
+    else:
+        _count8_tile(counts, t, g_ptrs, m_ptrs, s_ptrs, mask, row_mask, beta1, one_minus_beta1, P_DTYPE, MAXIMIZE,
+                     True)
+
+
+@_jit
+def _lion8_tile(
+    p_ptrs, g_ptrs, m_ptrs, c_ptrs, s_ptrs, mask, row_mask, index, count, n, lr, decay, beta1, one_minus_beta1,
+    beta2, one_minus_beta2, p_seed, m_seed, P_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr, P_STOCHASTIC: tl.constexpr, KAHAN: tl.constexpr, MASKED: tl.constexpr,
+):
+    p = _load_f32(p_ptrs, mask, P_DTYPE, MASKED)
+    g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
+    m = _load_momentum8(m_ptrs, s_ptrs, mask, row_mask, MASKED)
+    if MAXIMIZE:
+        g = -g
+    w = p
+    if KAHAN:
+        c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
+        w = p + c
+    u = _sign(beta1 * m + one_minus_beta1 * g)
+    if CAUTIOUS:
+        fraction = count.to(tl.float64) / n.to(tl.float64)
+        scale = (1.0 / tl.maximum(fraction, 1e-3)).to(tl.float32)
+        u = tl.where(u * g > 0, u * scale, 0.0)
+    new_w = w * decay - lr * u
+    new_m = beta2 * m + one_minus_beta2 * g
+    if SKIP_NONFINITE:
+        finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        new_w = tl.where(finite, new_w, w)
+        new_m = tl.where(finite, new_m, m)  # the widened value, coded again with its block
+
+    p_noise = 0
+    if P_STOCHASTIC:
+        # The hash of the param's seed, as every other impl rounds the param: the same bits.
+        p_noise = _hash16(index, p_seed)
+    new_p = _store_param_value(new_w, p_noise, P_DTYPE, P_STOCHASTIC)
+    if KAHAN:
+        new_c = new_w - new_p.to(tl.float32)
+        if SKIP_NONFINITE:
+            new_p = tl.where(finite, new_p, p.to(P_DTYPE))
+            new_c = tl.where(finite, new_c, c)
+        _store(c_ptrs, _store_param_value(new_c, 0, P_DTYPE, False), mask, MASKED)
+    _store(p_ptrs, new_p, mask, MASKED)
+
+    if MASKED:
+        # Past the tensor's end the reference pads with zeros (a masked lane's m is 0 * scale: NaN
+        # where the scale is inf or NaN), so that the block's new absmax is the existing elements'.
+        new_m = tl.where(mask, new_m, 0.0)
+    codes, new_scale = _quantize8(new_m, _hash16(index, m_seed))
+    _store(m_ptrs, codes, mask, MASKED)
+    _store(s_ptrs, new_scale, row_mask, MASKED)
+
+
+@_jit(do_not_specialize=["n_tensors"])
+def _lion8_kernel(
+    ptr_table, seed_table, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    P_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, P_STOCHASTIC: tl.constexpr = False,
+    KAHAN: tl.constexpr = False,
+):
+    """One Lion step on ROWS whole blocks of one tensor whose momentum is 8-bit: widen the codes,
+    step as :func:`_lion_kernel` does, take each block's new absmax and code it again."""
+    t, n, p_ptrs, g_ptrs, m_ptrs, c_ptrs, s_ptrs, row_mask, index, offs, remaining, p_seed, m_seed = _block8(
+        ptr_table, seed_table, layout, n_tensors, P_DTYPE, ALIGNED, ROWS, COLS, KAHAN)
+    mask = offs < remaining
+    count = n * 0
+    if CAUTIOUS:
+        count = tl.load(counts + t)
+    if remaining == ROWS * COLS:
+        _lion8_tile(p_ptrs, g_ptrs, m_ptrs, c_ptrs, s_ptrs, mask, row_mask, index, count, n, lr, decay, beta1,
+                    one_minus_beta1, beta2, one_minus_beta2, p_seed, m_seed, P_DTYPE, MAXIMIZE, CAUTIOUS,
+                    SKIP_NONFINITE, P_STOCHASTIC, KAHAN, False)
+    else:
+        _lion8_tile(p_ptrs, g_ptrs, m_ptrs, c_ptrs, s_ptrs, mask, row_mask, index, count, n, lr, decay, beta1,
+                    one_minus_beta1, beta2, one_minus_beta2, p_seed, m_seed, P_DTYPE, MAXIMIZE, CAUTIOUS,
+                    SKIP_NONFINITE, P_STOCHASTIC, KAHAN, True)
+
+
+# --------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------
 
@@ -405,13 +615,14 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 def _layout_problem(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None) -> str | None:
     """Why the kernel cannot update this param as flat memory, or None: it needs the grad in the
-    param's dtype, and p, g, m (and the residual) contiguous, or dense with identical strides. An
-    8-bit (int8) momentum is not the kernel's: it runs in ``foreach``."""
-    if m.dtype == torch.int8:
-        return "its momentum is 8-bit (state_dtype='int8'), which the Triton kernel does not take"
+    param's dtype, and p, g, m (and the residual) contiguous, or dense with identical strides. With
+    an 8-bit (int8) momentum they must be contiguous: its blocks and random bits follow the
+    row-major order, which is then the memory order."""
     if g.dtype != p.dtype:
         return f"its grad is {g.dtype} but the param is {p.dtype}"
     tensors = (p, g, m) if c is None else (p, g, m, c)
+    if m.dtype == torch.int8 and p.numel() and not all(t.is_contiguous() for t in tensors):
+        return "its momentum is 8-bit and a tensor is not contiguous (the blocks run in row-major order)"
     if all(t.is_contiguous() for t in tensors) or p.numel() == 0:
         return None
     for t in tensors:
@@ -453,10 +664,13 @@ def _layout_table(device: torch.device, numels: tuple[int, ...]) -> tuple[Tensor
 
 
 def _group_tables(
-    device: torch.device, ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None = None
+    device: torch.device, ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None = None,
+    ss: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, int, bool]:
-    """(pointer table, layout table, block count, all 16-byte aligned), cached on the addresses."""
-    addresses = [t.data_ptr() for ts in (ps, gs, ms, cs or []) for t in ts]
+    """(pointer table, layout table, block count, all 16-byte aligned), cached on the addresses:
+    segments of params, grads, momenta, then Kahan residuals and 8-bit momenta's block scales when
+    there are some."""
+    addresses = [t.data_ptr() for ts in (ps, gs, ms, cs or [], ss or []) for t in ts]
     numels = tuple(t.numel() for t in ps)
     key = (device, ps[0].dtype, ms[0].dtype, tuple(addresses), numels)
     hit = _lru_get(_tables, key)
@@ -471,16 +685,24 @@ def _group_tables(
 
 
 def _launch_group(
-    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None, *, device: torch.device,
-    hyper: tuple[float, ...], seed: int, maximize: bool, cautious: bool, skip_nonfinite: bool,
-    param_rounding: str,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor] | None, ss: list[Tensor] | None = None,
+    *, device: torch.device, hyper: tuple[float, ...], seed: int, maximize: bool, cautious: bool,
+    skip_nonfinite: bool, param_rounding: str, tensor_seeds: list[tuple[int, int]] | None = None,
 ) -> None:
+    """One group's launches: ``ss``, the block scales, when its momenta are 8-bit (then
+    ``tensor_seeds`` holds each tensor's param and momentum seeds; ``seed`` keys Philox otherwise)."""
     lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2 = hyper
     p_dtype = _PARAM_DTYPES[ps[0].dtype]
     m_dtype = _STATE_DTYPES[ms[0].dtype]
-    pointers, layout, n_blocks, aligned = _group_tables(device, ps, gs, ms, cs)
+    pointers, layout, n_blocks, aligned = _group_tables(device, ps, gs, ms, cs, ss)
     n_tensors = len(ps)
     grid = (n_blocks,)
+    if ss is not None:
+        _launch_group8(pointers, layout, grid, n_tensors, ps[0].dtype, aligned, device=device, hyper=hyper,
+                       maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite,
+                       param_rounding=param_rounding, kahan=cs is not None,
+                       tensor_seeds=tensor_seeds or [(0, 0)] * n_tensors)
+        return
     # enable_fp_fusion=False: no multiply-add is contracted into an FMA, so each product and sum
     # rounds as torch's separate ops round it (the kernel is memory-bound: this costs nothing).
     common = dict(P_DTYPE=p_dtype, M_DTYPE=m_dtype, MAXIMIZE=maximize, ALIGNED=aligned, ROWS=_ROWS, COLS=_COLS,
@@ -493,6 +715,26 @@ def _launch_group(
         pointers, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, seed,
         CAUTIOUS=cautious, SKIP_NONFINITE=skip_nonfinite, STOCHASTIC=m_dtype == tl.bfloat16,
         P_STOCHASTIC=p_dtype != tl.float32 and param_rounding == "stochastic", KAHAN=cs is not None, **common,
+    )
+
+
+def _launch_group8(pointers: Tensor, layout: Tensor, grid: tuple[int], n_tensors: int, p_dtype: torch.dtype,
+                   aligned: bool, *, device: torch.device, hyper: tuple[float, ...], maximize: bool, cautious: bool,
+                   skip_nonfinite: bool, param_rounding: str, kahan: bool, tensor_seeds: list[tuple[int, int]]) -> None:
+    """The 8-bit momentum kernel's launches (the cautious count first), [8, 256] tiles: a row a block."""
+    lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2 = hyper
+    # The seeds change every step: a small int32 table of them, copied each launch.
+    seeds = torch.tensor(tensor_seeds, dtype=torch.int32).view(-1).to(device)
+    common = dict(P_DTYPE=_PARAM_DTYPES[p_dtype], MAXIMIZE=maximize, ALIGNED=aligned, ROWS=_Q_ROWS, COLS=_Q_COLS,
+                  KAHAN=kahan, num_warps=_NUM_WARPS, enable_fp_fusion=False)
+    counts = layout  # placeholder pointer, never read without CAUTIOUS
+    if cautious:
+        counts = torch.zeros(n_tensors, dtype=torch.int64, device=device)
+        _agree_count8_kernel[grid](pointers, seeds, layout, counts, n_tensors, beta1, one_minus_beta1, **common)
+    _lion8_kernel[grid](
+        pointers, seeds, layout, counts, n_tensors, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+        CAUTIOUS=cautious, SKIP_NONFINITE=skip_nonfinite,
+        P_STOCHASTIC=p_dtype != torch.float32 and param_rounding == "stochastic", **common,
     )
 
 
@@ -512,23 +754,24 @@ def _check_device(device: torch.device) -> None:
         raise RuntimeError(f"Lion: the Triton kernel cannot run on {device.type!r} tensors.{hint}")
 
 
-def _run_group(ps, gs, ms, cs, *, device: torch.device, **kwargs: Any) -> None:
+def _run_group(ps, gs, ms, cs, ss=None, *, device: torch.device, **kwargs: Any) -> None:
     """One group's launch on its device (staged through CPU copies for CUDA tensors under the
     interpreter, which dereferences table addresses on the host), then the version bump."""
     if device.type == "cpu":
-        _launch_group(ps, gs, ms, cs, device=device, **kwargs)
+        _launch_group(ps, gs, ms, cs, ss, device=device, **kwargs)
     elif INTERPRET:
-        staged = [[t.detach().cpu() for t in ts] for ts in (ps, gs, ms, cs or [])]
-        _launch_group(*staged[:3], staged[3] if cs is not None else None, device=torch.device("cpu"), **kwargs)
+        staged = [[t.detach().cpu() for t in ts] for ts in (ps, gs, ms, cs or [], ss or [])]
+        _launch_group(*staged[:3], staged[3] if cs is not None else None, staged[4] if ss is not None else None,
+                      device=torch.device("cpu"), **kwargs)
         with torch.no_grad():
-            for dst, src in zip(ps + ms + (cs or []), staged[0] + staged[2] + staged[3]):
+            for dst, src in zip(ps + ms + (cs or []) + (ss or []), staged[0] + staged[2] + staged[3] + staged[4]):
                 dst.copy_(src)
     else:
         with torch.cuda.device(device):
-            _launch_group(ps, gs, ms, cs, device=device, **kwargs)
+            _launch_group(ps, gs, ms, cs, ss, device=device, **kwargs)
     # The kernel writes through raw pointers, which autograd cannot see: bump the version counters
     # as an in-place torch op would (catches use of a stale saved tensor).
-    increment_version(ps + ms + (cs or []))
+    increment_version(ps + ms + (cs or []) + (ss or []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,21 +784,29 @@ _verdicts: dict[tuple, str | None] = {}
 
 
 def _probe(device: torch.device, p_dtype: torch.dtype, m_dtype: torch.dtype, kahan: bool, aligned: bool):
-    """Params, grads, momenta and residuals of the probe: a lone element, a full block and a partial
-    one; zeros (sign 0), NaN and inf grads, large weights (bf16 steps under half an ulp); views
-    at a storage offset when the kind is the misaligned one."""
+    """Params, grads, momenta, residuals and (8-bit momenta) block scales of the probe: a lone
+    element, a full block and a partial one; zeros (sign 0), NaN and inf grads, large weights (bf16
+    steps under half an ulp); views at a storage offset when the kind is the misaligned one. An
+    8-bit momentum's first block of 256 is all zeros with its grads (scale 0), and every third
+    element is 1000x smaller than the rest (the subnormal codes)."""
     gen = torch.Generator().manual_seed(20240611)
+    eight_bit = m_dtype == torch.int8
     tensors = []
     for n in (1, BLOCK_SIZE + 37):
         p = torch.randn(n, generator=gen) * 4
         g = torch.randn(n, generator=gen)
         m = torch.randn(n, generator=gen) * 0.1
         g[: n // 7] = 0.0
-        m[: n // 14] = 0.0
+        m[: n // (7 if eight_bit else 14)] = 0.0
         if n > 8:
             g[-4:] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
         c = p * 2**-10 * torch.rand(n, generator=gen)
-        tensors.append([t.to(dtype) for t, dtype in ((p, p_dtype), (g, p_dtype), (m, m_dtype), (c, p_dtype))])
+        if eight_bit:
+            m[::3] *= 1e-3
+            codes, scale = quantize_momentum(m, 4242)
+            tensors.append([p.to(p_dtype), g.to(p_dtype), codes, c.to(p_dtype), scale])
+        else:
+            tensors.append([t.to(dtype) for t, dtype in ((p, p_dtype), (g, p_dtype), (m, m_dtype), (c, p_dtype))])
     out = []
     for ts in tensors:
         placed = []
@@ -566,7 +817,7 @@ def _probe(device: torch.device, p_dtype: torch.dtype, m_dtype: torch.dtype, kah
             placed.append(view)
         out.append(placed)
     ps, gs, ms, cs = ([t[i] for t in out] for i in range(4))
-    return ps, gs, ms, (cs if kahan else None)
+    return ps, gs, ms, (cs if kahan else None), ([t[4] for t in out] if eight_bit else None)
 
 
 def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int) -> str | None:
@@ -575,7 +826,7 @@ def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int) 
     neighbour), a few ulps for the cautious scale (a float64 reciprocal); NaN against NaN agrees."""
     nan = kernel.isnan() | reference.isnan()
     both_nan = kernel.isnan() & reference.isnan()
-    as_int = {2: torch.int16, 4: torch.int32}[kernel.element_size()]
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32}[kernel.element_size()]
     a, b = kernel.view(as_int).long(), reference.view(as_int).long()
     bad = (a - b).abs() > steps
     bad = (bad & ~nan) | (nan & ~both_nan)
@@ -592,20 +843,27 @@ def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> st
     if verdict is not ...:
         return verdict
     device, p_dtype, m_dtype, kahan, aligned, maximize, cautious, skip_nonfinite, _ = key
-    ps, gs, ms, cs = _probe(device, p_dtype, m_dtype, kahan, aligned)
-    refs = [[t.clone() for t in ts] for ts in (ps, ms, cs or [])]
+    ps, gs, ms, cs, ss = _probe(device, p_dtype, m_dtype, kahan, aligned)
+    refs = [[t.clone() for t in ts] for ts in (ps, ms, cs or [], ss or [])]
     lr, decay, beta1, _, beta2, _ = hyper
-    _run_group(ps, gs, ms, cs, device=device, hyper=hyper, seed=12345 + (6789 << 32), maximize=maximize,
-               cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding)
-    for i, g in enumerate(gs):
-        lion_tensor(refs[0][i], g, refs[1][i], refs[2][i] if kahan else None, lr, decay, beta1, beta2, None, None,
-                    maximize, cautious, skip_nonfinite)
     stochastic_param = p_dtype != torch.float32 and param_rounding == "stochastic"
-    param_steps = 4 if cautious else (1 if stochastic_param else 0)
+    # The 8-bit kernel rounds with the hash of these seeds, as lion_tensor does: the same bits.
+    tensor_seeds = [(1000 + 17 * i, 50000 + 31 * i) for i in range(len(ps))]
+    _run_group(ps, gs, ms, cs, ss, device=device, hyper=hyper, seed=12345 + (6789 << 32), maximize=maximize,
+               cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
+               tensor_seeds=tensor_seeds if ss is not None else None)
+    for i, g in enumerate(gs):
+        p_seed, m_seed = tensor_seeds[i] if ss is not None else (None, None)
+        lion_tensor(refs[0][i], g, refs[1][i], refs[2][i] if kahan else None, lr, decay, beta1, beta2,
+                    p_seed if stochastic_param else None, m_seed, maximize, cautious, skip_nonfinite,
+                    refs[3][i] if ss is not None else None)
+    # Philox bits (all but the 8-bit kernel) may land a stochastic store on the other neighbour.
+    param_steps = 4 if cautious else (1 if stochastic_param and ss is None else 0)
     verdict = None
     for i in range(len(ps)):
         verdict = (_first_difference(ps[i], refs[0][i], "param", param_steps)
-                   or _first_difference(ms[i], refs[1][i], "momentum", 0 if m_dtype == torch.float32 else 1)
+                   or _first_difference(ms[i], refs[1][i], "momentum", 0 if m_dtype != torch.bfloat16 else 1)
+                   or (_first_difference(ss[i], refs[3][i], "block scale", 0) if ss is not None else None)
                    or (_first_difference(cs[i], refs[2][i], "Kahan residual", param_steps) if kahan else None))
         if verdict is not None:
             break
@@ -621,26 +879,33 @@ def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> st
 def _launch_all(
     ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor | None], *, lr: float, decay: float,
     beta1: float, beta2: float, maximize: bool, cautious: bool, skip_nonfinite: bool, param_rounding: str,
-    seed: int | None, self_check: bool,
+    seed: int | None, self_check: bool, ss: list[Tensor | None] | None = None,
+    tensor_seeds: list[tuple[int, int]] | None = None,
 ) -> list[int]:
     """One launch per (device, param dtype, momentum dtype, Kahan, 16-byte aligned) group: a
     misaligned view gets element accesses without taking its group's vector accesses away. With
     ``self_check``, a kind's first launch in the process is preceded by the probe, and a kind that
-    failed it is not launched: the indices of its tensors are returned."""
+    failed it is not launched: the indices of its tensors are returned. ``ss``: each 8-bit
+    momentum's block scales (None for the others); ``tensor_seeds``: each tensor's 16-bit (param,
+    momentum) seeds, the 8-bit kernel's random bits (``seed`` keys the others' Philox bits)."""
+    ss = [None] * len(ps) if ss is None else ss
+    tensor_seeds = [(0, 0)] * len(ps) if tensor_seeds is None else tensor_seeds
     groups: dict[tuple, tuple[list, ...]] = {}
-    for i, (p, g, m, c) in enumerate(zip(ps, gs, ms, cs)):
+    for i, (p, g, m, c, s) in enumerate(zip(ps, gs, ms, cs, ss)):
         if p.numel() == 0:
             continue
-        group = groups.setdefault((p.device, p.dtype, m.dtype, c is not None, _aligned(p, g, m, c)),
-                                  ([], [], [], [], []))
-        for lst, t in zip(group, (p, g, m, c, i)):
+        group = groups.setdefault((p.device, p.dtype, m.dtype, c is not None, _aligned(p, g, m, c, s)),
+                                  ([], [], [], [], [], [], []))
+        for lst, t in zip(group, (p, g, m, c, s, tensor_seeds[i], i)):
             if t is not None:
                 lst.append(t)
     if not groups:
         return []
     for device, *_ in groups:
         _check_device(device)
-    needs_bits = any(m_dtype == torch.bfloat16 or (p_dtype != torch.float32 and param_rounding == "stochastic")
+    # The 8-bit kernel hashes the per-tensor seeds instead: it needs no Philox seed.
+    needs_bits = any(m_dtype == torch.bfloat16 or (m_dtype != torch.int8 and p_dtype != torch.float32
+                                                   and param_rounding == "stochastic")
                      for _, p_dtype, m_dtype, _, _ in groups)
     if seed is None and needs_bits:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
@@ -648,8 +913,8 @@ def _launch_all(
     hyper = (float(lr), float(decay), float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2))
     flags = dict(maximize=bool(maximize), cautious=bool(cautious), skip_nonfinite=bool(skip_nonfinite))
     left: list[int] = []
-    for k, (key, (gps, ggs, gms, gcs, indices)) in enumerate(groups.items()):
-        device, p_dtype, _, kahan, _ = key
+    for k, (key, (gps, ggs, gms, gcs, gss, gseeds, indices)) in enumerate(groups.items()):
+        device, p_dtype, m_dtype, kahan, _ = key
         if self_check:
             rounding = param_rounding if p_dtype != torch.float32 else "nearest"
             if _self_check((*key, *flags.values(), rounding), hyper, param_rounding) is not None:
@@ -658,8 +923,10 @@ def _launch_all(
         # Philox key: low word the seed, high word the group (+1 keeps the value above 2**32, so the
         # argument is always an int64 and never selects another specialisation).
         group_seed = (seed & 0xFFFFFFFF) + ((k + 1) << 32)
-        _run_group(gps, ggs, gms, gcs if kahan else None, device=device, hyper=hyper, seed=group_seed,
-                   param_rounding=param_rounding, **flags)
+        eight_bit = m_dtype == torch.int8
+        _run_group(gps, ggs, gms, gcs if kahan else None, gss if eight_bit else None, device=device, hyper=hyper,
+                   seed=group_seed, param_rounding=param_rounding, tensor_seeds=gseeds if eight_bit else None,
+                   **flags)
     return sorted(left)
 
 
@@ -677,7 +944,8 @@ def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[i
     """The ``triton`` impl for the dispatcher: tensors already local and checked. Updates those
     it takes (:func:`_layout_problem`) and returns, per group, the indices of the rest, untouched.
     Where a group's seeds say a store rounds stochastically, the Philox seed is derived from
-    them (:func:`_philox_seed`): no draw of its own, so the generator's stream is every impl's."""
+    them (:func:`_philox_seed`): no draw of its own, so the generator's stream is every impl's.
+    The 8-bit kernel hashes each tensor's own seeds, as for_loop does."""
     lefts = []
     for group in groups:
         taken = [_layout_problem(p, g, m, c) is None
@@ -689,7 +957,8 @@ def triton_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[i
                              beta1=part.beta1, beta2=part.beta2, maximize=part.maximize, cautious=part.cautious,
                              skip_nonfinite=skip_nonfinite, param_rounding=part.param_rounding,
                              seed=None if part.seeds is None else _philox_seed(part.seeds),
-                             self_check=True)
+                             self_check=True, ss=part.scales(),
+                             tensor_seeds=None if part.seeds is None else [tuple(s) for s in part.seeds.tolist()])
         left += [kept[i] for i in failed]
         lefts.append(sorted(left))
     return lefts
@@ -710,6 +979,7 @@ def triton_lion_(
     param_rounding: str = "stochastic",
     kahan_comps: list[Tensor | None] | None = None,
     seed: int | None = None,
+    exp_avg_scales: list[Tensor | None] | None = None,
 ) -> None:
     """One Lion step over lists of tensors with the fused Triton kernel alone, in place.
 
@@ -717,7 +987,10 @@ def triton_lion_(
     supported dtypes and layouts. ``param_rounding`` is how bf16/fp16 params are stored:
     ``"stochastic"`` (default), ``"nearest"``, or ``"kahan"``, which needs ``kahan_comps``: one
     residual tensor per bf16/fp16 param, of its dtype and shape (None for fp32 params).
-    ``seed`` feeds the stochastic rounding (``None``: drawn from torch's default generator). All
+    ``seed`` feeds the stochastic rounding (``None``: drawn from torch's default generator). An
+    8-bit (int8) momentum comes with its block scales in ``exp_avg_scales`` (None for the others;
+    see ``numerics.quantize_momentum``), both updated; its tensor's 16-bit param and momentum
+    seeds are drawn from a generator seeded with ``seed`` (or from torch's default one). All
     inputs are validated before any tensor is modified: a tensor the kernel cannot update is a
     ``ValueError`` here (``lion_hf.Lion`` and ``lion()`` run such tensors with ``foreach``
     instead), and a device it cannot run on a ``RuntimeError``.
@@ -726,18 +999,21 @@ def triton_lion_(
         raise ValueError(f"triton_lion_: param_rounding must be one of {PARAM_ROUNDINGS}, got {param_rounding!r}")
     if kahan_comps is None or param_rounding != "kahan":
         kahan_comps = [None] * len(params)
-    if not (len(params) == len(grads) == len(exp_avgs) == len(kahan_comps)):
+    if exp_avg_scales is None:
+        exp_avg_scales = [None] * len(params)
+    if not (len(params) == len(grads) == len(exp_avgs) == len(kahan_comps) == len(exp_avg_scales)):
         raise ValueError(
-            f"triton_lion_: got {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs and "
-            f"{len(kahan_comps)} kahan_comps"
+            f"triton_lion_: got {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs, "
+            f"{len(kahan_comps)} kahan_comps and {len(exp_avg_scales)} exp_avg_scales"
         )
-    ps, gs, ms, cs = [], [], [], []
-    for i, (param, grad, exp_avg, comp) in enumerate(zip(params, grads, exp_avgs, kahan_comps)):
+    ps, gs, ms, cs, ss = [], [], [], [], []
+    for i, (param, grad, exp_avg, comp, scale) in enumerate(zip(params, grads, exp_avgs, kahan_comps,
+                                                                 exp_avg_scales)):
         p, g, m = local(param), local(grad), local(exp_avg)
         if p.dtype not in _PARAM_DTYPES:
             raise ValueError(f"triton_lion_: param {i} has dtype {p.dtype}; supported: fp32, bf16, fp16")
         if m.dtype not in _STATE_DTYPES:
-            raise ValueError(f"triton_lion_: exp_avg {i} has dtype {m.dtype}; supported: fp32, bf16")
+            raise ValueError(f"triton_lion_: exp_avg {i} has dtype {m.dtype}; supported: fp32, bf16, int8 (8-bit)")
         if not (p.shape == g.shape == m.shape):
             raise ValueError(f"triton_lion_: param {i}, its grad and exp_avg differ in shape: "
                              f"{tuple(p.shape)}, {tuple(g.shape)}, {tuple(m.shape)}")
@@ -758,15 +1034,31 @@ def triton_lion_(
                     f"triton_lion_: kahan_comps[{i}] must match its param's dtype, shape, device and strides; got "
                     f"{c.dtype} {tuple(c.shape)} on {c.device} for {p.dtype} {tuple(p.shape)} on {p.device}"
                 )
+        s = None
+        if m.dtype == torch.int8 or scale is not None:
+            blocks = eight_bit_scale_numel(m.numel())
+            if m.dtype != torch.int8 or scale is None:
+                raise ValueError(f"triton_lion_: exp_avg {i} is {m.dtype} "
+                                 f"{'without' if scale is None else 'with'} exp_avg_scales[{i}]: an int8 (8-bit) "
+                                 "momentum, and only one, comes with its block scales")
+            s = local(scale)
+            if (s.dtype != torch.float32 or s.dim() != 1 or s.numel() != blocks or s.device != m.device
+                    or not s.is_contiguous()):
+                raise ValueError(f"triton_lion_: exp_avg_scales[{i}] must be a contiguous 1-D float32 tensor of "
+                                 f"{blocks} elements on {m.device}; got {s.dtype} {tuple(s.shape)} on {s.device}")
         problem = _layout_problem(p, g, m, c)
         if problem is not None:
             raise ValueError(f"triton_lion_: param {i}: {problem}; the Triton kernel updates flat memory: make "
                              "them contiguous or use impl='foreach'")
-        for lst, t in zip((ps, gs, ms, cs), (p, g, m, c)):
+        for lst, t in zip((ps, gs, ms, cs, ss), (p, g, m, c, s)):
             lst.append(t)
+    tensor_seeds = None
+    if any(s is not None for s in ss):
+        gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+        tensor_seeds = [tuple(s) for s in torch.randint(0, 1 << 16, (len(ps), 2), generator=gen).tolist()]
     _launch_all(ps, gs, ms, cs, lr=lr, decay=1.0 - float(lr) * float(weight_decay), beta1=beta1, beta2=beta2,
                 maximize=maximize, cautious=cautious, skip_nonfinite=skip_nonfinite, param_rounding=param_rounding,
-                seed=seed, self_check=False)
+                seed=seed, self_check=False, ss=ss, tensor_seeds=tensor_seeds)
 
 
 # ---------------------------------------------------------------------------------------------
