@@ -444,7 +444,10 @@ def _quantize8(m, noise):
     (int8 codes, fp32 scales)."""
     magnitude_bits = m.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     scale = tl.max(magnitude_bits, axis=1).to(tl.float32, bitcast=True)
-    x = tl.math.div_rn(m, tl.broadcast_to(scale[:, None], m.shape))
+    # An all-zero block (scale 0) gets x = 0 / 1 = 0, not the reference's 0 / 0 = NaN: both are code 0,
+    # and the interpreter's numpy does not warn about an invalid division.
+    divisor = tl.where(scale == 0.0, 1.0, scale)
+    x = tl.math.div_rn(m, tl.broadcast_to(divisor[:, None], m.shape))
     a = tl.abs(x)
     kept = (a.to(tl.int32, bitcast=True) + (noise << _Q_NOISE_SHIFT)) & _Q_KEPT
     normal = (((kept >> 23) - _Q_REBIAS) << _Q_MANTISSA) + ((kept >> _Q_DROPPED) & _Q_MANTISSA_MASK)
@@ -452,7 +455,7 @@ def _quantize8(m, noise):
     # A sum >= 0: truncation is the reference's floor (and needs no libdevice call).
     subnormal = (low * _Q_SUBNORMAL_SCALE + noise.to(tl.float32) * (1.0 / 65536.0)).to(tl.int32)
     k = tl.where(a < _Q_SUBNORMAL_LIMIT, subnormal, normal)
-    k = tl.where(x != x, 0, k)  # NaN x (a NaN or inf in the block, or an all-zero block): code 0
+    k = tl.where(x != x, 0, k)  # NaN x (a NaN or inf in the block): code 0
     codes = tl.where(x < 0, -k, k).to(tl.int8)
     return codes, scale
 
