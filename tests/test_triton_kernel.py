@@ -511,6 +511,19 @@ variants = [
                                      SKIP_NONFINITE=True, STOCHASTIC=True, ALIGNED=False, P_STOCHASTIC=False,
                                      KAHAN=True, **tile)),
 ]
+# 8-bit momenta: [8, 256] tiles (a row a block), the seed table beside the pointer table
+step8_sig = dict(step_sig, seed_table="*i32")
+del step8_sig["seed"]
+count8_sig = dict(count_sig, seed_table="*i32")
+tile8 = dict(ROWS=lt._Q_ROWS, COLS=lt._Q_COLS)
+variants += [
+    (lt._lion8_kernel, step8_sig, dict(P_DTYPE=tl.float32, MAXIMIZE=False, CAUTIOUS=False, SKIP_NONFINITE=True,
+                                       ALIGNED=True, P_STOCHASTIC=False, KAHAN=False, **tile8)),
+    (lt._lion8_kernel, step8_sig, dict(P_DTYPE=tl.bfloat16, MAXIMIZE=True, CAUTIOUS=True, SKIP_NONFINITE=False,
+                                       ALIGNED=False, P_STOCHASTIC=True, KAHAN=False, **tile8)),
+    (lt._agree_count8_kernel, count8_sig, dict(P_DTYPE=tl.float16, MAXIMIZE=False, ALIGNED=True, KAHAN=True,
+                                               **tile8)),
+]
 targets = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 compiled_count = 0
 for target in targets:
@@ -530,6 +543,9 @@ for target in targets:
         ptx = compiled.asm["ptx"]
         # Launched without fp fusion, so that each product and sum rounds as torch's ops do.
         assert "fma.rn.f32" not in ptx, "a multiply-add was contracted into an FMA"
+        if kernel is lt._lion8_kernel:
+            # m / absmax must be the IEEE quotient for_loop codes: div.rn, never div.full or div.approx.
+            assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, "approximate division"
         if consts["ALIGNED"] and kernel is lt._lion_kernel:
             assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, (
                 "aligned full blocks must use 16-byte accesses"
@@ -540,8 +556,9 @@ print("COMPILED", compiled_count)
 
 def test_kernels_compile_for_cuda_without_a_gpu():
     """The compiled (non-interpreted) path, built for sm_80 and sm_90 with triton's bundled ptxas:
-    every variant (low-precision weight rounding included) must compile, and aligned full
-    blocks must get 16-byte vector loads and stores."""
+    every variant (low-precision weight rounding and 8-bit momenta included) must compile, aligned
+    full blocks must get 16-byte vector loads and stores, and the 8-bit kernel's division must be
+    the IEEE one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT], check=False, capture_output=True, text=True, env=env,
@@ -550,7 +567,7 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     if "NO_PTXAS" in result.stdout:
         pytest.skip(f"triton cannot run ptxas here: {result.stdout.strip()[:200]}")
-    assert "COMPILED 16" in result.stdout  # 8 variants x (sm_80, sm_90)
+    assert "COMPILED 22" in result.stdout  # 11 variants x (sm_80, sm_90)
 
 
 def test_import_lion_hf_does_not_import_triton():
