@@ -76,9 +76,36 @@ schedule never recompiles. The flags (maximize, cautious, skip_nonfinite, stocha
 alignment) and the dtypes are constexpr: at most a handful of variants per process. There
 is no autotuning (an autotuner would re-run an in-place update), just a fixed block size.
 
+8-bit momentum (``state_dtype="int8"``)
+---------------------------------------
+An int8 momentum (codes of ``numerics.quantize_momentum``, with one fp32 scale per block of
+``EIGHT_BIT_BLOCK`` = 256 elements in row-major order, the block's absmax) has its own kernel,
+``_lion8_kernel``, launched the same way (one launch per group, the same layout table; the block
+scales are one more pointer-table segment, and each tensor's two 16-bit seeds a small int32 table
+copied each step). A program's 2048 elements are an [8, 256] tile, one row per block, so it holds
+whole blocks: it widens the codes (``value(code) * scale``), runs the step above in fp32, takes
+each row's new absmax on the bit patterns and codes the row again. The codes are rounded
+stochastically from ``numerics.random_bits16`` of the element's row-major index and the tensor's
+momentum seed, and bf16/fp16 params under ``"stochastic"`` from the same hash of the param's seed:
+not Philox, so the random bits are the other impls' bits. ``m / absmax`` is divided with
+``tl.math.div_rn`` (IEEE round-to-nearest: Triton's ``/`` compiles to an approximate division on
+NVIDIA GPUs). So the 8-bit kernel computes ``numerics.lion_tensor``'s bits exactly (codes, scales,
+params, Kahan residuals; NaN blocks alike) under the interpreter, and compiled it runs the same IEEE
+fp32 and integer operations (its PTX has ``div.rn``, no FMA, no flush-to-zero; not yet run on a GPU),
+except under ``cautious``: its scale ``1 / fraction`` is the float64 reciprocal rounded once (as in
+the kernel above), where the reference divides by an fp32 mean, so the fp32 weight (``p``, or
+``p + residual``) may differ by one rounding of its terms, ``2**-23 * (|w| * decay + lr / fraction)``,
+and a bf16/fp16 param by one step of its own; the codes and scales stay exact. An all-zero block
+keeps scale 0 and codes 0. The tensors must be contiguous (the blocks and the random bits follow
+the row-major order); others run in ``foreach``. Traffic per element: fp32 params read p, g and a
+code and write p and a code, 14 bytes plus 8 per 256 for the scale (bf16 params: 8 bytes). It has
+run only under the interpreter and compiled ahead of time for sm_80/sm_90 (no GPU yet): the
+self-check probes its kinds too (a zero block, subnormal codes, NaN/inf grads), bit for bit.
+
 Inputs
 ------
-Params fp32, bf16 or fp16; each grad has its param's dtype and shape; momenta fp32 or bf16.
+Params fp32, bf16 or fp16; each grad has its param's dtype and shape; momenta fp32, bf16 or int8
+(8-bit, with their block scales).
 Tensors must be contiguous, or at least non-overlapping and dense with identical strides for
 p, g and m (e.g. channels_last weights): the update is elementwise, so memory order does not
 matter. Anything else raises ``ValueError``. DTensor (FSDP2) arguments are replaced by their
