@@ -290,8 +290,8 @@ def test_standalone_kernel_refuses_int8_momenta_without_fitting_scales():
 def test_distributed_lion_on_triton_with_int8_state_is_foreach_bit_for_bit(monkeypatch):
     """Two simulated ranks (the gather returns this rank's buffer and another rank's signs):
     DistributedLion(impl="triton", state_dtype="int8") moves the weights, codes and scales exactly
-    as impl="foreach" does (its sign pass over 8-bit momenta and its apply pass run in foreach, the
-    vote in the Triton kernel)."""
+    as impl="foreach" does. Its sign pass (8-bit momenta widened in the kernel) and its vote run in
+    the Triton kernels, its apply pass in foreach (as for every momentum dtype)."""
     from lion_hf import DistributedLion
     from lion_hf.optim import distributed
     from lion_hf.optim.signs import HEADER_BYTES, pack_signs
@@ -309,9 +309,16 @@ def test_distributed_lion_on_triton_with_int8_state_is_foreach_bit_for_bit(monke
 
     monkeypatch.setattr(DistributedLion, "world_size", lambda self: 2)
     monkeypatch.setattr(distributed, "_all_gather", gather)
-    votes = []
-    original = lion_triton.triton_vote
-    monkeypatch.setattr(lion_triton, "triton_vote", lambda *a, **k: votes.append(1) or original(*a, **k))
+    calls = []
+    for name in ("triton_signs", "triton_vote"):
+        original = getattr(lion_triton, name)
+
+        def recording(*a, _original=original, _name=name, **k):
+            result = _original(*a, **k)
+            calls.append((_name, result is not False and result is not None))
+            return result
+
+        monkeypatch.setattr(lion_triton, name, recording)
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
     results = []
@@ -327,8 +334,29 @@ def test_distributed_lion_on_triton_with_int8_state_is_foreach_bit_for_bit(monke
             opt.step()
         assert opt.state[ps[0]]["exp_avg"].dtype == torch.int8
         results.append([t.detach().cpu() for p in ps for t in (p, *opt.state[p].values())])
-    assert len(votes) == 2, "the vote ran in the Triton kernel"
+    assert calls == [("triton_signs", True), ("triton_vote", True)] * 2, "signs and vote ran in the Triton kernels"
     assert len(results[0]) == len(results[1]) == 5
     for a, b in zip(*results):
         assert bits_equal(a, b)
     assert not torch.equal(results[0][0], params[0])
+
+
+@pytest.mark.parametrize("zero_nonfinite", [False, True])
+def test_sign_pass_over_8bit_momenta_writes_the_trits_of_the_torch_path(zero_nonfinite):
+    """DistributedLion's first pass in the Triton kernel: each 8-bit momentum widened with its block's
+    scale, beside fp32 and bf16 momenta, NaN/inf grads and maximize; the same trits as foreach's."""
+    from lion_hf.optim.foreach import foreach_signs
+
+    ps, gs, ms, _, ss = _tensors(torch.bfloat16, "nearest", 12, sizes=(300, 2600))
+    gen = torch.Generator().manual_seed(12)
+    groups = [StepGroup(ps, gs, ms, [None, None], 0.01, 0.9, 0.99, 0.1, False, False, "nearest", exp_avg_scales=ss),
+              StepGroup([torch.zeros(77, device=DEVICE)], [torch.randn(77, generator=gen).to(DEVICE)],
+                        [torch.randn(77, generator=gen).bfloat16().to(DEVICE)], [None], 0.01, 0.9, 0.99, 0.1, True,
+                        False, "nearest")]
+    numel = sum(g.numel() for group in groups for g in group.grads)
+    want = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
+    foreach_signs(groups, want, zero_nonfinite=zero_nonfinite)
+    got = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
+    assert lion_triton.triton_signs(groups, got, zero_nonfinite=zero_nonfinite)
+    assert torch.equal(got, want)
+    assert len(set(want.tolist())) == 3

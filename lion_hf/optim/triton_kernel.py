@@ -179,6 +179,7 @@ _Q_REBIAS: tl.constexpr = tl.constexpr(120)  # fp32 exponent = code exponent fie
 _Q_SUBNORMAL_LIMIT: tl.constexpr = tl.constexpr(2.0**-6)  # the smallest normal code, 2 ** (1 - 7)
 _Q_SUBNORMAL_STEP: tl.constexpr = tl.constexpr(2.0**-10)  # the subnormal codes' spacing, 2 ** (1 - 7 - 4)
 _Q_SUBNORMAL_SCALE: tl.constexpr = tl.constexpr(2.0**10)
+_Q_BLOCK: tl.constexpr = tl.constexpr(EIGHT_BIT_BLOCK)
 
 # Interpreter or compiled mode is fixed when triton.language is first imported (its own jit
 # functions, Philox included, are built then); build this module's kernels in the same mode.
@@ -448,18 +449,23 @@ def _hash16(index, seed):
 
 
 @_jit
-def _dequantize8(codes, scale):
-    """numerics.dequantize_momentum of a [rows, EIGHT_BIT_BLOCK] tile of codes with one scale per
-    row: the code's value (an fp32 pattern built from its bits, or k * 2**-10 for the subnormal
-    codes; both exact) times the scale, one rounded fp32 product."""
+def _code_value(codes):
+    """The value of each 8-bit code in [-1, 1] (numerics.dequantize_momentum before its scale): an
+    fp32 pattern built from the code's bits, or k * 2**-10 for the subnormal codes; both exact."""
     k = codes.to(tl.int32)
     negative = k < 0
     k = tl.where(negative, -k, k)
     normal = ((((k >> _Q_MANTISSA) + _Q_REBIAS) << 23) | ((k & _Q_MANTISSA_MASK) << _Q_DROPPED)).to(
         tl.float32, bitcast=True)
     value = tl.where(k > _Q_MANTISSA_MASK, normal, k.to(tl.float32) * _Q_SUBNORMAL_STEP)
-    value = tl.where(negative, -value, value)
-    return value * scale[:, None]
+    return tl.where(negative, -value, value)
+
+
+@_jit
+def _dequantize8(codes, scale):
+    """numerics.dequantize_momentum of a [rows, EIGHT_BIT_BLOCK] tile of codes with one scale per
+    row: each code's value times its row's scale, one rounded fp32 product."""
+    return _code_value(codes) * scale[:, None]
 
 
 @_jit
@@ -1097,18 +1103,25 @@ def triton_lion_(
 
 _VOTE_BLOCK = 1024
 _SIGN_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_SIGN_STATE_DTYPES = {**_SIGN_DTYPES, torch.int8: tl.int8}
 
 
 @_jit
-def _trits_kernel(g_ptr, m_ptr, out_ptr, n, beta1, one_minus_beta1, flip, G_DTYPE: tl.constexpr,
+def _trits_kernel(g_ptr, m_ptr, s_ptr, out_ptr, n, beta1, one_minus_beta1, flip, G_DTYPE: tl.constexpr,
                   M_DTYPE: tl.constexpr, ZERO_NONFINITE: tl.constexpr, BLOCK: tl.constexpr):
     """trit = sign(c) + 1 of ``c = m * beta1 + g' * (1 - beta1)`` (``g' = g * flip``, -1 under
     maximize), as two rounded products and a sum (numerics.interpolate); sign(NaN) = 0, and an
-    element with a NaN/inf gradient sends 0 under ZERO_NONFINITE."""
+    element with a NaN/inf gradient sends 0 under ZERO_NONFINITE. An 8-bit (int8) momentum is
+    widened with its block's scale (``s_ptr``: the block scales; unused otherwise)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     g = _load_f32(g_ptr + offsets, mask, G_DTYPE, True) * flip
-    m = _load_f32(m_ptr + offsets, mask, M_DTYPE, True)
+    if M_DTYPE == tl.int8:
+        codes = tl.load(m_ptr + offsets, mask=mask, other=0)
+        scale = tl.load(s_ptr + offsets // _Q_BLOCK, mask=mask, other=0.0)
+        m = _code_value(codes) * scale
+    else:
+        m = _load_f32(m_ptr + offsets, mask, M_DTYPE, True)
     product_m = m * beta1
     product_g = g * one_minus_beta1
     c = product_m + product_g
@@ -1154,20 +1167,23 @@ def triton_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: bool
     """DistributedLion's first pass (see ``for_loop.for_loop_signs``): each tensor's trits added
     into ``trits`` (uint8, the step's elements in order), one launch per tensor. False, with
     nothing written, when a tensor is one the kernel does not take (not contiguous, not on the
-    device the kernel runs on): the step's signs then run in foreach."""
-    tensors = [(g, m, group) for group in groups for g, m in zip(group.grads, group.exp_avgs)]
+    device the kernel runs on): the step's signs then run in foreach. An 8-bit momentum is widened
+    with its block scales, as ``numerics.dequantize_momentum`` widens it (the same fp32 product)."""
+    tensors = [(g, m, s, group) for group in groups for g, m, s in zip(group.grads, group.exp_avgs, group.scales())]
     if not _runs_here(trits.device) or not all(
             g.is_contiguous() and m.is_contiguous() and g.device == trits.device and m.device == trits.device
-            and g.dtype in _SIGN_DTYPES and m.dtype in _SIGN_DTYPES for g, m, _ in tensors):
+            and g.dtype in _SIGN_DTYPES and m.dtype in _SIGN_STATE_DTYPES
+            and (m.dtype != torch.int8 or (s is not None and s.is_contiguous() and s.device == m.device))
+            for g, m, s, _ in tensors):
         return False
     offset = 0
-    for g, m, group in tensors:
+    for g, m, s, group in tensors:
         n = g.numel()
         if n:
             _trits_kernel[(triton.cdiv(n, _VOTE_BLOCK),)](
-                g, m, trits[offset:offset + n], n, group.beta1, 1.0 - group.beta1, -1.0 if group.maximize else 1.0,
-                G_DTYPE=_SIGN_DTYPES[g.dtype], M_DTYPE=_SIGN_DTYPES[m.dtype], ZERO_NONFINITE=zero_nonfinite,
-                BLOCK=_VOTE_BLOCK)
+                g, m, m if s is None else s, trits[offset:offset + n], n, group.beta1, 1.0 - group.beta1,
+                -1.0 if group.maximize else 1.0, G_DTYPE=_SIGN_DTYPES[g.dtype], M_DTYPE=_SIGN_STATE_DTYPES[m.dtype],
+                ZERO_NONFINITE=zero_nonfinite, BLOCK=_VOTE_BLOCK)
         offset += n
     return True
 
