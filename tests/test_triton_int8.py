@@ -4,10 +4,10 @@ Under Triton's CPU interpreter (TRITON_INTERPRET=1, set in tests/conftest.py bef
 imported) the kernel's int8 path computes numerics.lion_tensor's bits exactly: the widened
 momentum, the step, each block's new absmax, the division m / absmax (``div_rn``, IEEE) and the
 stochastic code from numerics.random_bits16 are the same fp32 and integer operations, and the
-bf16/fp16 params are rounded with the same hash of the same seeds. The one exception is
-``cautious``: its scale 1 / fraction is a float64 reciprocal (as in the fp32-momentum kernel), so a
-weight may lie a few fp32 steps (at most 4) from for_loop's, a bf16/fp16 weight or Kahan residual
-one step of its own; the momentum codes and scales stay exact. Tensors are kept small (the
+bf16/fp16 params are rounded with the same hash of the same seeds. ``cautious`` too: the agreeing
+fraction is the fp32 quotient torch's CPU mean computes. On a GPU (compiled, for_loop on CUDA)
+torch's CUDA mean may round that fraction differently, so there the cautious test allows the
+self-check's slack, two fp32 roundings of the weight's terms. Tensors are kept small (the
 interpreter is slow) with a tail that is not a whole block of 256.
 """
 
@@ -69,26 +69,14 @@ def _tensors(p_dtype, param_rounding, seed, sizes=SIZES, nonfinite=True):
 
 
 def _step(impl, tensors, *, param_rounding, cautious=False, maximize=False, policy="skip_elements", steps=2,
-          weight_decay=0.1):
+          weight_decay=0.1, lr=1e-2):
     ps, gs, ms, cs, ss = tensors
     for step in range(steps):
-        group = StepGroup(ps, gs, ms, cs, 1e-2, 0.9, 0.99, weight_decay, maximize, cautious, param_rounding,
+        group = StepGroup(ps, gs, ms, cs, lr, 0.9, 0.99, weight_decay, maximize, cautious, param_rounding,
                           exp_avg_scales=ss)
         torch.manual_seed(step)  # the step's seeds (numerics.with_seeds): the same draws for both impls
         run_step([group], impl=impl, nonfinite_grad=policy)
     return ps, ms, cs, ss
-
-
-def _steps_apart(a, b):
-    """Representable fp32/bf16/fp16 steps between two tensors' values (NaN where either is NaN)."""
-    as_int = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    sign = 1 << (8 * a.element_size() - 1)
-
-    def ordered(t):
-        bits = t.contiguous().view(as_int).long()
-        return torch.where(bits < 0, -(bits + sign), bits)
-
-    return (ordered(a.cpu()) - ordered(b.cpu())).abs()
 
 
 def _assert_kernel_ran(monkeypatch):
@@ -137,33 +125,27 @@ def test_int8_propagate_and_maximize_are_for_loops_bits(maximize):
 
 @pytest.mark.parametrize("p_dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "stochastic"),
                                               (torch.bfloat16, "kahan"), (torch.float16, "kahan")], ids=str)
-@pytest.mark.parametrize("seed", [3, 7])
-def test_int8_cautious_is_within_its_documented_tolerance(p_dtype, rounding, seed):
-    """One step from the same state: codes and scales exact. The cautious update lr / fraction is
-    rounded once from a float64 reciprocal in the kernel and as an fp32 mean and division in for_loop,
-    so the fp32 weight (p, or p + residual under Kahan) may differ by one rounding of its terms,
-    2**-23 * (|w| * decay + lr / fraction); a bf16/fp16 param by one step of its own, the residual
-    taking up the difference (up to its own rounding)."""
-    before = _tensors(p_dtype, rounding, seed)
-    want = _step("for_loop", _tensors(p_dtype, rounding, seed), param_rounding=rounding, cautious=True, steps=1)
-    got = _step("triton", _tensors(p_dtype, rounding, seed), param_rounding=rounding, cautious=True, steps=1)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_int8_cautious_is_for_loops_bits(p_dtype, rounding, maximize):
+    """One step from the same state, lr 0.1 so that many weights land near zero (where one rounding
+    of the update is many steps of the result): for_loop's bits under the interpreter. On a GPU,
+    where for_loop's fraction is torch's CUDA mean, within the self-check's slack."""
+    before = _tensors(p_dtype, rounding, 3)
+    kwargs = dict(param_rounding=rounding, cautious=True, maximize=maximize, steps=1, lr=0.1)
+    want = _step("for_loop", _tensors(p_dtype, rounding, 3), **kwargs)
+    got = _step("triton", _tensors(p_dtype, rounding, 3), **kwargs)
     for a, b in zip(want[1] + want[3], got[1] + got[3]):
         assert bits_equal(a.cpu(), b.cpu())
-    lr, decay = 1e-2, 1 - 1e-2 * 0.1
+    near_zero = sum(int((a.cpu().abs() < 0.02).sum()) for a in want[0])
+    assert near_zero > 10, "the case must hold weights near zero"
     for i, (p0, g, m, c0, s) in enumerate(zip(*before)):
-        c = dequantize_momentum(m.cpu(), s.cpu()) * 0.9 + g.cpu().float() * (1 - 0.9)
-        fraction = max(float((torch.sign(c) * g.cpu().float() > 0).float().mean()), 1e-3)
-        w0 = p0.cpu().double() + (0 if c0 is None else c0.cpu().double())
-        tol = 2**-23 * (w0.abs() * decay + lr / fraction)
-        kahan = want[2][i] is not None
-        if kahan:  # each residual rounded to its dtype: relative, and absolute below fp16's normal range
-            tol = tol + 2**-8 * (want[2][i].cpu().double().abs() + got[2][i].cpu().double().abs())
-            tol = tol + (2**-24 if p_dtype == torch.float16 else 0.0)
-        w_want, w_got = (t[0][i].cpu().double() + (t[2][i].cpu().double() if kahan else 0) for t in (want, got))
-        err = (w_want - w_got).abs()
-        assert bool((err <= tol).all()), f"tensor {i}: {float((err - tol).max())} past the tolerance"
-        if p_dtype != torch.float32:
-            assert int(_steps_apart(want[0][i], got[0][i]).max()) <= 1
+        if lion_triton.INTERPRET:
+            assert bits_equal(want[0][i].cpu(), got[0][i].cpu()), f"param {i}"
+            assert want[2][i] is None or bits_equal(want[2][i].cpu(), got[2][i].cpu()), f"residual {i}"
+            continue
+        slack = lion_triton._cautious_slack(p0, g, m, c0, s, 0.1, 1 - 0.1 * 0.1, 0.9, maximize)
+        assert lion_triton._first_difference(got[0][i], want[0][i], "param", 0 if p_dtype == torch.float32 else 1,
+                                             slack) is None
     assert sum(int((a.cpu() != p0.cpu()).sum()) for a, p0 in zip(got[0], before[0])) > 0
 
 

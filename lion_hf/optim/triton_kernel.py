@@ -46,6 +46,17 @@ per-tensor fraction of agreeing signs before any element can be updated, so it a
 read-only pass over g and m (``_agree_count_kernel``, one atomic add per program into an int64
 counter per tensor) and a memset of the counters: 3 launches and +8 bytes/param (fp32 g, m).
 
+Cautious
+--------
+Both kernels compute the agreeing fraction as torch's CPU mean does, ``count / numel`` as an fp32
+quotient (exact below 2**24 elements, where the count is), clamp it at fp32 ``1e-3``, and divide
+each agreeing update by it with ``div_rn``: for_loop's bits on a CPU reference. torch's CUDA mean
+may round the fraction differently (by an fp32 ulp), which moves a weight by at most two fp32
+roundings of its terms, ``2**-22 * (|w| * |decay| + lr / fraction)`` (a bf16/fp16 weight then by at
+most one more step of its own, the Kahan residual taking up the rest): the self-check's tolerance
+under ``cautious`` on a GPU, in value rather than in steps, since a weight that lands near zero has
+many steps in one rounding of its terms.
+
 Rounding
 --------
 bf16 and fp16 params are stored as ``param_rounding`` says. ``"stochastic"`` (the default)
@@ -90,13 +101,9 @@ momentum seed, and bf16/fp16 params under ``"stochastic"`` from the same hash of
 not Philox, so the random bits are the other impls' bits. ``m / absmax`` is divided with
 ``tl.math.div_rn`` (IEEE round-to-nearest: Triton's ``/`` compiles to an approximate division on
 NVIDIA GPUs). So the 8-bit kernel computes ``numerics.lion_tensor``'s bits exactly (codes, scales,
-params, Kahan residuals; NaN blocks alike) under the interpreter, and compiled it runs the same IEEE
-fp32 and integer operations (its PTX has ``div.rn``, no FMA, no flush-to-zero; not yet run on a GPU),
-except under ``cautious``: its scale ``1 / fraction`` is the float64 reciprocal rounded once (as in
-the kernel above), where the reference divides by an fp32 mean, so the fp32 weight (``p``, or
-``p + residual``) may differ by one rounding of its terms, ``2**-23 * (|w| * decay + lr / fraction)``,
-and a bf16/fp16 param by one step of its own; the codes and scales stay exact. An all-zero block
-keeps scale 0 and codes 0. The tensors must be contiguous (the blocks and the random bits follow
+params, Kahan residuals; NaN blocks alike; ``cautious`` too, see below) under the interpreter, and
+compiled it runs the same IEEE fp32 and integer operations (its PTX has ``div.rn``, no FMA, no
+flush-to-zero; not yet run on a GPU). An all-zero block keeps scale 0 and codes 0. The tensors must be contiguous (the blocks and the random bits follow
 the row-major order); others run in ``foreach``. Traffic per element: fp32 params read p, g and a
 code and write p and a code, 14 bytes plus 8 per 256 for the scale (bf16 params: 8 bytes). It has
 run only under the interpreter and compiled ahead of time for sm_80/sm_90 (no GPU yet): the
@@ -138,7 +145,9 @@ from lion_hf.optim.numerics import (
     EIGHT_BIT_BLOCK,
     StepGroup,
     eight_bit_scale_numel,
+    interpolate,
     lion_tensor,
+    load_momentum,
     local,
     quantize_momentum,
 )
@@ -299,6 +308,17 @@ def _sign(c):
 
 
 @_jit
+def _cautious(u, g, count, n):
+    """The cautious update ``u * agree / max(mean(agree), 1e-3)`` as numerics.cautious_update
+    computes it: the mean an fp32 quotient of the agreeing count (exact below 2**24 elements) by the
+    element count, clamped at fp32 1e-3, and each update divided by it with IEEE rounding (Triton's
+    ``/`` may be approximate on a GPU). A disagreeing element's update is u * 0 (-0.0 for u = -1)."""
+    fraction = tl.maximum(tl.math.div_rn(count.to(tl.float32), n.to(tl.float32)), 1e-3)
+    agree = tl.where(u * g > 0, 1.0, 0.0)
+    return tl.math.div_rn(u * agree, fraction + tl.zeros_like(u))
+
+
+@_jit
 def _block(ptr_table, layout, n_tensors, P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
            ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KAHAN: tl.constexpr = False):
     """This program's block: tensor index, its numel, element pointers of the [ROWS, COLS] tile
@@ -373,9 +393,7 @@ def _lion_tile(
         w = p + c  # the weight being optimised: the stored param plus what its rounding dropped
     u = _sign(beta1 * m + one_minus_beta1 * g)
     if CAUTIOUS:
-        fraction = count.to(tl.float64) / n.to(tl.float64)
-        scale = (1.0 / tl.maximum(fraction, 1e-3)).to(tl.float32)
-        u = tl.where(u * g > 0, u * scale, 0.0)
+        u = _cautious(u, g, count, n)
     new_w = w * decay - lr * u
     new_m = beta2 * m + one_minus_beta2 * g
     if SKIP_NONFINITE:
@@ -570,9 +588,7 @@ def _lion8_tile(
         w = p + c
     u = _sign(beta1 * m + one_minus_beta1 * g)
     if CAUTIOUS:
-        fraction = count.to(tl.float64) / n.to(tl.float64)
-        scale = (1.0 / tl.maximum(fraction, 1e-3)).to(tl.float32)
-        u = tl.where(u * g > 0, u * scale, 0.0)
+        u = _cautious(u, g, count, n)
     new_w = w * decay - lr * u
     new_m = beta2 * m + one_minus_beta2 * g
     if SKIP_NONFINITE:
@@ -856,21 +872,38 @@ def _probe(device: torch.device, p_dtype: torch.dtype, m_dtype: torch.dtype, kah
     return ps, gs, ms, (cs if kahan else None), ([t[4] for t in out] if eight_bit else None)
 
 
-def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int) -> str | None:
+def _first_difference(kernel: Tensor, reference: Tensor, what: str, steps: int,
+                      slack: Tensor | None = None) -> str | None:
     """Where the kernel's tensor differs from the reference's by more than ``steps`` steps of the bit
-    pattern: 0 where the arithmetic and rounding are the same, 1 for stochastic rounding (either
-    neighbour), a few ulps for the cautious scale (a float64 reciprocal); NaN against NaN agrees."""
+    pattern (0 where the arithmetic and rounding are the same, 1 for Philox stochastic rounding:
+    either neighbour) and, when ``slack`` is given, by more than ``slack`` in value; NaN against NaN
+    agrees."""
     nan = kernel.isnan() | reference.isnan()
     both_nan = kernel.isnan() & reference.isnan()
     as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32}[kernel.element_size()]
     a, b = kernel.view(as_int).long(), reference.view(as_int).long()
     bad = (a - b).abs() > steps
+    if slack is not None:
+        bad &= (kernel.double() - reference.double()).abs() > slack
     bad = (bad & ~nan) | (nan & ~both_nan)
     if not bool(bad.any()):
         return None
     i = int(bad.nonzero()[0])
     return (f"{what} of {kernel.numel()} elements, element {i}: kernel {float(kernel[i])!r}, reference "
             f"{float(reference[i])!r}")
+
+
+def _cautious_slack(p: Tensor, g: Tensor, m: Tensor, c: Tensor | None, s: Tensor | None, lr: float, decay: float,
+                    beta1: float, maximize: bool) -> Tensor:
+    """How far a cautious weight may lie from the reference's in value: two fp32 roundings of its
+    terms, ``2**-22 * (|w| * |decay| + lr / fraction)``. The kernel computes the agreeing fraction
+    as torch's CPU mean does (an fp32 quotient), bit for bit against a CPU reference; torch's CUDA
+    mean may round it differently, which moves the update lr / fraction by an fp32 ulp."""
+    g32 = -g.float() if maximize else g.float()
+    agree = (torch.sign(interpolate(load_momentum(m, s), g32, beta1)) * g32 > 0).float()
+    fraction = max(float(agree.mean()), 1e-3)
+    w = p.double() + (0.0 if c is None else c.double())
+    return 2.0**-22 * (w.abs() * abs(decay) + lr / fraction)
 
 
 def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> str | None:
@@ -883,6 +916,10 @@ def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> st
     refs = [[t.clone() for t in ts] for ts in (ps, ms, cs or [], ss or [])]
     lr, decay, beta1, _, beta2, _ = hyper
     stochastic_param = p_dtype != torch.float32 and param_rounding == "stochastic"
+    slacks = [None] * len(ps)
+    if cautious:
+        slacks = [_cautious_slack(ps[i], gs[i], ms[i], cs[i] if kahan else None, ss[i] if ss is not None else None,
+                                  lr, decay, beta1, maximize) for i in range(len(ps))]
     # The 8-bit kernel rounds with the hash of these seeds, as lion_tensor does: the same bits.
     tensor_seeds = [(1000 + 17 * i, 50000 + 31 * i) for i in range(len(ps))]
     _run_group(ps, gs, ms, cs, ss, device=device, hyper=hyper, seed=12345 + (6789 << 32), maximize=maximize,
@@ -893,14 +930,20 @@ def _self_check(key: tuple, hyper: tuple[float, ...], param_rounding: str) -> st
         lion_tensor(refs[0][i], g, refs[1][i], refs[2][i] if kahan else None, lr, decay, beta1, beta2,
                     p_seed if stochastic_param else None, m_seed, maximize, cautious, skip_nonfinite,
                     refs[3][i] if ss is not None else None)
-    # Philox bits (all but the 8-bit kernel) may land a stochastic store on the other neighbour.
-    param_steps = 4 if cautious else (1 if stochastic_param and ss is None else 0)
+    # Philox bits (all but the 8-bit kernel) may land a stochastic store on the other neighbour; under
+    # cautious a bf16/fp16 weight may cross a rounding boundary (its fp32 value within the slack).
+    param_steps = (1 if stochastic_param and ss is None else 0) + (1 if cautious and p_dtype != torch.float32 else 0)
     verdict = None
     for i in range(len(ps)):
-        verdict = (_first_difference(ps[i], refs[0][i], "param", param_steps)
+        slack = slacks[i]
+        residual_slack = None
+        if slack is not None and kahan:  # the residual takes up the weight's difference, then is rounded
+            residual_slack = slack + 2.0**-8 * refs[2][i].double().abs() + 2.0**-24
+        verdict = (_first_difference(ps[i], refs[0][i], "param", param_steps, slack)
                    or _first_difference(ms[i], refs[1][i], "momentum", 0 if m_dtype != torch.bfloat16 else 1)
                    or (_first_difference(ss[i], refs[3][i], "block scale", 0) if ss is not None else None)
-                   or (_first_difference(cs[i], refs[2][i], "Kahan residual", param_steps) if kahan else None))
+                   or (_first_difference(cs[i], refs[2][i], "Kahan residual", param_steps, residual_slack)
+                       if kahan else None))
         if verdict is not None:
             break
     _verdicts[key] = verdict
