@@ -213,6 +213,33 @@ def test_cautious_matches_reference(p_dtype, maximize):
         _step_and_check(ps, _grads(ps, gen), ms, _flags(cautious=True, maximize=maximize))
 
 
+@pytest.mark.parametrize("p_dtype,m_dtype", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16)],
+                         ids=str)
+def test_cautious_steps_are_for_loops_bits(p_dtype, m_dtype):
+    """The agreeing fraction is the fp32 quotient torch's CPU mean computes, divided with IEEE
+    rounding: under the interpreter a cautious step is for_loop's bits, weights that land near zero
+    included (lr 0.1 on unit weights: there one rounding of the update is many steps of the result,
+    which a float64 reciprocal missed by up to hundreds of steps)."""
+    from optim_helpers import bits_equal
+
+    from lion_hf.optim.dispatch import run_step
+    from lion_hf.optim.numerics import StepGroup
+
+    if not lion_triton.INTERPRET:
+        pytest.skip("for_loop on CUDA takes torch's CUDA mean, which may round the fraction differently")
+    results = []
+    for impl in ("for_loop", "triton"):
+        gen = torch.Generator().manual_seed(21)
+        ps, ms = _make([(172,), (BLOCK_SIZE + 300,)], p_dtype, m_dtype, gen)
+        group = StepGroup(ps, _grads(ps, gen), ms, [None, None], 0.1, 0.9, 0.99, 0.0, False, True, "nearest")
+        torch.manual_seed(0)
+        run_step([group], impl=impl, nonfinite_grad="skip_elements")
+        results.append(ps + (ms if m_dtype == torch.float32 else []))
+    assert sum(int((p.abs() < 0.02).sum()) for p in results[0][:2]) > 10, "weights near zero"
+    for a, b in zip(*results):
+        assert bits_equal(a, b)
+
+
 def test_cautious_fraction_is_clamped_when_nothing_agrees():
     # m > 0 dominates c, g < 0: every update disagrees with its gradient, so u = 0 everywhere
     # except one element, and the mean 1/n (< 1e-3) is clamped: that element moves by lr * 1000.
