@@ -42,8 +42,8 @@ def tensor_cases(draw, max_numel: int, momentum_dtypes: tuple[str, ...] = tuple(
 def steps(draw, max_numel: int = 40000, max_tensors: int = 4, launchable: bool = False):
     """``launchable``: mostly cases a kernel takes (a grad of the param's dtype, no bad input), for
     the Triton subset, whose few examples should mostly reach the kernel."""
-    if launchable:  # the Triton kernel leaves 8-bit momenta to foreach: they would not launch it
-        cases = tensor_cases(max_numel, ("fp32", "bf16")).map(lambda c: {**c, "g_dtype": "same"})
+    if launchable:  # every momentum dtype: the Triton kernel takes (contiguous) 8-bit momenta too
+        cases = tensor_cases(max_numel).map(lambda c: {**c, "g_dtype": "same"})
     else:
         cases = tensor_cases(max_numel)
     tensors = draw(st.lists(cases, min_size=1, max_size=max_tensors))
@@ -165,7 +165,7 @@ def _allowed_steps(name: str, dtype: torch.dtype, flags: dict) -> int:
     stochastically (Philox bits, not the hash: either neighbour); under ``cautious`` the scale
     1 / fraction is computed in float64 and rounded, which moves an fp32 weight by a few fp32
     steps, and a bf16/fp16 one by at most one more step of its own (a rounding boundary crossed)."""
-    if name == "scale" or dtype == torch.int8:  # 8-bit momenta run in foreach, not in the kernel
+    if name == "scale" or dtype == torch.int8:  # 8-bit codes and scales: the Triton kernel's are for_loop's bits
         return 0
     stochastic = (name == "momentum" and dtype == torch.bfloat16) or (
         name == "param" and dtype != torch.float32 and flags["param_rounding"] == "stochastic")
