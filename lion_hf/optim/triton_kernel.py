@@ -278,7 +278,9 @@ def _fp16_stochastic(x, noise):
     bits = near.to(tl.int16, bitcast=True)
     other_bits = tl.where(tl.abs(x) > tl.abs(near32), bits + 1, bits - 1).to(tl.int16)
     other32 = other_bits.to(tl.float16, bitcast=True).to(tl.float32)
-    prob = (x - near32) / (other32 - near32)
+    # IEEE division, as torch divides (Triton's / may be approximate on a GPU): the 8-bit kernel, whose
+    # random bits are for_loop's, then stores for_loop's bits.
+    prob = tl.math.div_rn(x - near32, other32 - near32)
     uniform = noise.to(tl.float32) * (1.0 / 65536.0)
     return tl.where(uniform < prob, other32, near32).to(tl.float16)
 
