@@ -103,11 +103,12 @@ not Philox, so the random bits are the other impls' bits. ``m / absmax`` is divi
 NVIDIA GPUs). So the 8-bit kernel computes ``numerics.lion_tensor``'s bits exactly (codes, scales,
 params, Kahan residuals; NaN blocks alike; ``cautious`` too, see below) under the interpreter, and
 compiled it runs the same IEEE fp32 and integer operations (its PTX has ``div.rn``, no FMA, no
-flush-to-zero; not yet run on a GPU). An all-zero block keeps scale 0 and codes 0. The tensors must be contiguous (the blocks and the random bits follow
-the row-major order); others run in ``foreach``. Traffic per element: fp32 params read p, g and a
-code and write p and a code, 14 bytes plus 8 per 256 for the scale (bf16 params: 8 bytes). It has
-run only under the interpreter and compiled ahead of time for sm_80/sm_90 (no GPU yet): the
-self-check probes its kinds too (a zero block, subnormal codes, NaN/inf grads), bit for bit.
+flush-to-zero; not yet run on a GPU). An all-zero block keeps scale 0 and codes 0. The tensors
+must be contiguous (the blocks and the random bits follow the row-major order); others run in
+``foreach``. Traffic per element: fp32 params read p, g and a code and write p and a code, 14
+bytes plus 8 per 256 for the scale (bf16 params: 8 bytes). It has run only under the interpreter
+and compiled ahead of time for sm_80/sm_90 (no GPU yet): the self-check probes its kinds too (a
+zero block, subnormal codes, NaN/inf grads), bit for bit.
 
 Inputs
 ------
