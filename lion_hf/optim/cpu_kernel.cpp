@@ -504,7 +504,10 @@ LION_INLINE void prefetch_q8_block(const typename P::T* p, const typename G::T* 
 // scales' block), block by block: its codes widened to fp32 in a scratch block, the portable update
 // of the same roundings with that fp32 momentum (where a gradient is skipped, the element keeps its
 // widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
-// so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum.
+// so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum. With
+// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::value16, encode16,
+// noise16; the division stays a division), the scalar code taking a partial block's last elements;
+// the block stays in L1 between the passes.
 template <class P, class G, int kRounding, bool kCautious>
 void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_, int64_t begin, int64_t end,
                      const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
