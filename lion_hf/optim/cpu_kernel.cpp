@@ -243,51 +243,54 @@ struct Q8 {
   }
 
 #if defined(LION_FP16_AVX512)
-  // value() and encode() on 16 lanes (AVX-512 F and BW, which the fp16 path needs too), the same
-  // integer and fp32 operations: the compiler's own vectorisation of the scalar ones spends several
-  // times the instructions on their selects and conversions.
+  // value() and encode() on 16 lanes (AVX-512 F, BW and VL, which the fp16 path needs too), the same
+  // values bit for bit: the compiler's own vectorisation of the scalar ones spends several times the
+  // instructions on their selects and conversions.
 
-  // 16 codes as fp32: the normal pattern is k << kDropped plus the re-biased exponent ((k >> 4) + kRebias
-  // lands above the 4 mantissa bits), the subnormal k * 2**-10; a negative code sets the sign bit.
+  // 16 codes as fp32. A magnitude's 3 exponent and 4 mantissa bits, shifted to the top of an fp16's
+  // exponent and mantissa fields, are an fp16 of value(code) * 2**-8 (fp16's bias is 15, not kTop; the
+  // codes below 16 become fp16 subnormals, k * 2**-18), which the CPU widens exactly (VCVTPH2PS takes
+  // subnormals whatever MXCSR says, where an fp32 subnormal would be read as 0 under DAZ); the
+  // product by 2**(15 - kTop) is exact.
   static LION_INLINE __m512 value16(__m128i codes) {
-    const __m512i c = _mm512_cvtepi8_epi32(codes);
-    const __m512i k = _mm512_abs_epi32(c);
-    const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(k, kDropped), _mm512_set1_epi32(kRebias << 23));
-    const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(k), _mm512_set1_ps(kSubnormalStep));
-    const __mmask16 is_normal = _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(kMantissaMask));
-    const __m512i v = _mm512_mask_blend_epi32(is_normal, _mm512_castps_si512(subnormal), normal);
-    const __m512i sign = _mm512_and_si512(c, _mm512_set1_epi32(INT32_MIN));
-    return _mm512_castsi512_ps(_mm512_or_si512(v, sign));
+    const __m256i c = _mm256_cvtepi8_epi16(codes);
+    const __m256i shifted = _mm256_slli_epi16(_mm256_abs_epi16(c), 10 - kMantissaBits);
+    const __m256i half = _mm256_ternarylogic_epi32(shifted, c, _mm256_set1_epi16(INT16_MIN), 0xF8);  // a | (b & c)
+    static_assert(kExponentBits <= 5 && kMantissaBits <= 10, "a code's fields fit an fp16's");
+    return _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(pow2(15 - kTopInt)));
   }
 
-  // 16 values of x = m / scale as codes; `noise`: 16 random bits per lane. The normal code is the
-  // kept pattern shifted down to its exponent and 4 mantissa bits, less the re-bias (the scalar
-  // sum, modulo 2**32 as it is); the subnormal's floor is the conversion rounding down.
+  // 16 values of x = m / scale as codes; `noise`: 16 random bits per lane. A NaN lane is made 0 first,
+  // which codes as 0 on the linear path. The normal code is the noisy pattern shifted down to its
+  // exponent and 4 mantissa bits less the re-bias (the scalar sum, modulo 2**32 as it is; the bits
+  // the scalar code masks off are shifted out); the subnormal's floor is the conversion rounding down.
   static LION_INLINE __m128i encode16(__m512 x, __m512i noise) {
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i kept = _mm512_and_si512(_mm512_add_epi32(a, _mm512_slli_epi32(noise, kDropped - 16)),
-                                          _mm512_set1_epi32(static_cast<int32_t>(~((1u << kDropped) - 1))));
-    const __m512i normal =
-        _mm512_sub_epi32(_mm512_srli_epi32(kept, kDropped), _mm512_set1_epi32(kRebias << kMantissaBits));
+    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+    const __m512i a = _mm512_maskz_and_epi32(number, _mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i noisy = _mm512_add_epi32(a, _mm512_slli_epi32(noise, kDropped - 16));
+    const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(noisy, kDropped), _mm512_set1_epi32(kRebias << kMantissaBits));
     const __mmask16 low = _mm512_cmp_ps_mask(_mm512_castsi512_ps(a), _mm512_set1_ps(kSubnormalLimit), _CMP_LT_OQ);
-    const __m512 small = _mm512_maskz_mov_ps(low, _mm512_castsi512_ps(a));
-    const __m512 sum = _mm512_add_ps(_mm512_mul_ps(small, _mm512_set1_ps(kSubnormalScale)),
+    const __m512 sum = _mm512_add_ps(_mm512_maskz_mul_ps(low, _mm512_castsi512_ps(a), _mm512_set1_ps(kSubnormalScale)),
                                      _mm512_mul_ps(_mm512_cvtepi32_ps(noise), _mm512_set1_ps(0x1p-16f)));
     const __m512i subnormal = _mm512_cvt_roundps_epi32(sum, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);  // NaN is code 0
-    const __m512i k = _mm512_maskz_mov_epi32(number, _mm512_mask_blend_epi32(low, normal, subnormal));
+    const __m512i k = _mm512_mask_blend_epi32(low, normal, subnormal);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     return _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k));
   }
 
-  // random_bits16 of indices index .. index + 15, as 32-bit lanes: the hash is arithmetic modulo
-  // 2**16, so 16-bit lanes compute it with single-instruction multiplies.
-  static LION_INLINE __m512i noise16(int64_t index, uint32_t seed) {
-    const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m256i x = _mm256_add_epi16(_mm256_set1_epi16(static_cast<int16_t>((index + seed) & 0xFFFF)), lane);
-    x = _mm256_mullo_epi16(_mm256_xor_si256(x, _mm256_srli_epi16(x, 8)), _mm256_set1_epi16(0x6D2B));
-    x = _mm256_mullo_epi16(_mm256_xor_si256(x, _mm256_srli_epi16(x, 7)), _mm256_set1_epi16(0x5A35));
-    return _mm512_cvtepu16_epi32(_mm256_xor_si256(x, _mm256_srli_epi16(x, 8)));
+  // random_bits16 of the kBlockSize indices from `start` on into `out`: the hash is
+  // arithmetic modulo 2**16, so 32 lanes of 16 bits compute it with single-instruction multiplies.
+  static LION_INLINE void noise_block(int64_t start, uint32_t seed, uint16_t* out) {
+    alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                                        11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                                        22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+    const __m512i lanes = _mm512_load_si512(kLanes);
+    for (int64_t j = 0; j < kBlockSize; j += 32) {
+      __m512i x = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>((start + j + seed) & 0xFFFF)), lanes);
+      x = _mm512_mullo_epi16(_mm512_xor_si512(x, _mm512_srli_epi16(x, 8)), _mm512_set1_epi16(0x6D2B));
+      x = _mm512_mullo_epi16(_mm512_xor_si512(x, _mm512_srli_epi16(x, 7)), _mm512_set1_epi16(0x5A35));
+      _mm512_store_si512(out + j, _mm512_xor_si512(x, _mm512_srli_epi16(x, 8)));
+    }
   }
 #endif
 };
@@ -505,8 +508,8 @@ LION_INLINE void prefetch_q8_block(const typename P::T* p, const typename G::T* 
 // of the same roundings with that fp32 momentum (where a gradient is skipped, the element keeps its
 // widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
 // so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum. With
-// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::value16, encode16,
-// noise16; the division stays a division), the scalar code taking a partial block's last elements;
+// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::value16, encode16 and
+// noise_block; the division stays a division), the scalar code taking a partial block's last elements;
 // the block stays in L1 between the passes.
 template <class P, class G, int kRounding, bool kCautious>
 void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_, int64_t begin, int64_t end,
@@ -517,6 +520,9 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
   auto* c = static_cast<typename P::T*>(c_);
   auto* __restrict scale = static_cast<float*>(scale_);
   alignas(64) float m32[Q8::kBlockSize];
+#if defined(LION_FP16_AVX512)
+  alignas(64) uint16_t noise[Q8::kBlockSize];
+#endif
   for (int64_t start = begin; start < end; start += Q8::kBlockSize) {
     const int64_t n = end - start < Q8::kBlockSize ? end - start : Q8::kBlockSize;
     const int64_t block = start >> Q8::kBlockShift;
@@ -552,9 +558,10 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     j = 0;
 #if defined(LION_FP16_AVX512)
     const __m512 new_scale16 = _mm512_set1_ps(new_scale);
+    Q8::noise_block(start, m_seed, noise);
     for (; j + 16 <= n; j += 16) {
-      const __m128i codes = Q8::encode16(_mm512_div_ps(_mm512_load_ps(m32 + j), new_scale16),
-                                         Q8::noise16(start + j, m_seed));
+      const __m512i noise16 = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(noise + j)));
+      const __m128i codes = Q8::encode16(_mm512_div_ps(_mm512_load_ps(m32 + j), new_scale16), noise16);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(m + start + j), codes);
     }
 #endif
