@@ -12,6 +12,7 @@ from optim_helpers import bits_equal, roundtrip
 
 from lion_hf import DistributedLion, Lion, lion
 from lion_hf.optim import numerics
+from lion_hf.optim.dispatch import run_step
 from lion_hf.optim.numerics import (
     EIGHT_BIT_BLOCK,
     EIGHT_BIT_MAX_CODE,
@@ -161,6 +162,55 @@ def test_foreach_and_cpp_compute_for_loops_bits(dtype, param_rounding):
     cautious = [_tensors(*_run(impl, steps=2, dtype=dtype, cautious=True, param_rounding=param_rounding))
                 for impl in IMPLS]
     assert all(bits_equal(a, b) for other in cautious[1:] for a, b in zip(cautious[0], other))
+
+
+def _special_blocks(p_dtype, g_dtype, param_rounding):
+    """One param whose 8-bit momentum has a block of every kind the coding treats apart, and a
+    partial last block of 37 elements (two runs of 16 and 5 left over: the C++ kernel codes 16
+    lanes at once where the CPU has AVX-512, and element by element for the rest)."""
+    gen = torch.Generator().manual_seed(7)
+    n = 7 * EIGHT_BIT_BLOCK + 37
+    p = torch.randn(n, generator=gen)
+    g = torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 3
+    m = torch.randn(n, generator=gen) * 0.1
+    m_blocks, g_blocks = m[:7 * EIGHT_BIT_BLOCK].view(7, -1), g[:7 * EIGHT_BIT_BLOCK].view(7, -1)
+    m_blocks[0], g_blocks[0] = 0.0, 0.0  # all zero before and after: scale 0, every x is 0 / 0
+    g_blocks[0, ::3] = -0.0
+    m_blocks[1, 100] = float("nan")  # a NaN block: its scale is NaN, its codes 0
+    m_blocks[2] *= 1e-4  # beside one large element, every other x is under 2**-6 (linear codes)
+    m_blocks[2, 200] = -3.0
+    m_blocks[3] *= 1e-38  # fp32 subnormals and their neighbours, the scale among them
+    g_blocks[3] *= 1e-38
+    g_blocks[4, 17:40:5] = float("nan")  # skipped (skip_elements) or propagated into the block
+    g_blocks[4, 3] = float("inf")
+    g[-3:] = torch.tensor([float("-inf"), 1e-30, -0.0])  # in the scalar tail
+    codes, scale = quantize_momentum(m, 3)
+    comp = p * 2**-10 * torch.rand(n, generator=gen) if param_rounding == "kahan" and p_dtype != torch.float32 else None
+    return p.to(p_dtype), g.to(g_dtype), codes, scale, None if comp is None else comp.to(p_dtype)
+
+
+@pytest.mark.parametrize("nonfinite_grad", ["skip_elements", "propagate"])
+@pytest.mark.parametrize(("p_dtype", "g_dtype", "param_rounding"), [
+    (torch.float32, torch.float32, "nearest"),
+    *[(p, g, r) for p in (torch.bfloat16, torch.float16) for g in (p, torch.float32)
+      for r in ("stochastic", "kahan", "nearest")]])
+def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_rounding, nonfinite_grad):
+    """The C++ kernel's coding (its vector path and its scalar tail) against for_loop's, bit for bit,
+    over two steps, on blocks that are all zero, NaN, mostly linear codes, fp32 subnormals, or hold
+    non-finite grads, for every param and grad dtype and rounding."""
+    results = []
+    for impl in ("for_loop", "cpp"):
+        p, g, codes, scale, comp = _special_blocks(p_dtype, g_dtype, param_rounding)
+        for step in range(2):
+            group = numerics.StepGroup([p], [g], [codes], [comp], 1e-2, 0.9, 0.99, 0.1, False, False,
+                                       param_rounding, exp_avg_scales=[scale])
+            torch.manual_seed(step)
+            run_step([group], impl=impl, nonfinite_grad=nonfinite_grad)
+        results.append([t for t in (p, codes, scale, comp) if t is not None])
+    want, got = results
+    # The zero block stayed; so did the NaN block, joined under propagate by those of the non-finite grads.
+    assert (scale == 0).sum() == 1 and scale.isnan().sum() == (1 if nonfinite_grad == "skip_elements" else 3)
+    assert all(bits_equal(a, b) for a, b in zip(want, got))
 
 
 def test_the_step_follows_fp32_state_closely():

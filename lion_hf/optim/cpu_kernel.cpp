@@ -241,6 +241,58 @@ struct Q8 {
     k = x != x ? 0 : k;
     return static_cast<int8_t>(x < 0.f ? -k : k);
   }
+
+#if defined(LION_FP16_AVX512)
+  // value() and encode() on 16 lanes (AVX-512 F, BW and VL, which the fp16 path needs too), the same
+  // values bit for bit: the compiler's own vectorisation of the scalar ones spends several times the
+  // instructions on their selects and conversions.
+
+  // 16 codes as fp32. A magnitude's 3 exponent and 4 mantissa bits, shifted to the top of an fp16's
+  // exponent and mantissa fields, are an fp16 of value(code) * 2**-8 (fp16's bias is 15, not kTop; the
+  // codes below 16 become fp16 subnormals, k * 2**-18), which the CPU widens exactly (VCVTPH2PS takes
+  // subnormals whatever MXCSR says, where an fp32 subnormal would be read as 0 under DAZ); the
+  // product by 2**(15 - kTop) is exact.
+  static LION_INLINE __m512 value16(__m128i codes) {
+    const __m256i c = _mm256_cvtepi8_epi16(codes);
+    const __m256i shifted = _mm256_slli_epi16(_mm256_abs_epi16(c), 10 - kMantissaBits);
+    const __m256i half = _mm256_ternarylogic_epi32(shifted, c, _mm256_set1_epi16(INT16_MIN), 0xF8);  // a | (b & c)
+    static_assert(kExponentBits <= 5 && kMantissaBits <= 10, "a code's fields fit an fp16's");
+    return _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(pow2(15 - kTopInt)));
+  }
+
+  // 16 values of x = m / scale as codes; `noise`: 16 random bits per lane. A NaN lane is made 0 first,
+  // which codes as 0 on the linear path. The normal code is the noisy pattern shifted down to its
+  // exponent and 4 mantissa bits less the re-bias (the scalar sum, modulo 2**32 as it is; the bits
+  // the scalar code masks off are shifted out); the subnormal's floor is the conversion rounding down.
+  static LION_INLINE __m128i encode16(__m512 x, __m512i noise) {
+    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+    const __m512i a = _mm512_maskz_and_epi32(number, _mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i noisy = _mm512_add_epi32(a, _mm512_slli_epi32(noise, kDropped - 16));
+    const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(noisy, kDropped), _mm512_set1_epi32(kRebias << kMantissaBits));
+    const __mmask16 low = _mm512_cmp_ps_mask(_mm512_castsi512_ps(a), _mm512_set1_ps(kSubnormalLimit), _CMP_LT_OQ);
+    const __m512 sum = _mm512_add_ps(_mm512_maskz_mul_ps(low, _mm512_castsi512_ps(a), _mm512_set1_ps(kSubnormalScale)),
+                                     _mm512_mul_ps(_mm512_cvtepi32_ps(noise), _mm512_set1_ps(0x1p-16f)));
+    const __m512i subnormal = _mm512_cvt_roundps_epi32(sum, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512i k = _mm512_mask_blend_epi32(low, normal, subnormal);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k));
+  }
+
+  // random_bits16 of the kBlockSize indices from `start` on into `out`: the hash is
+  // arithmetic modulo 2**16, so 32 lanes of 16 bits compute it with single-instruction multiplies.
+  static LION_INLINE void noise_block(int64_t start, uint32_t seed, uint16_t* out) {
+    alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                                        11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                                        22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+    const __m512i lanes = _mm512_load_si512(kLanes);
+    for (int64_t j = 0; j < kBlockSize; j += 32) {
+      __m512i x = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>((start + j + seed) & 0xFFFF)), lanes);
+      x = _mm512_mullo_epi16(_mm512_xor_si512(x, _mm512_srli_epi16(x, 8)), _mm512_set1_epi16(0x6D2B));
+      x = _mm512_mullo_epi16(_mm512_xor_si512(x, _mm512_srli_epi16(x, 7)), _mm512_set1_epi16(0x5A35));
+      _mm512_store_si512(out + j, _mm512_xor_si512(x, _mm512_srli_epi16(x, 8)));
+    }
+  }
+#endif
 };
 
 LION_INLINE float sign_of(float c) { return static_cast<float>(c > 0.f) - static_cast<float>(c < 0.f); }
@@ -426,11 +478,39 @@ void update_block(void* p, const void* g, void* m, void* c, int64_t begin, int64
   update_elements<P, G, M, kRounding, kCautious>(p, g, m, c, begin, end, h, fraction, p_seed, m_seed, skip);
 }
 
+// How far ahead of the block it works on the 8-bit path asks for memory, in elements. Its
+// arithmetic per block is long enough that the CPU's own prefetchers, which follow the loads,
+// fall behind and leave memory idle while it codes; asking for a later block's lines first
+// overlaps that block's memory traffic with this block's arithmetic.
+constexpr int64_t kPrefetchAhead = 2 * kScaleBlock;
+
+// Prefetches the lines of the 8-bit path's block at `start` (if it is before `end`): param (for
+// writing), grad, codes, and the residual under Kahan summation.
+template <class P, class G, int kRounding>
+LION_INLINE void prefetch_q8_block(const typename P::T* p, const typename G::T* g, const int8_t* m,
+                                   const typename P::T* c, int64_t start, int64_t end) {
+  if (start >= end) return;
+  constexpr int64_t kLine = 64;
+  const int64_t n = end - start < kScaleBlock ? end - start : kScaleBlock;
+  const auto* p_bytes = reinterpret_cast<const char*>(p + start);
+  const auto* g_bytes = reinterpret_cast<const char*>(g + start);
+  for (int64_t k = 0; k < n * static_cast<int64_t>(sizeof(*p)); k += kLine) __builtin_prefetch(p_bytes + k, 1, 3);
+  for (int64_t k = 0; k < n * static_cast<int64_t>(sizeof(*g)); k += kLine) __builtin_prefetch(g_bytes + k, 0, 3);
+  for (int64_t k = 0; k < n; k += kLine) __builtin_prefetch(m + start + k, 1, 3);
+  if constexpr (kRounding == kKahan) {
+    const auto* c_bytes = reinterpret_cast<const char*>(c + start);
+    for (int64_t k = 0; k < n * static_cast<int64_t>(sizeof(*c)); k += kLine) __builtin_prefetch(c_bytes + k, 1, 3);
+  }
+}
+
 // The update of [begin, end) of one tensor with an 8-bit momentum (begin a multiple of the
 // scales' block), block by block: its codes widened to fp32 in a scratch block, the portable update
 // of the same roundings with that fp32 momentum (where a gradient is skipped, the element keeps its
 // widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
-// so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum.
+// so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum. With
+// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::value16, encode16 and
+// noise_block; the division stays a division), the scalar code taking a partial block's last elements;
+// the block stays in L1 between the passes.
 template <class P, class G, int kRounding, bool kCautious>
 void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_, int64_t begin, int64_t end,
                      const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
@@ -440,21 +520,52 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
   auto* c = static_cast<typename P::T*>(c_);
   auto* __restrict scale = static_cast<float*>(scale_);
   alignas(64) float m32[Q8::kBlockSize];
+#if defined(LION_FP16_AVX512)
+  alignas(64) uint16_t noise[Q8::kBlockSize];
+#endif
   for (int64_t start = begin; start < end; start += Q8::kBlockSize) {
     const int64_t n = end - start < Q8::kBlockSize ? end - start : Q8::kBlockSize;
     const int64_t block = start >> Q8::kBlockShift;
+    prefetch_q8_block<P, G, kRounding>(p, g, m, c, start + kPrefetchAhead, end);
     const float old_scale = scale[block];
-    for (int64_t j = 0; j < n; ++j) m32[j] = Q8::value(m[start + j]) * old_scale;
+    int64_t j = 0;
+#if defined(LION_FP16_AVX512)
+    const __m512 old_scale16 = _mm512_set1_ps(old_scale);
+    for (; j + 16 <= n; j += 16) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + start + j));
+      _mm512_store_ps(m32 + j, _mm512_mul_ps(Q8::value16(codes), old_scale16));
+    }
+#endif
+    for (; j < n; ++j) m32[j] = Q8::value(m[start + j]) * old_scale;
     update_elements<P, G, Fp32, kRounding, kCautious>(p + start, g + start, m32, c + start, 0, n, h, fraction, p_seed,
                                                       0, skip, start);
     uint32_t absmax = 0;
-    for (int64_t j = 0; j < n; ++j) {
+    j = 0;
+#if defined(LION_FP16_AVX512)
+    __m512i absmax16 = _mm512_setzero_si512();
+    for (; j + 16 <= n; j += 16) {
+      absmax16 = _mm512_max_epu32(absmax16, _mm512_and_si512(_mm512_castps_si512(_mm512_load_ps(m32 + j)),
+                                                             _mm512_set1_epi32(0x7FFFFFFF)));
+    }
+    absmax = _mm512_reduce_max_epu32(absmax16);
+#endif
+    for (; j < n; ++j) {
       const uint32_t a = bits_of(m32[j]) & 0x7FFFFFFFu;
       absmax = a > absmax ? a : absmax;
     }
     const float new_scale = float_of(absmax);
     scale[block] = new_scale;
-    for (int64_t j = 0; j < n; ++j) m[start + j] = Q8::encode(m32[j] / new_scale, random_bits16(start + j, m_seed));
+    j = 0;
+#if defined(LION_FP16_AVX512)
+    const __m512 new_scale16 = _mm512_set1_ps(new_scale);
+    Q8::noise_block(start, m_seed, noise);
+    for (; j + 16 <= n; j += 16) {
+      const __m512i noise16 = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(noise + j)));
+      const __m128i codes = Q8::encode16(_mm512_div_ps(_mm512_load_ps(m32 + j), new_scale16), noise16);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(m + start + j), codes);
+    }
+#endif
+    for (; j < n; ++j) m[start + j] = Q8::encode(m32[j] / new_scale, random_bits16(start + j, m_seed));
   }
 }
 
