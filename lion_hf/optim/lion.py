@@ -445,14 +445,17 @@ class Lion(Optimizer):
                         raise ValueError("Lion: state_dtype='int8' does not take DTensor (FSDP2) params: the blocks "
                                          "of its 8-bit momentum would cross the shards. Use state_dtype='bf16'.")
         # torch casts every floating state tensor to its param's dtype (and 8-bit codes with them);
-        # that would round an fp32 momentum of a bf16 param to bf16. Keep the saved tensors and
-        # restore them after.
+        # that would round an fp32 momentum of a bf16 param to bf16, and make a copy of each momentum
+        # that is then thrown away. Hand torch the entries without them, and restore them after.
         saved = {
             key: (s["exp_avg"], s.get("exp_avg_scale"))
             for key, s in state_dict.get("state", {}).items()
             if isinstance(s, dict) and isinstance(s.get("exp_avg"), Tensor)
         }
-        super().load_state_dict(state_dict)  # checks that the groups match
+        momentum_keys = ("exp_avg", "exp_avg_scale")
+        stripped = {key: {name: t for name, t in s.items() if name not in momentum_keys} if key in saved else s
+                    for key, s in state_dict.get("state", {}).items()}
+        super().load_state_dict({**state_dict, "state": stripped})  # checks that the groups match
         for group, valid, (state_dtype, param_rounding) in zip(self.param_groups, checked, wanted):
             group.update(lr=valid["lr"], betas=valid["betas"], weight_decay=valid["weight_decay"],
                          state_dtype=state_dtype, param_rounding=param_rounding)
