@@ -14,6 +14,18 @@ over the parameter count, is bytes per parameter: weights, gradients, optimizer 
 and whatever the Trainer holds, all alike for every setup. Each row also records the loss of the
 first and of the last step (a setup that did not train is marked).
 
+Two options take out what is not the fine-tune's own memory (both off by default, so that rows stay
+comparable with those measured without them; each row records them):
+
+* ``--warm-up``: before the baseline, the child trains the same setup on the tiny model, so that
+  the code pages of the kernels torch loads at first use, and its one-time allocations, are
+  resident before the baseline is read (they are the same few tens of MB at any model size).
+* ``--malloc-mmap-threshold BYTES``: sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in the children: every
+  allocation at least that large is its own mapping, returned to the system when freed. Without
+  it glibc raises the threshold as large buffers are freed, and later gradients and activations
+  below it come from the heap, whose freed holes stay resident (a glibc setting a user can make
+  too; it does not change what is computed).
+
 Setups (``--setups``; default: all that can run here):
 
 * ``adamw_fp32``: HF's default optimizer (``adamw_torch_fused``), fp32 weights.
@@ -87,8 +99,11 @@ def _available(setup: str) -> str | None:
     return None
 
 
-def child(model_name: str, setup: str, steps: int, seq: int) -> dict:
-    """One setup in this process: build, train ``steps`` steps, measure. Returns the row."""
+def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = False) -> dict:
+    """One setup in this process: build, train ``steps`` steps, measure. Returns the row. ``warm_up``:
+    train the same setup on the tiny model first, before the baseline (see the module's help)."""
+    if warm_up:
+        child("tiny", setup, steps, seq)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
@@ -173,6 +188,8 @@ def child(model_name: str, setup: str, steps: int, seq: int) -> dict:
         "trained": len(losses.losses) >= 2 and losses.losses[-1] < losses.losses[0],
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__name__,
         "seconds": time.perf_counter() - t0,
+        "warm_up": warm_up,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 
 
@@ -197,10 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--out", default="runs/bench_memory")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="train the setup on the tiny model before the baseline (kernels' code pages resident)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for the children (e.g. 65536: freed buffers go back)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print("ROW " + json.dumps(child(*args.child, steps=args.steps, seq=args.seq)), flush=True)
+        print("ROW " + json.dumps(child(*args.child, steps=args.steps, seq=args.seq, warm_up=args.warm_up)), flush=True)
         return
 
     rows = []
@@ -212,8 +233,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"model": model_name, "setup": setup, "error": reason})
                 continue
             cmd = [sys.executable, __file__, "--child", model_name, setup, "--steps", str(args.steps), "--seq",
-                   str(args.seq)]
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+                   str(args.seq), *(["--warm-up"] if args.warm_up else [])]
+            env = dict(os.environ)
+            if args.malloc_mmap_threshold is not None:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
             row = next((json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith("ROW ")), None)
             if result.returncode != 0 or row is None:
                 tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -230,13 +254,17 @@ def main(argv: list[str] | None = None) -> None:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "steps": args.steps,
-            "batch": f"1 x {args.seq} tokens"}
+            "batch": f"1 x {args.seq} tokens", "warm_up": args.warm_up,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
         f"# Peak memory per parameter (scripts/bench_memory.py)\n\n`{meta['command']}`\n\n"
         f"{meta['date']}, {meta['machine']}, {meta['cores']} cores, torch {meta['torch']}, transformers "
         f"{meta['transformers']}; {args.steps} HF Trainer steps, batch {meta['batch']}, each setup in its own "
-        "process; peak RSS above the process's start (after imports).\n\n" + _table(rows) + "\n")
+        "process; peak RSS above the process's start (after imports"
+        f"{', and a warm-up on the tiny model' if args.warm_up else ''})"
+        f"{'; MALLOC_MMAP_THRESHOLD_=' + str(args.malloc_mmap_threshold) if args.malloc_mmap_threshold else ''}"
+        ".\n\n" + _table(rows) + "\n")
     print(_table(rows))
 
 

@@ -4,7 +4,13 @@ checkpoints, its validation and DistributedLion's vote over it."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,7 +346,8 @@ def test_load_validates_the_8bit_tensors_and_changes_nothing(edit, message):
 # --------------------------------------------------------------------------------------
 
 
-def test_distributed_lion_votes_over_the_8bit_momentum(monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_distributed_lion_votes_over_the_8bit_momentum(monkeypatch, chunked):
     """Two ranks with the same data (the other rank's signs are this rank's own): the vote is each
     element's own sign(c), so DistributedLion with 8-bit state moves fp32 weights exactly as Lion
     with 8-bit state does from the same checkpoint, and its momentum differs by rounding only."""
@@ -370,6 +377,8 @@ def test_distributed_lion_votes_over_the_8bit_momentum(monkeypatch):
 
     monkeypatch.setattr(DistributedLion, "world_size", lambda self: 2)
     monkeypatch.setattr(distributed, "_all_gather", gather)
+    if chunked:  # for_loop's and foreach's two passes then cut each 8-bit momentum into many chunks
+        _small_chunks(monkeypatch)
     results = []
     for impl in IMPLS:
         ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -406,3 +415,128 @@ def test_training_arguments_take_int8_and_build_an_8bit_lion(tmp_path):
     assert dtypes == {(64, 128): torch.int8, (64,): torch.float32, (2, 64): torch.float32, (2,): torch.float32}
     with pytest.raises(ValueError, match="lion_state_dtype"):
         LionTrainingArguments(output_dir=str(tmp_path), lion_state_dtype="int4", report_to="none")
+
+
+# --------------------------------------------------------------------------------------
+# Chunks: no full-size temporaries
+# --------------------------------------------------------------------------------------
+
+
+def _small_chunks(monkeypatch):
+    """Chunks of two blocks: every 8-bit tensor of these tests is then cut into many, the last
+    one partial where the tensor ends inside a block."""
+    from lion_hf.optim import foreach
+
+    for module in (numerics, foreach):
+        monkeypatch.setattr(module, "EIGHT_BIT_CHUNK", 2 * EIGHT_BIT_BLOCK)
+
+
+def test_chunks_cover_the_tensor_on_block_boundaries(monkeypatch):
+    _small_chunks(monkeypatch)
+    chunks = numerics.eight_bit_chunks(5 * EIGHT_BIT_BLOCK + 3)
+    assert chunks == [(0, 512), (512, 1024), (1024, 1283)]
+    assert numerics.eight_bit_chunks(0) == []
+    # A slice's random bits under the offset seed are the whole tensor's from that element on.
+    for seed, start in ((0, 512), (65535, 1024), (40000, 3 * 2**16 + 512)):
+        whole = numerics.random_bits16(start + 700, seed, torch.device("cpu"))
+        assert torch.equal(numerics.random_bits16(700, numerics.offset_seed(seed, start), torch.device("cpu")),
+                           whole[start:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_rounding", ["stochastic", "kahan", "nearest"])
+def test_chunked_steps_compute_the_whole_tensors_bits(monkeypatch, dtype, param_rounding):
+    """for_loop and foreach in chunks compute the bits the C++ kernel computes over whole tensors
+    (and for_loop over whole tensors), NaN/inf grads skipped, fresh state and three steps."""
+    want = _tensors(*_run("cpp", dtype=dtype, nonfinite=True, param_rounding=param_rounding))
+    whole = _tensors(*_run("for_loop", dtype=dtype, nonfinite=True, param_rounding=param_rounding))
+    assert all(bits_equal(a, b) for a, b in zip(want, whole))
+    _small_chunks(monkeypatch)
+    for impl in ("for_loop", "foreach"):
+        got = _tensors(*_run(impl, dtype=dtype, nonfinite=True, param_rounding=param_rounding))
+        assert all(bits_equal(a, b) for a, b in zip(want, got)), impl
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_checkpoint_conversions_in_chunks_are_the_whole_tensors(monkeypatch, state_dtype):
+    """A float momentum quantized on load, and codes dequantized on load, chunk by chunk: the
+    bits of converting each tensor whole (numerics' functions)."""
+    params = _params()
+    opt = Lion(params, lr=1e-2, impl="foreach", state_dtype=state_dtype)
+    for step in range(2):
+        _grads(params, step)
+        opt.step()
+    saved = roundtrip(opt.state_dict())
+    _small_chunks(monkeypatch)
+    opt8 = Lion([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, state_dtype="int8")
+    opt8.load_state_dict(saved)
+    back = Lion([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, state_dtype=state_dtype)
+    back.load_state_dict(roundtrip(opt8.state_dict()))
+    for p, q, r in zip(params, opt8.param_groups[0]["params"], back.param_groups[0]["params"]):
+        if p.numel() < EIGHT_BIT_MIN_NUMEL:
+            continue
+        codes, scale = quantize_momentum(opt.state[p]["exp_avg"].float(), 0)
+        assert torch.equal(opt8.state[q]["exp_avg"], codes) and bits_equal(opt8.state[q]["exp_avg_scale"], scale)
+        value = dequantize_momentum(codes, scale)
+        assert bits_equal(back.state[r]["exp_avg"], value.to(back.state[r]["exp_avg"].dtype))
+
+
+# The child of test_an_8bit_step_needs_no_temporaries_of_the_tensors_size: steps one bf16 param with
+# 8-bit state and prints, per measured stage, its peak resident memory above the stage's start.
+_MEMORY_CHILD = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from lion_hf import Lion
+
+    def kib(field):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1])
+
+    def peak(action):
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark down to the current size
+        start = kib("VmRSS")
+        action()
+        return (kib("VmHWM") - start) * 1024
+
+    impl, rows, cols = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    warm = torch.nn.Parameter(torch.randn(64, 128, dtype=torch.bfloat16))
+    warm.grad = torch.randn_like(warm)
+    for _ in range(2):  # the kernel loaded, the ops' first calls made: not what is measured
+        Lion([warm], state_dtype="int8", impl=impl).step()
+    p = torch.nn.Parameter(torch.randn(rows, cols, dtype=torch.bfloat16))
+    p.grad = torch.randn_like(p)
+    opt = Lion([p], state_dtype="int8", impl=impl)
+    out = {"first": peak(opt.step), "second": peak(opt.step)}
+    m = torch.randn(rows, cols)  # an fp32 checkpoint's momentum, quantized on load
+    saved = {"state": {0: {"exp_avg": m}}, "param_groups": opt.state_dict()["param_groups"]}
+    out["load"] = peak(lambda: Lion([p], state_dtype="int8", impl=impl).load_state_dict(saved))
+    print("PEAKS " + json.dumps(out))
+""")
+
+
+# for_loop's op-by-op step of the whole tensor takes over 10 s on 2 shared cores.
+@pytest.mark.parametrize("impl", ["cpp", "foreach", pytest.param("for_loop", marks=pytest.mark.slow)])
+def test_an_8bit_step_needs_no_temporaries_of_the_tensors_size(impl):
+    """Peak resident memory above the start of the first step (the state created) and of a later
+    step on one 1024 x 2048 bf16 param: at most the 8-bit state, half a byte per element, and the
+    temporaries of one chunk (a generous 256 bytes per element of a chunk). Loading an fp32 momentum
+    may add one fp32 copy of the tensor and the finiteness check's temporaries (8 bytes per
+    element). Creating the state from an fp32 tensor of zeros, or stepping or quantizing the whole
+    tensor at once, takes many fp32 copies of it (40 bytes per element and more)."""
+    rows, cols = 1024, 2048
+    numel = rows * cols
+    state = numel + 4 * numerics.eight_bit_scale_numel(numel)
+    chunk = 256 * numerics.EIGHT_BIT_CHUNK
+    bounds = {"first": state + numel // 2 + chunk, "second": state + numel // 2 + chunk,
+              "load": state + 8 * numel + chunk}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, impl, str(rows), str(cols)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peaks = json.loads(next(line[6:] for line in result.stdout.splitlines() if line.startswith("PEAKS ")))
+    for stage, nbytes in peaks.items():
+        bound = bounds[stage]
+        assert nbytes <= bound, f"{impl}: {stage} peaks {nbytes / 2**20:.1f} MiB above its start " \
+                                f"(<= {bound / 2**20:.1f})"

@@ -9,6 +9,12 @@ On CPU an all-fp32 list runs in cache-sized rounds: each foreach op streams its 
 through memory, so the ops of one step over whole lists would move about a dozen model-sized
 arrays; over rounds that fit in the last-level cache memory sees p, g and m about once. The
 rounds run the same ops on the same elements, so the result is bit for bit the same.
+
+An 8-bit momentum runs in rounds of whole blocks on every device (``numerics.eight_bit_chunks``:
+its tensors cut into chunks, each with its slice of the block scales and offset seeds), so that
+its fp32 value, the new codes and the other temporaries take a few MB at a time, not several
+fp32 copies of the model's largest tensor. Under ``cautious`` (its rescaling is a mean over a
+whole tensor) and for a tensor that is not contiguous, the bucket runs whole.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ import torch
 from torch import Tensor
 
 from lion_hf.optim.numerics import (
+    EIGHT_BIT_BLOCK,
+    EIGHT_BIT_CHUNK,
     StepGroup,
     any_nonfinite,
     cautious_update,
+    eight_bit_chunks,
     load_momentum,
+    offset_seed,
     param_stochastic,
     store_momentum,
     store_param,
@@ -65,6 +75,47 @@ def cache_rounds(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor]) -> list[t
     return rounds
 
 
+def _eight_bit_pieces(tensors: tuple, seeds: tuple[int, int] | None, scale: Tensor):
+    """One tensor with an 8-bit momentum (``tensors``: its param, grad, momentum, Kahan residual or
+    None, given update or None, each of its shape) as pieces (the same five, then its (param,
+    momentum) seeds and block scales, and the piece's first element): chunks of their flat views
+    when all are contiguous, else the tensor whole."""
+    if not all(t.is_contiguous() for t in tensors if t is not None):
+        return [(*tensors, seeds, scale, 0)]
+    flat = [None if t is None else t.view(-1) for t in tensors]
+    pieces = []
+    for start, stop in eight_bit_chunks(tensors[0].numel()):
+        piece_seeds = None if seeds is None else (offset_seed(seeds[0], start), offset_seed(seeds[1], start))
+        pieces.append((*(None if t is None else t[start:stop] for t in flat), piece_seeds,
+                       scale[start // EIGHT_BIT_BLOCK:-(-stop // EIGHT_BIT_BLOCK)], start))
+    return pieces
+
+
+def _eight_bit_rounds(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], cs: list[Tensor | None],
+                     seeds: list[tuple[int, int]], updates: list[Tensor] | None,
+                     scales: list[Tensor]) -> list[tuple[list, ...]]:
+    """Lists of tensors with 8-bit momenta cut into rounds (params, grads, momenta, Kahan residuals,
+    seeds, updates or None, block scales) of about :data:`~lion_hf.optim.numerics.EIGHT_BIT_CHUNK`
+    elements: a large tensor in chunks of whole blocks, small ones sharing a round."""
+    given = [None] * len(ps) if updates is None else updates
+    rounds: list[tuple[list, ...]] = []
+    current: tuple[list, ...] = ([], [], [], [], [], [], [])
+    filled = 0
+    for p, g, m, c, pair, u, scale in zip(ps, gs, ms, cs, seeds, given, scales):
+        for p_i, g_i, m_i, c_i, u_i, pair_i, scale_i, _ in _eight_bit_pieces((p, g, m, c, u), pair, scale):
+            for lst, t in zip(current, (p_i, g_i, m_i, c_i, pair_i, u_i, scale_i)):
+                lst.append(t)
+            filled += p_i.numel()
+            if filled >= EIGHT_BIT_CHUNK:
+                rounds.append(current)
+                current, filled = ([], [], [], [], [], [], []), 0
+    if current[0]:
+        rounds.append(current)
+    if updates is None:
+        rounds = [(*r[:5], None, r[6]) for r in rounds]
+    return rounds
+
+
 def foreach_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
     """One step over the groups' plain (local) tensors, already checked by the dispatcher; takes
     every tensor (returns no leftovers). Each group is bucketed by (device, param dtype, grad
@@ -76,22 +127,33 @@ def foreach_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[
 
 def foreach_signs(groups: list[StepGroup], trits: Tensor, *, zero_nonfinite: bool) -> None:
     """DistributedLion's first pass (see ``for_loop.for_loop_signs``): ``c`` of each group in
-    foreach ops, its signs added to ``trits``."""
+    foreach ops, its signs added to ``trits``; an 8-bit momentum's in chunks of whole blocks."""
     offset = 0
     for group in groups:
-        if not group.params:
-            continue
-        g32 = [g if g.dtype == torch.float32 else g.float() for g in group.grads]
-        if group.maximize:
-            g32 = torch._foreach_neg(g32)
-        m32 = [m if m.dtype == torch.float32 else load_momentum(m, scale)
-               for m, scale in zip(group.exp_avgs, group.scales())]
-        c = _interpolate(m32, g32, group.beta1)
-        for g, ci in zip(g32, c):
-            if zero_nonfinite:
-                ci = torch.where(torch.isfinite(g), ci, 0.0)
-            write_trits(trits[offset:offset + g.numel()], ci)
+        # (grad, momentum, block scales, the piece's first element in trits) of each piece.
+        pieces = []
+        for g, m, scale in zip(group.grads, group.exp_avgs, group.scales()):
+            if scale is None:
+                pieces.append((g, m, None, offset))
+            else:
+                pieces += [(g_i, m_i, scale_i, offset + start)
+                           for g_i, m_i, _, _, _, _, scale_i, start in _eight_bit_pieces((g, m, None, None, None),
+                                                                                          None, scale)]
             offset += g.numel()
+        # The whole tensors in one list, each 8-bit round in its own.
+        batches = [[piece for piece in pieces if piece[2] is None]]
+        batches += [[piece] for piece in pieces if piece[2] is not None]
+        for batch in batches:
+            if not batch:
+                continue
+            g32 = [g if g.dtype == torch.float32 else g.float() for g, _, _, _ in batch]
+            if group.maximize:
+                g32 = torch._foreach_neg(g32)
+            m32 = [m if m.dtype == torch.float32 else load_momentum(m, scale) for _, m, scale, _ in batch]
+            for g, ci, (_, _, _, at) in zip(g32, _interpolate(m32, g32, group.beta1), batch):
+                if zero_nonfinite:
+                    ci = torch.where(torch.isfinite(g), ci, 0.0)
+                write_trits(trits[at:at + g.numel()], ci)
 
 
 def foreach_vote_apply(groups: list[StepGroup], update: Tensor, *, keep_nonfinite_momentum: bool) -> None:
@@ -127,6 +189,8 @@ def _foreach_group(group: StepGroup, updates: list[Tensor] | None, *, mask_param
         all_fp32 = p_dtype == g_dtype == m_dtype == torch.float32
         if device.type == "cpu" and all_fp32 and not group.cautious and updates is None:  # nothing to round
             rounds = [(*r, None, None, r[3]) for r in cache_rounds(ps, gs, ms)]
+        elif m_dtype == torch.int8 and not group.cautious:
+            rounds = _eight_bit_rounds(ps, gs, ms, cs, bucket_seeds, None if updates is None else us, scales)
         else:
             rounds = [(ps, gs, ms, cs, bucket_seeds, None if updates is None else us, scales)]
         for round_ps, round_gs, round_ms, round_cs, round_seeds, round_us, round_scales in rounds:

@@ -18,10 +18,14 @@ from torch.optim import Optimizer
 
 from lion_hf.optim.dispatch import resolve_impl, run_step
 from lion_hf.optim.numerics import (
+    EIGHT_BIT_BLOCK,
     PLAIN_TENSOR_TYPES,
     StepGroup,
     dequantize_momentum,
+    eight_bit_chunks,
+    eight_bit_scale_numel,
     eight_bit_state,
+    offset_seed,
     quantize_momentum,
 )
 from lion_hf.optim.options import OPTIONS, STATE_DTYPES, defaults
@@ -48,26 +52,57 @@ def _momentum_dtype(p: Tensor, state_dtype: str) -> torch.dtype:
     return STATE_DTYPES[state_dtype]
 
 
+def _refuse_dtensor(p: Tensor) -> None:
+    if type(p) not in PLAIN_TENSOR_TYPES:
+        raise ValueError("Lion: state_dtype='int8' does not take DTensor (FSDP2) params: the blocks of its "
+                         "8-bit momentum would cross the shards. Use state_dtype='bf16' there.")
+
+
+def _zero_momentum(p: Tensor, s: dict[str, Any], dtype: torch.dtype) -> None:
+    """Create the momentum of ``p`` in ``s``: zeros of ``dtype``. An 8-bit one is zero codes and zero
+    scales, what quantizing zeros gives (no fp32 tensor of the param's size on the way)."""
+    if dtype != torch.int8:
+        s["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return
+    _refuse_dtensor(p)
+    s["exp_avg"] = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    s["exp_avg_scale"] = torch.zeros(eight_bit_scale_numel(p.numel()), dtype=torch.float32, device=p.device)
+
+
 def _store_momentum_as(p: Tensor, s: dict[str, Any], exp_avg: Tensor, scale: Tensor | None, dtype: torch.dtype) -> None:
     """Set ``s["exp_avg"]`` (and ``s["exp_avg_scale"]``) to the momentum ``exp_avg`` (int8 codes
     with their block ``scale``, or a float tensor) stored as ``dtype``, on the param's device: codes
     to another dtype are dequantized, a float momentum to int8 is quantized (stochastically, with
     a fixed seed, so that a load is reproducible and draws nothing from the generator). Always a
-    new tensor: the caller's is never aliased."""
+    new tensor: the caller's is never aliased. A conversion runs in chunks of whole blocks
+    (``numerics.eight_bit_chunks``), so that no fp32 copy of the whole tensor is made on the way
+    (the same bits as converting it whole)."""
     if scale is not None and dtype == torch.int8:
-        codes, scale = exp_avg, scale
-    elif dtype == torch.int8:
-        if type(p) not in PLAIN_TENSOR_TYPES:
-            raise ValueError("Lion: state_dtype='int8' does not take DTensor (FSDP2) params: the blocks of its "
-                             "8-bit momentum would cross the shards. Use state_dtype='bf16' there.")
-        codes, scale = quantize_momentum(exp_avg.detach().to(device=p.device, dtype=torch.float32).contiguous(), 0)
-    else:
-        value = exp_avg if scale is None else dequantize_momentum(exp_avg, scale.to(exp_avg.device))
-        s["exp_avg"] = value.to(device=p.device, dtype=dtype, copy=True)
-        s.pop("exp_avg_scale", None)
+        s["exp_avg"] = exp_avg.to(device=p.device, copy=True).contiguous()
+        s["exp_avg_scale"] = scale.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
         return
-    s["exp_avg"] = codes.to(device=p.device, copy=True).contiguous()
-    s["exp_avg_scale"] = scale.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+    exp_avg = exp_avg.detach()
+    flat = exp_avg.reshape(-1)  # a view when contiguous; a copy of its own dtype otherwise
+    if dtype == torch.int8:
+        _refuse_dtensor(p)
+        codes = torch.empty(exp_avg.numel(), dtype=torch.int8, device=p.device)
+        new_scale = torch.empty(eight_bit_scale_numel(exp_avg.numel()), dtype=torch.float32, device=p.device)
+        for start, stop in eight_bit_chunks(flat.numel()):
+            chunk = flat[start:stop].to(device=p.device, dtype=torch.float32)
+            codes[start:stop], new_scale[start // EIGHT_BIT_BLOCK:-(-stop // EIGHT_BIT_BLOCK)] = quantize_momentum(
+                chunk, offset_seed(0, start))
+        s["exp_avg"] = codes.view(exp_avg.shape)
+        s["exp_avg_scale"] = new_scale
+        return
+    if scale is None:
+        s["exp_avg"] = exp_avg.to(device=p.device, dtype=dtype, copy=True)
+    else:
+        value = torch.empty(exp_avg.numel(), dtype=dtype, device=p.device)
+        for start, stop in eight_bit_chunks(flat.numel()):
+            blocks = scale[start // EIGHT_BIT_BLOCK:-(-stop // EIGHT_BIT_BLOCK)].to(exp_avg.device)
+            value[start:stop] = dequantize_momentum(flat[start:stop], blocks).to(device=p.device, dtype=dtype)
+        s["exp_avg"] = value.view(exp_avg.shape)
+    s.pop("exp_avg_scale", None)
 
 
 def _refuse_a_set(params: Any) -> None:
@@ -293,10 +328,8 @@ class Lion(Optimizer):
             for i, (p, s) in enumerate(zip(params, states)):
                 dtype = wanted[i] if eight_bit else state_dtype
                 exp_avg = s.get("exp_avg")  # read again: a param listed twice shares its first entry's
-                if exp_avg is None and dtype == torch.int8:
-                    _store_momentum_as(p, s, torch.zeros(p.shape, device=p.device), None, dtype)
-                elif exp_avg is None:
-                    s["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                if exp_avg is None:
+                    _zero_momentum(p, s, dtype)
                 elif exp_avg.dtype != dtype:
                     _store_momentum_as(p, s, exp_avg, s.get("exp_avg_scale"), dtype)
                 exp_avgs[i] = s["exp_avg"]
@@ -412,14 +445,17 @@ class Lion(Optimizer):
                         raise ValueError("Lion: state_dtype='int8' does not take DTensor (FSDP2) params: the blocks "
                                          "of its 8-bit momentum would cross the shards. Use state_dtype='bf16'.")
         # torch casts every floating state tensor to its param's dtype (and 8-bit codes with them);
-        # that would round an fp32 momentum of a bf16 param to bf16. Keep the saved tensors and
-        # restore them after.
+        # that would round an fp32 momentum of a bf16 param to bf16, and make a copy of each momentum
+        # that is then thrown away. Hand torch the entries without them, and restore them after.
         saved = {
             key: (s["exp_avg"], s.get("exp_avg_scale"))
             for key, s in state_dict.get("state", {}).items()
             if isinstance(s, dict) and isinstance(s.get("exp_avg"), Tensor)
         }
-        super().load_state_dict(state_dict)  # checks that the groups match
+        momentum_keys = ("exp_avg", "exp_avg_scale")
+        stripped = {key: {name: t for name, t in s.items() if name not in momentum_keys} if key in saved else s
+                    for key, s in state_dict.get("state", {}).items()}
+        super().load_state_dict({**state_dict, "state": stripped})  # checks that the groups match
         for group, valid, (state_dtype, param_rounding) in zip(self.param_groups, checked, wanted):
             group.update(lr=valid["lr"], betas=valid["betas"], weight_decay=valid["weight_decay"],
                          state_dtype=state_dtype, param_rounding=param_rounding)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "EIGHT_BIT_BLOCK",
+    "EIGHT_BIT_CHUNK",
     "EIGHT_BIT_MAX_CODE",
     "EIGHT_BIT_MIN_NUMEL",
     "PARAM_DTYPES",
@@ -30,6 +31,7 @@ __all__ = [
     "apply_update",
     "cautious_update",
     "dequantize_momentum",
+    "eight_bit_chunks",
     "eight_bit_scale_numel",
     "eight_bit_state",
     "interpolate",
@@ -37,6 +39,7 @@ __all__ = [
     "load_momentum",
     "local",
     "momentum_stochastic",
+    "offset_seed",
     "param_stochastic",
     "quantize_momentum",
     "ranges_overlap",
@@ -244,6 +247,13 @@ _SUBNORMAL_LIMIT = 2.0 ** (1 - _TOP)
 _SUBNORMAL_STEP = 2.0 ** (1 - _TOP - _MANTISSA_BITS)
 
 
+# Elements of an 8-bit momentum that the impls written in torch ops (for_loop, foreach) step at a
+# time: its fp32 value, the gradient's and the new codes' temporaries then take a few MB, not
+# several fp32 copies of the tensor. A whole number of blocks, so that each chunk's blocks are the
+# tensor's (the result is the same bits).
+EIGHT_BIT_CHUNK = 1 << 16
+
+
 def eight_bit_state(p: Tensor) -> bool:
     """Whether state_dtype="int8" stores the momentum of ``p`` in 8 bits (else in fp32)."""
     return p.numel() >= EIGHT_BIT_MIN_NUMEL
@@ -261,6 +271,22 @@ def _blocks(t: Tensor) -> Tensor:
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
     return flat.view(-1, EIGHT_BIT_BLOCK)
+
+
+def eight_bit_chunks(numel: int) -> list[tuple[int, int]]:
+    """The (start, stop) element ranges, in row-major order, that cut a tensor of ``numel`` elements
+    into chunks of at most :data:`EIGHT_BIT_CHUNK` elements, each starting on a block boundary: a
+    chunk's block scales are ``scale[start // EIGHT_BIT_BLOCK:]`` (as many as it has blocks), and its
+    random bits those of :func:`offset_seed`. Stepping the chunks one after the other computes
+    the bits of the whole tensor's step (every operation is per element or per block)."""
+    size = EIGHT_BIT_CHUNK
+    return [(start, min(start + size, numel)) for start in range(0, numel, size)]
+
+
+def offset_seed(seed: Tensor | int | None, start: int) -> Tensor | int | None:
+    """The seed under which the :func:`random_bits16` of a slice that starts at element ``start``
+    of a tensor are that tensor's bits under ``seed`` (the bits hash ``index + seed`` mod 2**16)."""
+    return None if seed is None else (seed + (start & 0xFFFF)) & 0xFFFF
 
 
 def dequantize_momentum(codes: Tensor, scale: Tensor) -> Tensor:
