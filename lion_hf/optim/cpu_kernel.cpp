@@ -30,7 +30,8 @@
 // barrier of their own; each tensor reads its group's hyperparameters. The portable conversions
 // are integer arithmetic on bit patterns, with selects instead of branches, so that the compiler
 // vectorises every loop (it leaves _Float16 conversions scalar); with AVX-512, fp16 params use
-// the CPU's own conversions instead (update_elements_fp16).
+// the CPU's own conversions instead (update_elements_fp16), and a tensor with a bf16 param, grad or
+// momentum runs a loop of intrinsics whose random bits are looked up, not hashed (update_elements_x16).
 
 #include <cmath>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -323,13 +324,13 @@ void update_elements_portable(void* p_, const void* g_, void* m_, void* c_, int6
 
 #if defined(LION_FP16_AVX512)
 // bf16 params, grads or momenta on 16 lanes of AVX-512 intrinsics. The portable loop vectorises,
-// but the compiler keeps its element index in 64-bit lanes and hashes the random bits in 32-bit
-// ones (two vpmulld per hash); here the index and the hash live in 16-bit lanes, where the hash
-// is exact (each product is taken mod 2**16) and one vpmullw does 16 elements' multiply. The
-// arithmetic is the portable loop's, operation for operation (separate mul and add intrinsics,
-// no FMA), and so are the roundings: bf16 conversions are integer operations on the fp32 bit
-// pattern, not vcvtneps2bf16, which flushes subnormal inputs to zero and keeps a NaN's sign and
-// payload where torch's conversion gives 0x7FC0.
+// but for a bf16 step the compiler's loop spends most of its instructions on the random bits (the
+// element index in 64-bit lanes, the hash in 32-bit ones with two vpmulld each) and on shuffles;
+// here the random bits of 16 elements are one load from a table. The arithmetic is the portable
+// loop's, operation for operation (separate mul and add intrinsics, no FMA), and so are the
+// roundings: bf16 conversions are integer operations on the fp32 bit pattern, not vcvtneps2bf16,
+// which flushes subnormal inputs to zero and keeps a NaN's sign and payload where torch's
+// conversion gives 0x7FC0.
 template <class S>
 constexpr bool kVectorStorage = std::is_same_v<S, Fp32> || std::is_same_v<S, Bf16>;
 
@@ -353,7 +354,8 @@ LION_INLINE __m512i random_bits16_x16(int64_t first, uint32_t seed) {
 template <class S>
 LION_INLINE __m512 load16(const typename S::T* x) {
   if constexpr (std::is_same_v<S, Bf16>) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
   } else {
     return _mm512_loadu_ps(x);
   }
