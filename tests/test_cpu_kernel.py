@@ -147,6 +147,74 @@ def test_fp16_conversions_match_torch_on_every_bit_pattern(kernel_takes_everythi
         assert bits_equal(comp, (w - w.half().float()).half()), f"the residual differs at {fraction} ulp"
 
 
+def _every_bf16_pattern(seed: int) -> torch.Tensor:
+    """Every bf16 bit pattern (NaNs, infs, subnormals, both zeros, the largest finite value) in a
+    seeded order, and 13 more, so that the tensor ends in a partial vector of the kernel's loop."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(seed))]
+    return torch.cat([every, every[:13]])
+
+
+# lr 1e-40 leaves subnormal results (rounded as integers, where the CPU's bf16 conversion would
+# flush them to zero), 0.01 ordinary ones, 1e36 ones past bf16's largest finite value (rounded to inf).
+BF16_EDGE_LRS = [(1e-40, 0.1), (0.01, 0.1), (1e36, 0.0)]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest", "kahan"])
+@pytest.mark.parametrize("policy", ["skip_elements", "propagate"])
+def test_bf16_stores_match_for_loop_on_every_bit_pattern(state_dtype, grad_dtype, rounding, policy,
+                                                         kernel_takes_everything):
+    """The kernel's vector loop for bf16 weights and momenta (and its scalar tail) meets every bf16
+    value as a weight, a momentum, a grad and a Kahan residual, each in another order."""
+    params = [_every_bf16_pattern(1)]
+    grads = [_every_bf16_pattern(2).to(grad_dtype)]
+    moms = [_every_bf16_pattern(3).to(state_dtype)]
+    comps = [_every_bf16_pattern(4)] if rounding == "kahan" else None
+    if comps is not None:
+        comps[0][::2] = 0  # half the weights without a residual: w = p, subnormal ones included
+    for lr, weight_decay in BF16_EDGE_LRS:
+        flags = dict(lr=lr, beta1=0.9, beta2=0.99, weight_decay=weight_decay, nonfinite_grad=policy,
+                     param_rounding=rounding)
+        results = []
+        for impl in ("for_loop", "cpp"):
+            tensors = [t.clone() for t in params], [t.clone() for t in grads], [t.clone() for t in moms]
+            kahan = None if comps is None else [t.clone() for t in comps]
+            torch.manual_seed(5)
+            lion(*tensors, kahan, impl=impl, **flags)
+            results.append((tensors[0][0], tensors[2][0], None if kahan is None else kahan[0]))
+        (want_p, want_m, want_c), (have_p, have_m, have_c) = results
+        assert bits_equal(want_p, have_p), f"param at lr {lr}"
+        assert bits_equal(want_m, have_m), f"momentum at lr {lr}"
+        if comps is not None:
+            assert bits_equal(want_c, have_c), f"Kahan residual at lr {lr}"
+        assert not bits_equal(want_p, params[0]), "nothing moved"
+        # Each lr reached what it is there for.
+        finite = want_p[torch.isfinite(params[0])].float()
+        if lr < 1e-30:
+            assert int(((finite != 0) & (finite.abs() < 2.0**-126)).sum()) > 100, "subnormal weights"
+        elif lr > 1e30:
+            assert torch.isinf(finite).any(), "weights rounded past the largest finite value"
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest", "kahan"])
+def test_bf16_weights_with_8bit_state_match_for_loop_on_every_bit_pattern(rounding):
+    """The 8-bit momentum's path runs the same vector loop on each block of 256 (fp32 momentum)."""
+    results = []
+    for impl in ("for_loop", "cpp"):
+        p = torch.nn.Parameter(_every_bf16_pattern(1))
+        opt = Lion([p], lr=0.01, weight_decay=0.1, state_dtype="int8", param_rounding=rounding, impl=impl,
+                   nonfinite_grad="skip_elements")
+        for step in range(2):
+            p.grad = _every_bf16_pattern(2 + step)
+            torch.manual_seed(step)
+            opt.step()
+        results.append([p.detach(), *opt.state[p].values()])
+    assert results[1][1].dtype == torch.int8
+    assert all(bits_equal(a, b) for a, b in zip(*results))
+
+
 def test_version_counters_are_bumped():
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.ones(4)

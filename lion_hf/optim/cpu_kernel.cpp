@@ -30,7 +30,8 @@
 // barrier of their own; each tensor reads its group's hyperparameters. The portable conversions
 // are integer arithmetic on bit patterns, with selects instead of branches, so that the compiler
 // vectorises every loop (it leaves _Float16 conversions scalar); with AVX-512, fp16 params use
-// the CPU's own conversions instead (update_elements_fp16).
+// the CPU's own conversions instead (update_elements_fp16), and a tensor with a bf16 param, grad or
+// momentum runs a loop of intrinsics whose random bits are looked up, not hashed (update_elements_x16).
 
 #include <cmath>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -340,9 +341,12 @@ int64_t count_agreeing(const void* g_, const void* m_, const void* scale_, int64
 // The update of [begin, end) of one tensor. `fraction` is its agreeing fraction (cautious only),
 // the seeds its stochastic-rounding seeds, `skip` all ones under nonfinite_grad="skip_elements".
 // Branch-free, so that it vectorises; the non-finite check costs no extra pass over memory.
+// `index_offset` is added to an element's index in the tensor for its random bits (a caller passing
+// pointers into the middle of a tensor).
 template <class P, class G, class M, int kRounding, bool kCautious>
-void update_elements(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end, const Hyper& h,
-                     float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip, int64_t index_offset = 0) {
+void update_elements_portable(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end,
+                              const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip,
+                              int64_t index_offset) {
   auto* __restrict p = static_cast<typename P::T*>(p_);
   const auto* __restrict g = static_cast<const typename G::T*>(g_);
   auto* __restrict m = static_cast<typename M::T*>(m_);
@@ -368,6 +372,132 @@ void update_elements(void* p_, const void* g_, void* m_, void* c_, int64_t begin
     p[i] = keep_where(bad, new_p, p[i]);
     m[i] = keep_where(bad, M::stochastic(new_m, random_bits16(i + index_offset, m_seed)), m[i]);
   }
+}
+
+#if defined(LION_FP16_AVX512)
+// bf16 params, grads or momenta on 16 lanes of AVX-512 intrinsics. The portable loop vectorises,
+// but for a bf16 step the compiler's loop spends most of its instructions on the random bits (the
+// element index in 64-bit lanes, the hash in 32-bit ones with two vpmulld each) and on shuffles;
+// here the random bits of 16 elements are one load from a table. The arithmetic is the portable
+// loop's, operation for operation (separate mul and add intrinsics, no FMA), and so are the
+// roundings: bf16 conversions are integer operations on the fp32 bit pattern, not vcvtneps2bf16,
+// which flushes subnormal inputs to zero and keeps a NaN's sign and payload where torch's
+// conversion gives 0x7FC0.
+template <class S>
+constexpr bool kVectorStorage = std::is_same_v<S, Fp32> || std::is_same_v<S, Bf16>;
+
+// numerics.random_bits16 looked up rather than hashed: the hash of every 16-bit value, in a table
+// built when the library loads (128 KiB, which stays in the L2 cache while a step streams its
+// tensors), padded so that 16 consecutive elements are one unaligned load wherever they start.
+struct RandomBitsTable {
+  alignas(64) uint16_t bits[(1 << 16) + 16];
+  RandomBitsTable() {
+    for (int64_t x = 0; x < (1 << 16) + 16; ++x) bits[x] = static_cast<uint16_t>(random_bits16(x, 0));
+  }
+};
+const RandomBitsTable kRandomBits;
+
+// numerics.random_bits16 of 16 consecutive elements from `first`, as 32-bit lanes.
+LION_INLINE __m512i random_bits16_x16(int64_t first, uint32_t seed) {
+  const uint16_t* at = kRandomBits.bits + ((first + seed) & 0xFFFF);
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+}
+
+template <class S>
+LION_INLINE __m512 load16(const typename S::T* x) {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  } else {
+    return _mm512_loadu_ps(x);
+  }
+}
+
+// Bf16::nearest and Bf16::stochastic on 16 lanes, as 32-bit lanes holding the bf16 pattern.
+LION_INLINE __m512i bf16_nearest_x16(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+LION_INLINE __m512i bf16_stochastic_x16(__m512 x, __m512i noise) {
+  const __m512i noisy = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), noise), 16);
+  return _mm512_mask_mov_epi32(noisy, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// Store 16 fp32 lanes as S (rounded as kRounding says, `noise` its random bits), except where `bad`
+// is set: there the old bits stay. Returns the stored values as fp32.
+template <class S, int kRounding>
+LION_INLINE __m512 store16(typename S::T* x, __m512 value, __m512i noise, __mmask16 bad) {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    const __m512i rounded = kRounding == kStochastic ? bf16_stochastic_x16(value, noise) : bf16_nearest_x16(value);
+    auto* at = reinterpret_cast<__m256i*>(x);
+    _mm256_storeu_si256(at, _mm256_mask_blend_epi16(bad, _mm512_cvtepi32_epi16(rounded), _mm256_loadu_si256(at)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));
+  } else {
+    _mm512_storeu_ps(x, _mm512_mask_blend_ps(bad, value, _mm512_loadu_ps(x)));
+    return value;
+  }
+}
+
+// The portable loop's update of elements [begin, begin + 16 * (n / 16)), n = end - begin.
+template <class P, class G, class M, int kRounding, bool kCautious>
+int64_t update_elements_x16(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end, const Hyper& h,
+                            float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip, int64_t index_offset) {
+  auto* __restrict p = static_cast<typename P::T*>(p_);
+  const auto* __restrict g = static_cast<const typename G::T*>(g_);
+  auto* __restrict m = static_cast<typename M::T*>(m_);
+  auto* __restrict c = static_cast<typename P::T*>(c_);
+  const __m512 grad_sign = _mm512_set1_ps(h.grad_sign), beta1 = _mm512_set1_ps(h.beta1);
+  const __m512 one_minus_beta1 = _mm512_set1_ps(h.one_minus_beta1), beta2 = _mm512_set1_ps(h.beta2);
+  const __m512 one_minus_beta2 = _mm512_set1_ps(h.one_minus_beta2), decay = _mm512_set1_ps(h.decay);
+  const __m512 lr = _mm512_set1_ps(h.lr), one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+  const __m512 cautious_fraction = _mm512_set1_ps(fraction);
+  const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+  const __m512i no_noise = _mm512_setzero_si512();
+  const int64_t stop = begin + (end - begin) / 16 * 16;
+  for (int64_t i = begin; i < stop; i += 16) {
+    const __m512 gi = _mm512_mul_ps(load16<G>(g + i), grad_sign);
+    const __m512 mi = load16<M>(m + i);
+    __m512 wi = load16<P>(p + i);
+    if constexpr (kRounding == kKahan) wi = _mm512_add_ps(wi, load16<P>(c + i));
+    const __m512 interpolated = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(gi, one_minus_beta1));
+    // sign_of: +1, -1, else +0 (NaN included).
+    __m512 u = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(interpolated, zero, _CMP_GT_OQ), one),
+                                  _mm512_cmp_ps_mask(interpolated, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
+    if constexpr (kCautious) {
+      const __m512 agree = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(u, gi), zero, _CMP_GT_OQ), one);
+      u = _mm512_div_ps(_mm512_mul_ps(u, agree), cautious_fraction);
+    }
+    const __m512 new_w = _mm512_sub_ps(_mm512_mul_ps(wi, decay), _mm512_mul_ps(u, lr));
+    const __m512 new_m = _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(gi, one_minus_beta2));
+    __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(gi), exponent), exponent);
+    if (!skip) bad = 0;
+    const __m512i p_noise = kRounding == kStochastic ? random_bits16_x16(i + index_offset, p_seed) : no_noise;
+    const __m512 stored = store16<P, kRounding == kStochastic ? kStochastic : kNearest>(p + i, new_w, p_noise, bad);
+    if constexpr (kRounding == kKahan) store16<P, kNearest>(c + i, _mm512_sub_ps(new_w, stored), no_noise, bad);
+    const __m512i m_noise = std::is_same_v<M, Bf16> ? random_bits16_x16(i + index_offset, m_seed) : no_noise;
+    store16<M, kStochastic>(m + i, new_m, m_noise, bad);
+  }
+  return stop;
+}
+#endif
+
+// The update of [begin, end) of one tensor: the AVX-512 loop where the CPU has it and a bf16
+// array is involved (then the portable loop takes the last n % 16 elements), else the portable one.
+template <class P, class G, class M, int kRounding, bool kCautious>
+void update_elements(void* p, const void* g, void* m, void* c, int64_t begin, int64_t end, const Hyper& h,
+                     float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip, int64_t index_offset = 0) {
+#if defined(LION_FP16_AVX512)
+  if constexpr (kVectorStorage<P> && kVectorStorage<G> && kVectorStorage<M> &&
+                (std::is_same_v<P, Bf16> || std::is_same_v<G, Bf16> || std::is_same_v<M, Bf16>)) {
+    begin = update_elements_x16<P, G, M, kRounding, kCautious>(p, g, m, c, begin, end, h, fraction, p_seed, m_seed,
+                                                               skip, index_offset);
+  }
+#endif
+  update_elements_portable<P, G, M, kRounding, kCautious>(p, g, m, c, begin, end, h, fraction, p_seed, m_seed, skip,
+                                                          index_offset);
 }
 
 #if defined(LION_FP16_AVX512)
