@@ -19,7 +19,7 @@ comparable with those measured without them; each row records them):
 
 * ``--warm-up``: before the baseline, the child trains the same setup on the tiny model, so that
   the code pages of the kernels torch loads at first use, and its one-time allocations, are
-  resident before the baseline is read (they are the same few tens of MB at any model size).
+  resident before the baseline is read (they do not grow with the model).
 * ``--malloc-mmap-threshold BYTES``: sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in the children: every
   allocation at least that large is its own mapping, returned to the system when freed. Without
   it glibc raises the threshold as large buffers are freed, and later gradients and activations

@@ -199,7 +199,7 @@ def test_bf16_stores_match_for_loop_on_every_bit_pattern(state_dtype, grad_dtype
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest", "kahan"])
-def test_bf16_weights_with_8bit_state_match_for_loop_on_every_bit_pattern(rounding):
+def test_bf16_weights_with_8bit_state_match_for_loop_on_every_bit_pattern(rounding, kernel_takes_everything):
     """The 8-bit momentum's path runs the same vector loop on each block of 256 (fp32 momentum)."""
     results = []
     for impl in ("for_loop", "cpp"):

@@ -17,7 +17,7 @@ import torch
 from optim_helpers import bits_equal, roundtrip
 
 from lion_hf import DistributedLion, Lion, lion
-from lion_hf.optim import numerics
+from lion_hf.optim import dispatch, numerics
 from lion_hf.optim.dispatch import run_step
 from lion_hf.optim.numerics import (
     EIGHT_BIT_BLOCK,
@@ -200,10 +200,16 @@ def _special_blocks(p_dtype, g_dtype, param_rounding):
     (torch.float32, torch.float32, "nearest"),
     *[(p, g, r) for p in (torch.bfloat16, torch.float16) for g in (p, torch.float32)
       for r in ("stochastic", "kahan", "nearest")]])
-def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_rounding, nonfinite_grad):
+def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_rounding, nonfinite_grad,
+                                                       monkeypatch):
     """The C++ kernel's coding (its vector path and its scalar tail) against for_loop's, bit for bit,
     over two steps, on blocks that are all zero, NaN, mostly linear codes, fp32 subnormals, or hold
-    non-finite grads, for every param and grad dtype and rounding."""
+    non-finite grads, for every param and grad dtype and rounding. The kernel must take the tensor:
+    a failed build would hand it to foreach, which computes for_loop's bits and proves nothing."""
+    def elsewhere(*args, **kwargs):
+        raise AssertionError("the C++ kernel should have taken the tensor")
+
+    monkeypatch.setattr(dispatch, "foreach_lion", elsewhere)
     results = []
     for impl in ("for_loop", "cpp"):
         p, g, codes, scale, comp = _special_blocks(p_dtype, g_dtype, param_rounding)

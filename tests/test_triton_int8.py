@@ -79,6 +79,17 @@ def _step(impl, tensors, *, param_rounding, cautious=False, maximize=False, poli
     return ps, ms, cs, ss
 
 
+def _kernel_step(monkeypatch, tensors, **kwargs):
+    """A Triton step that must launch the 8-bit kernel and leave nothing to foreach: a kind whose
+    self-check failed would run in foreach, compute for_loop's bits, and prove nothing."""
+    launches = _assert_kernel_ran(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        got = _step("triton", tensors, **kwargs)
+    assert launches, "the 8-bit kernel never launched"
+    return got
+
+
 def _assert_kernel_ran(monkeypatch):
     """Counts the 8-bit kernel's launches: a step that left every tensor to foreach proves nothing."""
     launches = []
@@ -108,13 +119,13 @@ def test_int8_step_is_for_loops_bits(p_dtype, param_rounding, monkeypatch):
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-def test_int8_propagate_and_maximize_are_for_loops_bits(maximize):
+def test_int8_propagate_and_maximize_are_for_loops_bits(maximize, monkeypatch):
     """Under 'propagate' a NaN/inf gradient makes its block's scale NaN (the whole block NaN), as in
     for_loop; maximize negates the gradient. Both impls, bit for bit, including which blocks are NaN."""
     want = _step("for_loop", _tensors(torch.float32, "nearest", 2), param_rounding="nearest", maximize=maximize,
                  policy="propagate", steps=1, weight_decay=0.0)
-    got = _step("triton", _tensors(torch.float32, "nearest", 2), param_rounding="nearest", maximize=maximize,
-                policy="propagate", steps=1, weight_decay=0.0)
+    got = _kernel_step(monkeypatch, _tensors(torch.float32, "nearest", 2), param_rounding="nearest",
+                       maximize=maximize, policy="propagate", steps=1, weight_decay=0.0)
     for wants, gots in zip(want, got):
         for a, b in zip(wants, gots):
             if a is not None:
@@ -126,14 +137,14 @@ def test_int8_propagate_and_maximize_are_for_loops_bits(maximize):
 @pytest.mark.parametrize("p_dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "stochastic"),
                                               (torch.bfloat16, "kahan"), (torch.float16, "kahan")], ids=str)
 @pytest.mark.parametrize("maximize", [False, True])
-def test_int8_cautious_is_for_loops_bits(p_dtype, rounding, maximize):
+def test_int8_cautious_is_for_loops_bits(p_dtype, rounding, maximize, monkeypatch):
     """One step from the same state, lr 0.1 so that many weights land near zero (where one rounding
     of the update is many steps of the result): for_loop's bits under the interpreter. On a GPU,
     where for_loop's fraction is torch's CUDA mean, within the self-check's slack."""
     before = _tensors(p_dtype, rounding, 3)
     kwargs = dict(param_rounding=rounding, cautious=True, maximize=maximize, steps=1, lr=0.1)
     want = _step("for_loop", _tensors(p_dtype, rounding, 3), **kwargs)
-    got = _step("triton", _tensors(p_dtype, rounding, 3), **kwargs)
+    got = _kernel_step(monkeypatch, _tensors(p_dtype, rounding, 3), **kwargs)
     for a, b in zip(want[1] + want[3], got[1] + got[3]):
         assert bits_equal(a.cpu(), b.cpu())
     near_zero = sum(int((a.cpu().abs() < 0.02).sum()) for a in want[0])
@@ -149,14 +160,14 @@ def test_int8_cautious_is_for_loops_bits(p_dtype, rounding, maximize):
     assert sum(int((a.cpu() != p0.cpu()).sum()) for a, p0 in zip(got[0], before[0])) > 0
 
 
-def test_int8_random_bits_wrap_past_65536_elements_as_the_hash_does():
+def test_int8_random_bits_wrap_past_65536_elements_as_the_hash_does(monkeypatch):
     """The hash takes the low 16 bits of the element's row-major index: a tensor past 2**16
     elements (its last blocks reuse the first blocks' counters) still gets for_loop's codes."""
     sizes = (2**16 + EIGHT_BIT_BLOCK + 5,)
     want = _step("for_loop", _tensors(torch.float32, "nearest", 4, sizes=sizes, nonfinite=False),
                  param_rounding="nearest", steps=1)
-    got = _step("triton", _tensors(torch.float32, "nearest", 4, sizes=sizes, nonfinite=False),
-                param_rounding="nearest", steps=1)
+    got = _kernel_step(monkeypatch, _tensors(torch.float32, "nearest", 4, sizes=sizes, nonfinite=False),
+                       param_rounding="nearest", steps=1)
     for a, b in zip(want[1] + want[3], got[1] + got[3]):
         assert bits_equal(a.cpu(), b.cpu())
 

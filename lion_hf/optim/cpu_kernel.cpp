@@ -107,7 +107,7 @@ struct Bf16 {
   using T = uint16_t;
   static constexpr int kind = kParamBf16;
   static LION_INLINE float load(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
-  // A NaN stays a NaN (the quiet one torch's conversion gives), whatever its payload.
+  // A NaN stays a NaN (the quiet 0x7FC0), whatever its payload.
   static LION_INLINE uint16_t nearest(float x) {
     const uint32_t b = bits_of(x);
     const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
@@ -381,8 +381,8 @@ void update_elements_portable(void* p_, const void* g_, void* m_, void* c_, int6
 // here the random bits of 16 elements are one load from a table. The arithmetic is the portable
 // loop's, operation for operation (separate mul and add intrinsics, no FMA), and so are the
 // roundings: bf16 conversions are integer operations on the fp32 bit pattern, not vcvtneps2bf16,
-// which flushes subnormal inputs to zero and keeps a NaN's sign and payload where torch's
-// conversion gives 0x7FC0.
+// which flushes subnormal inputs to zero. A NaN is stored as the quiet 0x7FC0 by both loops (torch's
+// conversion may keep another NaN pattern: the NaN payload is not part of the bit-for-bit promise).
 template <class S>
 constexpr bool kVectorStorage = std::is_same_v<S, Fp32> || std::is_same_v<S, Bf16>;
 
