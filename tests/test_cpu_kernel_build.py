@@ -149,7 +149,9 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])  # the record still holds the whole library's checksum
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_record"])
+# Each case builds the kernel twice: one runs by default, the rest with -m slow (the default run stays short).
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("garbage", marks=pytest.mark.slow),
+                                    pytest.param("no_record", marks=pytest.mark.slow)])
 def test_a_damaged_library_is_rebuilt_once_and_never_crashes_the_process(fresh_cache, damage):
     """In a subprocess: before the checksum a truncated library killed every process with a bus
     error on its first step."""
@@ -360,7 +362,7 @@ def test_a_record_that_is_not_text_is_a_mismatch_and_leaks_no_descriptor(fresh_c
     assert len(record.read_text()) == 64
 
 
-@pytest.mark.parametrize("which", ["library", "record"])
+@pytest.mark.parametrize("which", ["library", pytest.param("record", marks=pytest.mark.slow)])  # a build each
 def test_a_fifo_in_place_of_the_library_or_its_record_is_refused_without_hanging(fresh_cache, which):
     load_library()
     path = library_path(cxx_compiler())

@@ -188,7 +188,7 @@ def test_shipped_configs_parse():
             continue
         grid = study.optimizer_grid(study.load_config(path))
         optims = {optim for _, optim, *_ in grid}
-        assert "lion" in optims and optims <= {"adamw", "lion", "lion_32bit"}, path
+        assert "lion" in optims and optims <= {"adamw", "lion", "lion_32bit", "lion_8bit"}, path
         common = study.load_config(path)["common"]
         for _, _, _, _, setup_args in grid:
             parse_recipe_args(
@@ -592,7 +592,8 @@ def test_a_second_run_into_a_folder_being_written_fails_at_once_and_a_killed_run
                                                       rf"{first.pid} on host "):
                 finetune.main(argv + extra)
             assert time.monotonic() - began < 5, "refused at once, before loading anything"
-        assert first.poll() is None and (out / "checkpoint-4").is_dir()
+        # The first run goes on saving (and rotating its checkpoints: checkpoint-4 may be gone by now).
+        assert first.poll() is None and any(out.glob("checkpoint-*/trainer_state.json"))
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
