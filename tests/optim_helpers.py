@@ -43,3 +43,41 @@ def stepped_lion(**kwargs):
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
     return params, opt
+
+
+def two_simulated_ranks(monkeypatch, shapes, gen: torch.Generator, device) -> None:
+    """DistributedLion as rank 0 of two, in one process: ``world_size()`` is 2 and the gather returns
+    this rank's buffer and, as the other rank's, this rank's header followed by random signs for every
+    element of ``shapes`` (drawn from ``gen`` now, so the caller's later draws stay where they were)."""
+    from lion_hf import DistributedLion
+    from lion_hf.optim import distributed
+    from lion_hf.optim.signs import HEADER_BYTES, pack_signs
+
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    other = pack_signs([torch.randint(-1, 2, (numel,), generator=gen).float()]).to(device)
+
+    def gather(output, buffer, group):
+        rows = output.view(2, -1)
+        rows[0] = buffer
+        rows[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
+        rows[1, HEADER_BYTES:] = other
+
+    monkeypatch.setattr(DistributedLion, "world_size", lambda self: 2)
+    monkeypatch.setattr(distributed, "_all_gather", gather)
+
+
+def record_calls(monkeypatch, module, names) -> list[tuple[str, bool]]:
+    """Wrap ``module``'s functions ``names``: each call appends (name, whether it ran), to the list
+    returned. A Triton entry point that does not run returns False or None, and its caller then falls
+    back to torch, which would pass a bit-for-bit test against the torch path without the kernel."""
+    calls = []
+    for name in names:
+        original = getattr(module, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            result = _original(*args, **kwargs)
+            calls.append((_name, result is not False and result is not None))
+            return result
+
+        monkeypatch.setattr(module, name, recording)
+    return calls

@@ -20,7 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from optim_helpers import bits_equal  # noqa: E402
+from optim_helpers import bits_equal, record_calls, two_simulated_ranks  # noqa: E402
 
 import lion_hf.optim.triton_kernel as lion_triton  # noqa: E402
 from lion_hf.optim.dispatch import run_step  # noqa: E402
@@ -286,32 +286,11 @@ def test_distributed_lion_on_triton_with_int8_state_is_foreach_bit_for_bit(monke
     as impl="foreach" does. Its sign pass (8-bit momenta widened in the kernel) and its vote run in
     the Triton kernels, its apply pass in foreach (as for every momentum dtype)."""
     from lion_hf import DistributedLion
-    from lion_hf.optim import distributed
-    from lion_hf.optim.signs import HEADER_BYTES, pack_signs
 
     gen = torch.Generator().manual_seed(11)
     shapes = [(70, 64), (50,)]  # one 8-bit momentum (4480 elements), one fp32 (below EIGHT_BIT_MIN_NUMEL)
-    numel = sum(torch.Size(s).numel() for s in shapes)
-    other = pack_signs([torch.randint(-1, 2, (numel,), generator=gen).float()]).to(DEVICE)
-
-    def gather(output, buffer, group):
-        rows = output.view(2, -1)
-        rows[0] = buffer
-        rows[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
-        rows[1, HEADER_BYTES:] = other
-
-    monkeypatch.setattr(DistributedLion, "world_size", lambda self: 2)
-    monkeypatch.setattr(distributed, "_all_gather", gather)
-    calls = []
-    for name in ("triton_signs", "triton_vote"):
-        original = getattr(lion_triton, name)
-
-        def recording(*a, _original=original, _name=name, **k):
-            result = _original(*a, **k)
-            calls.append((_name, result is not False and result is not None))
-            return result
-
-        monkeypatch.setattr(lion_triton, name, recording)
+    two_simulated_ranks(monkeypatch, shapes, gen, DEVICE)
+    calls = record_calls(monkeypatch, lion_triton, ("triton_signs", "triton_vote"))
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
     results = []

@@ -40,6 +40,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from lion_reference import lion_reference_step  # noqa: E402
+from optim_helpers import record_calls, two_simulated_ranks  # noqa: E402
 
 import lion_hf.optim.triton_kernel as lion_triton  # noqa: E402
 from lion_hf.optim.triton_kernel import BLOCK_SIZE, triton_lion_  # noqa: E402
@@ -832,26 +833,11 @@ def test_distributed_lion_on_triton_is_foreach_bit_for_bit(monkeypatch):
     DistributedLion(impl="triton") runs its sign pass and vote in the Triton kernels and moves the
     weights and momenta exactly as impl="foreach" does."""
     from lion_hf import DistributedLion
-    from lion_hf.optim import distributed
-    from lion_hf.optim.signs import HEADER_BYTES, pack_signs
 
     gen = torch.Generator().manual_seed(11)
     shapes = [(300,), (7, 5), (0,), (2 * 5 * 4096 + 3,)]
-    numel = sum(torch.Size(s).numel() for s in shapes)
-    other = pack_signs([torch.randint(-1, 2, (numel,), generator=gen).float()]).to(DEVICE)
-
-    def gather(output, buffer, group):
-        rows = output.view(2, -1)
-        rows[0] = buffer
-        rows[1, :HEADER_BYTES] = buffer[:HEADER_BYTES]
-        rows[1, HEADER_BYTES:] = other
-
-    monkeypatch.setattr(DistributedLion, "world_size", lambda self: 2)
-    monkeypatch.setattr(distributed, "_all_gather", gather)
-    calls = []
-    for name in ("triton_signs", "triton_vote"):
-        original = getattr(lion_triton, name)
-        monkeypatch.setattr(lion_triton, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    two_simulated_ranks(monkeypatch, shapes, gen, DEVICE)
+    calls = record_calls(monkeypatch, lion_triton, ("triton_signs", "triton_vote"))
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
     results = []
@@ -866,7 +852,7 @@ def test_distributed_lion_on_triton_is_foreach_bit_for_bit(monkeypatch):
         for _ in range(2):
             opt.step()
         results.append([t.detach().cpu() for p in ps for t in (p, opt.state[p]["exp_avg"])])
-    assert calls.count("triton_signs") == 2 and calls.count("triton_vote") == 2, calls
+    assert calls == [("triton_signs", True), ("triton_vote", True)] * 2, "signs and vote ran in the Triton kernels"
     for a, b in zip(*results):
         assert torch.equal(a.view(-1).view(torch.int32), b.view(-1).view(torch.int32))
     assert not torch.equal(results[0][0], params[0])

@@ -305,6 +305,25 @@ def _store_param_value(w, noise, P_DTYPE: tl.constexpr, P_STOCHASTIC: tl.constex
 
 
 @_jit
+def _store_param(p_ptrs, c_ptrs, mask, new_w, p, c, finite, noise, P_DTYPE: tl.constexpr,
+                 P_STOCHASTIC: tl.constexpr, KAHAN: tl.constexpr, SKIP_NONFINITE: tl.constexpr, MASKED: tl.constexpr):
+    """Store the new fp32 weight ``new_w`` as the param, rounded with ``noise`` as ``param_rounding``
+    says, and under Kahan what that rounding dropped as the residual. ``p`` and ``c`` are the param
+    and residual as loaded (``c`` read under KAHAN only), ``finite`` where the grad is finite (read
+    under SKIP_NONFINITE only). One body for every momentum dtype, so that the 8-bit kernel rounds
+    and keeps the residual exactly as the others do."""
+    new_p = _store_param_value(new_w, noise, P_DTYPE, P_STOCHASTIC)
+    if KAHAN:
+        new_c = new_w - new_p.to(tl.float32)
+        if SKIP_NONFINITE:
+            # Re-rounding p + c could move p by a tie: a skipped element keeps its exact bits.
+            new_p = tl.where(finite, new_p, p.to(P_DTYPE))
+            new_c = tl.where(finite, new_c, c)
+        _store(c_ptrs, _store_param_value(new_c, 0, P_DTYPE, False), mask, MASKED)
+    _store(p_ptrs, new_p, mask, MASKED)
+
+
+@_jit
 def _sign(c):
     """sign as torch.sign (and the reference): sign(0) = sign(NaN) = 0."""
     return tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
@@ -391,6 +410,7 @@ def _lion_tile(
     if MAXIMIZE:
         g = -g
     w = p
+    c = 0.0  # no residual: _store_param reads c under KAHAN only
     if KAHAN:
         c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
         w = p + c  # the weight being optimised: the stored param plus what its rounding dropped
@@ -399,6 +419,7 @@ def _lion_tile(
         u = _cautious(u, g, count, n)
     new_w = w * decay - lr * u
     new_m = beta2 * m + one_minus_beta2 * g
+    finite = True  # _store_param reads it under SKIP_NONFINITE only
     if SKIP_NONFINITE:
         # Exponent bits all ones <=> NaN or +-inf; a bit test cannot be folded away by fast-math.
         finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
@@ -408,15 +429,8 @@ def _lion_tile(
     p_noise = 0
     if P_STOCHASTIC:
         p_noise = _noise16(seed, 1, ROWS, COLS)
-    new_p = _store_param_value(new_w, p_noise, P_DTYPE, P_STOCHASTIC)
-    if KAHAN:
-        new_c = new_w - new_p.to(tl.float32)
-        if SKIP_NONFINITE:
-            # Re-rounding p + c could move p by a tie: a skipped element keeps its exact bits.
-            new_p = tl.where(finite, new_p, p.to(P_DTYPE))
-            new_c = tl.where(finite, new_c, c)
-        _store(c_ptrs, _store_param_value(new_c, 0, P_DTYPE, False), mask, MASKED)
-    _store(p_ptrs, new_p, mask, MASKED)
+    _store_param(p_ptrs, c_ptrs, mask, new_w, p, c, finite, p_noise, P_DTYPE, P_STOCHASTIC, KAHAN, SKIP_NONFINITE,
+                 MASKED)
 
     if STOCHASTIC:
         noise = _noise16(seed, 0, ROWS, COLS)
@@ -586,6 +600,7 @@ def _lion8_tile(
     if MAXIMIZE:
         g = -g
     w = p
+    c = 0.0  # no residual: _store_param reads c under KAHAN only
     if KAHAN:
         c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
         w = p + c
@@ -594,6 +609,7 @@ def _lion8_tile(
         u = _cautious(u, g, count, n)
     new_w = w * decay - lr * u
     new_m = beta2 * m + one_minus_beta2 * g
+    finite = True  # _store_param reads it under SKIP_NONFINITE only
     if SKIP_NONFINITE:
         finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
         new_w = tl.where(finite, new_w, w)
@@ -603,14 +619,8 @@ def _lion8_tile(
     if P_STOCHASTIC:
         # The hash of the param's seed, as every other impl rounds the param: the same bits.
         p_noise = _hash16(index, p_seed)
-    new_p = _store_param_value(new_w, p_noise, P_DTYPE, P_STOCHASTIC)
-    if KAHAN:
-        new_c = new_w - new_p.to(tl.float32)
-        if SKIP_NONFINITE:
-            new_p = tl.where(finite, new_p, p.to(P_DTYPE))
-            new_c = tl.where(finite, new_c, c)
-        _store(c_ptrs, _store_param_value(new_c, 0, P_DTYPE, False), mask, MASKED)
-    _store(p_ptrs, new_p, mask, MASKED)
+    _store_param(p_ptrs, c_ptrs, mask, new_w, p, c, finite, p_noise, P_DTYPE, P_STOCHASTIC, KAHAN, SKIP_NONFINITE,
+                 MASKED)
 
     if MASKED:
         # Past the tensor's end the reference pads with zeros (a masked lane's m is 0 * scale: NaN
