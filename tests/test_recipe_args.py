@@ -169,6 +169,26 @@ def test_help_shows_the_recipes_and_lions_options_first_with_examples(capsys):
     assert len(capsys.readouterr().out.splitlines()) > 500
 
 
+def test_help_cuts_each_option_at_a_sentence_end_not_at_an_abbreviation(capsys):
+    from lion_hf.experiments import finetune
+
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    entries: dict[str, str] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --"):
+            name, _, text = line.strip().partition(" ")
+            entries[name] = text.strip()
+        elif entries and line.startswith(" " * 32):
+            entries[name] += " " + line.strip()
+    assert "--lion_cautious" in entries
+    # A first sentence cut inside "(Liang et al. 2024)" leaves a parenthesis open (counted with brackets, for
+    # the half-open "[0, 1)").
+    for name, text in entries.items():
+        assert text.count("(") + text.count("[") == text.count(")") + text.count("]"), (name, text)
+    assert "(Liang et al. 2024)" in entries["--lion_cautious"]
+
+
 # ------------------------------------------------------------------------------------------- study
 
 

@@ -737,7 +737,8 @@ def _first_sentence(text: str) -> str:
     import re
 
     text = " ".join(text.split())
-    cut = re.search(r"(?<!e\.g)(?<!i\.e)\.\s", text)
+    # Not after an abbreviation: "e.g.", "i.e." and a citation's "et al." end no sentence.
+    cut = re.search(r"(?<!e\.g)(?<!i\.e)(?<!\bal)\.\s", text)
     return text if cut is None else text[: cut.start() + 1]
 
 
