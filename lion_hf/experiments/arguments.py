@@ -635,7 +635,14 @@ def parse_recipe_args(
         with warnings.catch_warnings():
             if values["use_peft"]:  # LoRA adapters want a large Lion lr: the warning about one does not apply
                 warnings.simplefilter("ignore", AdamWLikeLearningRateWarning)
-            built.append(dtype(**{k: v for k, v in values.items() if k in keys}))
+            try:
+                built.append(dtype(**{k: v for k, v in values.items() if k in keys}))
+            except RecipeArgumentError:
+                raise
+            except ValueError as exc:
+                # The dataclasses' own checks (LionTrainingArguments', HF's) judge argument values too: the
+                # parser's one-line error for them, not a traceback.
+                raise RecipeArgumentError(str(exc)) from exc
     model_args, data_args, training_args, run_args = built
 
     processes = _launched_processes()
