@@ -189,13 +189,15 @@ def test_values_the_arguments_dataclasses_refuse_are_one_line_errors_of_the_scri
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_help_cuts_each_option_at_a_sentence_end_not_at_an_abbreviation(capsys):
+def test_help_fits_120_columns_and_cuts_each_option_at_a_sentence_end(capsys):
     from lion_hf.experiments import finetune
 
     with pytest.raises(SystemExit):
         finetune.main(["--help"])
+    out = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in out) <= 120, max(out, key=len)
     entries: dict[str, str] = {}
-    for line in capsys.readouterr().out.splitlines():
+    for line in out:
         if line.startswith("  --"):
             name, _, text = line.strip().partition(" ")
             entries[name] = text.strip()

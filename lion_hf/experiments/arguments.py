@@ -781,8 +781,8 @@ def format_compact_help(parser: argparse.ArgumentParser) -> str:
             lines += _option_line(parser, name, width)
         lines.append("")
     count = len({id(a) for a in _field_actions(parser).values()})
-    lines.append(f"Every option also takes its dashed spelling (--output-dir); booleans take true/false. "
-                 f"All {count} options, every HF TrainingArguments field included: --help_all")
+    lines += textwrap.wrap(f"Every option also takes its dashed spelling (--output-dir); booleans take true/false. "
+                           f"All {count} options, every HF TrainingArguments field included: --help_all", width=width)
     return "\n".join(lines)
 
 
