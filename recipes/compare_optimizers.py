@@ -1,7 +1,7 @@
 """Lion vs AdamW under identical conditions: every setup x lr x seed of a config, then one report.
 
 examples:
-  python recipes/compare_optimizers.py                     # offline default, ~4 min on 2 CPU cores
+  python recipes/compare_optimizers.py                     # offline default, minutes on 2 CPU cores
   python recipes/compare_optimizers.py recipes/configs/sst2_local.yaml --output-dir runs/sst2
   python recipes/compare_optimizers.py recipes/configs/sst2_local.yaml --seeds 0 -- --max_steps 50
   accelerate launch --multi_gpu --num_processes 2 recipes/compare_optimizers.py   # each run on both processes

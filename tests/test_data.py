@@ -351,6 +351,21 @@ def test_missing_file_and_validation_without_train(tmp_path):
         load_sentiment_data(validation_file=tmp_path / "v.csv")
 
 
+def test_a_missing_relative_path_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    # A config's "../shared/data/..." is read from the current directory: the error says which one.
+    run_from = tmp_path / "clone"
+    run_from.mkdir()
+    monkeypatch.chdir(run_from)
+    missing = tmp_path / "shared" / "data" / "sst2_sentences"
+    with pytest.raises(FileNotFoundError) as error:
+        load_sentiment_data(data_dir="../shared/data/sst2_sentences")
+    assert str(error.value) == (f"data_dir is not a folder: ../shared/data/sst2_sentences (looked for in the current "
+                                f"directory, {run_from}: {missing})")
+    with pytest.raises(FileNotFoundError) as error:
+        load_sentiment_data(train_file="nope.csv")
+    assert str(error.value).endswith(f": {run_from / 'nope.csv'})"), str(error.value)
+
+
 # ---------------------------------------------------------------- Hub path (no network)
 
 

@@ -169,6 +169,48 @@ def test_help_shows_the_recipes_and_lions_options_first_with_examples(capsys):
     assert len(capsys.readouterr().out.splitlines()) > 500
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lion_state_dtype", "int4"], "lion_state_dtype must be one of ('fp32', 'bf16', 'int8'), got 'int4'"),
+    (["--lion_gradient_release", "true", "--lion_distributed", "majority"],
+     "lion_gradient_release=True cannot run with lion_distributed='majority'"),
+])
+def test_values_the_arguments_dataclasses_refuse_are_one_line_errors_of_the_script(argv, message, monkeypatch,
+                                                                                  capsys, tmp_path):
+    from lion_hf.experiments import finetune
+
+    with pytest.raises(RecipeArgumentError) as error:
+        parse_recipe_args([*argv, "--output_dir", str(tmp_path / "run")])
+    assert message in str(error.value)
+    monkeypatch.setattr(sys, "argv", ["finetune_sentiment.py", *argv, "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_help_fits_120_columns_and_cuts_each_option_at_a_sentence_end(capsys):
+    from lion_hf.experiments import finetune
+
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    out = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in out) <= 120, max(out, key=len)
+    entries: dict[str, str] = {}
+    for line in out:
+        if line.startswith("  --"):
+            name, _, text = line.strip().partition(" ")
+            entries[name] = text.strip()
+        elif entries and line.startswith(" " * 32):
+            entries[name] += " " + line.strip()
+    assert "--lion_cautious" in entries
+    # A first sentence cut inside "(Liang et al. 2024)" leaves a parenthesis open (counted with brackets, for
+    # the half-open "[0, 1)").
+    for name, text in entries.items():
+        assert text.count("(") + text.count("[") == text.count(")") + text.count("]"), (name, text)
+    assert "(Liang et al. 2024)" in entries["--lion_cautious"]
+
+
 # ------------------------------------------------------------------------------------------- study
 
 

@@ -635,7 +635,14 @@ def parse_recipe_args(
         with warnings.catch_warnings():
             if values["use_peft"]:  # LoRA adapters want a large Lion lr: the warning about one does not apply
                 warnings.simplefilter("ignore", AdamWLikeLearningRateWarning)
-            built.append(dtype(**{k: v for k, v in values.items() if k in keys}))
+            try:
+                built.append(dtype(**{k: v for k, v in values.items() if k in keys}))
+            except RecipeArgumentError:
+                raise
+            except ValueError as exc:
+                # The dataclasses' own checks (LionTrainingArguments', HF's) judge argument values too: the
+                # parser's one-line error for them, not a traceback.
+                raise RecipeArgumentError(str(exc)) from exc
     model_args, data_args, training_args, run_args = built
 
     processes = _launched_processes()
@@ -737,7 +744,8 @@ def _first_sentence(text: str) -> str:
     import re
 
     text = " ".join(text.split())
-    cut = re.search(r"(?<!e\.g)(?<!i\.e)\.\s", text)
+    # Not after an abbreviation: "e.g.", "i.e." and a citation's "et al." end no sentence.
+    cut = re.search(r"(?<!e\.g)(?<!i\.e)(?<!\bal)\.\s", text)
     return text if cut is None else text[: cut.start() + 1]
 
 
@@ -773,8 +781,8 @@ def format_compact_help(parser: argparse.ArgumentParser) -> str:
             lines += _option_line(parser, name, width)
         lines.append("")
     count = len({id(a) for a in _field_actions(parser).values()})
-    lines.append(f"Every option also takes its dashed spelling (--output-dir); booleans take true/false. "
-                 f"All {count} options, every HF TrainingArguments field included: --help_all")
+    lines += textwrap.wrap(f"Every option also takes its dashed spelling (--output-dir); booleans take true/false. "
+                           f"All {count} options, every HF TrainingArguments field included: --help_all", width=width)
     return "\n".join(lines)
 
 

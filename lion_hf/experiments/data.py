@@ -297,7 +297,7 @@ def read_local_file(path: str | os.PathLike, column_names: Sequence[str] | None 
             f"{path}: unsupported file extension {ext or '(none)'!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {_with_absolute(path)}")
     if column_names is not None:
         column_names = list(column_names)
         if ext not in (".csv", ".tsv"):
@@ -554,9 +554,17 @@ def _from_rows(
     return texts, out, names, source
 
 
+def _with_absolute(path: Path) -> str:
+    """``path``, and for a relative one where it was looked for: a config's relative ``data_dir`` is read from the
+    current directory, not from the config's folder."""
+    if path.is_absolute():
+        return str(path)
+    return f"{path} (looked for in the current directory, {Path.cwd()}: {os.path.abspath(path)})"
+
+
 def _resolve_data_dir(data_dir: Path) -> tuple[Path, Path | None]:
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data_dir is not a folder: {data_dir}")
+        raise FileNotFoundError(f"data_dir is not a folder: {_with_absolute(data_dir)}")
     files = sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
 
     def pick(stem: str) -> Path | None:
