@@ -334,9 +334,10 @@ class LionTrainer(Trainer):
             accelerator = self.accelerator
             # HF's loop sets sync_gradients before each micro-batch: True on a step's last one.
             self._lion_release = GradientRelease(inner, last_micro_batch=lambda: accelerator.sync_gradients)
-            # The input embedding's and the output layer's gradients in chunks, never whole: the same
-            # update, without the largest gradient at the peak (GradientRelease.chunk_embeddings).
-            self._lion_release.chunk_embeddings(model)
+            if getattr(self.args, "lion_sparse_embedding", True) and not getattr(self.args, "torch_compile", False):
+                # The word embedding's gradient sparse, never dense: the same update, without the
+                # largest gradient of a classifier at the peak (GradientRelease.sparse_embedding).
+                self._lion_release.sparse_embedding(model)
 
     def _distributed_lion(self) -> DistributedLion | None:
         inner = unwrap_optimizer(self.optimizer)

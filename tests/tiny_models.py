@@ -8,10 +8,10 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 VOCAB = 64
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, vocab: int = VOCAB) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
         max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config)

@@ -55,7 +55,6 @@ from lion_hf.optim.validation import check_step_tensors, overlapping, readable_g
 __all__ = [
     "PreparedStep",
     "apply_step",
-    "apply_step_by_rows",
     "impl_unavailable",
     "prepare_step",
     "resolve_impl",
@@ -265,19 +264,6 @@ def apply_step(prepared: PreparedStep) -> None:
         if any(sparse):
             for group, g in by_rows:
                 _step_rows(concrete, group, functools.partial(sparse_rows, g), skip_nonfinite)
-
-
-def apply_step_by_rows(prepared: PreparedStep, grad_rows: Callable[[int, int], Tensor]) -> None:
-    """The second stage for one param whose gradient is never whole: ``grad_rows(start, stop)``
-    returns rows ``start:stop`` of it (dense, the param's dtype), and the param is stepped a chunk
-    of rows at a time (:func:`~lion_hf.optim.numerics.row_chunks`), the same bits as one step on
-    the whole gradient. ``prepared`` holds that one param (its grad a stand-in of its shape and
-    dtype, e.g. an expanded zero). Gradient release steps the output layer this way in backward."""
-    numel = [len(group.params) for group in prepared.groups]
-    if numel != [1]:
-        raise ValueError(f"apply_step_by_rows steps one param, got groups of {numel} params")
-    group = prepared.groups[0]
-    _step_rows(prepared.impls[group.params[0].device], group, grad_rows, prepared.skip_nonfinite)
 
 
 def _step_rows(concrete: str, group: StepGroup, grad_rows: Callable[[int, int], Tensor],

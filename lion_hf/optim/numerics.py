@@ -45,6 +45,7 @@ __all__ = [
     "quantize_momentum",
     "ranges_overlap",
     "row_chunks",
+    "sparse_row_sums",
     "sparse_rows",
     "step_may_proceed",
     "stochastic_round_to_bf16",
@@ -327,6 +328,15 @@ def sparse_rows(g: Tensor, start: int, stop: int) -> Tensor:
     return dense.view(stop - start, *g.shape[1:])
 
 
+def sparse_row_sums(g: Tensor) -> Tensor:
+    """The rows of a sparse COO gradient that hold entries, summed as :func:`sparse_rows` sums them
+    (the same entries of each row, in the same order), one row per distinct index."""
+    index = g._indices()[0]
+    rows, position = torch.unique(index, sorted=True, return_inverse=True)
+    values = g._values().reshape(index.numel(), -1)
+    return torch.ops.aten.embedding_dense_backward(values, position, rows.numel(), -1, False)
+
+
 def offset_seed(seed: Tensor | int | None, start: int) -> Tensor | int | None:
     """The seed under which the :func:`random_bits16` of a slice that starts at element ``start``
     of a tensor are that tensor's bits under ``seed`` (the bits hash ``index + seed`` mod 2**16)."""
@@ -547,7 +557,7 @@ def all_finite(grads: list[Tensor]) -> bool:
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
     for g in grads:
         if g.is_sparse:
-            g = g._values()  # its entries: the values the dense form sums
+            g = sparse_row_sums(g)  # the rows the step will sum: fp16 entries can overflow only there
         if g.numel():
             by_device[g.device].append(g)
     for device_grads in by_device.values():

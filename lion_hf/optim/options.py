@@ -77,8 +77,7 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "does not move the weight) or 'average' (the mean sign, in steps of 1 / world size)."),
     Option("gradient_release", False, (False, True), False, "Gradient release (lion_hf.optim.release."
            "GradientRelease, LionTrainer): each param is stepped during backward as soon as its gradient is ready "
-           "and the gradient freed, so the gradients of the whole model never live at once (under LionTrainer in one "
-           "process the input embedding's and output layer's are never whole either). No gradient clipping "
+           "and the gradient freed, so the gradients of the whole model never live at once. No gradient clipping "
            "(a global norm needs every gradient first); nonfinite_grad 'skip_elements' or 'propagate'."),
 )}
 

@@ -33,16 +33,11 @@ gradients' bytes (2 or 4 per parameter) at the peak.
   gradients as the bucket arrives (the optimizer-overlap scheme). DDP keeps its own bucket
   buffers, so there the gain is the overlap, not memory.
 
-* **The largest gradients, in chunks.** With a dense-gradient release the peak still holds the
-  largest single gradient: in a language model the input embedding's and the output layer's
-  (vocab x hidden each). :meth:`GradientRelease.chunk_embeddings` keeps both from ever being whole:
-  the input embedding returns a sparse gradient (torch's ``nn.Embedding(sparse=True)``: the rows of
-  the batch's tokens), which the step expands a chunk of rows at a time, and the output layer's
-  backward computes its weight's gradient a chunk of rows at a time and steps each chunk at once.
-  The update is the same bits (the chunks compute what the whole tensors do: each row of an
-  embedding's gradient sums its tokens in the same order, each row of a matmul's is its own dot
-  products), for one backward per step; under accumulation or autocast the output layer keeps its
-  whole gradient.
+* **The input embedding's gradient, sparse.** A classifier's word embedding is its largest
+  tensor (half of MiniLM-L6), and its dense gradient is alive at the end of backward.
+  :meth:`GradientRelease.sparse_embedding` makes it sparse (torch's ``nn.Embedding(sparse=True)``:
+  a row per token), and the step expands it a chunk of rows at a time; each row sums its tokens
+  with torch's dense embedding backward, in the same order, so the update is the same bits.
 
 ``step()`` only runs its closure while a release is attached (it raises when a gradient was left
 behind, unstepped), and ``zero_grad()`` has nothing left to free.
@@ -50,8 +45,9 @@ behind, unstepped), and ``zero_grad()`` has nothing left to free.
 
 from __future__ import annotations
 
-import functools
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -59,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lion_hf.optim.dispatch import apply_step, apply_step_by_rows, prepare_step
+from lion_hf.optim.dispatch import apply_step, prepare_step
 from lion_hf.optim.lion import Lion
 from lion_hf.optim.numerics import with_seeds
 from lion_hf.optim.validation import check_step_scalars, validate_options
@@ -87,8 +83,10 @@ class GradientRelease:
 
     ``GradientRelease(optimizer)`` registers a post-accumulate-grad hook on every param that
     requires a gradient; :meth:`remove` (or leaving a ``with`` block) takes them off and gives
-    :meth:`Lion.step` back its work. ``last_micro_batch`` is called once per backward: False
-    keeps the gradients for the next micro-batch (default: every backward is a step's last).
+    :meth:`Lion.step` back its work. ``last_micro_batch`` is called once per backward (and, with
+    :meth:`sparse_embedding`, at the embedding's forward too), so it must answer from where the
+    loop is, not count its calls: False keeps the gradients for the next micro-batch (default:
+    every backward is a step's last).
     Under DDP use :meth:`GradientRelease.ddp` instead.
 
     Example, a plain loop with accumulation over ``n`` micro-batches::
@@ -133,7 +131,9 @@ class GradientRelease:
         self._last = True
         self._lock = threading.Lock()
         self._handles: list[Any] = []
-        self._undo: list[Callable[[], None]] = []  # what chunk_embeddings changed on modules, to restore
+        self._embeddings: list[tuple[torch.nn.Embedding, Any]] = []  # made sparse: (module, hook handle)
+        self._lookups = 0  # sparse lookups of an embedding in this step's forward
+        self._warned_lookups = False
         self._ddp = _ddp
         if _ddp is None:
             for group in optimizer.param_groups:
@@ -183,48 +183,70 @@ class GradientRelease:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        while self._undo:
-            self._undo.pop()()
+        for embedding, handle in self._embeddings:
+            handle.remove()
+            if _SPARSE_EMBEDDINGS.get(embedding) is self:
+                del _SPARSE_EMBEDDINGS[embedding]
+            embedding.sparse = False
+        self._embeddings.clear()
         if self.optimizer.gradient_release is self:
             self.optimizer.gradient_release = None
 
-    def chunk_embeddings(self, model: torch.nn.Module) -> list[str]:
-        """Keep the input embedding's and the output layer's gradients from ever being whole (module
-        docstring), on ``model`` (what its ``get_input_embeddings()`` / ``get_output_embeddings()``
-        return, as HF models have them). Taken: an ``nn.Embedding`` (without ``max_norm`` or
-        ``scale_grad_by_freq``) and a bias-free ``nn.Linear`` whose weight this optimizer trains and
-        no other module uses (a tied weight gets a dense gradient from its other use anyway).
-        :meth:`remove` restores both modules. Not under DDP, whose buckets need every gradient.
-        The embedding is made sparse at each forward that is a step's last micro-batch with no
-        gradient held (``last_micro_batch`` is asked then too), so under gradient accumulation it
-        keeps its dense gradient. Returns which it took ("input", "output")."""
+    def sparse_embedding(self, model: torch.nn.Module) -> bool:
+        """Make the input embedding of ``model`` (its ``get_input_embeddings()``, as HF models have it)
+        return a sparse gradient in the backwards this release steps: the step expands it a chunk of
+        rows at a time (``numerics.sparse_rows``), so its dense gradient never exists, and the update
+        is the same bits. Taken: an ``nn.Embedding`` without ``max_norm`` or ``scale_grad_by_freq``
+        whose weight this optimizer trains and no other module uses (a tied weight also gets a dense
+        gradient from its other use). Decided at each forward: sparse only in a step's last
+        micro-batch with no gradient held (under accumulation the gradients stay dense, added up as
+        without release), with gradients enabled, outside ``torch.compile`` (whose compiled kernels
+        take no sparse tensors), and when the lookup's tokens are fewer than the embedding's rows
+        (a sparse gradient holds a row per token). ``last_micro_batch`` is then also asked at that
+        forward. Not under DDP (its buckets reduce dense gradients). :meth:`remove` restores the
+        module. Returns whether the embedding was taken."""
         if self._ddp is not None:
-            raise ValueError("chunk_embeddings cannot run under DDP: DDP reduces each bucket of whole gradients")
-        uses: dict[int, int] = {}
-        for _, q in model.named_parameters(remove_duplicate=False):
-            uses[id(q)] = uses.get(id(q), 0) + 1
-
-        def own(weight: Any) -> bool:  # trained by this optimizer, used by this module alone
-            return (isinstance(weight, Tensor) and weight.requires_grad and id(weight) in self._index
-                    and uses.get(id(weight)) == 1)
-
-        taken = []
+            raise ValueError("sparse_embedding cannot run under DDP: DDP reduces buckets of dense gradients")
         get_input = getattr(model, "get_input_embeddings", None)
         embedding = get_input() if callable(get_input) else None
-        if (isinstance(embedding, torch.nn.Embedding) and own(embedding.weight) and not embedding.sparse
-                and embedding.max_norm is None and not embedding.scale_grad_by_freq):
-            handle = embedding.register_forward_pre_hook(functools.partial(_embedding_pre_hook, self))
-            self._undo.append(functools.partial(setattr, embedding, "sparse", False))
-            self._undo.append(handle.remove)
-            taken.append("input")
-        get_output = getattr(model, "get_output_embeddings", None)
-        output = get_output() if callable(get_output) else None
-        if (type(output) is torch.nn.Linear and output.bias is None and own(output.weight)
-                and "forward" not in vars(output)):
-            output.forward = functools.partial(_output_forward, output, self)
-            self._undo.append(functools.partial(vars(output).pop, "forward", None))
-            taken.append("output")
-        return taken
+        if not isinstance(embedding, torch.nn.Embedding) or embedding.max_norm is not None \
+                or embedding.scale_grad_by_freq or embedding.sparse:
+            return False
+        weight = embedding.weight
+        uses = sum(q is weight for _, q in model.named_parameters(remove_duplicate=False))
+        if not (weight.requires_grad and id(weight) in self._index and uses == 1):
+            return False
+        owner = _SPARSE_EMBEDDINGS.get(embedding)
+        if owner is self:
+            return True
+        if owner is not None and owner.active:
+            raise ValueError("this embedding is already made sparse by another GradientRelease; remove() it first")
+        _SPARSE_EMBEDDINGS[embedding] = self
+        self._embeddings.append((embedding, embedding.register_forward_pre_hook(_embedding_pre_hook)))
+        return True
+
+    def _sparse_now(self, embedding: torch.nn.Embedding, args: tuple) -> bool:
+        """Whether this forward of ``embedding`` makes a sparse gradient (see :meth:`sparse_embedding`)."""
+        weight = embedding.weight
+        ids = args[0] if args else None
+        if not (self.active and isinstance(ids, Tensor) and torch.is_grad_enabled() and weight.requires_grad
+                and weight.grad is None) or torch.compiler.is_compiling():
+            return False
+        row_bytes = weight[0].numel() * weight.element_size()
+        if ids.numel() * (row_bytes + 8) >= weight.shape[0] * row_bytes:  # a row and an int64 index per token
+            return False
+        if not (self.last_micro_batch is None or bool(self.last_micro_batch())):
+            return False
+        self._lookups += 1
+        if self._lookups == 2 and not self._warned_lookups:
+            self._warned_lookups = True
+            warnings.warn(
+                "gradient release: the input embedding was looked up twice before one backward (two forward passes "
+                "in one loss?). Its two sparse gradients are summed in one pass per row, the same sum as the "
+                "ordinary run's but possibly rounded differently. GradientRelease.remove() and a new release "
+                "without sparse_embedding (LionTrainingArguments(lion_sparse_embedding=False)) keep it dense.",
+                stacklevel=4)
+        return True
 
     @property
     def active(self) -> bool:
@@ -249,17 +271,6 @@ class GradientRelease:
     # ------------------------------------------------------------------ the step in backward
 
     def _hook(self, p: Tensor) -> None:
-        if self._entered(p) and p.grad is not None:
-            self._check_once(p)
-            self._pending.append(p)
-            self._pending_numel += p.numel()
-            if self._pending_numel >= self.bucket_numel:
-                self._flush()
-
-    def _entered(self, p: Tensor) -> bool:
-        """Called at each param ``p`` a backward hands over (its hook, or an output layer's backward):
-        at the first, asks whether it is the last micro-batch of a step and begins the step.
-        Whether this backward steps."""
         if not self._in_backward:
             # A backward's first hook: ask whether it is the step's last micro-batch, once, and
             # close the backward when the engine has run every node.
@@ -273,7 +284,12 @@ class GradientRelease:
                 self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
                 if self._last:
                     self._begin_step()
-        return self._last
+        if self._last and p.grad is not None:
+            self._check_once(p)
+            self._pending.append(p)
+            self._pending_numel += p.numel()
+            if self._pending_numel >= self.bucket_numel:
+                self._flush()
 
     def _flush(self) -> None:
         """Step the params whose gradients are ready, in one dispatch, and free their gradients."""
@@ -286,6 +302,9 @@ class GradientRelease:
     def _end_backward(self) -> None:
         self._in_backward = False
         self._flush()
+        self._lookups = 0
+        for embedding, _ in self._embeddings:
+            embedding.sparse = False  # between steps the module is as the user built it (a copy is dense)
         current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
         if current_node() is not None:
             # The backward that ended ran inside a node of another (reentrant checkpointing): the
@@ -370,34 +389,6 @@ class GradientRelease:
         if prepared is not None:  # only the skip_step / raise gate returns None; refused above
             apply_step(prepared)
 
-    def _takes_rows(self, weight: Tensor) -> bool:
-        # Whether an output layer's backward now hands its weight's gradient over in rows: while
-        # this release is attached (outside DDP), in the backward of a step's last micro-batch, with
-        # no gradient of earlier micro-batches held (that sum is stepped whole, by the hook).
-        return self.active and self._ddp is None and self._last and self._in_backward and weight.grad is None
-
-    def _sparse_now(self, weight: Tensor) -> bool:
-        # Whether an input embedding's forward now makes a sparse gradient: in the last micro-batch of
-        # a step, with no gradient of earlier ones held. Under accumulation every micro-batch then
-        # makes a dense one, added up as without chunking (a dense and a sparse gradient would add
-        # in another order).
-        return (self.active and self._ddp is None and weight.grad is None and torch.is_grad_enabled()
-                and (self.last_micro_batch is None or bool(self.last_micro_batch())))
-
-    def _step_rows(self, p: Tensor, grad_rows: Callable[[int, int], Tensor]) -> None:
-        """Step ``p`` now, its gradient given a chunk of rows at a time by ``grad_rows(start, stop)``
-        (:func:`~lion_hf.optim.dispatch.apply_step_by_rows`), with the seeds drawn for it."""
-        opt = self.optimizer
-        self._check_once(p)
-        stand_in = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)  # shape and dtype, no memory
-        step = opt.step_group(self._index[id(p)], [p], [stand_in])
-        row = self._seeds.get(id(p)) if self._seeds is not None else None
-        if row is not None:
-            step = step._replace(seeds=row)
-        prepared = prepare_step([step], impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
-        if prepared is not None:
-            apply_step_by_rows(prepared, grad_rows)
-
     def check_stepped(self) -> None:
         """Called by :meth:`Lion.step` while this release is attached: every param's gradient should
         have been stepped and freed in backward. A gradient still held means the last backward was
@@ -415,43 +406,13 @@ class GradientRelease:
                 "micro-batch, or remove() the release to step them here.")
 
 
-class _RowsInBackward(torch.autograd.Function):
-    """``x @ weight.T`` whose backward, in a step of gradient release, steps ``weight`` a chunk of
-    rows at a time instead of returning its gradient. The products are the ones autograd's own
-    backward of a linear layer computes (``grad.mm(weight)`` for the input; for the weight,
-    ``grad.T.mm(x)``, whose rows are each a row of the chunked product), so every bit is the same."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, release: GradientRelease) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.release = release
-        return torch.nn.functional.linear(x, weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, weight = ctx.saved_tensors
-        release: GradientRelease = ctx.release
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
-        # The input's gradient first: the weight is stepped in place below.
-        grad_x = grad2d.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        if not ctx.needs_input_grad[1]:
-            return grad_x, None, None
-        if not (release._entered(weight) and release._takes_rows(weight)):
-            return grad_x, grad2d.t().mm(x2d), None  # kept for the next micro-batch, or no release now
-        release._step_rows(weight, lambda start, stop: grad2d[:, start:stop].t().mm(x2d))
-        return grad_x, None, None
+# Each input embedding a release makes sparse, and that release: a weak map, so that the module
+# holds no reference to the release (a copy or a pickle of the model carries none, and its hook,
+# a plain function, then finds no release and leaves the copy as it is).
+_SPARSE_EMBEDDINGS: weakref.WeakKeyDictionary[torch.nn.Embedding, GradientRelease] = weakref.WeakKeyDictionary()
 
 
-def _embedding_pre_hook(release: GradientRelease, module: torch.nn.Embedding, args: Any) -> None:
-    # Decided at each forward: a sparse gradient only where the release will step it alone.
-    module.sparse = release._sparse_now(module.weight)
-
-
-def _output_forward(module: torch.nn.Linear, release: GradientRelease, x: Tensor) -> Tensor:
-    # The output layer's forward under chunk_embeddings: the chunked backward while this release
-    # steps in backward; the module's own otherwise (no grad, autocast, after remove()).
-    if (torch.is_grad_enabled() and release.active and module.weight.requires_grad
-            and not torch.is_autocast_enabled(x.device.type)):
-        return _RowsInBackward.apply(x, module.weight, release)
-    return torch.nn.Linear.forward(module, x)
+def _embedding_pre_hook(module: torch.nn.Embedding, args: tuple) -> None:
+    release = _SPARSE_EMBEDDINGS.get(module)
+    if release is not None:
+        module.sparse = release._sparse_now(module, args)

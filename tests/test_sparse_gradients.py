@@ -1,20 +1,22 @@
-"""Gradients that are never whole: sparse gradients (``nn.Embedding(sparse=True)``) stepped a chunk of
-dense rows at a time, and gradient release's ``chunk_embeddings`` (the input embedding made sparse,
-the output layer's weight stepped in rows during backward).
+"""Sparse gradients (``nn.Embedding(sparse=True)``) stepped a chunk of dense rows at a time, and
+gradient release's ``sparse_embedding`` (the input embedding's gradient made sparse in the backwards
+the release steps).
 
-Each must compute the bits of the ordinary step on the whole dense gradient, in every impl that runs
-on the CPU, for every weight and momentum dtype, and hold no gradient of the tensor's size.
+Each must compute the bits of the ordinary step on the dense gradient of the same lookup, in every
+impl that runs on the CPU, for every weight and momentum dtype, and hold no dense gradient of the
+embedding's size.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import pickle
 import warnings
 
 import pytest
 import torch
-from tiny_models import CausalTokens, tiny_bert, tiny_llama  # tests/ is on sys.path under pytest
+from tiny_models import CausalTokens, TokenDataset, tiny_bert, tiny_llama  # tests/ is on sys.path under pytest
 
 import lion_hf.optim.dispatch as dispatch
 import lion_hf.optim.numerics as numerics
@@ -121,8 +123,28 @@ def test_a_sparse_gradient_under_cautious_and_skip_elements(small_chunks):
             assert not torch.equal(sparse.weight[1], _initial_weight(1000, 8)[1])
 
 
+def test_the_skip_step_gate_judges_the_rows_a_sparse_gradient_sums_to():
+    # fp16 entries that are finite alone but overflow when their row is summed: the dense gradient
+    # is inf, so skip_step skips (and raise raises) as it does on the dense gradient.
+    for policy in ("skip_step", "raise"):
+        grads = []
+        for sparse in (False, True):
+            emb = torch.nn.Embedding(10, 2, sparse=sparse).half()
+            opt = Lion(emb.parameters(), lr=1e-2, nonfinite_grad=policy, impl="foreach")
+            before = emb.weight.detach().clone()
+            emb(torch.tensor([3, 3, 3])).backward(torch.full((3, 2), 30000.0, dtype=torch.float16))
+            grads.append(emb.weight.grad)
+            if policy == "raise":
+                with pytest.raises(RuntimeError, match="NaN or inf"):
+                    opt.step()
+            else:
+                opt.step()
+            assert torch.equal(emb.weight, before)
+        assert grads[1].is_sparse and torch.isinf(grads[0]).any()
+
+
 # --------------------------------------------------------------------------------------
-# Gradient release: chunk_embeddings
+# Gradient release: sparse_embedding
 # --------------------------------------------------------------------------------------
 
 
@@ -132,13 +154,11 @@ def _train_llama(release: bool, *, impl="foreach", dtype=torch.float32, state_dt
     opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, impl=impl, state_dtype=state_dtype)
     micro = 0
     handle = None
+    if record is not None:  # what reaches the hooks (before the release's): the embedding's gradient's layout
+        model.model.embed_tokens.weight.register_post_accumulate_grad_hook(lambda q: record.append(q.grad.layout))
     if release:
-        if record is not None:  # what reaches the hooks (before the release's): each gradient's layout
-            for name, p in model.named_parameters():
-                p.register_post_accumulate_grad_hook(
-                    lambda q, name=name: record.append((name, None if q.grad is None else q.grad.layout)))
         handle = GradientRelease(opt, last_micro_batch=lambda: (micro + 1) % accumulation == 0)
-        assert handle.chunk_embeddings(model) == ["input", "output"]
+        assert handle.sparse_embedding(model)
     data = CausalTokens()
     torch.manual_seed(1)
     for micro in range(steps * accumulation):
@@ -154,119 +174,145 @@ def _train_llama(release: bool, *, impl="foreach", dtype=torch.float32, state_dt
 @pytest.mark.parametrize(("dtype", "state_dtype"), [(torch.float32, "fp32"), (torch.bfloat16, "int8"),
                                                     (torch.bfloat16, "bf16")])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_chunked_release_trains_the_ordinary_run_bit_for_bit(small_chunks, impl, dtype, state_dtype, accumulation):
+def test_release_with_a_sparse_embedding_trains_the_ordinary_run_bit_for_bit(small_chunks, impl, dtype, state_dtype,
+                                                                              accumulation):
     record = []
     ordinary, _ = _train_llama(False, impl=impl, dtype=dtype, state_dtype=state_dtype, accumulation=accumulation)
     released, handle = _train_llama(True, impl=impl, dtype=dtype, state_dtype=state_dtype,
                                     accumulation=accumulation, record=record)
     assert handle.steps == 3
     start = tiny_llama().to(dtype)
-    assert not torch.equal(released.lm_head.weight, start.lm_head.weight)
     assert not torch.equal(released.model.embed_tokens.weight, start.model.embed_tokens.weight)
     for (name, p), q in zip(ordinary.named_parameters(), released.parameters()):
         assert torch.equal(p, q), name
     assert all(p.grad is None for p in released.parameters())
-    layouts = {}
-    for name, layout in record:
-        layouts.setdefault(name, set()).add(layout)
-    if accumulation == 1:
-        # The output layer's weight never held a gradient (its hook runs with none); the embedding's was sparse.
-        assert layouts["lm_head.weight"] == {None}
-        assert layouts["model.embed_tokens.weight"] == {torch.sparse_coo}
-    else:
-        # Under accumulation both keep their dense gradients, added up as without release.
-        assert layouts["lm_head.weight"] == {torch.strided}
-        assert layouts["model.embed_tokens.weight"] == {torch.strided}
+    # Sparse in each step's one backward; under accumulation dense, added up as without release.
+    assert set(record) == ({torch.sparse_coo} if accumulation == 1 else {torch.strided})
+    assert len(record) == 3 * accumulation
+    assert released.model.embed_tokens.sparse is False  # as built, between steps
 
 
-def test_chunked_release_never_holds_a_whole_gradient_of_either(small_chunks, monkeypatch):
-    # Every gradient of the two tensors that the impl is handed is one chunk of their rows.
+def test_the_embedding_is_never_handed_over_as_a_whole_dense_gradient(small_chunks, monkeypatch):
     model = tiny_llama()
-    vocab_tensors = {model.lm_head.weight.data_ptr(), model.model.embed_tokens.weight.data_ptr()}
+    embedding = model.model.embed_tokens.weight.data_ptr()
     handed = []
     original = dispatch._IMPL_FUNCTIONS["foreach"]
 
     def recording(groups, **kwargs):
         handed.extend(g.numel() for group in groups for p, g in zip(group.params, group.grads)
-                      if p.untyped_storage().data_ptr() in vocab_tensors)
+                      if p.untyped_storage().data_ptr() == embedding)
         return original(groups, **kwargs)
 
     monkeypatch.setitem(dispatch._IMPL_FUNCTIONS, "foreach", recording)
     _train_llama(True, steps=1, model=model)
-    # 300 x 32 each: chunks of at most 500 elements (15 rows), never the 9,600 of a whole tensor.
-    assert handed and max(handed) <= 500 and sum(handed) == 2 * 300 * 32
+    # 300 x 32: chunks of at most 500 elements (15 rows), never the 9,600 of the whole tensor.
+    assert handed and max(handed) <= 500 and sum(handed) == 300 * 32
 
 
-def test_chunk_embeddings_takes_what_it_can_chunk_exactly_and_remove_restores_it():
-    model = tiny_llama()
-    opt = Lion(model.parameters(), lr=1e-3)
-    release = GradientRelease(opt)
-    assert release.chunk_embeddings(model) == ["input", "output"]
-    assert "forward" in vars(model.lm_head) and model.model.embed_tokens._forward_pre_hooks
-    release.remove()
-    assert "forward" not in vars(model.lm_head) and not model.model.embed_tokens._forward_pre_hooks
-    assert model.model.embed_tokens.sparse is False
-    # Tied weights (the output layer's gradient is dense anyway), a frozen or untrained weight, an
-    # output layer with a bias, or a model without the HF accessors: nothing taken.
-    tied = tiny_llama(tied=True)
-    assert GradientRelease(Lion(tied.parameters())).chunk_embeddings(tied) == []
-    frozen = tiny_llama()
-    frozen.model.embed_tokens.weight.requires_grad_(False)
-    assert GradientRelease(Lion(frozen.parameters())).chunk_embeddings(frozen) == ["output"]
-    other = tiny_llama()
-    only_head = Lion([other.lm_head.weight])  # the embedding is not this optimizer's
-    assert GradientRelease(only_head).chunk_embeddings(other) == ["output"]
-    biased = tiny_llama()
-    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(300))
-    assert GradientRelease(Lion(biased.parameters())).chunk_embeddings(biased) == ["input"]
-    plain = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
-    assert GradientRelease(Lion(plain.parameters())).chunk_embeddings(plain) == []
-
-
-def test_chunked_output_layer_outside_a_released_step_is_the_plain_layer():
-    # No grad, paused release: the output layer's weight gets its ordinary dense gradient.
+def test_sparse_embedding_takes_what_it_can_step_exactly_and_remove_restores_it():
     model = tiny_llama()
     release = GradientRelease(Lion(model.parameters(), lr=1e-3))
-    release.chunk_embeddings(model)
+    assert release.sparse_embedding(model) and release.sparse_embedding(model)  # once
+    embedding = model.model.embed_tokens
+    assert len(embedding._forward_pre_hooks) == 1
+    release.remove()
+    assert not embedding._forward_pre_hooks and embedding.sparse is False
+    # Tied weights, a frozen weight, one this optimizer does not train, max_norm, or a model without
+    # HF's accessor: not taken.
+    tied = tiny_llama(tied=True)
+    assert not GradientRelease(Lion(tied.parameters())).sparse_embedding(tied)
+    frozen = tiny_llama()
+    frozen.model.embed_tokens.weight.requires_grad_(False)
+    assert not GradientRelease(Lion(p for p in frozen.parameters() if p.requires_grad)).sparse_embedding(frozen)
+    other = tiny_llama()
+    assert not GradientRelease(Lion([other.lm_head.weight])).sparse_embedding(other)
+    clipped = tiny_llama()
+    clipped.model.embed_tokens.max_norm = 1.0
+    assert not GradientRelease(Lion(clipped.parameters())).sparse_embedding(clipped)
+    plain = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    assert not GradientRelease(Lion(plain.parameters())).sparse_embedding(plain)
+    classifier = tiny_bert()
+    assert GradientRelease(Lion(classifier.parameters())).sparse_embedding(classifier)
+
+
+def test_outside_a_released_step_the_embedding_gradient_is_dense():
+    # Paused release, no grad, torch.compile's tracing, more tokens than the embedding has rows.
+    model = tiny_llama()
+    release = GradientRelease(Lion(model.parameters(), lr=1e-3))
+    release.sparse_embedding(model)
     ids = CausalTokens().ids[:2]
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    assert logits.grad_fn is None
+        assert model(input_ids=ids).logits.grad_fn is None
     with release.paused():
         model(input_ids=ids, labels=ids).loss.backward()
-    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.layout == torch.strided
     assert model.model.embed_tokens.weight.grad.layout == torch.strided
+    release.remove()
+    for case in ("compiled", "many tokens"):
+        model = tiny_llama()
+        release = GradientRelease(Lion(model.parameters(), lr=1e-3))
+        release.sparse_embedding(model)
+        layouts = []
+        model.model.embed_tokens.weight.register_post_accumulate_grad_hook(
+            lambda q, layouts=layouts: layouts.append(q.grad.layout))
+        if case == "compiled":
+            run = torch.compile(model, backend="eager")
+            ids = CausalTokens().ids[:2]
+        else:
+            run = model
+            ids = CausalTokens(n=20, length=16).ids  # 320 tokens, 300 rows: a sparse gradient would be larger
+        run(input_ids=ids, labels=ids).loss.backward()
+        assert layouts == [torch.strided], case
+
+
+def test_a_model_with_a_sparse_embedding_copies_and_pickles_as_a_plain_model():
+    model = tiny_llama()
+    release = GradientRelease(Lion(model.parameters(), lr=1e-3))
+    release.sparse_embedding(model)
+    _ = model(input_ids=CausalTokens().ids[:2], labels=CausalTokens().ids[:2]).loss.backward()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        # The copy carries no release: its embedding stays dense, and AdamW (no sparse support) trains it.
+        opt = torch.optim.AdamW(clone.parameters(), lr=1e-3)
+        ids = CausalTokens().ids[2:4]
+        clone(input_ids=ids, labels=ids).loss.backward()
+        assert clone.model.embed_tokens.weight.grad.layout == torch.strided
+        opt.step()
+
+
+def test_two_lookups_before_one_backward_warn():
+    model = tiny_llama()
+    release = GradientRelease(Lion(model.parameters(), lr=1e-3))
+    release.sparse_embedding(model)
+    ids = CausalTokens().ids[:2]
+    with pytest.warns(UserWarning, match="looked up twice before one backward"):
+        (model(input_ids=ids, labels=ids).loss + model(input_ids=ids, labels=ids).loss).backward()
+    assert release.steps == 1 and all(p.grad is None for p in model.parameters())
 
 
 def _trainer_args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-3,
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
                 weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                lion_impl="foreach", disable_tqdm=True, max_grad_norm=0.0, bf16=False)
+                lion_impl="foreach", disable_tqdm=True, max_grad_norm=0.0)
     base.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return LionTrainingArguments(**base)
 
 
-def test_lion_trainer_release_chunks_a_causal_lms_embeddings_and_trains_the_ordinary_run(tmp_path):
+def test_lion_trainer_release_makes_the_word_embedding_sparse_unless_told_not_to(tmp_path):
     runs = {}
-    for release in (False, True):
-        model = tiny_llama().to(torch.bfloat16)
-        trainer = LionTrainer(model=model, args=_trainer_args(tmp_path / str(release), lion_gradient_release=release,
-                                                              lion_state_dtype="int8"),
-                              train_dataset=CausalTokens())
+    for name, kw in (("ordinary", {}), ("sparse", dict(lion_gradient_release=True)),
+                     ("dense", dict(lion_gradient_release=True, lion_sparse_embedding=False))):
+        model = tiny_bert(vocab=1000)  # more rows than a batch has tokens: a sparse gradient is the smaller
+        layouts = []
+        model.bert.embeddings.word_embeddings.weight.register_post_accumulate_grad_hook(
+            lambda q, layouts=layouts: layouts.append(q.grad.layout))
+        trainer = LionTrainer(model=model, args=_trainer_args(tmp_path / name, **kw), train_dataset=TokenDataset())
         trainer.train()
-        runs[release] = trainer
-    released = runs[True]
-    assert "forward" in vars(released.model.lm_head)  # the output layer was chunked
-    assert released.model.model.embed_tokens._forward_pre_hooks
-    assert [h["loss"] for h in released.state.log_history if "loss" in h] == \
-           [h["loss"] for h in runs[False].state.log_history if "loss" in h]
-    for (name, p), q in zip(runs[False].model.named_parameters(), released.model.parameters()):
-        assert torch.equal(p, q), name
-
-
-def test_release_of_a_classifier_makes_its_word_embedding_sparse():
-    model = tiny_bert()
-    release = GradientRelease(Lion(model.parameters(), lr=1e-3))
-    assert release.chunk_embeddings(model) == ["input"]  # a classifier has no output embeddings
+        runs[name] = trainer, set(layouts)
+    assert runs["sparse"][1] == {torch.sparse_coo}
+    assert runs["dense"][1] == runs["ordinary"][1] == {torch.strided}
+    for name in ("sparse", "dense"):
+        for (label, p), q in zip(runs["ordinary"][0].model.named_parameters(), runs[name][0].model.parameters()):
+            assert torch.equal(p, q), (name, label)
+    with pytest.raises(ValueError, match="lion_sparse_embedding must be one of"):
+        _trainer_args(tmp_path, lion_sparse_embedding="sometimes")
