@@ -121,9 +121,11 @@ class LionTrainingArguments(TrainingArguments):
             optimizer, ``lion_distributed``, FSDP and DeepSpeed.
         lion_sparse_embedding: under ``lion_gradient_release`` in one process (not under
             ``torch_compile``), the input embedding returns a sparse gradient, which the step
-            expands a chunk of rows at a time (:meth:`lion_hf.GradientRelease.sparse_embedding`):
-            the same update, bit for bit, without the embedding's dense gradient at the peak.
-            ``False`` keeps it dense.
+            expands a chunk of rows at a time (:meth:`lion_hf.GradientRelease.sparse_embedding`),
+            so its dense gradient is never at the peak. The same update, bit for bit, where the
+            weight gets its gradient from one lookup per backward (a warning says when it does not:
+            a weight also used by another op turns dense, two lookups in one loss may round
+            differently). Off by default.
     """
 
     optim: str = field(
@@ -157,10 +159,11 @@ class LionTrainingArguments(TrainingArguments):
     )
 
     lion_sparse_embedding: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "Under lion_gradient_release in one process: the input embedding's gradient is sparse "
-                          "(a row per token), expanded a chunk of rows at a time by the step; the same update, "
-                          "without the embedding's dense gradient. False keeps it dense."},
+                          "(a row per token), expanded a chunk of rows at a time by the step, so its dense gradient "
+                          "never exists; the same update where the weight gets its gradient from one lookup per "
+                          "backward (docs/gradient_release.md)."},
     )
 
     lion_distributed: str = field(

@@ -42,8 +42,8 @@ Setups (``--setups``; default: all that can run here):
 * ``optimi_lion_bf16_release``: torch-optimi's Lion on bf16 weights (its Kahan summation on by default
   for bf16) with its own gradient release, handed to HF's Trainer with ``optimizers=``.
 
-``--dense-embedding`` runs the released setups with ``lion_sparse_embedding=False`` (the input
-embedding's gradient dense, as before gradient release made it sparse).
+``--sparse-embedding`` runs the released setups with ``lion_sparse_embedding=True`` (the input
+embedding's gradient sparse, expanded a chunk of rows at a time by the step).
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -109,7 +109,7 @@ def _available(setup: str) -> str | None:
 
 
 def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = False,
-          dense_embedding: bool = False) -> dict:
+          sparse_embedding: bool = False) -> dict:
     """One setup in this process: build, train ``steps`` steps, measure. Returns the row. ``warm_up``:
     train the same setup on the tiny model first, before the baseline (see the module's help)."""
     if warm_up:
@@ -195,7 +195,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
             release = setup.endswith("_release")
             args = LionTrainingArguments(learning_rate=LION_LR, lion_state_dtype=state_dtype,
                                          lion_gradient_release=release, max_grad_norm=0.0 if release else 1.0,
-                                         lion_sparse_embedding=not dense_embedding, **common)
+                                         lion_sparse_embedding=sparse_embedding, **common)
     trainer_cls = Trainer if setup == "optimi_lion_bf16_release" else LionTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=Repeat(), callbacks=[losses], optimizers=optimizers)
     trainer.train()
@@ -213,7 +213,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
         "seconds": time.perf_counter() - t0,
         "warm_up": warm_up,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        "dense_embedding": dense_embedding,
+        "sparse_embedding": sparse_embedding,
     }
 
 
@@ -242,13 +242,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="train the setup on the tiny model before the baseline (kernels' code pages resident)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for the children (e.g. 65536: freed buffers go back)")
-    parser.add_argument("--dense-embedding", action="store_true",
-                        help="released setups keep the input embedding's gradient dense (lion_sparse_embedding=False)")
+    parser.add_argument("--sparse-embedding", action="store_true",
+                        help="released setups make the input embedding's gradient sparse (lion_sparse_embedding=True)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         row = child(*args.child, steps=args.steps, seq=args.seq, warm_up=args.warm_up,
-                    dense_embedding=args.dense_embedding)
+                    sparse_embedding=args.sparse_embedding)
         print("ROW " + json.dumps(row), flush=True)
         return
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cmd = [sys.executable, __file__, "--child", model_name, setup, "--steps", str(args.steps), "--seq",
                    str(args.seq), *(["--warm-up"] if args.warm_up else []),
-                   *(["--dense-embedding"] if args.dense_embedding else [])]
+                   *(["--sparse-embedding"] if args.sparse_embedding else [])]
             env = dict(os.environ)
             if args.malloc_mmap_threshold is not None:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "steps": args.steps,
             "batch": f"1 x {args.seq} tokens", "warm_up": args.warm_up,
-            "malloc_mmap_threshold": args.malloc_mmap_threshold, "dense_embedding": args.dense_embedding}
+            "malloc_mmap_threshold": args.malloc_mmap_threshold, "sparse_embedding": args.sparse_embedding}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
         f"# Peak memory per parameter (scripts/bench_memory.py)\n\n`{meta['command']}`\n\n"

@@ -4,9 +4,9 @@ Usage (CPU):
     python scripts/bench_release_step.py --pairs 12
 
 MiniLM-L6's shapes (22.7M parameters, built from its config), batch 32 x 64 tokens, fp32, Lion with
-``impl="auto"``. Two copies of the model train side by side, one with ``GradientRelease`` as
-``LionTrainer`` attaches it (with ``sparse_embedding``: the word embedding's gradient sparse, stepped in
-chunks of rows; ``--dense-embedding`` leaves it dense); each pair
+``impl="auto"``. Two copies of the model train side by side, one with ``GradientRelease``
+(``--sparse-embedding``: with ``sparse_embedding``, the word embedding's gradient sparse, stepped in
+chunks of rows); each pair
 of steps runs both, in alternating order, so drift in a shared machine's speed hits both alike. Prints
 the median step of each, their ratio and the median of the pairwise ratios.
 """
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--dense-embedding", action="store_true",
-                        help="release without GradientRelease.sparse_embedding (the embedding's gradient dense)")
+    parser.add_argument("--sparse-embedding", action="store_true",
+                        help="release with GradientRelease.sparse_embedding (the embedding's gradient sparse)")
     args = parser.parse_args(argv)
 
     def build() -> torch.nn.Module:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ordinary, released = build(), build()
     ordinary_opt, released_opt = Lion(ordinary.parameters(), lr=1e-5), Lion(released.parameters(), lr=1e-5)
     handle = GradientRelease(released_opt)
-    if not args.dense_embedding:
+    if args.sparse_embedding:
         handle.sparse_embedding(released)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, MINILM["vocab_size"], (args.batch, args.seq), generator=gen)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     pairwise = statistics.median([r / p for p, r in zip(plain, release)])
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch} x {args.seq}, {args.pairs} pairs, "
-          f"sparse_embedding {not args.dense_embedding}")
+          f"sparse_embedding {args.sparse_embedding}")
     print(f"without release {a * 1e3:.0f} ms/step, with release {b * 1e3:.0f} ms/step, ratio {b / a:.3f}, "
           f"median pairwise ratio {pairwise:.3f}")
 

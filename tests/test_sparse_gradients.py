@@ -283,9 +283,87 @@ def test_two_lookups_before_one_backward_warn():
     release = GradientRelease(Lion(model.parameters(), lr=1e-3))
     release.sparse_embedding(model)
     ids = CausalTokens().ids[:2]
-    with pytest.warns(UserWarning, match="looked up twice before one backward"):
+    with pytest.warns(UserWarning, match="looked up more than once before one backward"):
         (model(input_ids=ids, labels=ids).loss + model(input_ids=ids, labels=ids).loss).backward()
     assert release.steps == 1 and all(p.grad is None for p in model.parameters())
+
+
+def test_a_forward_without_backward_leaves_a_plain_dense_model():
+    model = tiny_llama()
+    release = GradientRelease(Lion(model.parameters(), lr=1e-3))
+    release.sparse_embedding(model)
+    ids = CausalTokens().ids[:2]
+    model(input_ids=ids).logits.sum()  # gradients on, no backward (a callback, a notebook cell)
+    assert model.model.embed_tokens.sparse is False
+    clone = copy.deepcopy(model)
+    clone(input_ids=ids, labels=ids).loss.backward()
+    assert clone.model.embed_tokens.weight.grad.layout == torch.strided
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert release.steps == 1 and all(p.grad is None for p in model.parameters())
+
+
+def test_a_loop_that_marks_the_last_micro_batch_after_the_forward_steps_the_ordinary_update(small_chunks):
+    # last_micro_batch is asked at the lookup too; a loop that sets its flag between forward and
+    # backward gets a stale answer there, and the sparse gradient of a micro-batch that is not the
+    # last is made the dense gradient of its lookup, bit for bit, before the next one adds to it.
+    def run(release: bool):
+        model = tiny_llama()
+        opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, impl="foreach")
+        last = True
+        if release:
+            GradientRelease(opt, last_micro_batch=lambda: last).sparse_embedding(model)
+        data = CausalTokens()
+        for micro in range(6):
+            ids = data.ids[2 * micro:2 * micro + 2]
+            loss = model(input_ids=ids, labels=ids).loss / 2
+            last = micro % 2 == 1
+            loss.backward()
+            if last:
+                opt.step()
+                opt.zero_grad()
+        return model, opt
+
+    (ordinary, ordinary_opt), (released, released_opt) = run(False), run(True)
+    for (name, p), q in zip(ordinary.named_parameters(), released.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(ordinary_opt.state[p]["exp_avg"], released_opt.state[q]["exp_avg"]), name
+
+
+def test_a_weight_also_used_outside_its_module_warns_and_turns_dense():
+    # An output head that multiplies by the embedding's weight directly (not a registered tie).
+    class SharedHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(500, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, ids):
+            return self.embed(ids) @ self.embed.weight.t()
+
+    model = SharedHead()
+    release = GradientRelease(Lion(model.parameters(), lr=1e-3))
+    assert release.sparse_embedding(model)
+    ids = torch.randint(0, 500, (2, 5))
+    with pytest.warns(UserWarning, match="also used outside its module"):
+        model(ids).sum().backward()
+    layouts = []
+    model.embed.weight.register_post_accumulate_grad_hook(lambda q: layouts.append(q.grad.layout))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids).sum().backward()
+    assert layouts == [torch.strided] and not model.embed._forward_pre_hooks
+
+
+def test_two_releases_over_the_same_params_are_refused():
+    model = tiny_bert()
+    first = GradientRelease(Lion(model.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match="already stepped in backward by the GradientRelease of another optimizer"):
+        GradientRelease(Lion(model.parameters(), lr=1e-3))
+    first.remove()
+    GradientRelease(Lion(model.parameters(), lr=1e-3))
 
 
 def _trainer_args(tmp_path, **overrides):
@@ -298,10 +376,10 @@ def _trainer_args(tmp_path, **overrides):
         return LionTrainingArguments(**base)
 
 
-def test_lion_trainer_release_makes_the_word_embedding_sparse_unless_told_not_to(tmp_path):
+def test_lion_trainer_release_makes_the_word_embedding_sparse_when_asked(tmp_path):
     runs = {}
-    for name, kw in (("ordinary", {}), ("sparse", dict(lion_gradient_release=True)),
-                     ("dense", dict(lion_gradient_release=True, lion_sparse_embedding=False))):
+    for name, kw in (("ordinary", {}), ("dense", dict(lion_gradient_release=True)),
+                     ("sparse", dict(lion_gradient_release=True, lion_sparse_embedding=True))):
         model = tiny_bert(vocab=1000)  # more rows than a batch has tokens: a sparse gradient is the smaller
         layouts = []
         model.bert.embeddings.word_embeddings.weight.register_post_accumulate_grad_hook(
@@ -316,3 +394,22 @@ def test_lion_trainer_release_makes_the_word_embedding_sparse_unless_told_not_to
             assert torch.equal(p, q), (name, label)
     with pytest.raises(ValueError, match="lion_sparse_embedding must be one of"):
         _trainer_args(tmp_path, lion_sparse_embedding="sometimes")
+
+
+def test_a_second_lion_trainer_on_the_same_model_steps_each_param_once(tmp_path):
+    # The first Trainer's release comes off when its train() ends: the second one's run is what a
+    # fresh model with the first run's weights trains to.
+    model = tiny_bert()
+    kw = dict(lion_gradient_release=True, lion_sparse_embedding=True)
+    first = LionTrainer(model=model, args=_trainer_args(tmp_path / "a", **kw), train_dataset=TokenDataset())
+    first.train()
+    assert not first.gradient_release.active
+    assert not model.bert.embeddings.word_embeddings._forward_pre_hooks
+    fresh = tiny_bert()
+    fresh.load_state_dict(model.state_dict())
+    second = LionTrainer(model=model, args=_trainer_args(tmp_path / "b", **kw), train_dataset=TokenDataset())
+    second.train()
+    alone = LionTrainer(model=fresh, args=_trainer_args(tmp_path / "c", **kw), train_dataset=TokenDataset())
+    alone.train()
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from lion_hf.optim.dispatch import apply_step, prepare_step
 from lion_hf.optim.lion import Lion
-from lion_hf.optim.numerics import with_seeds
+from lion_hf.optim.numerics import sparse_rows, with_seeds
 from lion_hf.optim.validation import check_step_scalars, validate_options
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "RELEASE_POLICIES", "GradientRelease"]
@@ -131,10 +131,16 @@ class GradientRelease:
         self._last = True
         self._lock = threading.Lock()
         self._handles: list[Any] = []
-        self._embeddings: list[tuple[torch.nn.Embedding, Any]] = []  # made sparse: (module, hook handle)
-        self._lookups = 0  # sparse lookups of an embedding in this step's forward
+        self._embeddings: list[tuple[torch.nn.Embedding, list[Any]]] = []  # made sparse: (module, hook handles)
+        self._sparse_lookup: dict[int, int] = {}  # id(weight) -> its sparse lookups since its last gradient
         self._warned_lookups = False
         self._ddp = _ddp
+        for other in list(_RELEASES):
+            if other.active and not self._index.keys().isdisjoint(other._index):
+                raise ValueError("a param of this optimizer is already stepped in backward by the GradientRelease of "
+                                 "another optimizer (a Trainer that was not done with it?): two releases would step "
+                                 "it twice. remove() that one first.")
+        _RELEASES.add(self)
         if _ddp is None:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -183,12 +189,14 @@ class GradientRelease:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for embedding, handle in self._embeddings:
-            handle.remove()
+        for embedding, handles in self._embeddings:
+            for handle in handles:
+                handle.remove()
             if _SPARSE_EMBEDDINGS.get(embedding) is self:
                 del _SPARSE_EMBEDDINGS[embedding]
             embedding.sparse = False
         self._embeddings.clear()
+        self._sparse_lookup.clear()
         if self.optimizer.gradient_release is self:
             self.optimizer.gradient_release = None
 
@@ -222,7 +230,10 @@ class GradientRelease:
         if owner is not None and owner.active:
             raise ValueError("this embedding is already made sparse by another GradientRelease; remove() it first")
         _SPARSE_EMBEDDINGS[embedding] = self
-        self._embeddings.append((embedding, embedding.register_forward_pre_hook(_embedding_pre_hook)))
+        # The flag is read when the lookup runs (its backward node keeps it): set just before, cleared
+        # just after, so that between lookups the module is dense, as built.
+        self._embeddings.append((embedding, [embedding.register_forward_pre_hook(_embedding_pre_hook),
+                                             embedding.register_forward_hook(_embedding_post_hook)]))
         return True
 
     def _sparse_now(self, embedding: torch.nn.Embedding, args: tuple) -> bool:
@@ -237,16 +248,43 @@ class GradientRelease:
             return False
         if not (self.last_micro_batch is None or bool(self.last_micro_batch())):
             return False
-        self._lookups += 1
-        if self._lookups == 2 and not self._warned_lookups:
-            self._warned_lookups = True
-            warnings.warn(
-                "gradient release: the input embedding was looked up twice before one backward (two forward passes "
-                "in one loss?). Its two sparse gradients are summed in one pass per row, the same sum as the "
-                "ordinary run's but possibly rounded differently. GradientRelease.remove() and a new release "
-                "without sparse_embedding (LionTrainingArguments(lion_sparse_embedding=False)) keep it dense.",
-                stacklevel=4)
+        self._sparse_lookup[id(weight)] = self._sparse_lookup.get(id(weight), 0) + 1
         return True
+
+    def _sparse_grad(self, p: Tensor) -> None:
+        """At the hook of an embedding's weight made sparse: a sparse gradient that is not stepped now
+        (not the step's last micro-batch, as ``last_micro_batch`` answered at backward) becomes the
+        dense gradient of its lookup, bit for bit, so that the next micro-batches add to it as in the
+        ordinary run; two lookups before one backward, or a dense gradient where the lookup was
+        sparse (the weight used by another op too), warn, and the latter turns the embedding dense."""
+        g = p.grad
+        lookups = self._sparse_lookup.pop(id(p), None)
+        if g is None:
+            return
+        if g.is_sparse:
+            if not self._last:
+                p.grad = sparse_rows(g, 0, p.shape[0])
+            elif lookups is not None and lookups > 1 and not self._warned_lookups:
+                self._warned_lookups = True
+                warnings.warn(
+                    "gradient release: the input embedding was looked up more than once before one backward (two "
+                    "forward passes in one loss?). Its sparse gradients are summed in one pass per row: the same "
+                    "sum as the ordinary run's, possibly rounded differently. LionTrainingArguments("
+                    "lion_sparse_embedding=False) (or no sparse_embedding) keeps it dense.", stacklevel=2)
+        elif lookups is not None:
+            # The lookup made a sparse gradient but a dense one arrived: another op uses the weight too (an
+            # output head multiplying by it), and the two were added in another order than the ordinary run's.
+            for i, (embedding, handles) in enumerate(self._embeddings):
+                if embedding.weight is p:
+                    for handle in handles:
+                        handle.remove()
+                    _SPARSE_EMBEDDINGS.pop(embedding, None)
+                    del self._embeddings[i]
+                    break
+            warnings.warn(
+                "gradient release: the input embedding's weight is also used outside its module (a dense gradient "
+                "was added to its sparse one), so this step's gradient may be rounded differently from the ordinary "
+                "run's; it stays dense from now on.", stacklevel=2)
 
     @property
     def active(self) -> bool:
@@ -284,6 +322,8 @@ class GradientRelease:
                 self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
                 if self._last:
                     self._begin_step()
+        if self._sparse_lookup or (p.grad is not None and p.grad.is_sparse):
+            self._sparse_grad(p)
         if self._last and p.grad is not None:
             self._check_once(p)
             self._pending.append(p)
@@ -302,9 +342,6 @@ class GradientRelease:
     def _end_backward(self) -> None:
         self._in_backward = False
         self._flush()
-        self._lookups = 0
-        for embedding, _ in self._embeddings:
-            embedding.sparse = False  # between steps the module is as the user built it (a copy is dense)
         current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
         if current_node() is not None:
             # The backward that ended ran inside a node of another (reentrant checkpointing): the
@@ -412,7 +449,16 @@ class GradientRelease:
 _SPARSE_EMBEDDINGS: weakref.WeakKeyDictionary[torch.nn.Embedding, GradientRelease] = weakref.WeakKeyDictionary()
 
 
+# Every GradientRelease made, so that a second one over the same params is refused while the first steps.
+_RELEASES: weakref.WeakSet[GradientRelease] = weakref.WeakSet()
+
+
 def _embedding_pre_hook(module: torch.nn.Embedding, args: tuple) -> None:
     release = _SPARSE_EMBEDDINGS.get(module)
     if release is not None:
         module.sparse = release._sparse_now(module, args)
+
+
+def _embedding_post_hook(module: torch.nn.Embedding, args: tuple, output: Tensor) -> None:
+    if module in _SPARSE_EMBEDDINGS:
+        module.sparse = False
