@@ -33,11 +33,12 @@ gradients' bytes (2 or 4 per parameter) at the peak.
   gradients as the bucket arrives (the optimizer-overlap scheme). DDP keeps its own bucket
   buffers, so there the gain is the overlap, not memory.
 
-* **The input embedding's gradient, sparse.** A classifier's word embedding is its largest
-  tensor (half of MiniLM-L6), and its dense gradient is alive at the end of backward.
+* **The input embedding's gradient, sparse** (opt-in). A classifier's word embedding is its
+  largest tensor (half of MiniLM-L6), and its dense gradient is alive at the end of backward.
   :meth:`GradientRelease.sparse_embedding` makes it sparse (torch's ``nn.Embedding(sparse=True)``:
   a row per token), and the step expands it a chunk of rows at a time; each row sums its tokens
-  with torch's dense embedding backward, in the same order, so the update is the same bits.
+  with torch's dense embedding backward, in the same order, so where the weight's gradient comes
+  from one lookup per backward the update is the same bits (otherwise a warning says so).
 
 ``step()`` only runs its closure while a release is attached (it raises when a gradient was left
 behind, unstepped), and ``zero_grad()`` has nothing left to free.
