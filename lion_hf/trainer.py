@@ -305,6 +305,15 @@ class LionTrainer(Trainer):
             self._attach_gradient_release(model)
         return super().training_step(model, *args, **kwargs)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # The release's hooks stay on the model's params only while this Trainer trains: another
+            # Trainer (or optimizer) on the same model afterwards must not find them stepping its params.
+            if getattr(self, "_lion_release", None) is not None:
+                self._lion_release.remove()
+
     @property
     def gradient_release(self) -> GradientRelease | None:
         """The :class:`lion_hf.GradientRelease` stepping the params in backward (None before the first
@@ -334,6 +343,9 @@ class LionTrainer(Trainer):
             accelerator = self.accelerator
             # HF's loop sets sync_gradients before each micro-batch: True on a step's last one.
             self._lion_release = GradientRelease(inner, last_micro_batch=lambda: accelerator.sync_gradients)
+            if getattr(self.args, "lion_sparse_embedding", False) and not getattr(self.args, "torch_compile", False):
+                # The word embedding's gradient sparse, never dense (GradientRelease.sparse_embedding).
+                self._lion_release.sparse_embedding(model)
 
     def _distributed_lion(self) -> DistributedLion | None:
         inner = unwrap_optimizer(self.optimizer)

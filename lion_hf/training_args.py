@@ -119,6 +119,13 @@ class LionTrainingArguments(TrainingArguments):
             ``propagate`` is asked for ("skip_step"/"raise" judge the whole step first and are
             refused). Under DDP each bucket is stepped after its all-reduce; refused with an HF
             optimizer, ``lion_distributed``, FSDP and DeepSpeed.
+        lion_sparse_embedding: under ``lion_gradient_release`` in one process (not under
+            ``torch_compile``), the input embedding returns a sparse gradient, which the step
+            expands a chunk of rows at a time (:meth:`lion_hf.GradientRelease.sparse_embedding`),
+            so its dense gradient is never at the peak. The same update, bit for bit, where the
+            weight gets its gradient from one lookup per backward (a warning says when it does not:
+            a weight also used by another op turns dense, two lookups in one loss may round
+            differently). Off by default.
     """
 
     optim: str = field(
@@ -149,6 +156,14 @@ class LionTrainingArguments(TrainingArguments):
         metadata={"help": _help("gradient_release") + " Sets max_grad_norm to 0 (with a warning when it was > 0); "
                           "under DDP the step runs after each bucket's all-reduce; not under FSDP, DeepSpeed or "
                           "lion_distributed."},
+    )
+
+    lion_sparse_embedding: bool = field(
+        default=False,
+        metadata={"help": "Under lion_gradient_release in one process: the input embedding's gradient is sparse "
+                          "(a row per token), expanded a chunk of rows at a time by the step, so its dense gradient "
+                          "never exists; the same update where the weight gets its gradient from one lookup per "
+                          "backward (docs/gradient_release.md)."},
     )
 
     lion_distributed: str = field(
@@ -189,7 +204,8 @@ class LionTrainingArguments(TrainingArguments):
         choices = {f"lion_{name}": OPTIONS[name].choices
                    for name in ("impl", "state_dtype", "nonfinite_grad", "param_rounding", "cautious",
                                 "gradient_release")}
-        for name, allowed in {**choices, "lion_distributed": LION_DISTRIBUTED}.items():
+        for name, allowed in {**choices, "lion_distributed": LION_DISTRIBUTED,
+                              "lion_sparse_embedding": (False, True)}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("lion_beta1", "lion_beta2"):  # Lion's range, checked whether or not Lion trains

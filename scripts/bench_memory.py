@@ -30,6 +30,8 @@ Setups (``--setups``; default: all that can run here):
 
 * ``adamw_fp32``: HF's default optimizer (``adamw_torch_fused``), fp32 weights.
 * ``lion_fp32``: LionTrainer, fp32 weights and momentum.
+* ``lion_fp32_release``: the same with gradient release (the recipes' setting with
+  ``--lion_gradient_release true``).
 * ``lion_bf16``: pure bf16: bf16 weights, gradients and momentum (stochastic rounding).
 * ``lion_bf16_release``: the same with gradient release (``lion_gradient_release=True``).
 * ``lion_bf16_int8``: bf16 weights, 8-bit momentum (``lion_state_dtype="int8"``; where this
@@ -39,6 +41,9 @@ Setups (``--setups``; default: all that can run here):
   usual setting; betas 0.9/0.99).
 * ``optimi_lion_bf16_release``: torch-optimi's Lion on bf16 weights (its Kahan summation on by default
   for bf16) with its own gradient release, handed to HF's Trainer with ``optimizers=``.
+
+``--sparse-embedding`` runs the released setups with ``lion_sparse_embedding=True`` (the input
+embedding's gradient sparse, expanded a chunk of rows at a time by the step).
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -63,12 +68,16 @@ MODELS = {
     # ~1.1B: TinyLlama's shapes.
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000),
+    # MiniLM-L6's shapes as a sentiment classifier (22.7M parameters, half of them the word embedding):
+    # the recipes' model, a BERT encoder with a 2-label head.
+    "minilm": dict(arch="bert", hidden_size=384, num_hidden_layers=6, intermediate_size=1536, num_attention_heads=12,
+                   vocab_size=30522),
     # A smoke test of the script itself (seconds); its per-param figures mean little.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=176, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=1000),
 }
-SETUPS = ("adamw_fp32", "lion_fp32", "lion_bf16", "lion_bf16_release", "lion_bf16_int8", "lion_bf16_int8_release",
-          "bnb_lion_8bit", "optimi_lion_bf16_release")
+SETUPS = ("adamw_fp32", "lion_fp32", "lion_fp32_release", "lion_bf16", "lion_bf16_release", "lion_bf16_int8",
+          "lion_bf16_int8_release", "bnb_lion_8bit", "optimi_lion_bf16_release")
 LION_LR, ADAMW_LR = 1e-4, 3e-4
 
 
@@ -99,13 +108,21 @@ def _available(setup: str) -> str | None:
     return None
 
 
-def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = False) -> dict:
+def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = False,
+          sparse_embedding: bool = False) -> dict:
     """One setup in this process: build, train ``steps`` steps, measure. Returns the row. ``warm_up``:
     train the same setup on the tiny model first, before the baseline (see the module's help)."""
     if warm_up:
         child("tiny", setup, steps, seq)
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+    )
 
     from lion_hf import LionTrainer, LionTrainingArguments
 
@@ -115,6 +132,8 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
         import optimi
 
     bf16 = "bf16" in setup
+    shapes = dict(MODELS[model_name])
+    classifier = shapes.pop("arch", "llama") == "bert"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, MODELS[model_name]["vocab_size"], (seq,), generator=gen)
 
@@ -123,7 +142,8 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
             return steps
 
         def __getitem__(self, i: int) -> dict:
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            labels = torch.tensor(1) if classifier else ids
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     class Losses(TrainerCallback):
         def __init__(self) -> None:
@@ -139,12 +159,15 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
     t0 = time.perf_counter()
 
     torch.manual_seed(0)
-    config = LlamaConfig(**MODELS[model_name], max_position_embeddings=max(seq, 128), tie_word_embeddings=False)
+    if classifier:
+        config = BertConfig(**shapes, max_position_embeddings=max(seq, 512), num_labels=2)
+    else:
+        config = LlamaConfig(**shapes, max_position_embeddings=max(seq, 128), tie_word_embeddings=False)
     dtype = torch.bfloat16 if bf16 else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy of a bf16 model at the peak
     try:
-        model = LlamaForCausalLM(config)
+        model = BertForSequenceClassification(config) if classifier else LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
     n_params = sum(p.numel() for p in model.parameters())
@@ -172,7 +195,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
             release = setup.endswith("_release")
             args = LionTrainingArguments(learning_rate=LION_LR, lion_state_dtype=state_dtype,
                                          lion_gradient_release=release, max_grad_norm=0.0 if release else 1.0,
-                                         **common)
+                                         lion_sparse_embedding=sparse_embedding, **common)
     trainer_cls = Trainer if setup == "optimi_lion_bf16_release" else LionTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=Repeat(), callbacks=[losses], optimizers=optimizers)
     trainer.train()
@@ -190,6 +213,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
         "seconds": time.perf_counter() - t0,
         "warm_up": warm_up,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "sparse_embedding": sparse_embedding,
     }
 
 
@@ -218,10 +242,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="train the setup on the tiny model before the baseline (kernels' code pages resident)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for the children (e.g. 65536: freed buffers go back)")
+    parser.add_argument("--sparse-embedding", action="store_true",
+                        help="released setups make the input embedding's gradient sparse (lion_sparse_embedding=True)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print("ROW " + json.dumps(child(*args.child, steps=args.steps, seq=args.seq, warm_up=args.warm_up)), flush=True)
+        row = child(*args.child, steps=args.steps, seq=args.seq, warm_up=args.warm_up,
+                    sparse_embedding=args.sparse_embedding)
+        print("ROW " + json.dumps(row), flush=True)
         return
 
     rows = []
@@ -233,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"model": model_name, "setup": setup, "error": reason})
                 continue
             cmd = [sys.executable, __file__, "--child", model_name, setup, "--steps", str(args.steps), "--seq",
-                   str(args.seq), *(["--warm-up"] if args.warm_up else [])]
+                   str(args.seq), *(["--warm-up"] if args.warm_up else []),
+                   *(["--sparse-embedding"] if args.sparse_embedding else [])]
             env = dict(os.environ)
             if args.malloc_mmap_threshold is not None:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -255,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "steps": args.steps,
             "batch": f"1 x {args.seq} tokens", "warm_up": args.warm_up,
-            "malloc_mmap_threshold": args.malloc_mmap_threshold}
+            "malloc_mmap_threshold": args.malloc_mmap_threshold, "sparse_embedding": args.sparse_embedding}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
         f"# Peak memory per parameter (scripts/bench_memory.py)\n\n`{meta['command']}`\n\n"

@@ -4,7 +4,9 @@ Usage (CPU):
     python scripts/bench_release_step.py --pairs 12
 
 MiniLM-L6's shapes (22.7M parameters, built from its config), batch 32 x 64 tokens, fp32, Lion with
-``impl="auto"``. Two copies of the model train side by side, one with ``GradientRelease``; each pair
+``impl="auto"``. Two copies of the model train side by side, one with ``GradientRelease``
+(``--sparse-embedding``: with ``sparse_embedding``, the word embedding's gradient sparse, stepped in
+chunks of rows); each pair
 of steps runs both, in alternating order, so drift in a shared machine's speed hits both alike. Prints
 the median step of each, their ratio and the median of the pairwise ratios.
 """
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--sparse-embedding", action="store_true",
+                        help="release with GradientRelease.sparse_embedding (the embedding's gradient sparse)")
     args = parser.parse_args(argv)
 
     def build() -> torch.nn.Module:
@@ -37,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ordinary, released = build(), build()
     ordinary_opt, released_opt = Lion(ordinary.parameters(), lr=1e-5), Lion(released.parameters(), lr=1e-5)
-    GradientRelease(released_opt)
+    handle = GradientRelease(released_opt)
+    if args.sparse_embedding:
+        handle.sparse_embedding(released)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, MINILM["vocab_size"], (args.batch, args.seq), generator=gen)
     labels = torch.randint(0, 2, (args.batch,), generator=gen)
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     a, b = statistics.median(plain), statistics.median(release)
     pairwise = statistics.median([r / p for p, r in zip(plain, release)])
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch} x {args.seq}, {args.pairs} pairs")
+          f"{torch.get_num_threads()} threads, batch {args.batch} x {args.seq}, {args.pairs} pairs, "
+          f"sparse_embedding {args.sparse_embedding}")
     print(f"without release {a * 1e3:.0f} ms/step, with release {b * 1e3:.0f} ms/step, ratio {b / a:.3f}, "
           f"median pairwise ratio {pairwise:.3f}")
 

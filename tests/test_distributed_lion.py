@@ -213,6 +213,12 @@ def test_identical_data_on_every_rank_equals_lion(ranks):
                 assert torch.equal(m, n), vote
 
 
+def test_a_sparse_gradient_is_refused_on_every_rank(ranks):
+    for rank in ranks:
+        assert "DistributedLion takes dense gradients" in rank["sparse"]["outcome"]
+        assert rank["sparse"]["unchanged"]
+
+
 @pytest.mark.parametrize("case", ["fp32_majority", "fp32_average"])
 def test_different_data_is_combined_as_the_vote_says(ranks, case):
     vote = case.split("_")[1]

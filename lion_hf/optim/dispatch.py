@@ -36,7 +36,18 @@ from torch import Tensor
 from lion_hf.optim.cpu_kernel_build import cxx_compiler
 from lion_hf.optim.for_loop import for_loop_lion, for_loop_signs, for_loop_vote_apply
 from lion_hf.optim.foreach import foreach_lion, foreach_signs, foreach_vote_apply
-from lion_hf.optim.numerics import PLAIN_TENSOR_TYPES, StepGroup, all_finite, local, step_may_proceed, with_seeds
+from lion_hf.optim.numerics import (
+    EIGHT_BIT_BLOCK,
+    PLAIN_TENSOR_TYPES,
+    StepGroup,
+    all_finite,
+    local,
+    offset_seed,
+    row_chunks,
+    sparse_rows,
+    step_may_proceed,
+    with_seeds,
+)
 from lion_hf.optim.options import IMPLS
 from lion_hf.optim.signs import TRITS_PER_BYTE, ZERO_SIGNS_BYTE, combine_signs, pack_trits, packed_nbytes
 from lion_hf.optim.validation import check_step_tensors, overlapping, readable_grads
@@ -220,20 +231,61 @@ def _shares_memory(groups: list[StepGroup]) -> bool:
     return overlapping([t for group in groups for ts in (*group[:4], group.scales()) for t in ts if t is not None])
 
 
+def _run(concrete: str, groups: list[StepGroup], skip_nonfinite: bool) -> None:
+    # The impl of the device on these groups; what a fused kernel leaves runs in foreach, tensors
+    # that share memory in for_loop.
+    if concrete != "for_loop" and _shares_memory(groups):
+        for_loop_lion(groups, skip_nonfinite=skip_nonfinite)
+        return
+    lefts = _IMPL_FUNCTIONS[concrete](groups, skip_nonfinite=skip_nonfinite)
+    rest = [group.subset(left) for group, left in zip(groups, lefts) if left]
+    if rest:
+        foreach_lion(rest, skip_nonfinite=skip_nonfinite)
+
+
 def apply_step(prepared: PreparedStep) -> None:
     """The second stage: each device's impl runs its share of the step. What a fused kernel
     leaves runs in ``foreach``; tensors that share memory update one after the other in
-    ``for_loop``, whichever impl was asked for."""
+    ``for_loop``, whichever impl was asked for. A param with a sparse gradient is stepped a
+    chunk of rows at a time after the others, each chunk's gradient made dense alone
+    (:func:`~lion_hf.optim.numerics.sparse_rows`)."""
     skip_nonfinite = prepared.skip_nonfinite
     for device, concrete in prepared.impls.items():
         on_device = _on_device(prepared, device)
-        if concrete != "for_loop" and _shares_memory(on_device):
-            for_loop_lion(on_device, skip_nonfinite=skip_nonfinite)
-            continue
-        lefts = _IMPL_FUNCTIONS[concrete](on_device, skip_nonfinite=skip_nonfinite)
-        rest = [group.subset(left) for group, left in zip(on_device, lefts) if left]
-        if rest:
-            foreach_lion(rest, skip_nonfinite=skip_nonfinite)
+        sparse = [[i for i, g in enumerate(group.grads) if g.is_sparse] for group in on_device]
+        if any(sparse):
+            by_rows = [(group.subset([i]), group.grads[i])
+                       for group, indices in zip(on_device, sparse) for i in indices]
+            on_device = [group.subset([i for i in range(len(group.params)) if i not in set(indices)])
+                         for group, indices in zip(on_device, sparse)]
+            on_device = [group for group in on_device if group.params]
+        if on_device:
+            _run(concrete, on_device, skip_nonfinite)
+        if any(sparse):
+            for group, g in by_rows:
+                _step_rows(concrete, group, functools.partial(sparse_rows, g), skip_nonfinite)
+
+
+def _step_rows(concrete: str, group: StepGroup, grad_rows: Callable[[int, int], Tensor],
+               skip_nonfinite: bool) -> None:
+    # One param's step a chunk of rows at a time, each chunk with its slice of the state, its block
+    # scales and its offset seeds. Cautious rescales by a mean over the whole tensor, and a
+    # strided param or state has no row slices of flat memory: those take the whole gradient.
+    p, m, comp, scale = group.params[0], group.exp_avgs[0], group.kahan_comps[0], group.scales()[0]
+    state = (p, m) if comp is None else (p, m, comp)
+    if group.cautious or p.dim() == 0 or not all(t.is_contiguous() for t in state):
+        _run(concrete, [group._replace(grads=[grad_rows(0, p.shape[0] if p.dim() else 1)])], skip_nonfinite)
+        return
+    row_numel = p[0].numel()
+    for first, last in row_chunks(p.shape, scale is not None):
+        start, stop = first * row_numel, last * row_numel
+        chunk = group._replace(
+            params=[p[first:last]], grads=[grad_rows(first, last)], exp_avgs=[m[first:last]],
+            kahan_comps=[None if comp is None else comp[first:last]],
+            seeds=None if group.seeds is None else offset_seed(group.seeds, start),
+            exp_avg_scales=None if group.exp_avg_scales is None else [
+                None if scale is None else scale[start // EIGHT_BIT_BLOCK:-(-stop // EIGHT_BIT_BLOCK)]])
+        _run(concrete, [chunk], skip_nonfinite)
 
 
 def run_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str,

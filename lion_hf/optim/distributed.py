@@ -248,6 +248,9 @@ class DistributedLion(Lion):
         if not {type(t) for s in steps for t in s.params + s.grads} <= PLAIN_TENSOR_TYPES:
             raise ValueError("DistributedLion steps plain tensors; these params or grads are DTensor shards "
                              "(FSDP2): the sign vote needs each rank's full local gradient. Use Lion there.")
+        if any(g.is_sparse for s in steps for g in s.grads):
+            raise ValueError("DistributedLion takes dense gradients: a param has a sparse one (nn.Embedding(sparse="
+                             "True)); its passes read every rank's signs of whole tensors. Use a dense embedding.")
         policy = self.nonfinite_grad
         # The gate is the vote's own (every rank's flag travels in the buffer): not the dispatcher's.
         prepared = prepare_step(steps, impl=self.impl, nonfinite_grad=policy, gate=False, draw_seeds=False)

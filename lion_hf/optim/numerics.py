@@ -25,6 +25,7 @@ __all__ = [
     "EIGHT_BIT_MIN_NUMEL",
     "PARAM_DTYPES",
     "PLAIN_TENSOR_TYPES",
+    "ROW_CHUNK_NUMEL",
     "StepGroup",
     "all_finite",
     "any_nonfinite",
@@ -43,6 +44,9 @@ __all__ = [
     "param_stochastic",
     "quantize_momentum",
     "ranges_overlap",
+    "row_chunks",
+    "sparse_row_sums",
+    "sparse_rows",
     "step_may_proceed",
     "stochastic_round_to_bf16",
     "stochastic_round_to_fp16",
@@ -283,6 +287,56 @@ def eight_bit_chunks(numel: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
+# --------------------------------------------------------------------------------------
+# Gradients that are never whole: sparse rows, or rows made in backward a chunk at a time
+# --------------------------------------------------------------------------------------
+
+# Elements of a param stepped at a time when its gradient comes as rows (a sparse gradient, or
+# the output layer's under gradient release): the dense gradient then exists one chunk at a time
+# (4 MB of fp32), never whole, and each chunk is still large enough for a kernel's threads.
+ROW_CHUNK_NUMEL = 1 << 20
+
+
+def row_chunks(shape: torch.Size | tuple[int, ...], eight_bit: bool) -> list[tuple[int, int]]:
+    """The (start_row, stop_row) ranges that cut a tensor of ``shape`` along its first dim into
+    chunks of about :data:`ROW_CHUNK_NUMEL` elements (at least one row). With ``eight_bit`` each
+    chunk starts on a block boundary of the 8-bit momentum, so that its block scales are the
+    tensor's. A chunk starting at element ``start`` rounds with :func:`offset_seed`, so the chunks
+    stepped one after the other compute the whole tensor's bits."""
+    rows = shape[0] if len(shape) else 1
+    row_numel = math.prod(shape[1:])
+    if rows == 0 or row_numel == 0:
+        return []
+    step = max(1, ROW_CHUNK_NUMEL // row_numel)
+    if eight_bit:
+        align = EIGHT_BIT_BLOCK // math.gcd(row_numel, EIGHT_BIT_BLOCK)  # rows per whole number of blocks
+        step = -(-step // align) * align
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def sparse_rows(g: Tensor, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of a sparse COO gradient (sparse along its first dim, as
+    ``nn.Embedding(sparse=True)`` makes it) as a dense tensor. Each row sums its entries with
+    torch's own dense embedding backward, in the order they are stored: for the gradient of one
+    embedding lookup these are the bits of the dense gradient the same lookup without
+    ``sparse=True`` gives (an uncoalesced gradient holds its entries in token order)."""
+    index = g._indices()[0]
+    values = g._values()
+    keep = (index >= start) & (index < stop)
+    rows = values[keep].reshape(-1, math.prod(g.shape[1:]))
+    dense = torch.ops.aten.embedding_dense_backward(rows, index[keep] - start, stop - start, -1, False)
+    return dense.view(stop - start, *g.shape[1:])
+
+
+def sparse_row_sums(g: Tensor) -> Tensor:
+    """The rows of a sparse COO gradient that hold entries, summed as :func:`sparse_rows` sums them
+    (the same entries of each row, in the same order), one row per distinct index."""
+    index = g._indices()[0]
+    rows, position = torch.unique(index, sorted=True, return_inverse=True)
+    values = g._values().reshape(index.numel(), -1)
+    return torch.ops.aten.embedding_dense_backward(values, position, rows.numel(), -1, False)
+
+
 def offset_seed(seed: Tensor | int | None, start: int) -> Tensor | int | None:
     """The seed under which the :func:`random_bits16` of a slice that starts at element ``start``
     of a tensor are that tensor's bits under ``seed`` (the bits hash ``index + seed`` mod 2**16)."""
@@ -502,6 +556,8 @@ def all_finite(grads: list[Tensor]) -> bool:
     """The 'skip_step' / 'raise' gate's one read of the gradients, on any devices."""
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
     for g in grads:
+        if g.is_sparse:
+            g = sparse_row_sums(g)  # the rows the step will sum: fp16 entries can overflow only there
         if g.numel():
             by_device[g.device].append(g)
     for device_grads in by_device.values():

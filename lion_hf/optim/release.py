@@ -33,6 +33,13 @@ gradients' bytes (2 or 4 per parameter) at the peak.
   gradients as the bucket arrives (the optimizer-overlap scheme). DDP keeps its own bucket
   buffers, so there the gain is the overlap, not memory.
 
+* **The input embedding's gradient, sparse** (opt-in). A classifier's word embedding is its
+  largest tensor (half of MiniLM-L6), and its dense gradient is alive at the end of backward.
+  :meth:`GradientRelease.sparse_embedding` makes it sparse (torch's ``nn.Embedding(sparse=True)``:
+  a row per token), and the step expands it a chunk of rows at a time; each row sums its tokens
+  with torch's dense embedding backward, in the same order, so where the weight's gradient comes
+  from one lookup per backward the update is the same bits (otherwise a warning says so).
+
 ``step()`` only runs its closure while a release is attached (it raises when a gradient was left
 behind, unstepped), and ``zero_grad()`` has nothing left to free.
 """
@@ -40,6 +47,8 @@ behind, unstepped), and ``zero_grad()`` has nothing left to free.
 from __future__ import annotations
 
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,7 +58,7 @@ from torch import Tensor
 
 from lion_hf.optim.dispatch import apply_step, prepare_step
 from lion_hf.optim.lion import Lion
-from lion_hf.optim.numerics import with_seeds
+from lion_hf.optim.numerics import sparse_rows, with_seeds
 from lion_hf.optim.validation import check_step_scalars, validate_options
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "RELEASE_POLICIES", "GradientRelease"]
@@ -75,8 +84,10 @@ class GradientRelease:
 
     ``GradientRelease(optimizer)`` registers a post-accumulate-grad hook on every param that
     requires a gradient; :meth:`remove` (or leaving a ``with`` block) takes them off and gives
-    :meth:`Lion.step` back its work. ``last_micro_batch`` is called once per backward: False
-    keeps the gradients for the next micro-batch (default: every backward is a step's last).
+    :meth:`Lion.step` back its work. ``last_micro_batch`` is called once per backward (and, with
+    :meth:`sparse_embedding`, at the embedding's forward too), so it must answer from where the
+    loop is, not count its calls: False keeps the gradients for the next micro-batch (default:
+    every backward is a step's last).
     Under DDP use :meth:`GradientRelease.ddp` instead.
 
     Example, a plain loop with accumulation over ``n`` micro-batches::
@@ -121,7 +132,16 @@ class GradientRelease:
         self._last = True
         self._lock = threading.Lock()
         self._handles: list[Any] = []
+        self._embeddings: list[tuple[torch.nn.Embedding, list[Any]]] = []  # made sparse: (module, hook handles)
+        self._sparse_lookup: dict[int, int] = {}  # id(weight) -> its sparse lookups since its last gradient
+        self._warned_lookups = False
         self._ddp = _ddp
+        for other in list(_RELEASES):
+            if other.active and not self._index.keys().isdisjoint(other._index):
+                raise ValueError("a param of this optimizer is already stepped in backward by the GradientRelease of "
+                                 "another optimizer (a Trainer that was not done with it?): two releases would step "
+                                 "it twice. remove() that one first.")
+        _RELEASES.add(self)
         if _ddp is None:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -170,8 +190,102 @@ class GradientRelease:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for embedding, handles in self._embeddings:
+            for handle in handles:
+                handle.remove()
+            if _SPARSE_EMBEDDINGS.get(embedding) is self:
+                del _SPARSE_EMBEDDINGS[embedding]
+            embedding.sparse = False
+        self._embeddings.clear()
+        self._sparse_lookup.clear()
         if self.optimizer.gradient_release is self:
             self.optimizer.gradient_release = None
+
+    def sparse_embedding(self, model: torch.nn.Module) -> bool:
+        """Make the input embedding of ``model`` (its ``get_input_embeddings()``, as HF models have it)
+        return a sparse gradient in the backwards this release steps: the step expands it a chunk of
+        rows at a time (``numerics.sparse_rows``), so its dense gradient never exists, and the update
+        is the same bits. Taken: an ``nn.Embedding`` without ``max_norm`` or ``scale_grad_by_freq``
+        whose weight this optimizer trains and no other module uses (a tied weight also gets a dense
+        gradient from its other use). Decided at each forward: sparse only in a step's last
+        micro-batch with no gradient held (under accumulation the gradients stay dense, added up as
+        without release), with gradients enabled, outside ``torch.compile`` (whose compiled kernels
+        take no sparse tensors), and when the lookup's tokens are fewer than the embedding's rows
+        (a sparse gradient holds a row per token). ``last_micro_batch`` is then also asked at that
+        forward. Not under DDP (its buckets reduce dense gradients). :meth:`remove` restores the
+        module. Returns whether the embedding was taken."""
+        if self._ddp is not None:
+            raise ValueError("sparse_embedding cannot run under DDP: DDP reduces buckets of dense gradients")
+        get_input = getattr(model, "get_input_embeddings", None)
+        embedding = get_input() if callable(get_input) else None
+        if not isinstance(embedding, torch.nn.Embedding) or embedding.max_norm is not None \
+                or embedding.scale_grad_by_freq or embedding.sparse:
+            return False
+        weight = embedding.weight
+        uses = sum(q is weight for _, q in model.named_parameters(remove_duplicate=False))
+        if not (weight.requires_grad and id(weight) in self._index and uses == 1):
+            return False
+        owner = _SPARSE_EMBEDDINGS.get(embedding)
+        if owner is self:
+            return True
+        if owner is not None and owner.active:
+            raise ValueError("this embedding is already made sparse by another GradientRelease; remove() it first")
+        _SPARSE_EMBEDDINGS[embedding] = self
+        # The flag is read when the lookup runs (its backward node keeps it): set just before, cleared
+        # just after, so that between lookups the module is dense, as built.
+        self._embeddings.append((embedding, [embedding.register_forward_pre_hook(_embedding_pre_hook),
+                                             embedding.register_forward_hook(_embedding_post_hook)]))
+        return True
+
+    def _sparse_now(self, embedding: torch.nn.Embedding, args: tuple) -> bool:
+        """Whether this forward of ``embedding`` makes a sparse gradient (see :meth:`sparse_embedding`)."""
+        weight = embedding.weight
+        ids = args[0] if args else None
+        if not (self.active and isinstance(ids, Tensor) and torch.is_grad_enabled() and weight.requires_grad
+                and weight.grad is None) or torch.compiler.is_compiling():
+            return False
+        row_bytes = weight[0].numel() * weight.element_size()
+        if ids.numel() * (row_bytes + 8) >= weight.shape[0] * row_bytes:  # a row and an int64 index per token
+            return False
+        if not (self.last_micro_batch is None or bool(self.last_micro_batch())):
+            return False
+        self._sparse_lookup[id(weight)] = self._sparse_lookup.get(id(weight), 0) + 1
+        return True
+
+    def _sparse_grad(self, p: Tensor) -> None:
+        """At the hook of an embedding's weight made sparse: a sparse gradient that is not stepped now
+        (not the step's last micro-batch, as ``last_micro_batch`` answered at backward) becomes the
+        dense gradient of its lookup, bit for bit, so that the next micro-batches add to it as in the
+        ordinary run; two lookups before one backward, or a dense gradient where the lookup was
+        sparse (the weight used by another op too), warn, and the latter turns the embedding dense."""
+        g = p.grad
+        lookups = self._sparse_lookup.pop(id(p), None)
+        if g is None:
+            return
+        if g.is_sparse:
+            if not self._last:
+                p.grad = sparse_rows(g, 0, p.shape[0])
+            elif lookups is not None and lookups > 1 and not self._warned_lookups:
+                self._warned_lookups = True
+                warnings.warn(
+                    "gradient release: the input embedding was looked up more than once before one backward (two "
+                    "forward passes in one loss?). Its sparse gradients are summed in one pass per row: the same "
+                    "sum as the ordinary run's, possibly rounded differently. LionTrainingArguments("
+                    "lion_sparse_embedding=False) (or no sparse_embedding) keeps it dense.", stacklevel=2)
+        elif lookups is not None:
+            # The lookup made a sparse gradient but a dense one arrived: another op uses the weight too (an
+            # output head multiplying by it), and the two were added in another order than the ordinary run's.
+            for i, (embedding, handles) in enumerate(self._embeddings):
+                if embedding.weight is p:
+                    for handle in handles:
+                        handle.remove()
+                    _SPARSE_EMBEDDINGS.pop(embedding, None)
+                    del self._embeddings[i]
+                    break
+            warnings.warn(
+                "gradient release: the input embedding's weight is also used outside its module (a dense gradient "
+                "was added to its sparse one), so this step's gradient may be rounded differently from the ordinary "
+                "run's; it stays dense from now on.", stacklevel=2)
 
     @property
     def active(self) -> bool:
@@ -209,6 +323,8 @@ class GradientRelease:
                 self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
                 if self._last:
                     self._begin_step()
+        if self._sparse_lookup or (p.grad is not None and p.grad.is_sparse):
+            self._sparse_grad(p)
         if self._last and p.grad is not None:
             self._check_once(p)
             self._pending.append(p)
@@ -326,3 +442,24 @@ class GradientRelease:
                 "micro-batch, and the last backward was not marked as one (last_micro_batch returned False), or "
                 "these params had no hook (requires_grad set after the release was attached). Mark the last "
                 "micro-batch, or remove() the release to step them here.")
+
+
+# Each input embedding a release makes sparse, and that release: a weak map, so that the module
+# holds no reference to the release (a copy or a pickle of the model carries none, and its hook,
+# a plain function, then finds no release and leaves the copy as it is).
+_SPARSE_EMBEDDINGS: weakref.WeakKeyDictionary[torch.nn.Embedding, GradientRelease] = weakref.WeakKeyDictionary()
+
+
+# Every GradientRelease made, so that a second one over the same params is refused while the first steps.
+_RELEASES: weakref.WeakSet[GradientRelease] = weakref.WeakSet()
+
+
+def _embedding_pre_hook(module: torch.nn.Embedding, args: tuple) -> None:
+    release = _SPARSE_EMBEDDINGS.get(module)
+    if release is not None:
+        module.sparse = release._sparse_now(module, args)
+
+
+def _embedding_post_hook(module: torch.nn.Embedding, args: tuple, output: Tensor) -> None:
+    if module in _SPARSE_EMBEDDINGS:
+        module.sparse = False

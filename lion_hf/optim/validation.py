@@ -51,8 +51,8 @@ _MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
 _OTHER_OPTIMIZERS_GROUP_KEYS = frozenset({"eps", "amsgrad", "momentum", "dampening", "nesterov", "capturable",
                                           "decoupled_weight_decay", "lr_decay", "initial_accumulator_value"})
 _HYPERPARAMETERS = ("lr", "betas", "weight_decay")
-_DTYPE, _IS_SPARSE, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "is_sparse", "is_meta",
-                                                                                 "nbytes"))
+_DTYPE, _LAYOUT, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "layout", "is_meta",
+                                                                              "nbytes"))
 # The largest finite float32: the kernels compute with lr, weight_decay and 1 - lr * weight_decay in float32,
 # and a larger value is inf there (the weights then become inf or NaN without any error).
 _FP32_MAX = float(np.finfo(np.float32).max)
@@ -278,8 +278,9 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     has its param's shape and device; dtypes are ones Lion computes with; no param is on the meta
     device; nothing the step writes is an inference tensor (outside inference mode); a Kahan
     residual matches its param; an 8-bit (int8) momentum has its block scales (``exp_avg_scales``)
-    and no other momentum has any. ValueError naming the tensor; sparse gradients are a
-    RuntimeError, as in torch's optimizers. Fast on the common case (list comparisons).
+    and no other momentum has any; a sparse grad is COO, sparse along the first dim (stepped a
+    chunk of dense rows at a time by the dispatcher). ValueError naming the tensor. Fast on the
+    common case (list comparisons).
     Returns the devices the params are on, in order of first appearance."""
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
         raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
@@ -290,8 +291,11 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
             i = _first([t.shape != s for t, s in zip(tensors, shapes)])
             raise ValueError(f"Lion: param {i} has shape {tuple(shapes[i])} but its {name} has shape "
                              f"{tuple(tensors[i].shape)}")
-    if True in map(_IS_SPARSE, grads):
-        raise RuntimeError("Lion does not support sparse gradients")
+    sparse = [layout is not torch.strided for layout in map(_LAYOUT, grads)]
+    if True in sparse:
+        _check_sparse_grads([g for g, s in zip(grads, sparse) if s], [i for i, s in enumerate(sparse) if s])
+        if any(t.layout is not torch.strided for t in params + exp_avgs):
+            raise ValueError("Lion: params and momenta are dense tensors (only gradients may be sparse)")
     p_dtypes, g_dtypes, m_dtypes = (set(map(_DTYPE, ts)) for ts in (params, grads, exp_avgs))
     if not p_dtypes <= set(PARAM_DTYPES):
         i = _first([p.dtype not in PARAM_DTYPES for p in params])
@@ -325,8 +329,13 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                     raise ValueError(f"Lion: the {name} of param {i} (shape {tuple(t.shape)}, strides {t.stride()}) "
                                      "has elements that share memory (an expanded or overlapping view): it cannot "
                                      "be updated in place. Use a tensor of its own (.clone()).")
-    for name, tensors in (("param", params), ("grad", grads), ("momentum (exp_avg)", exp_avgs)):
-        _check_memory(name, tensors)
+    _check_memory("param", params)
+    if True in sparse:  # a sparse gradient's values are read by torch ops, a chunk of dense rows at a time
+        dense_grads = [i for i, s in enumerate(sparse) if not s]
+        _check_memory("grad", [grads[i] for i in dense_grads], dense_grads)
+    else:
+        _check_memory("grad", grads)
+    _check_memory("momentum (exp_avg)", exp_avgs)
     comp_indices = [i for i, c in enumerate(kahan_comps) if c is not None]
     _check_memory("Kahan residual", [kahan_comps[i] for i in comp_indices], comp_indices)
     if exp_avg_scales is not None or torch.int8 in m_dtypes:
@@ -351,6 +360,17 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                     f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
                 )
     return devices
+
+
+def _check_sparse_grads(grads: list[Tensor], indices: list[int]) -> None:
+    """Sparse gradients Lion steps: COO, sparse along the first dim only (``nn.Embedding(sparse=True)``'s
+    form), expanded to dense rows a chunk at a time (``numerics.sparse_rows``)."""
+    for g, i in zip(grads, indices):
+        if g.layout != torch.sparse_coo or g.sparse_dim() != 1:
+            what = f"{g.sparse_dim()} sparse dims" if g.layout == torch.sparse_coo else f"layout {g.layout}"
+            raise ValueError(f"Lion: the grad of param {i} is sparse with {what}; Lion takes sparse gradients in COO "
+                             "layout, sparse along the first dim only "
+                             "(what nn.Embedding(sparse=True) makes). Give it a dense gradient (.to_dense()).")
 
 
 def _check_scales(exp_avgs: list[Tensor], scales: list[Tensor | None] | None) -> None:

@@ -271,6 +271,22 @@ def check_gradient_layouts(rank):
     return outcome
 
 
+def check_sparse(rank):
+    """Every rank's embedding has a sparse gradient (nn.Embedding(sparse=True)): every rank raises
+    the ValueError before any collective, nothing moves, and the group is still usable."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = DistributedLion(emb.parameters(), lr=0.01)
+    emb(torch.tensor([1, 2 + rank])).sum().backward()
+    try:
+        opt.step()
+        outcome = "stepped"
+    except ValueError as exc:
+        outcome = str(exc)
+    dist.barrier()
+    return {"outcome": outcome, "unchanged": torch.equal(emb.weight, before)}
+
+
 # Options that shape the update, and rank 1's different value: every rank must raise (issue 34).
 DISAGREEMENTS = {
     "lr": ({"lr": 0.01}, {"lr": 0.02}),
@@ -338,6 +354,7 @@ def main():
         "skip": check_skip(rank),
         "resume": check_resume(rank),
         "layouts": check_gradient_layouts(rank),
+        "sparse": check_sparse(rank),
         "agreement": check_agreement(rank),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
