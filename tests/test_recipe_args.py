@@ -189,6 +189,23 @@ def test_values_the_arguments_dataclasses_refuse_are_one_line_errors_of_the_scri
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_data_that_is_not_there_or_does_not_fit_is_a_one_line_error_of_the_script(monkeypatch, capsys, tmp_path):
+    from lion_hf.experiments import finetune
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.csv").write_text("sentence,label\nfine,1\nbad,7\n")
+    for argv, message in ((["--data_dir", str(tmp_path / "missing")], "data_dir is not a folder"),
+                          (["--train_file", str(bad / "train.csv"), "--text_column", "text"],
+                           "text column 'text' not found")):
+        monkeypatch.setattr(sys, "argv", ["finetune_sentiment.py", *argv, "--output_dir", str(tmp_path / "run")])
+        with pytest.raises(SystemExit) as exit_info:
+            finetune.main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "the data:" in err and message in err and "Traceback" not in err, err
+
+
 def test_help_fits_120_columns_and_cuts_each_option_at_a_sentence_end(capsys):
     from lion_hf.experiments import finetune
 

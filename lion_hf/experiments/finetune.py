@@ -281,15 +281,22 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Li
     previous = RunRecord.read(out / "run.json") if checkpoint is not None and (out / "run.json").is_file() else None
     _quiet_loading_bars()
     set_seed(training_args.seed)
-    data = load_sentiment_data(
-        data_args.task, data_dir=data_args.data_dir, train_file=data_args.train_file,
-        validation_file=data_args.validation_file, text_column=data_args.text_column,
-        label_column=data_args.label_column,
-        column_names=None if data_args.column_names is None else [c.strip() for c in data_args.column_names.split(",")],
-        encoding=data_args.encoding, validation_fraction=data_args.validation_fraction,
-        seed=data_args.split_seed, max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-    )
+    try:
+        data = load_sentiment_data(
+            data_args.task, data_dir=data_args.data_dir, train_file=data_args.train_file,
+            validation_file=data_args.validation_file, text_column=data_args.text_column,
+            label_column=data_args.label_column,
+            column_names=(None if data_args.column_names is None
+                          else [c.strip() for c in data_args.column_names.split(",")]),
+            encoding=data_args.encoding, validation_fraction=data_args.validation_fraction,
+            seed=data_args.split_seed, max_train_samples=data_args.max_train_samples,
+            max_eval_samples=data_args.max_eval_samples,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        # A file or folder that is not there, a column or label that does not fit: the data the arguments
+        # name, so the script's one-line error (main), as for a bad argument. Network and checksum
+        # failures (RuntimeError) keep their traceback.
+        raise RecipeArgumentError(f"the data: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.model_name_or_path))
     tokenized = tokenize_sentiment_data(data, tokenizer, data_args.max_length)
     set_seed(training_args.seed)  # the same classifier-head init for every optimizer
