@@ -341,6 +341,36 @@ def _cautious(u, g, count, n):
 
 
 @_jit
+def _lion_step(p, g, m, c_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+               P_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+               KAHAN: tl.constexpr, MASKED: tl.constexpr):
+    """The step maths on fp32 tiles of the param ``p``, grad ``g`` and momentum ``m`` as loaded (the
+    Kahan residual is loaded here, under KAHAN). Returns the new fp32 weight and momentum, the
+    residual (0.0 without KAHAN) and where the grad is finite (True without SKIP_NONFINITE), the
+    last two as :func:`_store_param` takes them. One body for every momentum dtype, so that the
+    8-bit kernel steps exactly as the others do; a skipped element keeps its weight and momentum."""
+    if MAXIMIZE:
+        g = -g
+    w = p
+    c = 0.0  # no residual: _store_param reads c under KAHAN only
+    if KAHAN:
+        c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
+        w = p + c  # the weight being optimised: the stored param plus what its rounding dropped
+    u = _sign(beta1 * m + one_minus_beta1 * g)
+    if CAUTIOUS:
+        u = _cautious(u, g, count, n)
+    new_w = w * decay - lr * u
+    new_m = beta2 * m + one_minus_beta2 * g
+    finite = True  # _store_param reads it under SKIP_NONFINITE only
+    if SKIP_NONFINITE:
+        # Exponent bits all ones <=> NaN or +-inf; a bit test cannot be folded away by fast-math.
+        finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        new_w = tl.where(finite, new_w, w)
+        new_m = tl.where(finite, new_m, m)
+    return new_w, new_m, c, finite
+
+
+@_jit
 def _block(ptr_table, layout, n_tensors, P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
            ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KAHAN: tl.constexpr = False):
     """This program's block: tensor index, its numel, element pointers of the [ROWS, COLS] tile
@@ -407,24 +437,8 @@ def _lion_tile(
     p = _load_f32(p_ptrs, mask, P_DTYPE, MASKED)
     g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
     m = _load_f32(m_ptrs, mask, M_DTYPE, MASKED)
-    if MAXIMIZE:
-        g = -g
-    w = p
-    c = 0.0  # no residual: _store_param reads c under KAHAN only
-    if KAHAN:
-        c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
-        w = p + c  # the weight being optimised: the stored param plus what its rounding dropped
-    u = _sign(beta1 * m + one_minus_beta1 * g)
-    if CAUTIOUS:
-        u = _cautious(u, g, count, n)
-    new_w = w * decay - lr * u
-    new_m = beta2 * m + one_minus_beta2 * g
-    finite = True  # _store_param reads it under SKIP_NONFINITE only
-    if SKIP_NONFINITE:
-        # Exponent bits all ones <=> NaN or +-inf; a bit test cannot be folded away by fast-math.
-        finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
-        new_w = tl.where(finite, new_w, w)
-        new_m = tl.where(finite, new_m, m)
+    new_w, new_m, c, finite = _lion_step(p, g, m, c_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2,
+                                         one_minus_beta2, P_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, KAHAN, MASKED)
 
     p_noise = 0
     if P_STOCHASTIC:
@@ -597,23 +611,9 @@ def _lion8_tile(
     p = _load_f32(p_ptrs, mask, P_DTYPE, MASKED)
     g = _load_f32(g_ptrs, mask, P_DTYPE, MASKED)
     m = _load_momentum8(m_ptrs, s_ptrs, mask, row_mask, MASKED)
-    if MAXIMIZE:
-        g = -g
-    w = p
-    c = 0.0  # no residual: _store_param reads c under KAHAN only
-    if KAHAN:
-        c = _load_f32(c_ptrs, mask, P_DTYPE, MASKED)
-        w = p + c
-    u = _sign(beta1 * m + one_minus_beta1 * g)
-    if CAUTIOUS:
-        u = _cautious(u, g, count, n)
-    new_w = w * decay - lr * u
-    new_m = beta2 * m + one_minus_beta2 * g
-    finite = True  # _store_param reads it under SKIP_NONFINITE only
-    if SKIP_NONFINITE:
-        finite = (g.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
-        new_w = tl.where(finite, new_w, w)
-        new_m = tl.where(finite, new_m, m)  # the widened value, coded again with its block
+    # A skipped element's new_m is its widened momentum, coded again with its block.
+    new_w, new_m, c, finite = _lion_step(p, g, m, c_ptrs, mask, count, n, lr, decay, beta1, one_minus_beta1, beta2,
+                                         one_minus_beta2, P_DTYPE, MAXIMIZE, CAUTIOUS, SKIP_NONFINITE, KAHAN, MASKED)
 
     p_noise = 0
     if P_STOCHASTIC:
