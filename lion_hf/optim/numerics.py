@@ -288,12 +288,12 @@ def eight_bit_chunks(numel: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------
-# Gradients that are never whole: sparse rows, or rows made in backward a chunk at a time
+# Sparse gradients (nn.Embedding(sparse=True)): never dense as a whole
 # --------------------------------------------------------------------------------------
 
-# Elements of a param stepped at a time when its gradient comes as rows (a sparse gradient, or
-# the output layer's under gradient release): the dense gradient then exists one chunk at a time
-# (4 MB of fp32), never whole, and each chunk is still large enough for a kernel's threads.
+# Elements of a param with a sparse gradient stepped at a time: its dense gradient then exists one
+# chunk at a time (4 MB of fp32), never whole, and each chunk is still large enough for a kernel's
+# threads.
 ROW_CHUNK_NUMEL = 1 << 20
 
 
