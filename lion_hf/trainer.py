@@ -339,13 +339,21 @@ class LionTrainer(Trainer):
                                  "optimizer (DDP takes one hook per model); build a new Trainer for a new optimizer")
             self._lion_release = GradientRelease.ddp(inner, model)
             model._lion_release_hook = self._lion_release
+            if getattr(self.args, "lion_sparse_embedding", False):
+                warnings.warn("lion_sparse_embedding=True does nothing under DDP (its buckets reduce dense "
+                              "gradients): the embedding's gradient stays dense.", stacklevel=2)
         else:
             accelerator = self.accelerator
             # HF's loop sets sync_gradients before each micro-batch: True on a step's last one.
             self._lion_release = GradientRelease(inner, last_micro_batch=lambda: accelerator.sync_gradients)
-            if getattr(self.args, "lion_sparse_embedding", False) and not getattr(self.args, "torch_compile", False):
-                # The word embedding's gradient sparse, never dense (GradientRelease.sparse_embedding).
-                self._lion_release.sparse_embedding(model)
+            if getattr(self.args, "lion_sparse_embedding", False):
+                if getattr(self.args, "torch_compile", False):
+                    warnings.warn("lion_sparse_embedding=True does nothing under torch_compile (compiled kernels take "
+                                  "no sparse tensors): the embedding's gradient stays dense.", stacklevel=2)
+                elif not self._lion_release.sparse_embedding(model):
+                    warnings.warn("lion_sparse_embedding=True: the model's input embedding cannot be made sparse (not "
+                                  "an nn.Embedding this optimizer trains alone, tied to another module, or with "
+                                  "max_norm / scale_grad_by_freq): its gradient stays dense.", stacklevel=2)
 
     def _distributed_lion(self) -> DistributedLion | None:
         inner = unwrap_optimizer(self.optimizer)

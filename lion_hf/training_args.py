@@ -191,6 +191,10 @@ class LionTrainingArguments(TrainingArguments):
             self.optim = LION_OPTIM
         if self.lion_gradient_release:
             self._settle_gradient_release(use_lion)
+        elif self.lion_sparse_embedding is True:
+            raise ValueError("lion_sparse_embedding=True needs lion_gradient_release=True: the release steps the "
+                             "embedding's sparse gradient (without it the ordinary step would get it, under HF's "
+                             "gradient clipping, which torch cannot apply to sparse gradients)")
         if self.lion_nonfinite_grad is None:
             self.lion_nonfinite_grad = default_nonfinite_policy(self.max_grad_norm)
         elif (use_lion and self.lion_nonfinite_grad == "skip_elements"

@@ -393,7 +393,14 @@ def test_lion_trainer_release_makes_the_word_embedding_sparse_when_asked(tmp_pat
         for (label, p), q in zip(runs["ordinary"][0].model.named_parameters(), runs[name][0].model.parameters()):
             assert torch.equal(p, q), (name, label)
     with pytest.raises(ValueError, match="lion_sparse_embedding must be one of"):
-        _trainer_args(tmp_path, lion_sparse_embedding="sometimes")
+        _trainer_args(tmp_path, lion_gradient_release=True, lion_sparse_embedding="sometimes")
+    with pytest.raises(ValueError, match="lion_sparse_embedding=True needs lion_gradient_release=True"):
+        _trainer_args(tmp_path, lion_sparse_embedding=True)
+    # A model whose embedding cannot be taken (tied to its output layer) trains dense, with a warning.
+    tied = LionTrainer(model=tiny_llama(tied=True), train_dataset=CausalTokens(),
+                       args=_trainer_args(tmp_path / "tied", lion_gradient_release=True, lion_sparse_embedding=True))
+    with pytest.warns(UserWarning, match="input embedding cannot be made sparse"):
+        tied.train()
 
 
 def test_a_second_lion_trainer_on_the_same_model_steps_each_param_once(tmp_path):
