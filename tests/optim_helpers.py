@@ -81,3 +81,18 @@ def record_calls(monkeypatch, module, names) -> list[tuple[str, bool]]:
 
         monkeypatch.setattr(module, name, recording)
     return calls
+
+
+def assert_triton_signs_are_foreachs(groups, device, *, zero_nonfinite: bool) -> None:
+    """DistributedLion's sign pass in the Triton kernel writes the trits torch's path (foreach) writes,
+    and the kernel really ran; all three signs occur, so the comparison sees each."""
+    from lion_hf.optim.foreach import foreach_signs
+    from lion_hf.optim.triton_kernel import triton_signs
+
+    numel = sum(g.numel() for group in groups for g in group.grads)
+    want = torch.ones(numel, dtype=torch.uint8, device=device)
+    foreach_signs(groups, want, zero_nonfinite=zero_nonfinite)
+    got = torch.ones(numel, dtype=torch.uint8, device=device)
+    assert triton_signs(groups, got, zero_nonfinite=zero_nonfinite)
+    assert torch.equal(got, want)
+    assert len(set(want.tolist())) == 3

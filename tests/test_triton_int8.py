@@ -20,7 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from optim_helpers import bits_equal, record_calls, two_simulated_ranks  # noqa: E402
+from optim_helpers import assert_triton_signs_are_foreachs, bits_equal, record_calls, two_simulated_ranks  # noqa: E402
 
 import lion_hf.optim.triton_kernel as lion_triton  # noqa: E402
 from lion_hf.optim.dispatch import run_step  # noqa: E402
@@ -317,18 +317,10 @@ def test_distributed_lion_on_triton_with_int8_state_is_foreach_bit_for_bit(monke
 def test_sign_pass_over_8bit_momenta_writes_the_trits_of_the_torch_path(zero_nonfinite):
     """DistributedLion's first pass in the Triton kernel: each 8-bit momentum widened with its block's
     scale, beside fp32 and bf16 momenta, NaN/inf grads and maximize; the same trits as foreach's."""
-    from lion_hf.optim.foreach import foreach_signs
-
     ps, gs, ms, _, ss = _tensors(torch.bfloat16, "nearest", 12, sizes=(300, 2600))
     gen = torch.Generator().manual_seed(12)
     groups = [StepGroup(ps, gs, ms, [None, None], 0.01, 0.9, 0.99, 0.1, False, False, "nearest", exp_avg_scales=ss),
               StepGroup([torch.zeros(77, device=DEVICE)], [torch.randn(77, generator=gen).to(DEVICE)],
                         [torch.randn(77, generator=gen).bfloat16().to(DEVICE)], [None], 0.01, 0.9, 0.99, 0.1, True,
                         False, "nearest")]
-    numel = sum(g.numel() for group in groups for g in group.grads)
-    want = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
-    foreach_signs(groups, want, zero_nonfinite=zero_nonfinite)
-    got = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
-    assert lion_triton.triton_signs(groups, got, zero_nonfinite=zero_nonfinite)
-    assert torch.equal(got, want)
-    assert len(set(want.tolist())) == 3
+    assert_triton_signs_are_foreachs(groups, DEVICE, zero_nonfinite=zero_nonfinite)

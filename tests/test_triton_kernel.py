@@ -40,7 +40,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from lion_reference import lion_reference_step  # noqa: E402
-from optim_helpers import record_calls, two_simulated_ranks  # noqa: E402
+from optim_helpers import assert_triton_signs_are_foreachs, record_calls, two_simulated_ranks  # noqa: E402
 
 import lion_hf.optim.triton_kernel as lion_triton  # noqa: E402
 from lion_hf.optim.triton_kernel import BLOCK_SIZE, triton_lion_  # noqa: E402
@@ -802,16 +802,7 @@ def _vote_groups(seed):
 
 @pytest.mark.parametrize("zero_nonfinite", [False, True])
 def test_sign_pass_writes_the_trits_of_the_torch_path(zero_nonfinite):
-    from lion_hf.optim.foreach import foreach_signs
-
-    groups = _vote_groups(5)
-    numel = sum(g.numel() for group in groups for g in group.grads)
-    want = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
-    foreach_signs(groups, want, zero_nonfinite=zero_nonfinite)
-    got = torch.ones(numel, dtype=torch.uint8, device=DEVICE)
-    assert lion_triton.triton_signs(groups, got, zero_nonfinite=zero_nonfinite)
-    assert torch.equal(got, want)
-    assert len(set(want.tolist())) == 3  # all three signs occur
+    assert_triton_signs_are_foreachs(_vote_groups(5), DEVICE, zero_nonfinite=zero_nonfinite)
 
 
 @pytest.mark.parametrize("vote", ["majority", "average"])

@@ -247,40 +247,41 @@ def apply_step(prepared: PreparedStep) -> None:
     """The second stage: each device's impl runs its share of the step. What a fused kernel
     leaves runs in ``foreach``; tensors that share memory update one after the other in
     ``for_loop``, whichever impl was asked for. A param with a sparse gradient is stepped a
-    chunk of rows at a time after the others, each chunk's gradient made dense alone
-    (:func:`~lion_hf.optim.numerics.sparse_rows`)."""
+    chunk of rows at a time after the others (:func:`_step_sparse`)."""
     skip_nonfinite = prepared.skip_nonfinite
     for device, concrete in prepared.impls.items():
         on_device = _on_device(prepared, device)
-        sparse = [[i for i, g in enumerate(group.grads) if g.is_sparse] for group in on_device]
-        if any(sparse):
-            by_rows = [(group.subset([i]), group.grads[i])
-                       for group, indices in zip(on_device, sparse) for i in indices]
-            on_device = [group.subset([i for i in range(len(group.params)) if i not in set(indices)])
-                         for group, indices in zip(on_device, sparse)]
-            on_device = [group for group in on_device if group.params]
+        sparse_steps = []
+        if any(g.is_sparse for group in on_device for g in group.grads):
+            dense_groups = []
+            for group in on_device:
+                sparse = {i for i, g in enumerate(group.grads) if g.is_sparse}
+                sparse_steps += [group.subset([i]) for i in sorted(sparse)]
+                kept = [i for i in range(len(group.params)) if i not in sparse]
+                if kept:
+                    dense_groups.append(group.subset(kept))
+            on_device = dense_groups
         if on_device:
             _run(concrete, on_device, skip_nonfinite)
-        if any(sparse):
-            for group, g in by_rows:
-                _step_rows(concrete, group, functools.partial(sparse_rows, g), skip_nonfinite)
+        for group in sparse_steps:
+            _step_sparse(concrete, group, skip_nonfinite)
 
 
-def _step_rows(concrete: str, group: StepGroup, grad_rows: Callable[[int, int], Tensor],
-               skip_nonfinite: bool) -> None:
-    # One param's step a chunk of rows at a time, each chunk with its slice of the state, its block
-    # scales and its offset seeds. Cautious rescales by a mean over the whole tensor, and a
-    # strided param or state has no row slices of flat memory: those take the whole gradient.
-    p, m, comp, scale = group.params[0], group.exp_avgs[0], group.kahan_comps[0], group.scales()[0]
+def _step_sparse(concrete: str, group: StepGroup, skip_nonfinite: bool) -> None:
+    # One param with a sparse gradient, a chunk of rows at a time: each chunk's dense gradient made
+    # alone (numerics.sparse_rows), with its slice of the state, its block scales and its offset
+    # seeds. Cautious rescales by a mean over the whole tensor, and a strided param or state has no
+    # row slices of flat memory: those take the whole gradient.
+    p, g, m, comp, scale = group.params[0], group.grads[0], group.exp_avgs[0], group.kahan_comps[0], group.scales()[0]
     state = (p, m) if comp is None else (p, m, comp)
-    if group.cautious or p.dim() == 0 or not all(t.is_contiguous() for t in state):
-        _run(concrete, [group._replace(grads=[grad_rows(0, p.shape[0] if p.dim() else 1)])], skip_nonfinite)
+    if group.cautious or not all(t.is_contiguous() for t in state):
+        _run(concrete, [group._replace(grads=[sparse_rows(g, 0, p.shape[0])])], skip_nonfinite)
         return
     row_numel = p[0].numel()
     for first, last in row_chunks(p.shape, scale is not None):
         start, stop = first * row_numel, last * row_numel
         chunk = group._replace(
-            params=[p[first:last]], grads=[grad_rows(first, last)], exp_avgs=[m[first:last]],
+            params=[p[first:last]], grads=[sparse_rows(g, first, last)], exp_avgs=[m[first:last]],
             kahan_comps=[None if comp is None else comp[first:last]],
             seeds=None if group.seeds is None else offset_seed(group.seeds, start),
             exp_avg_scales=None if group.exp_avg_scales is None else [

@@ -303,8 +303,7 @@ def row_chunks(shape: torch.Size | tuple[int, ...], eight_bit: bool) -> list[tup
     chunk starts on a block boundary of the 8-bit momentum, so that its block scales are the
     tensor's. A chunk starting at element ``start`` rounds with :func:`offset_seed`, so the chunks
     stepped one after the other compute the whole tensor's bits."""
-    rows = shape[0] if len(shape) else 1
-    row_numel = math.prod(shape[1:])
+    rows, row_numel = shape[0], math.prod(shape[1:])
     if rows == 0 or row_numel == 0:
         return []
     step = max(1, ROW_CHUNK_NUMEL // row_numel)

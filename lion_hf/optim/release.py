@@ -132,7 +132,7 @@ class GradientRelease:
         self._last = True
         self._lock = threading.Lock()
         self._handles: list[Any] = []
-        self._embeddings: list[tuple[torch.nn.Embedding, list[Any]]] = []  # made sparse: (module, hook handles)
+        self._embeddings: dict[int, tuple[torch.nn.Embedding, list[Any]]] = {}  # id(weight) -> (module, hooks)
         self._sparse_lookup: dict[int, int] = {}  # id(weight) -> its sparse lookups since its last gradient
         self._warned_lookups = False
         self._ddp = _ddp
@@ -190,13 +190,8 @@ class GradientRelease:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for embedding, handles in self._embeddings:
-            for handle in handles:
-                handle.remove()
-            if _SPARSE_EMBEDDINGS.get(embedding) is self:
-                del _SPARSE_EMBEDDINGS[embedding]
-            embedding.sparse = False
-        self._embeddings.clear()
+        for key in list(self._embeddings):
+            self._drop_embedding(key)
         self._sparse_lookup.clear()
         if self.optimizer.gradient_release is self:
             self.optimizer.gradient_release = None
@@ -225,17 +220,26 @@ class GradientRelease:
         uses = sum(q is weight for _, q in model.named_parameters(remove_duplicate=False))
         if not (weight.requires_grad and id(weight) in self._index and uses == 1):
             return False
-        owner = _SPARSE_EMBEDDINGS.get(embedding)
-        if owner is self:
+        if id(weight) in self._embeddings:
             return True
+        owner = _SPARSE_EMBEDDINGS.get(embedding)
         if owner is not None and owner.active:
             raise ValueError("this embedding is already made sparse by another GradientRelease; remove() it first")
         _SPARSE_EMBEDDINGS[embedding] = self
         # The flag is read when the lookup runs (its backward node keeps it): set just before, cleared
         # just after, so that between lookups the module is dense, as built.
-        self._embeddings.append((embedding, [embedding.register_forward_pre_hook(_embedding_pre_hook),
-                                             embedding.register_forward_hook(_embedding_post_hook)]))
+        self._embeddings[id(weight)] = (embedding, [embedding.register_forward_pre_hook(_embedding_pre_hook),
+                                                    embedding.register_forward_hook(_embedding_post_hook)])
         return True
+
+    def _drop_embedding(self, key: int) -> None:
+        """Give the embedding whose weight has id ``key`` back its dense gradient, as built."""
+        embedding, handles = self._embeddings.pop(key)
+        for handle in handles:
+            handle.remove()
+        if _SPARSE_EMBEDDINGS.get(embedding) is self:
+            del _SPARSE_EMBEDDINGS[embedding]
+        embedding.sparse = False
 
     def _sparse_now(self, embedding: torch.nn.Embedding, args: tuple) -> bool:
         """Whether this forward of ``embedding`` makes a sparse gradient (see :meth:`sparse_embedding`)."""
@@ -275,13 +279,7 @@ class GradientRelease:
         elif lookups is not None:
             # The lookup made a sparse gradient but a dense one arrived: another op uses the weight too (an
             # output head multiplying by it), and the two were added in another order than the ordinary run's.
-            for i, (embedding, handles) in enumerate(self._embeddings):
-                if embedding.weight is p:
-                    for handle in handles:
-                        handle.remove()
-                    _SPARSE_EMBEDDINGS.pop(embedding, None)
-                    del self._embeddings[i]
-                    break
+            self._drop_embedding(id(p))
             warnings.warn(
                 "gradient release: the input embedding's weight is also used outside its module (a dense gradient "
                 "was added to its sparse one), so this step's gradient may be rounded differently from the ordinary "
@@ -323,7 +321,7 @@ class GradientRelease:
                 self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
                 if self._last:
                     self._begin_step()
-        if self._sparse_lookup or (p.grad is not None and p.grad.is_sparse):
+        if id(p) in self._embeddings:
             self._sparse_grad(p)
         if self._last and p.grad is not None:
             self._check_once(p)
