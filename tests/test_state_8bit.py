@@ -173,13 +173,18 @@ def test_foreach_and_cpp_compute_for_loops_bits(dtype, param_rounding):
 def _special_blocks(p_dtype, g_dtype, param_rounding):
     """One param whose 8-bit momentum has a block of every kind the coding treats apart, and a
     partial last block of 37 elements (two runs of 16 and 5 left over: the C++ kernel codes 16
-    lanes at once where the CPU has AVX-512, and element by element for the rest)."""
+    lanes at once where the CPU has AVX-512, and element by element for the rest). Blocks 7 to 12 are
+    about the C++ kernel's vector coding, which divides by a block's scale through its reciprocal only
+    for a scale in [2**-50, 2**100] and widens old codes with one product unless the scale times 2**12
+    overflows: scales on both sides of each bound, one past 2**116, and tiny quotients beside a large one."""
     gen = torch.Generator().manual_seed(7)
-    n = 7 * EIGHT_BIT_BLOCK + 37
+    blocks = 13
+    n = blocks * EIGHT_BIT_BLOCK + 37
     p = torch.randn(n, generator=gen)
     g = torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 3
     m = torch.randn(n, generator=gen) * 0.1
-    m_blocks, g_blocks = m[:7 * EIGHT_BIT_BLOCK].view(7, -1), g[:7 * EIGHT_BIT_BLOCK].view(7, -1)
+    m_blocks = m[:blocks * EIGHT_BIT_BLOCK].view(blocks, -1)
+    g_blocks = g[:blocks * EIGHT_BIT_BLOCK].view(blocks, -1)
     m_blocks[0], g_blocks[0] = 0.0, 0.0  # all zero before and after: scale 0, every x is 0 / 0
     g_blocks[0, ::3] = -0.0
     m_blocks[1, 100] = float("nan")  # a NaN block: its scale is NaN, its codes 0
@@ -189,6 +194,13 @@ def _special_blocks(p_dtype, g_dtype, param_rounding):
     g_blocks[3] *= 1e-38
     g_blocks[4, 17:40:5] = float("nan")  # skipped (skip_elements) or propagated into the block
     g_blocks[4, 3] = float("inf")
+    for block, log2_scale in zip(range(7, 12), (-50.5, -49.5, 101.0, 99.0, 120.0)):
+        m_blocks[block] *= 2**log2_scale / m_blocks[block].abs().max()
+        g_blocks[block] *= 2 ** min(log2_scale, 0.0)  # finite in fp16 too
+    m_blocks[12] = 0.0
+    m_blocks[12, 5] = 2**-45  # the scale; the other quotients, 0.01 * g / scale, from 2**-12 down to 2**-82
+    g_blocks[12] = torch.randn(EIGHT_BIT_BLOCK, generator=gen).sign() * 2.0 ** -torch.randint(
+        50, 120, (EIGHT_BIT_BLOCK,), generator=gen).float()
     g[-3:] = torch.tensor([float("-inf"), 1e-30, -0.0])  # in the scalar tail
     codes, scale = quantize_momentum(m, 3)
     comp = p * 2**-10 * torch.rand(n, generator=gen) if param_rounding == "kahan" and p_dtype != torch.float32 else None
@@ -223,6 +235,54 @@ def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_
     # The zero block stayed; so did the NaN block, joined under propagate by those of the non-finite grads.
     assert (scale == 0).sum() == 1 and scale.isnan().sum() == (1 if nonfinite_grad == "skip_elements" else 3)
     assert all(bits_equal(a, b) for a, b in zip(want, got))
+
+
+def _quotient_the_reciprocal_misrounds():
+    """(v, scale) in float32 with v * (1 / scale) one unit in the last place off v / scale, on the
+    side where that changes the carry out of the 16 random bits a code adds to the quotient's
+    pattern for one value of those bits (the quotient's low 3 bits 111 and the product one above,
+    or 000 and one below)."""
+    gen = torch.Generator().manual_seed(5)
+    scale = 1 + torch.rand(4096, generator=gen)
+    v = scale * (0.25 + 0.75 * torch.rand(4096, generator=gen))
+    quotient = (v / scale).view(torch.int32)
+    product = (v * (1 / scale)).view(torch.int32)
+    hard = ((product - quotient == 1) & (quotient & 7 == 7)) | ((product - quotient == -1) & (quotient & 7 == 0))
+    i = int(hard.nonzero()[0])
+    return float(v[i]), float(scale[i])
+
+
+def test_cpp_codes_quotients_the_reciprocal_alone_would_misround_as_for_loop(monkeypatch):
+    """The C++ kernel's vector coding divides a block by its scale through the scale's reciprocal
+    and two corrections (fused multiply-adds), which is the division's quotient. The product with
+    the reciprocal alone is one unit in the last place off for about a fifth of quotients; that
+    changes a code for one value of its 16 random bits in 2**16 at most. Here every value of them
+    meets such a quotient: 2 * 2**16 elements (the random bits follow the index modulo 2**16), all
+    of one hard quotient but each block's scale element, whose place differs between the halves.
+    beta2 = 0.5 and zero old momentum make the new momentum exactly half the gradient."""
+    def elsewhere(*args, **kwargs):
+        raise AssertionError("the C++ kernel should have taken the tensor")
+
+    monkeypatch.setattr(dispatch, "foreach_lion", elsewhere)
+    v, scale = _quotient_the_reciprocal_misrounds()
+    n = 2 * 2**16
+    m = torch.full((n,), v)
+    blocks = m.view(-1, EIGHT_BIT_BLOCK)
+    blocks[: n // EIGHT_BIT_BLOCK // 2, 0] = scale
+    blocks[n // EIGHT_BIT_BLOCK // 2:, 1] = -scale
+    results = []
+    for impl in ("for_loop", "cpp"):
+        p = torch.zeros(n)
+        codes, scales = torch.zeros(n, dtype=torch.int8), torch.ones(n // EIGHT_BIT_BLOCK)
+        group = numerics.StepGroup([p], [2 * m], [codes], [None], 1e-2, 0.9, 0.5, 0.0, False, False,
+                                   "nearest", exp_avg_scales=[scales])
+        torch.manual_seed(0)
+        run_step([group], impl=impl, nonfinite_grad="skip_elements")
+        results.append((codes, scales))
+    (want_codes, want_scales), (got_codes, got_scales) = results
+    assert bits_equal(want_scales, torch.full_like(want_scales, scale)) and bits_equal(want_scales, got_scales)
+    assert (want_codes.view(-1, EIGHT_BIT_BLOCK)[:, 2:] != 0).all()
+    assert bits_equal(want_codes, got_codes)
 
 
 def test_the_step_follows_fp32_state_closely():

@@ -21,7 +21,8 @@
 // and a bf16/fp16 value is rounded as numerics.py rounds it (the same 16-bit hash of the
 // element's index and a per-tensor seed for stochastic rounding; fp16's two neighbours found
 // the same way). It is built with -ffp-contract=off, so no product is fused into an FMA and
-// each result rounds as torch's separate ops round it: given the same seeds the step is bit
+// each result rounds as torch's separate ops round it (the explicit FMAs of Q8::quotient16 compute
+// a division's correctly rounded quotient, not a product and sum): given the same seeds the step is bit
 // for bit that of numerics.lion_tensor, the one reference (impl="for_loop"; tested), except for NaN payloads and a cautious tensor of more
 // than 2**24 elements, which may round its agreeing fraction differently.
 //
@@ -248,17 +249,41 @@ struct Q8 {
   // values bit for bit: the compiler's own vectorisation of the scalar ones spends several times the
   // instructions on their selects and conversions.
 
-  // 16 codes as fp32. A magnitude's 3 exponent and 4 mantissa bits, shifted to the top of an fp16's
-  // exponent and mantissa fields, are an fp16 of value(code) * 2**-8 (fp16's bias is 15, not kTop; the
-  // codes below 16 become fp16 subnormals, k * 2**-18), which the CPU widens exactly (VCVTPH2PS takes
-  // subnormals whatever MXCSR says, where an fp32 subnormal would be read as 0 under DAZ); the
-  // product by 2**(15 - kTop) is exact.
-  static LION_INLINE __m512 value16(__m128i codes) {
+  // 16 codes times their block's scale, value(code) * scale bit for bit. A magnitude's 3 exponent and 4
+  // mantissa bits, shifted to the top of an fp16's exponent and mantissa fields, are an fp16 of
+  // value(code) * 2**-8 (fp16's bias is 15, not kTop; the codes below 16 become fp16 subnormals,
+  // k * 2**-18), which the CPU widens exactly (VCVTPH2PS takes subnormals whatever MXCSR says, where
+  // an fp32 subnormal would be read as 0 under DAZ). `shifted_scale` is scale * 2**(15 - kTop), one
+  // product for the block: where that is exact (finite), half * shifted_scale is the same real
+  // number as value(code) * scale, so the same rounding; a scale so large that it overflows takes
+  // the two products.
+  static constexpr float kHalfToValue = pow2(15 - kTopInt);
+  static LION_INLINE __m512 scaled16(__m128i codes, __m512 scale, __m512 shifted_scale, bool shifted_is_exact) {
     const __m256i c = _mm256_cvtepi8_epi16(codes);
     const __m256i shifted = _mm256_slli_epi16(_mm256_abs_epi16(c), 10 - kMantissaBits);
     const __m256i half = _mm256_ternarylogic_epi32(shifted, c, _mm256_set1_epi16(INT16_MIN), 0xF8);  // a | (b & c)
     static_assert(kExponentBits <= 5 && kMantissaBits <= 10, "a code's fields fit an fp16's");
-    return _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(pow2(15 - kTopInt)));
+    const __m512 widened = _mm512_cvtph_ps(half);
+    if (shifted_is_exact) return _mm512_mul_ps(widened, shifted_scale);
+    return _mm512_mul_ps(_mm512_mul_ps(widened, _mm512_set1_ps(kHalfToValue)), scale);
+  }
+
+  // x / scale, correctly rounded as the division rounds it, from the block's reciprocal r = 1 / scale
+  // (one division, correctly rounded) and fused multiply-adds: q = x * r is within two units in the
+  // last place; one correction q + (x - q * scale) * r makes it faithful (within one), and a second
+  // is then the correctly rounded quotient (Markstein's theorem), provided nothing underflows or
+  // overflows. That holds for a scale in [2**-50, 2**100] and a quotient of at least 2**-50 in
+  // magnitude; a smaller quotient may be off, but encode codes every x under 2**-50 as 0 whatever
+  // its low bits, as it does the true quotient. (In the default floating-point mode: with flush to
+  // zero the remainders of small quotients would flush.) A scale outside that range divides.
+  static constexpr uint32_t kReciprocalLow = (127u - 50u) << 23, kReciprocalHigh = (127u + 100u) << 23;
+  static LION_INLINE bool divides_by_reciprocal(uint32_t scale_bits) {
+    return scale_bits >= kReciprocalLow && scale_bits <= kReciprocalHigh;
+  }
+  static LION_INLINE __m512 quotient16(__m512 x, __m512 scale, __m512 reciprocal) {
+    const __m512 q0 = _mm512_mul_ps(x, reciprocal);
+    const __m512 q1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, scale, x), reciprocal, q0);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(q1, scale, x), reciprocal, q1);
   }
 
   // 16 values of x = m / scale as codes; `noise`: 16 random bits per lane. A NaN lane is made 0 first,
@@ -277,21 +302,6 @@ struct Q8 {
     const __m512i k = _mm512_mask_blend_epi32(low, normal, subnormal);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     return _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k));
-  }
-
-  // random_bits16 of the kBlockSize indices from `start` on into `out`: the hash is
-  // arithmetic modulo 2**16, so 32 lanes of 16 bits compute it with single-instruction multiplies.
-  static LION_INLINE void noise_block(int64_t start, uint32_t seed, uint16_t* out) {
-    alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
-                                                        11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
-                                                        22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
-    const __m512i lanes = _mm512_load_si512(kLanes);
-    for (int64_t j = 0; j < kBlockSize; j += 32) {
-      __m512i x = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>((start + j + seed) & 0xFFFF)), lanes);
-      x = _mm512_mullo_epi16(_mm512_xor_si512(x, _mm512_srli_epi16(x, 8)), _mm512_set1_epi16(0x6D2B));
-      x = _mm512_mullo_epi16(_mm512_xor_si512(x, _mm512_srli_epi16(x, 7)), _mm512_set1_epi16(0x5A35));
-      _mm512_store_si512(out + j, _mm512_xor_si512(x, _mm512_srli_epi16(x, 8)));
-    }
   }
 #endif
 };
@@ -454,6 +464,8 @@ int64_t update_elements_x16(void* p_, const void* g_, void* m_, void* c_, int64_
   const __m512 one_minus_beta2 = _mm512_set1_ps(h.one_minus_beta2), decay = _mm512_set1_ps(h.decay);
   const __m512 lr = _mm512_set1_ps(h.lr), one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
   const __m512 cautious_fraction = _mm512_set1_ps(fraction);
+  const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
+  const __m512 zero_times_lr = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(lr), sign_bit));
   const __m512i exponent = _mm512_set1_epi32(0x7F800000);
   const __m512i no_noise = _mm512_setzero_si512();
   const int64_t stop = begin + (end - begin) / 16 * 16;
@@ -463,14 +475,24 @@ int64_t update_elements_x16(void* p_, const void* g_, void* m_, void* c_, int64_
     __m512 wi = load16<P>(p + i);
     if constexpr (kRounding == kKahan) wi = _mm512_add_ps(wi, load16<P>(c + i));
     const __m512 interpolated = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(gi, one_minus_beta1));
-    // sign_of: +1, -1, else +0 (NaN included).
-    __m512 u = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(interpolated, zero, _CMP_GT_OQ), one),
-                                  _mm512_cmp_ps_mask(interpolated, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
+    __m512 step;  // u * lr
     if constexpr (kCautious) {
+      // sign_of: +1, -1, else +0 (NaN included).
+      __m512 u = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(interpolated, zero, _CMP_GT_OQ), one),
+                                    _mm512_cmp_ps_mask(interpolated, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
       const __m512 agree = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(u, gi), zero, _CMP_GT_OQ), one);
       u = _mm512_div_ps(_mm512_mul_ps(u, agree), cautious_fraction);
+      step = _mm512_mul_ps(u, lr);
+    } else {
+      // sign_of(interpolated) * lr without the product, the same bits: +-1 times lr is lr with its
+      // sign bit flipped where interpolated is negative, +0 times lr (interpolated 0 or NaN) is the
+      // zero of lr's sign. Three instructions instead of the sign's four and a multiply.
+      const __mmask16 nonzero = _mm512_cmp_ps_mask(interpolated, zero, _CMP_NEQ_OQ);
+      const __m512i signed_lr = _mm512_ternarylogic_epi32(_mm512_castps_si512(interpolated), sign_bit,
+                                                          _mm512_castps_si512(lr), 0x6A);  // (a & b) ^ c
+      step = _mm512_mask_blend_ps(nonzero, zero_times_lr, _mm512_castsi512_ps(signed_lr));
     }
-    const __m512 new_w = _mm512_sub_ps(_mm512_mul_ps(wi, decay), _mm512_mul_ps(u, lr));
+    const __m512 new_w = _mm512_sub_ps(_mm512_mul_ps(wi, decay), step);
     const __m512 new_m = _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(gi, one_minus_beta2));
     __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(gi), exponent), exponent);
     if (!skip) bad = 0;
@@ -638,9 +660,10 @@ LION_INLINE void prefetch_q8_block(const typename P::T* p, const typename G::T* 
 // of the same roundings with that fp32 momentum (where a gradient is skipped, the element keeps its
 // widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
 // so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum. With
-// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::value16, encode16 and
-// noise_block; the division stays a division), the scalar code taking a partial block's last elements;
-// the block stays in L1 between the passes.
+// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::scaled16, quotient16,
+// encode16, the random bits looked up as the bf16 loop looks them up), the scalar code taking a
+// partial block's last elements; the block stays in L1 between the passes. A block whose momentum
+// is all zeros (scale 0: every quotient 0 / 0 is NaN, coded 0) is coded 0 without its passes.
 template <class P, class G, int kRounding, bool kCautious>
 void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_, int64_t begin, int64_t end,
                      const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
@@ -650,9 +673,6 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
   auto* c = static_cast<typename P::T*>(c_);
   auto* __restrict scale = static_cast<float*>(scale_);
   alignas(64) float m32[Q8::kBlockSize];
-#if defined(LION_FP16_AVX512)
-  alignas(64) uint16_t noise[Q8::kBlockSize];
-#endif
   for (int64_t start = begin; start < end; start += Q8::kBlockSize) {
     const int64_t n = end - start < Q8::kBlockSize ? end - start : Q8::kBlockSize;
     const int64_t block = start >> Q8::kBlockShift;
@@ -660,10 +680,12 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     const float old_scale = scale[block];
     int64_t j = 0;
 #if defined(LION_FP16_AVX512)
-    const __m512 old_scale16 = _mm512_set1_ps(old_scale);
+    const float shifted_scale = old_scale * Q8::kHalfToValue;
+    const bool shifted_is_exact = !(std::isinf(shifted_scale) && !std::isinf(old_scale));
+    const __m512 old_scale16 = _mm512_set1_ps(old_scale), shifted_scale16 = _mm512_set1_ps(shifted_scale);
     for (; j + 16 <= n; j += 16) {
       const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + start + j));
-      _mm512_store_ps(m32 + j, _mm512_mul_ps(Q8::value16(codes), old_scale16));
+      _mm512_store_ps(m32 + j, Q8::scaled16(codes, old_scale16, shifted_scale16, shifted_is_exact));
     }
 #endif
     for (; j < n; ++j) m32[j] = Q8::value(m[start + j]) * old_scale;
@@ -685,13 +707,18 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     }
     const float new_scale = float_of(absmax);
     scale[block] = new_scale;
+    if (absmax == 0) {
+      std::memset(m + start, 0, static_cast<size_t>(n));
+      continue;
+    }
     j = 0;
 #if defined(LION_FP16_AVX512)
-    const __m512 new_scale16 = _mm512_set1_ps(new_scale);
-    Q8::noise_block(start, m_seed, noise);
+    const bool by_reciprocal = Q8::divides_by_reciprocal(absmax);
+    const __m512 new_scale16 = _mm512_set1_ps(new_scale), reciprocal16 = _mm512_set1_ps(1.f / new_scale);
     for (; j + 16 <= n; j += 16) {
-      const __m512i noise16 = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(noise + j)));
-      const __m128i codes = Q8::encode16(_mm512_div_ps(_mm512_load_ps(m32 + j), new_scale16), noise16);
+      const __m512 x = _mm512_load_ps(m32 + j);
+      const __m512 quotient = by_reciprocal ? Q8::quotient16(x, new_scale16, reciprocal16) : _mm512_div_ps(x, new_scale16);
+      const __m128i codes = Q8::encode16(quotient, random_bits16_x16(start + j, m_seed));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(m + start + j), codes);
     }
 #endif
