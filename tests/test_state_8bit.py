@@ -207,16 +207,17 @@ def _special_blocks(p_dtype, g_dtype, param_rounding):
     return p.to(p_dtype), g.to(g_dtype), codes, scale, None if comp is None else comp.to(p_dtype)
 
 
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("nonfinite_grad", ["skip_elements", "propagate"])
 @pytest.mark.parametrize(("p_dtype", "g_dtype", "param_rounding"), [
     (torch.float32, torch.float32, "nearest"),
     *[(p, g, r) for p in (torch.bfloat16, torch.float16) for g in (p, torch.float32)
       for r in ("stochastic", "kahan", "nearest")]])
-def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_rounding, nonfinite_grad,
+def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_rounding, nonfinite_grad, maximize,
                                                        monkeypatch):
     """The C++ kernel's coding (its vector path and its scalar tail) against for_loop's, bit for bit,
     over two steps, on blocks that are all zero, NaN, mostly linear codes, fp32 subnormals, or hold
-    non-finite grads, for every param and grad dtype and rounding. The kernel must take the tensor:
+    non-finite grads, for every param and grad dtype and rounding, maximizing or not. The kernel must take the tensor:
     a failed build would hand it to foreach, which computes for_loop's bits and proves nothing."""
     def elsewhere(*args, **kwargs):
         raise AssertionError("the C++ kernel should have taken the tensor")
@@ -226,7 +227,7 @@ def test_cpp_codes_special_blocks_and_tails_as_for_loop(p_dtype, g_dtype, param_
     for impl in ("for_loop", "cpp"):
         p, g, codes, scale, comp = _special_blocks(p_dtype, g_dtype, param_rounding)
         for step in range(2):
-            group = numerics.StepGroup([p], [g], [codes], [comp], 1e-2, 0.9, 0.99, 0.1, False, False,
+            group = numerics.StepGroup([p], [g], [codes], [comp], 1e-2, 0.9, 0.99, 0.1, maximize, False,
                                        param_rounding, exp_avg_scales=[scale])
             torch.manual_seed(step)
             run_step([group], impl=impl, nonfinite_grad=nonfinite_grad)

@@ -249,21 +249,23 @@ struct Q8 {
   // values bit for bit: the compiler's own vectorisation of the scalar ones spends several times the
   // instructions on their selects and conversions.
 
-  // 16 codes times their block's scale, value(code) * scale bit for bit. A magnitude's 3 exponent and 4
-  // mantissa bits, shifted to the top of an fp16's exponent and mantissa fields, are an fp16 of
-  // value(code) * 2**-8 (fp16's bias is 15, not kTop; the codes below 16 become fp16 subnormals,
-  // k * 2**-18), which the CPU widens exactly (VCVTPH2PS takes subnormals whatever MXCSR says, where
-  // an fp32 subnormal would be read as 0 under DAZ). `shifted_scale` is scale * 2**(15 - kTop), one
-  // product for the block: where that is exact (finite), half * shifted_scale is the same real
-  // number as value(code) * scale, so the same rounding; a scale so large that it overflows takes
-  // the two products.
+  // Codes as fp32: a magnitude's 3 exponent and 4 mantissa bits, shifted to the top of an fp16's
+  // exponent and mantissa fields, are an fp16 of value(code) * 2**-8 (fp16's bias is 15, not kTop; the
+  // codes below 16 become fp16 subnormals, k * 2**-18), which the CPU widens exactly (VCVTPH2PS takes
+  // subnormals whatever MXCSR says, where an fp32 subnormal would be read as 0 under DAZ). halves32
+  // makes those fp16s of 32 codes; scaled16 widens 16 of them and multiplies by their block's scale,
+  // value(code) * scale bit for bit: `shifted_scale` is scale * 2**(15 - kTop), one product per
+  // block; where it is exact (finite), half * shifted_scale is the same real number as value(code) *
+  // scale, so it rounds the same; a scale so large that it overflows takes the two products.
   static constexpr float kHalfToValue = pow2(15 - kTopInt);
-  static LION_INLINE __m512 scaled16(__m128i codes, __m512 scale, __m512 shifted_scale, bool shifted_is_exact) {
-    const __m256i c = _mm256_cvtepi8_epi16(codes);
-    const __m256i shifted = _mm256_slli_epi16(_mm256_abs_epi16(c), 10 - kMantissaBits);
-    const __m256i half = _mm256_ternarylogic_epi32(shifted, c, _mm256_set1_epi16(INT16_MIN), 0xF8);  // a | (b & c)
+  static LION_INLINE __m512i halves32(__m256i codes) {
+    const __m512i c = _mm512_cvtepi8_epi16(codes);
+    const __m512i shifted = _mm512_slli_epi16(_mm512_abs_epi16(c), 10 - kMantissaBits);
     static_assert(kExponentBits <= 5 && kMantissaBits <= 10, "a code's fields fit an fp16's");
-    const __m512 widened = _mm512_cvtph_ps(half);
+    return _mm512_ternarylogic_epi32(shifted, c, _mm512_set1_epi16(INT16_MIN), 0xF8);  // a | (b & c)
+  }
+  static LION_INLINE __m512 scaled16(__m256i halves, __m512 scale, __m512 shifted_scale, bool shifted_is_exact) {
+    const __m512 widened = _mm512_cvtph_ps(halves);
     if (shifted_is_exact) return _mm512_mul_ps(widened, shifted_scale);
     return _mm512_mul_ps(_mm512_mul_ps(widened, _mm512_set1_ps(kHalfToValue)), scale);
   }
@@ -286,13 +288,17 @@ struct Q8 {
     return _mm512_fmadd_ps(_mm512_fnmadd_ps(q1, scale, x), reciprocal, q1);
   }
 
-  // 16 values of x = m / scale as codes; `noise`: 16 random bits per lane. A NaN lane is made 0 first,
-  // which codes as 0 on the linear path. The normal code is the noisy pattern shifted down to its
-  // exponent and 4 mantissa bits less the re-bias (the scalar sum, modulo 2**32 as it is; the bits
-  // the scalar code masks off are shifted out); the subnormal's floor is the conversion rounding down.
-  static LION_INLINE __m128i encode16(__m512 x, __m512i noise) {
-    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
-    const __m512i a = _mm512_maskz_and_epi32(number, _mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+  // 16 values of x = m / scale as codes, one per 32-bit lane; `noise`: 16 random bits per lane. A
+  // NaN lane is made 0 first, which codes as 0 on the linear path (a caller whose block has a finite
+  // nonzero scale, so no NaN quotient, passes kMayBeNaN = false). The normal code is the noisy pattern
+  // shifted down to its exponent and 4 mantissa bits less the re-bias (the scalar sum, modulo 2**32 as
+  // it is; the bits the scalar code masks off are shifted out); the subnormal's floor is the
+  // conversion rounding down.
+  template <bool kMayBeNaN>
+  static LION_INLINE __m512i codes16(__m512 x, __m512i noise) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512i a = kMayBeNaN ? _mm512_maskz_and_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_castps_si512(x), magnitude)
+                                : _mm512_and_si512(_mm512_castps_si512(x), magnitude);
     const __m512i noisy = _mm512_add_epi32(a, _mm512_slli_epi32(noise, kDropped - 16));
     const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(noisy, kDropped), _mm512_set1_epi32(kRebias << kMantissaBits));
     const __mmask16 low = _mm512_cmp_ps_mask(_mm512_castsi512_ps(a), _mm512_set1_ps(kSubnormalLimit), _CMP_LT_OQ);
@@ -301,7 +307,7 @@ struct Q8 {
     const __m512i subnormal = _mm512_cvt_roundps_epi32(sum, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512i k = _mm512_mask_blend_epi32(low, normal, subnormal);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    return _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k));
+    return _mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k);
   }
 #endif
 };
@@ -398,11 +404,12 @@ constexpr bool kVectorStorage = std::is_same_v<S, Fp32> || std::is_same_v<S, Bf1
 
 // numerics.random_bits16 looked up rather than hashed: the hash of every 16-bit value, in a table
 // built when the library loads (128 KiB, which stays in the L2 cache while a step streams its
-// tensors), padded so that 16 consecutive elements are one unaligned load wherever they start.
+// tensors), padded so that 32 consecutive elements are one unaligned load wherever they start.
 struct RandomBitsTable {
-  alignas(64) uint16_t bits[(1 << 16) + 16];
+  static constexpr int64_t kSize = (1 << 16) + 32;
+  alignas(64) uint16_t bits[kSize];
   RandomBitsTable() {
-    for (int64_t x = 0; x < (1 << 16) + 16; ++x) bits[x] = static_cast<uint16_t>(random_bits16(x, 0));
+    for (int64_t x = 0; x < kSize; ++x) bits[x] = static_cast<uint16_t>(random_bits16(x, 0));
   }
 };
 const RandomBitsTable kRandomBits;
@@ -411,6 +418,11 @@ const RandomBitsTable kRandomBits;
 LION_INLINE __m512i random_bits16_x16(int64_t first, uint32_t seed) {
   const uint16_t* at = kRandomBits.bits + ((first + seed) & 0xFFFF);
   return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+}
+
+// numerics.random_bits16 of 32 consecutive elements from `first`, as 16-bit lanes.
+LION_INLINE __m512i random_bits16_x32(int64_t first, uint32_t seed) {
+  return _mm512_loadu_si512(kRandomBits.bits + ((first + seed) & 0xFFFF));
 }
 
 template <class S>
@@ -451,6 +463,13 @@ LION_INLINE __m512 store16(typename S::T* x, __m512 value, __m512i noise, __mmas
   }
 }
 
+// sign_of on 16 lanes in one instruction: VFIXUPIMMPS maps each lane's class to a constant, +0 for
+// NaN and zero, -1 for a negative number or -inf, +1 for a positive one or +inf (one 4-bit answer
+// per class, from QNaN up: +0, +0, +0, +1 (the value 1.0), -1, +1, -1, +1).
+LION_INLINE __m512 sign16(__m512 x) {
+  return _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(static_cast<int32_t>(0xA9A9A888u)), 0);
+}
+
 // The portable loop's update of elements [begin, begin + 16 * (n / 16)), n = end - begin.
 template <class P, class G, class M, int kRounding, bool kCautious>
 int64_t update_elements_x16(void* p_, const void* g_, void* m_, void* c_, int64_t begin, int64_t end, const Hyper& h,
@@ -464,8 +483,6 @@ int64_t update_elements_x16(void* p_, const void* g_, void* m_, void* c_, int64_
   const __m512 one_minus_beta2 = _mm512_set1_ps(h.one_minus_beta2), decay = _mm512_set1_ps(h.decay);
   const __m512 lr = _mm512_set1_ps(h.lr), one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
   const __m512 cautious_fraction = _mm512_set1_ps(fraction);
-  const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
-  const __m512 zero_times_lr = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(lr), sign_bit));
   const __m512i exponent = _mm512_set1_epi32(0x7F800000);
   const __m512i no_noise = _mm512_setzero_si512();
   const int64_t stop = begin + (end - begin) / 16 * 16;
@@ -475,23 +492,12 @@ int64_t update_elements_x16(void* p_, const void* g_, void* m_, void* c_, int64_
     __m512 wi = load16<P>(p + i);
     if constexpr (kRounding == kKahan) wi = _mm512_add_ps(wi, load16<P>(c + i));
     const __m512 interpolated = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(gi, one_minus_beta1));
-    __m512 step;  // u * lr
+    __m512 u = sign16(interpolated);
     if constexpr (kCautious) {
-      // sign_of: +1, -1, else +0 (NaN included).
-      __m512 u = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(interpolated, zero, _CMP_GT_OQ), one),
-                                    _mm512_cmp_ps_mask(interpolated, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
       const __m512 agree = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(u, gi), zero, _CMP_GT_OQ), one);
       u = _mm512_div_ps(_mm512_mul_ps(u, agree), cautious_fraction);
-      step = _mm512_mul_ps(u, lr);
-    } else {
-      // sign_of(interpolated) * lr without the product, the same bits: +-1 times lr is lr with its
-      // sign bit flipped where interpolated is negative, +0 times lr (interpolated 0 or NaN) is the
-      // zero of lr's sign. Three instructions instead of the sign's four and a multiply.
-      const __mmask16 nonzero = _mm512_cmp_ps_mask(interpolated, zero, _CMP_NEQ_OQ);
-      const __m512i signed_lr = _mm512_ternarylogic_epi32(_mm512_castps_si512(interpolated), sign_bit,
-                                                          _mm512_castps_si512(lr), 0x6A);  // (a & b) ^ c
-      step = _mm512_mask_blend_ps(nonzero, zero_times_lr, _mm512_castsi512_ps(signed_lr));
     }
+    const __m512 step = _mm512_mul_ps(u, lr);
     const __m512 new_w = _mm512_sub_ps(_mm512_mul_ps(wi, decay), step);
     const __m512 new_m = _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(gi, one_minus_beta2));
     __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(gi), exponent), exponent);
@@ -655,15 +661,117 @@ LION_INLINE void prefetch_q8_block(const typename P::T* p, const typename G::T* 
   }
 }
 
+#if defined(LION_FP16_AVX512)
+// One whole block of a pure bf16 tensor (bf16 param and grad) with an 8-bit momentum, not cautious:
+// update_block_q8's passes fused where they can be, on 32 elements at a time in the lane order that
+// unpacking 16-bit values gives (32-bit lanes of elements 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15,
+// 20-23, 28-31: one instruction per 16 widened bf16s, where widening in order takes two), which
+// packing restores. The codes are put in that order by one dword permutation, the random bits by the
+// same unpacking, and the scratch momentum holds it. The arithmetic and roundings are
+// update_elements_x16's and update_block_q8's, operation for operation.
+template <int kRounding, bool kMaximize>
+void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c, float* scale, int64_t start,
+                          const Hyper& h, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
+  alignas(64) float m32[Q8::kBlockSize];
+  const __m512 grad_sign = _mm512_set1_ps(h.grad_sign), beta1 = _mm512_set1_ps(h.beta1);
+  const __m512 one_minus_beta1 = _mm512_set1_ps(h.one_minus_beta1), beta2 = _mm512_set1_ps(h.beta2);
+  const __m512 one_minus_beta2 = _mm512_set1_ps(h.one_minus_beta2), decay = _mm512_set1_ps(h.decay);
+  const __m512 lr = _mm512_set1_ps(h.lr);
+  const __m512i zeros = _mm512_setzero_si512();
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), quiet_nan = _mm512_set1_epi32(0x7FC00000);
+  const __m256i unpacked_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const float old_scale = scale[start >> Q8::kBlockShift];
+  const float shifted_scale = old_scale * Q8::kHalfToValue;
+  const bool shifted_is_exact = !(std::isinf(shifted_scale) && !std::isinf(old_scale));
+  const __m512 old_scale16 = _mm512_set1_ps(old_scale), shifted_scale16 = _mm512_set1_ps(shifted_scale);
+  __m512i absmax16 = zeros;
+  for (int64_t j = 0; j < Q8::kBlockSize; j += 32) {
+    const int64_t i = start + j;
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + i));
+    const __m512i halves = Q8::halves32(_mm256_permutevar8x32_epi32(codes, unpacked_order));
+    const __m512i p_raw = _mm512_loadu_si512(p + i), g_raw = _mm512_loadu_si512(g + i);
+    const __m512i p_noise = kRounding == kStochastic ? random_bits16_x32(i, p_seed) : zeros;
+    __m512i c_raw = zeros;
+    if constexpr (kRounding == kKahan) c_raw = _mm512_loadu_si512(c + i);
+    __m512i stored[2], residual[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m512 mi = Q8::scaled16(half ? _mm512_extracti64x4_epi64(halves, 1) : _mm512_castsi512_si256(halves),
+                                     old_scale16, shifted_scale16, shifted_is_exact);
+      // bf16 values in the high half of 32-bit lanes: their fp32 patterns.
+      const __m512i p_bits = half ? _mm512_unpackhi_epi16(zeros, p_raw) : _mm512_unpacklo_epi16(zeros, p_raw);
+      // g' = g * grad_sign; times +1 it is g itself, so that product is left out unless maximizing.
+      __m512 gi = _mm512_castsi512_ps(half ? _mm512_unpackhi_epi16(zeros, g_raw) : _mm512_unpacklo_epi16(zeros, g_raw));
+      if constexpr (kMaximize) gi = _mm512_mul_ps(gi, grad_sign);
+      __m512 wi = _mm512_castsi512_ps(p_bits);
+      if constexpr (kRounding == kKahan) {
+        wi = _mm512_add_ps(wi, _mm512_castsi512_ps(half ? _mm512_unpackhi_epi16(zeros, c_raw)
+                                                          : _mm512_unpacklo_epi16(zeros, c_raw)));
+      }
+      const __m512 interpolated = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(gi, one_minus_beta1));
+      const __m512 step = _mm512_mul_ps(sign16(interpolated), lr);
+      const __m512 new_w = _mm512_sub_ps(_mm512_mul_ps(wi, decay), step);
+      const __m512 new_m = _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(gi, one_minus_beta2));
+      // nonfinite_mask: NaN or inf (quiet or signalling NaN, +inf, -inf).
+      const __mmask16 bad = skip ? _mm512_fpclass_ps_mask(gi, 0x99) : 0;
+      // The new param's bf16 pattern in the high half of the lane (Bf16::stochastic / nearest before
+      // their shift), a NaN as the quiet 0x7FC0.
+      const __m512i w_bits = _mm512_castps_si512(new_w);
+      __m512i rounded;
+      if constexpr (kRounding == kStochastic) {
+        const __m512i noise = half ? _mm512_unpackhi_epi16(p_noise, zeros) : _mm512_unpacklo_epi16(p_noise, zeros);
+        rounded = _mm512_add_epi32(w_bits, noise);
+      } else {
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(w_bits, 16), _mm512_set1_epi32(1));
+        rounded = _mm512_add_epi32(_mm512_add_epi32(w_bits, _mm512_set1_epi32(0x7FFF)), odd);
+      }
+      rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(new_w, new_w, _CMP_UNORD_Q), quiet_nan);
+      stored[half] = _mm512_srli_epi32(_mm512_mask_blend_epi32(bad, rounded, p_bits), 16);
+      if constexpr (kRounding == kKahan) {
+        const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+        const __m512i c_bits = half ? _mm512_unpackhi_epi16(zeros, c_raw) : _mm512_unpacklo_epi16(zeros, c_raw);
+        const __m512i new_c = _mm512_slli_epi32(bf16_nearest_x16(_mm512_sub_ps(new_w, kept)), 16);
+        residual[half] = _mm512_srli_epi32(_mm512_mask_blend_epi32(bad, new_c, c_bits), 16);
+      }
+      const __m512 kept_m = _mm512_mask_blend_ps(bad, new_m, mi);
+      _mm512_store_ps(m32 + j + 16 * half, kept_m);
+      absmax16 = _mm512_max_epu32(absmax16, _mm512_and_si512(_mm512_castps_si512(kept_m), magnitude));
+    }
+    _mm512_storeu_si512(p + i, _mm512_packus_epi32(stored[0], stored[1]));
+    if constexpr (kRounding == kKahan) _mm512_storeu_si512(c + i, _mm512_packus_epi32(residual[0], residual[1]));
+  }
+  const uint32_t absmax = _mm512_reduce_max_epu32(absmax16);
+  const float new_scale = float_of(absmax);
+  scale[start >> Q8::kBlockShift] = new_scale;
+  if (absmax == 0) {
+    std::memset(m + start, 0, Q8::kBlockSize);
+    return;
+  }
+  const __m512 new_scale16 = _mm512_set1_ps(new_scale), reciprocal16 = _mm512_set1_ps(1.f / new_scale);
+  const bool by_reciprocal = Q8::divides_by_reciprocal(absmax);
+  for (int64_t j = 0; j < Q8::kBlockSize; j += 32) {
+    const __m512i noise = random_bits16_x32(start + j, m_seed);
+    __m512i k[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m512 x = _mm512_load_ps(m32 + j + 16 * half);
+      const __m512i bits = half ? _mm512_unpackhi_epi16(noise, zeros) : _mm512_unpacklo_epi16(noise, zeros);
+      k[half] = by_reciprocal ? Q8::codes16<false>(Q8::quotient16(x, new_scale16, reciprocal16), bits)
+                              : Q8::codes16<true>(_mm512_div_ps(x, new_scale16), bits);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(m + start + j), _mm512_cvtepi16_epi8(_mm512_packs_epi32(k[0], k[1])));
+  }
+}
+#endif
+
 // The update of [begin, end) of one tensor with an 8-bit momentum (begin a multiple of the
 // scales' block), block by block: its codes widened to fp32 in a scratch block, the portable update
 // of the same roundings with that fp32 momentum (where a gradient is skipped, the element keeps its
 // widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
 // so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum. With
-// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::scaled16, quotient16,
-// encode16, the random bits looked up as the bf16 loop looks them up), the scalar code taking a
-// partial block's last elements; the block stays in L1 between the passes. A block whose momentum
-// is all zeros (scale 0: every quotient 0 / 0 is NaN, coded 0) is coded 0 without its passes.
+// AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::halves32, scaled16,
+// quotient16, codes16, the random bits looked up as the bf16 loop looks them up), the scalar code
+// taking a partial block's last elements; the block stays in L1 between the passes; a whole block of
+// a pure bf16 tensor takes update_block_q8_bf16. A block whose momentum is all zeros (scale 0: every
+// quotient 0 / 0 is NaN, coded 0) is coded 0 without its last pass.
 template <class P, class G, int kRounding, bool kCautious>
 void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_, int64_t begin, int64_t end,
                      const Hyper& h, float fraction, uint32_t p_seed, uint32_t m_seed, uint32_t skip) {
@@ -677,15 +785,30 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     const int64_t n = end - start < Q8::kBlockSize ? end - start : Q8::kBlockSize;
     const int64_t block = start >> Q8::kBlockShift;
     prefetch_q8_block<P, G, kRounding>(p, g, m, c, start + kPrefetchAhead, end);
+#if defined(LION_FP16_AVX512)
+    if constexpr (std::is_same_v<P, Bf16> && std::is_same_v<G, Bf16> && !kCautious) {
+      if (n == Q8::kBlockSize) {
+        if (h.grad_sign == 1.f) {
+          update_block_q8_bf16<kRounding, false>(p, g, m, c, scale, start, h, p_seed, m_seed, skip);
+        } else {
+          update_block_q8_bf16<kRounding, true>(p, g, m, c, scale, start, h, p_seed, m_seed, skip);
+        }
+        continue;
+      }
+    }
+#endif
     const float old_scale = scale[block];
     int64_t j = 0;
 #if defined(LION_FP16_AVX512)
     const float shifted_scale = old_scale * Q8::kHalfToValue;
     const bool shifted_is_exact = !(std::isinf(shifted_scale) && !std::isinf(old_scale));
     const __m512 old_scale16 = _mm512_set1_ps(old_scale), shifted_scale16 = _mm512_set1_ps(shifted_scale);
-    for (; j + 16 <= n; j += 16) {
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + start + j));
-      _mm512_store_ps(m32 + j, Q8::scaled16(codes, old_scale16, shifted_scale16, shifted_is_exact));
+    for (; j + 32 <= n; j += 32) {
+      const __m512i halves = Q8::halves32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + start + j)));
+      _mm512_store_ps(m32 + j, Q8::scaled16(_mm512_castsi512_si256(halves), old_scale16, shifted_scale16,
+                                            shifted_is_exact));
+      _mm512_store_ps(m32 + j + 16, Q8::scaled16(_mm512_extracti64x4_epi64(halves, 1), old_scale16, shifted_scale16,
+                                                 shifted_is_exact));
     }
 #endif
     for (; j < n; ++j) m32[j] = Q8::value(m[start + j]) * old_scale;
@@ -717,9 +840,10 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     const __m512 new_scale16 = _mm512_set1_ps(new_scale), reciprocal16 = _mm512_set1_ps(1.f / new_scale);
     for (; j + 16 <= n; j += 16) {
       const __m512 x = _mm512_load_ps(m32 + j);
-      const __m512 quotient = by_reciprocal ? Q8::quotient16(x, new_scale16, reciprocal16) : _mm512_div_ps(x, new_scale16);
-      const __m128i codes = Q8::encode16(quotient, random_bits16_x16(start + j, m_seed));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(m + start + j), codes);
+      const __m512i noise = random_bits16_x16(start + j, m_seed);
+      const __m512i k = by_reciprocal ? Q8::codes16<false>(Q8::quotient16(x, new_scale16, reciprocal16), noise)
+                                      : Q8::codes16<true>(_mm512_div_ps(x, new_scale16), noise);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(m + start + j), _mm512_cvtepi32_epi8(k));
     }
 #endif
     for (; j < n; ++j) m[start + j] = Q8::encode(m32[j] / new_scale, random_bits16(start + j, m_seed));
