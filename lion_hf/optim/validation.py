@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
+_MOMENTUM_DTYPE_SET, _PARAM_DTYPE_SET = frozenset(_MOMENTUM_DTYPES), frozenset(PARAM_DTYPES)
 # Param-group keys of torch's other optimizers (Adam/AdamW, SGD, ...) that Lion's groups never hold:
 # a group is refused with one (Lion(..., [{"params": ..., "eps": 1e-8}]) would silently ignore it), so
 # that a checkpoint holding one always comes from another optimizer.
@@ -282,6 +283,18 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     chunk of dense rows at a time by the dispatcher). ValueError naming the tensor. Fast on the
     common case (list comparisons).
     Returns the devices the params are on, in order of first appearance."""
+    plain = _plain_step(params, grads, exp_avgs, kahan_comps)
+    if plain is not None:  # every check before the block scales' has passed
+        m_dtypes, indices = plain
+        if torch.int8 in m_dtypes or not (exp_avg_scales is None or (
+                type(exp_avg_scales) is list and len(exp_avg_scales) == len(exp_avgs)
+                and all([scale is None for scale in exp_avg_scales]))):
+            _check_scales(exp_avgs, exp_avg_scales)  # else it would pass: no int8 momentum, no scale
+        devices = _first_devices(params, indices)
+        if param_rounding == "kahan":
+            _check_kahan_comps(params, kahan_comps)
+        return devices
+    # Something is unusual (or wrong): the checks one after the other, the first that fails raising.
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
         raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(exp_avgs)} and {len(kahan_comps)}")
@@ -346,20 +359,84 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         i = _first([not p.device == g.device == m.device for p, g, m in zip(params, grads, exp_avgs)])
         raise ValueError(f"Lion: param {i} is on {params[i].device} but its grad is on {grads[i].device} and its "
                          f"momentum on {exp_avgs[i].device}")
+    devices = _first_devices(params, indices)
+    if param_rounding == "kahan":
+        _check_kahan_comps(params, kahan_comps)
+    return devices
+
+
+def _first_devices(params: list[Tensor], indices: list[int]) -> list[torch.device]:
+    # The devices of the params (device indices ``indices``), in order of first appearance.
     first_of_each = {}
     for i, index in enumerate(indices):
         first_of_each.setdefault(index, i)
-    devices = [params[i].device for i in first_of_each.values()]
-    if param_rounding == "kahan":
-        for i, (p, c) in enumerate(zip(params, kahan_comps)):
-            if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape
-                                             or c.device != p.device):
-                raise ValueError(
-                    f"Lion: param_rounding='kahan' needs a compensation tensor (the Kahan residual) of the param's "
-                    f"dtype, shape and device for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) "
-                    f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
-                )
-    return devices
+    return [params[i].device for i in first_of_each.values()]
+
+
+def _check_kahan_comps(params: list[Tensor], kahan_comps: list[Tensor | None]) -> None:
+    for i, (p, c) in enumerate(zip(params, kahan_comps)):
+        if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape
+                                         or c.device != p.device):
+            raise ValueError(
+                f"Lion: param_rounding='kahan' needs a compensation tensor (the Kahan residual) of the param's "
+                f"dtype, shape and device for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) "
+                f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
+            )
+
+
+def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                kahan_comps: list[Tensor | None]) -> tuple[set[torch.dtype], list[int]] | None:
+    """:func:`check_step_tensors` up to the block scales, on the common case: every tensor dense,
+    non-empty, in memory of its own. Each fact is read once, over the params, grads, momenta and
+    residuals at a time, and one bounds check covers them all; a storage whose data_ptr is not 0
+    rules out a meta tensor (its storage holds no memory) and a zero tensor (whose storage has no
+    data_ptr to read). Returns the momenta's dtypes and the params' device indices, or None as
+    soon as anything differs from that case, without raising: the checks one after the other
+    then raise the error, or take what this path leaves (an empty tensor, a sparse grad, a tensor
+    without storage)."""
+    n = len(params)
+    if not n == len(grads) == len(exp_avgs) == len(kahan_comps):
+        return None
+    try:
+        shapes = list(map(Tensor.size, params))
+        if list(map(Tensor.size, grads)) != shapes or list(map(Tensor.size, exp_avgs)) != shapes:
+            return None
+        if True in [layout is not torch.strided for layout in map(_LAYOUT, grads)]:
+            return None
+        m_dtypes = set(map(_DTYPE, exp_avgs))
+        if (not set(map(_DTYPE, params)) <= _PARAM_DTYPE_SET or not m_dtypes <= _MOMENTUM_DTYPE_SET
+                or not all(d.is_floating_point for d in set(map(_DTYPE, grads)))):
+            return None
+        comps = [c for c in kahan_comps if c is not None]
+        tensors = [*params, *grads, *exp_avgs, *comps]
+        starts = list(map(Tensor.data_ptr, tensors))
+        storages = list(map(Tensor.untyped_storage, tensors))
+        lows = list(map(torch.UntypedStorage.data_ptr, storages))
+        if 0 in starts or 0 in lows:  # empty, freed, a meta tensor
+            return None
+        if not torch.is_inference_mode_enabled() and (True in map(Tensor.is_inference, params)
+                                                      or True in map(Tensor.is_inference, exp_avgs)
+                                                      or True in map(Tensor.is_inference, comps)):
+            return None
+        if False in map(Tensor.is_contiguous, tensors):
+            if True in map(_overlaps_itself, params) or True in map(_overlaps_itself, exp_avgs):
+                return None
+            extents = spans(tensors)
+        else:
+            extents = np.fromiter(map(_NBYTES, tensors), np.int64, len(tensors))
+        if True in map(Tensor.is_neg, tensors):
+            return None
+        low = np.array(lows, dtype=np.int64)
+        high = low + np.fromiter(map(torch.UntypedStorage.nbytes, storages), np.int64, len(tensors))
+        starts_array = np.array(starts, dtype=np.int64)
+        if ((extents > 0) & ((starts_array < low) | (starts_array + extents > high))).any():
+            return None
+        indices = list(map(Tensor.get_device, params))
+        if list(map(Tensor.get_device, grads)) != indices or list(map(Tensor.get_device, exp_avgs)) != indices:
+            return None
+    except Exception:  # what the checks one after the other make of it
+        return None
+    return m_dtypes, indices
 
 
 def _check_sparse_grads(grads: list[Tensor], indices: list[int]) -> None:
