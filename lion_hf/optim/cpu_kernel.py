@@ -137,52 +137,77 @@ def _kind_table(flags: int) -> dict[tuple[torch.dtype, torch.dtype, torch.dtype]
     return table
 
 
-def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
+def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
+             starts: list[np.ndarray] | None = None) -> list[list[int]]:
     """One kernel call over every tensor of every group that it takes; returns, per group, the
     indices of the tensors it left (see the module docstring), which it has not touched. The
-    tensors are plain, local, checked and free of overlap (the dispatcher's checks)."""
+    tensors are plain, local, checked and free of overlap (the dispatcher's checks). ``starts``:
+    per group, the data_ptrs of its params, grads, momenta, then its Kahan residuals there are and
+    its block scale tensors there are, as the dispatcher's check read them when every one of them
+    is contiguous; else they are read here."""
     function = kernel()
     if function is None:
         return [list(range(len(group.params))) for group in groups]
     ps: list[Tensor] = []
-    gs: list[Tensor] = []
+    gs: list[Tensor] = []  # held until the call: an upcast grad lives only here
     ms: list[Tensor] = []
     cs: list[Tensor | None] = []
     scales: list[Tensor | None] = []
     kinds: list[int] = []
     members: list[int] = []
     seed_rows: list[np.ndarray] = []
+    columns: list[np.ndarray] = []  # per group, (5, n) pointers: params, grads, momenta, residuals, scales
     lefts: list[list[int]] = []
     hyper = np.empty((len(groups), 7), dtype=np.float32)
     for index, group in enumerate(groups):
         hyper[index] = (group.lr, group.decay, group.beta1, 1.0 - group.beta1, group.beta2, 1.0 - group.beta2,
                         -1.0 if group.maximize else 1.0)
-        taken, left = _split_contiguous(group)
+        read = None if starts is None else starts[index]
+        taken, left = (group, []) if read is not None else _split_contiguous(group)
         lefts.append(left)
         n = len(taken.params)
         if not n:
             continue
         p_dtypes = list(map(_DTYPE, taken.params))
         grads = taken.grads
-        if list(map(_DTYPE, grads)) != p_dtypes:
+        g_dtypes = list(map(_DTYPE, grads))
+        if g_dtypes != p_dtypes:
             # A grad of a third dtype is upcast as lion_tensor upcasts it (fp32 from bf16/fp16 is exact).
-            grads = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float()
-                     for p, g in zip(taken.params, grads)]
+            upcast = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float()
+                      for p, g in zip(taken.params, grads)]
+            if any(g is not h for g, h in zip(grads, upcast)):
+                grads, g_dtypes, read = upcast, list(map(_DTYPE, upcast)), None  # new grads: their pointers read here
         table = _kind_table(_ROUNDING_KIND[group.param_rounding] | (_CAUTIOUS if group.cautious else 0))
-        kinds += map(table.__getitem__, zip(p_dtypes, map(_DTYPE, grads), map(_DTYPE, taken.exp_avgs)))
+        kinds += map(table.__getitem__, zip(p_dtypes, g_dtypes, map(_DTYPE, taken.exp_avgs)))
         members += [index] * n
         seed_rows.append(np.zeros((n, 2), dtype=np.int32) if taken.seeds is None else taken.seeds.numpy())
+        group_scales = taken.scales()
+        if read is None:
+            residuals = [p if c is None else c for p, c in zip(taken.params, taken.kahan_comps)]  # the kernel
+            scale_tensors = [p if s is None else s for p, s in zip(taken.params, group_scales)]  # reads only real ones
+            column = np.fromiter(map(Tensor.data_ptr, [*taken.params, *grads, *taken.exp_avgs, *residuals,
+                                                       *scale_tensors]), np.int64, 5 * n).reshape(5, n)
+        else:
+            column = np.empty((5, n), dtype=np.int64)
+            column[:3] = read[:3 * n].reshape(3, n)
+            column[3:] = column[0]  # where there is no residual or scale, the param's (never read)
+            stored = 3 * n
+            for row, optional in ((3, taken.kahan_comps), (4, group_scales)):
+                present = [t is not None for t in optional]
+                if True in present:
+                    count = present.count(True)
+                    column[row, np.flatnonzero(present)] = read[stored:stored + count]
+                    stored += count
+        columns.append(column)
         ps += taken.params
         gs += grads
         ms += taken.exp_avgs
         cs += taken.kahan_comps
-        scales += taken.scales()
+        scales += group_scales
     n = len(ps)
     if n == 0:
         return lefts
-    residuals = [p if c is None else c for p, c in zip(ps, cs)]  # the kernel reads only real ones
-    scale_tensors = [p if s is None else s for p, s in zip(ps, scales)]  # likewise
-    pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms, *residuals, *scale_tensors]), np.int64, 5 * n)
+    pointers = np.ascontiguousarray(columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1))
     numels = np.fromiter(map(Tensor.numel, ps), np.int64, n)
     kind_array = np.array(kinds, dtype=np.int32)
     member_array = np.array(members, dtype=np.int32)

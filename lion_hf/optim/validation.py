@@ -20,7 +20,7 @@ import math
 import numbers
 import operator
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from lion_hf.optim.numerics import EIGHT_BIT_MAX_CODE, PARAM_DTYPES, eight_bit_s
 from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = [
+    "StepMemory",
     "as_float",
     "check_eight_bit_state",
     "check_loaded_state",
@@ -58,6 +59,19 @@ _DTYPE, _LAYOUT, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dt
 # and a larger value is inf there (the weights then become inf or NaN without any error).
 _FP32_MAX = float(np.finfo(np.float32).max)
 _GROUP_KEYS = ("lr", "betas", "weight_decay", "maximize", "cautious", "state_dtype", "param_rounding")
+
+
+class StepMemory(NamedTuple):
+    """Where the tensors of one group's step lie, as :func:`check_step_tensors` read them: the
+    ``data_ptr`` (``starts``) and strided extent in bytes (``extents``, :func:`spans`) of each
+    param, then each grad, each momentum, each Kahan residual there is and each block scale tensor
+    there is, in that order; and whether every param, grad, momentum and residual is contiguous.
+    Read once per step, for the step's overlap check and the C++ kernel's pointers, by the caller
+    that holds these very tensors until they are stepped."""
+
+    starts: np.ndarray
+    extents: np.ndarray
+    contiguous: bool
 
 
 def as_float(value: Any, what: str) -> float:
@@ -274,7 +288,8 @@ def readable_grads(grads: list[Tensor]) -> list[Tensor]:
 
 def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        kahan_comps: list[Tensor | None], param_rounding: str,
-                       exp_avg_scales: list[Tensor | None] | None = None) -> list[torch.device]:
+                       exp_avg_scales: list[Tensor | None] | None = None,
+                       memory: list[StepMemory | None] | None = None) -> list[torch.device]:
     """The tensors of one group's step (local shards), for every impl alike: each grad and momentum
     has its param's shape and device; dtypes are ones Lion computes with; no param is on the meta
     device; nothing the step writes is an inference tensor (outside inference mode); a Kahan
@@ -282,18 +297,32 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     and no other momentum has any; a sparse grad is COO, sparse along the first dim (stepped a
     chunk of dense rows at a time by the dispatcher). ValueError naming the tensor. Fast on the
     common case (list comparisons).
-    Returns the devices the params are on, in order of first appearance."""
+    Returns the devices the params are on, in order of first appearance. With ``memory`` (a list),
+    appends where the tensors lie (:class:`StepMemory`), or None where the common case's path did
+    not read it."""
     plain = _plain_step(params, grads, exp_avgs, kahan_comps)
     if plain is not None:  # every check before the block scales' has passed
-        m_dtypes, indices = plain
-        if torch.int8 in m_dtypes or not (exp_avg_scales is None or (
-                type(exp_avg_scales) is list and len(exp_avg_scales) == len(exp_avgs)
-                and all([scale is None for scale in exp_avg_scales]))):
+        m_dtypes, indices, starts, extents, contiguous = plain
+        no_scales = exp_avg_scales is None or (type(exp_avg_scales) is list and len(exp_avg_scales) == len(exp_avgs)
+                                               and all([scale is None for scale in exp_avg_scales]))
+        if torch.int8 in m_dtypes or not no_scales:
             _check_scales(exp_avgs, exp_avg_scales)  # else it would pass: no int8 momentum, no scale
         devices = _first_devices(params, indices)
         if param_rounding == "kahan":
             _check_kahan_comps(params, kahan_comps)
+        if memory is not None:
+            if not no_scales:
+                scales = [scale for scale in exp_avg_scales if scale is not None]
+                try:
+                    starts = np.concatenate([starts, np.fromiter(map(Tensor.data_ptr, scales), np.int64, len(scales))])
+                except Exception:  # scales without storage: the step's memory is read tensor by tensor
+                    memory.append(None)
+                    return devices
+                extents = np.concatenate([extents, spans(scales)])
+            memory.append(StepMemory(starts, extents, contiguous))
         return devices
+    if memory is not None:
+        memory.append(None)
     # Something is unusual (or wrong): the checks one after the other, the first that fails raising.
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
         raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
@@ -385,15 +414,17 @@ def _check_kahan_comps(params: list[Tensor], kahan_comps: list[Tensor | None]) -
 
 
 def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                kahan_comps: list[Tensor | None]) -> tuple[set[torch.dtype], list[int]] | None:
+                kahan_comps: list[Tensor | None]) -> tuple[set[torch.dtype], list[int], np.ndarray, np.ndarray,
+                                                           bool] | None:
     """:func:`check_step_tensors` up to the block scales, on the common case: every tensor dense,
     non-empty, in memory of its own. Each fact is read once, over the params, grads, momenta and
     residuals at a time, and one bounds check covers them all; a storage whose data_ptr is not 0
     rules out a meta tensor (its storage holds no memory) and a zero tensor (whose storage has no
-    data_ptr to read). Returns the momenta's dtypes and the params' device indices, or None as
-    soon as anything differs from that case, without raising: the checks one after the other
-    then raise the error, or take what this path leaves (an empty tensor, a sparse grad, a tensor
-    without storage)."""
+    data_ptr to read). Returns the momenta's dtypes, the params' device indices, the tensors'
+    data_ptrs and extents (params, grads, momenta, residuals) and whether all are contiguous; or
+    None as soon as anything differs from that case, without raising: the checks one after the
+    other then raise the error, or take what this path leaves (an empty tensor, a sparse grad, a
+    tensor without storage)."""
     n = len(params)
     if not n == len(grads) == len(exp_avgs) == len(kahan_comps):
         return None
@@ -418,7 +449,8 @@ def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                                                       or True in map(Tensor.is_inference, exp_avgs)
                                                       or True in map(Tensor.is_inference, comps)):
             return None
-        if False in map(Tensor.is_contiguous, tensors):
+        contiguous = False not in map(Tensor.is_contiguous, tensors)
+        if not contiguous:
             if True in map(_overlaps_itself, params) or True in map(_overlaps_itself, exp_avgs):
                 return None
             extents = spans(tensors)
@@ -436,7 +468,7 @@ def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             return None
     except Exception:  # what the checks one after the other make of it
         return None
-    return m_dtypes, indices
+    return m_dtypes, indices, starts_array, extents, contiguous
 
 
 def _check_sparse_grads(grads: list[Tensor], indices: list[int]) -> None:
