@@ -153,8 +153,8 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
     ms: list[Tensor] = []
     cs: list[Tensor | None] = []
     scales: list[Tensor | None] = []
-    kinds: list[int] = []
-    members: list[int] = []
+    kinds: list[np.ndarray] = []
+    members: list[np.ndarray] = []
     seed_rows: list[np.ndarray] = []
     columns: list[np.ndarray] = []  # per group, (5, n) pointers: params, grads, momenta, residuals, scales
     lefts: list[list[int]] = []
@@ -178,8 +178,9 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
             if any(g is not h for g, h in zip(grads, upcast)):
                 grads, g_dtypes, read = upcast, list(map(_DTYPE, upcast)), None  # new grads: their pointers read here
         table = _kind_table(_ROUNDING_KIND[group.param_rounding] | (_CAUTIOUS if group.cautious else 0))
-        kinds += map(table.__getitem__, zip(p_dtypes, g_dtypes, map(_DTYPE, taken.exp_avgs)))
-        members += [index] * n
+        kinds.append(np.fromiter(map(table.__getitem__, zip(p_dtypes, g_dtypes, map(_DTYPE, taken.exp_avgs))),
+                                 np.int32, n))
+        members.append(np.full(n, index, dtype=np.int32))
         seed_rows.append(np.zeros((n, 2), dtype=np.int32) if taken.seeds is None else taken.seeds.numpy())
         group_scales = taken.scales()
         if read is None:
@@ -209,8 +210,8 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
         return lefts
     pointers = np.ascontiguousarray(columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1))
     numels = np.fromiter(map(Tensor.numel, ps), np.int64, n)
-    kind_array = np.array(kinds, dtype=np.int32)
-    member_array = np.array(members, dtype=np.int32)
+    kind_array = kinds[0] if len(kinds) == 1 else np.concatenate(kinds)
+    member_array = members[0] if len(members) == 1 else np.concatenate(members)
     seeds = seed_rows[0] if len(seed_rows) == 1 else np.concatenate(seed_rows)
     seeds = np.ascontiguousarray(seeds, dtype=np.int32)
     address = pointers.ctypes.data  # params, grads, momenta, residuals, scales: n pointers each
@@ -219,7 +220,8 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
                        kind_array.ctypes.data, member_array.ctypes.data, seeds.ctypes.data, hyper.ctypes.data,
                        skip_nonfinite, torch.get_num_threads())
     if unknown:  # _kind and the kernel disagree: a bug here, never a silent no-op
-        raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of {sorted(set(kinds))}")
+        raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of "
+                           f"{sorted(set(kind_array.tolist()))}")
     # Written through raw pointers, which autograd cannot see: bump the version counters as an
     # in-place op would (a stale saved tensor is then caught, as in the other impls).
     increment_version([*ps, *ms, *[c for c in cs if c is not None], *[s for s in scales if s is not None]])
