@@ -264,7 +264,7 @@ def test_lion_under_auto_runs_the_kernel_once_per_step(monkeypatch):
 @pytest.mark.parametrize("third_dtype_grad", [False, True])
 def test_the_pointers_the_check_read_step_several_groups_as_for_loop_does(third_dtype_grad, monkeypatch,
                                                                           kernel_takes_everything):
-    """The dispatcher hands the kernel the data_ptrs its tensor check read (every tensor
+    """The dispatcher hands the kernel the data_ptrs and dtypes its tensor check read (every tensor
     contiguous): several groups, 8-bit momenta with their block scales among fp32 ones and Kahan
     residuals in one group, and (third_dtype_grad) one group whose grad the kernel upcasts, so that its
     pointers are read again while the others' are not. Bit for bit for_loop's step."""
@@ -272,7 +272,7 @@ def test_the_pointers_the_check_read_step_several_groups_as_for_loop_does(third_
     cpp_lion = cpu_kernel.cpp_lion
 
     def spy(groups, **kwargs):
-        handed.append(kwargs.get("starts") is not None)
+        handed.append(kwargs.get("checked") is not None)
         return cpp_lion(groups, **kwargs)
 
     monkeypatch.setattr(cpu_kernel, "cpp_lion", spy)

@@ -138,13 +138,14 @@ def _kind_table(flags: int) -> dict[tuple[torch.dtype, torch.dtype, torch.dtype]
 
 
 def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
-             starts: list[np.ndarray] | None = None) -> list[list[int]]:
+             checked: list[tuple[np.ndarray, tuple[list[torch.dtype], ...]]] | None = None) -> list[list[int]]:
     """One kernel call over every tensor of every group that it takes; returns, per group, the
     indices of the tensors it left (see the module docstring), which it has not touched. The
-    tensors are plain, local, checked and free of overlap (the dispatcher's checks). ``starts``:
-    per group, the data_ptrs of its params, grads, momenta, then its Kahan residuals there are and
-    its block scale tensors there are, as the dispatcher's check read them when every one of them
-    is contiguous; else they are read here."""
+    tensors are plain, local, checked and free of overlap (the dispatcher's checks). ``checked``:
+    per group, as the dispatcher's check read them this step when every tensor is contiguous, the
+    data_ptrs of its params, grads, momenta, then of its Kahan residuals there are and its block
+    scale tensors there are, and the dtypes of its params, grads and momenta; else these are read
+    here."""
     function = kernel()
     if function is None:
         return [list(range(len(group.params))) for group in groups]
@@ -162,15 +163,16 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
     for index, group in enumerate(groups):
         hyper[index] = (group.lr, group.decay, group.beta1, 1.0 - group.beta1, group.beta2, 1.0 - group.beta2,
                         -1.0 if group.maximize else 1.0)
-        read = None if starts is None else starts[index]
+        read, (p_dtypes, g_dtypes, m_dtypes) = (None, (None,) * 3) if checked is None else checked[index]
         taken, left = (group, []) if read is not None else _split_contiguous(group)
         lefts.append(left)
         n = len(taken.params)
         if not n:
             continue
-        p_dtypes = list(map(_DTYPE, taken.params))
+        if read is None:
+            p_dtypes, g_dtypes, m_dtypes = (list(map(_DTYPE, ts)) for ts in (taken.params, taken.grads,
+                                                                              taken.exp_avgs))
         grads = taken.grads
-        g_dtypes = list(map(_DTYPE, grads))
         if g_dtypes != p_dtypes:
             # A grad of a third dtype is upcast as lion_tensor upcasts it (fp32 from bf16/fp16 is exact).
             upcast = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float()
@@ -178,8 +180,7 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
             if any(g is not h for g, h in zip(grads, upcast)):
                 grads, g_dtypes, read = upcast, list(map(_DTYPE, upcast)), None  # new grads: their pointers read here
         table = _kind_table(_ROUNDING_KIND[group.param_rounding] | (_CAUTIOUS if group.cautious else 0))
-        kinds.append(np.fromiter(map(table.__getitem__, zip(p_dtypes, g_dtypes, map(_DTYPE, taken.exp_avgs))),
-                                 np.int32, n))
+        kinds.append(np.fromiter(map(table.__getitem__, zip(p_dtypes, g_dtypes, m_dtypes)), np.int32, n))
         members.append(np.full(n, index, dtype=np.int32))
         seed_rows.append(np.zeros((n, 2), dtype=np.int32) if taken.seeds is None else taken.seeds.numpy())
         group_scales = taken.scales()

@@ -185,7 +185,8 @@ def round_to(x32: Tensor, dtype: torch.dtype, seed: Tensor | int | None) -> Tens
     return stochastic_round_to_fp16(x32, seed)
 
 
-def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
+def with_seeds(groups: list[StepGroup],
+               dtypes: list[tuple[list[torch.dtype], list[torch.dtype]] | None] | None = None) -> list[StepGroup]:
     """The groups with their stochastic-rounding seeds: per tensor an int32 CPU row of the param's
     and the momentum's seed (0 where that store is not stochastic; None for a group where none
     is). Drawn from torch's CPU generator (so ``manual_seed`` reproduces a run and HF's
@@ -193,12 +194,15 @@ def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
     after group, would draw them: a non-empty tensor's param seed, then its momentum seed.
     ``for_loop``, ``foreach`` and the C++ kernel round with these, so a step split between them
     rounds as one impl would; the Triton kernel keys its Philox bits by a hash of them, drawing
-    nothing more, so the generator advances alike under every impl (its bits differ)."""
+    nothing more, so the generator advances alike under every impl (its bits differ).
+    ``dtypes``: per group, the dtypes of its params and momenta where the caller has read them
+    this step (None where not), else they are read here."""
     needed: list[np.ndarray | None] = []
     count = 0
-    for group in groups:
-        p_dtypes = list(map(_DTYPE, group.params))
-        m_dtypes = list(map(_DTYPE, group.exp_avgs))
+    for index, group in enumerate(groups):
+        read = None if dtypes is None else dtypes[index]
+        p_dtypes, m_dtypes = (list(map(_DTYPE, group.params)), list(map(_DTYPE, group.exp_avgs))) if read is None \
+            else read
         if set(p_dtypes) == _FP32_ONLY and set(m_dtypes) == _FP32_ONLY:
             needed.append(None)
             continue

@@ -65,13 +65,15 @@ class StepMemory(NamedTuple):
     """Where the tensors of one group's step lie, as :func:`check_step_tensors` read them: the
     ``data_ptr`` (``starts``) and strided extent in bytes (``extents``, :func:`spans`) of each
     param, then each grad, each momentum, each Kahan residual there is and each block scale tensor
-    there is, in that order; and whether every param, grad, momentum and residual is contiguous.
-    Read once per step, for the step's overlap check and the C++ kernel's pointers, by the caller
-    that holds these very tensors until they are stepped."""
+    there is, in that order; whether every param, grad, momentum and residual is contiguous; and
+    the dtypes of the params, the grads and the momenta. Read once per step, for the seeds, the
+    step's overlap check and the C++ kernel's pointers and kinds, by the caller that holds these
+    very tensors until they are stepped."""
 
     starts: np.ndarray
     extents: np.ndarray
     contiguous: bool
+    dtypes: tuple[list[torch.dtype], list[torch.dtype], list[torch.dtype]]
 
 
 def as_float(value: Any, what: str) -> float:
@@ -302,7 +304,8 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     not read it."""
     plain = _plain_step(params, grads, exp_avgs, kahan_comps)
     if plain is not None:  # every check before the block scales' has passed
-        m_dtypes, indices, starts, extents, contiguous = plain
+        dtypes, indices, starts, extents, contiguous = plain
+        m_dtypes = dtypes[2]
         no_scales = exp_avg_scales is None or (type(exp_avg_scales) is list and len(exp_avg_scales) == len(exp_avgs)
                                                and all([scale is None for scale in exp_avg_scales]))
         if torch.int8 in m_dtypes or not no_scales:
@@ -319,7 +322,7 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                     memory.append(None)
                     return devices
                 extents = np.concatenate([extents, spans(scales)])
-            memory.append(StepMemory(starts, extents, contiguous))
+            memory.append(StepMemory(starts, extents, contiguous, dtypes))
         return devices
     if memory is not None:
         memory.append(None)
@@ -414,14 +417,16 @@ def _check_kahan_comps(params: list[Tensor], kahan_comps: list[Tensor | None]) -
 
 
 def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                kahan_comps: list[Tensor | None]) -> tuple[set[torch.dtype], list[int], np.ndarray, np.ndarray,
-                                                           bool] | None:
+                kahan_comps: list[Tensor | None]) -> tuple[tuple[list[torch.dtype], list[torch.dtype],
+                                                                 list[torch.dtype]], list[int], np.ndarray,
+                                                           np.ndarray, bool] | None:
     """:func:`check_step_tensors` up to the block scales, on the common case: every tensor dense,
     non-empty, in memory of its own. Each fact is read once, over the params, grads, momenta and
     residuals at a time, and one bounds check covers them all; a storage whose data_ptr is not 0
     rules out a meta tensor (its storage holds no memory) and a zero tensor (whose storage has no
-    data_ptr to read). Returns the momenta's dtypes, the params' device indices, the tensors'
-    data_ptrs and extents (params, grads, momenta, residuals) and whether all are contiguous; or
+    data_ptr to read). Returns the dtypes of the params, grads and momenta, the params' device
+    indices, the tensors' data_ptrs and extents (params, grads, momenta, residuals) and whether
+    all are contiguous; or
     None as soon as anything differs from that case, without raising: the checks one after the
     other then raise the error, or take what this path leaves (an empty tensor, a sparse grad, a
     tensor without storage)."""
@@ -434,9 +439,9 @@ def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             return None
         if True in [layout is not torch.strided for layout in map(_LAYOUT, grads)]:
             return None
-        m_dtypes = set(map(_DTYPE, exp_avgs))
-        if (not set(map(_DTYPE, params)) <= _PARAM_DTYPE_SET or not m_dtypes <= _MOMENTUM_DTYPE_SET
-                or not all(d.is_floating_point for d in set(map(_DTYPE, grads)))):
+        dtypes = list(map(_DTYPE, params)), list(map(_DTYPE, grads)), list(map(_DTYPE, exp_avgs))
+        if (not set(dtypes[0]) <= _PARAM_DTYPE_SET or not set(dtypes[2]) <= _MOMENTUM_DTYPE_SET
+                or not all(d.is_floating_point for d in set(dtypes[1]))):
             return None
         comps = [c for c in kahan_comps if c is not None]
         tensors = [*params, *grads, *exp_avgs, *comps]
@@ -468,7 +473,7 @@ def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             return None
     except Exception:  # what the checks one after the other make of it
         return None
-    return m_dtypes, indices, starts_array, extents, contiguous
+    return dtypes, indices, starts_array, extents, contiguous
 
 
 def _check_sparse_grads(grads: list[Tensor], indices: list[int]) -> None:
