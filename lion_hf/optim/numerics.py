@@ -210,7 +210,7 @@ def with_seeds(groups: list[StepGroup],
         param_verdict = {d: param_stochastic(d, group.param_rounding) for d in set(p_dtypes)}
         momentum_verdict = {d: momentum_stochastic(d) for d in set(m_dtypes)}
         flags = np.array([list(map(param_verdict.__getitem__, p_dtypes)),
-                          list(map(momentum_verdict.__getitem__, m_dtypes))], dtype=bool).T.reshape(-1, 2)
+                          list(map(momentum_verdict.__getitem__, m_dtypes))], dtype=bool).T
         flags &= np.array(list(map(Tensor.numel, group.params)), dtype=bool)[:, None]  # an empty tensor draws none
         needed.append(flags)
         count += int(flags.sum())

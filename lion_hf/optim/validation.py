@@ -426,10 +426,9 @@ def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     rules out a meta tensor (its storage holds no memory) and a zero tensor (whose storage has no
     data_ptr to read). Returns the dtypes of the params, grads and momenta, the params' device
     indices, the tensors' data_ptrs and extents (params, grads, momenta, residuals) and whether
-    all are contiguous; or
-    None as soon as anything differs from that case, without raising: the checks one after the
-    other then raise the error, or take what this path leaves (an empty tensor, a sparse grad, a
-    tensor without storage)."""
+    all are contiguous; or None as soon as anything differs from that case, without raising: the
+    checks one after the other then raise the error, or take what this path leaves (an empty
+    tensor, a sparse grad, a tensor without storage)."""
     n = len(params)
     if not n == len(grads) == len(exp_avgs) == len(kahan_comps):
         return None
