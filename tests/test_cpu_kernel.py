@@ -259,3 +259,57 @@ def test_lion_under_auto_runs_the_kernel_once_per_step(monkeypatch):
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
     assert calls == [4], "one call for all 4 tensors"
+
+
+@pytest.mark.parametrize("third_dtype_grad", [False, True])
+def test_the_pointers_the_check_read_step_several_groups_as_for_loop_does(third_dtype_grad, monkeypatch,
+                                                                          kernel_takes_everything):
+    """The dispatcher hands the kernel the data_ptrs and dtypes its tensor check read (every tensor
+    contiguous): several groups, 8-bit momenta with their block scales among fp32 ones and Kahan
+    residuals in one group, and (third_dtype_grad) one group whose grad the kernel upcasts, so that its
+    pointers are read again while the others' are not. Bit for bit for_loop's step."""
+    handed = []
+    cpp_lion = cpu_kernel.cpp_lion
+
+    def spy(groups, **kwargs):
+        handed.append(kwargs.get("checked") is not None)
+        return cpp_lion(groups, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "cpp_lion", spy)
+    shapes = [(64, 80), (33,), (4096,), (17, 3)]
+
+    def build(impl):
+        gen = torch.Generator().manual_seed(5)
+        groups = [
+            {"params": [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes],
+             "state_dtype": "int8", "param_rounding": "kahan"},
+            {"params": [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes[:2]],
+             "state_dtype": "bf16"},
+            {"params": [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes[1:]], "state_dtype": "int8",
+             "weight_decay": 0.5},
+        ]
+        return Lion(groups, lr=0.01, weight_decay=0.1, impl=impl)
+
+    want, have = build("for_loop"), build("cpp")
+    for step in range(3):
+        for opt in (want, have):
+            gen = torch.Generator().manual_seed(100 + step)
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            if third_dtype_grad:
+                p = opt.param_groups[1]["params"][0]
+                p.grad_dtype = None  # torch then takes a grad of another dtype
+                p.grad = p.grad.half()
+            torch.manual_seed(step)
+            opt.step()
+    assert handed == [True] * 3
+    for group_want, group_have in zip(want.param_groups, have.param_groups):
+        for a, b in zip(group_want["params"], group_have["params"]):
+            assert bits_equal(a.detach(), b.detach())
+            state_want, state_have = want.state[a], have.state[b]
+            assert sorted(state_want) == sorted(state_have)
+            for key in state_want:
+                assert bits_equal(state_want[key], state_have[key]), key
+    assert any(s.get("exp_avg_scale") is not None for s in have.state.values())
+    assert any(s.get("kahan_comp") is not None for s in have.state.values())

@@ -270,10 +270,16 @@ def test_a_negative_view_grad_steps_with_its_sign_in_every_impl(impl):
     torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((32,), -0.01), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offset", [0, 2])
 @pytest.mark.parametrize("which", ["param", "momentum (exp_avg)"])
 @pytest.mark.parametrize("kind", ["zero tensor", "negative view"])
-def test_a_param_or_momentum_that_cannot_be_written_in_place_is_refused(which, kind):
-    make = (lambda t: torch._efficientzerotensor(t.shape)) if kind == "zero tensor" else torch._neg_view
+def test_a_param_or_momentum_that_cannot_be_written_in_place_is_refused(which, kind, offset):
+    # offset 2: a slice of a zero tensor has a data_ptr that is not 0 (its offset in bytes), which
+    # must not pass it as memory of its own.
+    if kind == "zero tensor":
+        make = (lambda t: torch._efficientzerotensor(t.numel() + offset)[offset:])
+    else:
+        make = (lambda t: torch._neg_view(torch.zeros(t.numel() + offset))[offset:])
     p, g, m = torch.zeros(8), torch.ones(8), torch.zeros(8)
     if which == "param":
         p = make(p)
@@ -498,6 +504,14 @@ def test_meta_params_are_the_same_value_error_in_every_impl(impl):
     meta = [torch.ones(4, device="meta")]
     with pytest.raises(ValueError, match="Lion cannot step params on the meta device"):
         lion(meta, meta, meta, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
+    # A slice of a meta tensor has a data_ptr that is not 0 (its offset in bytes): still refused,
+    # a meta param among CPU ones as a meta grad or momentum is.
+    sliced = torch.ones(6, device="meta")[2:]
+    for i in range(3):
+        tensors = [[torch.ones(4)], [torch.ones(4)], [torch.zeros(4)]]
+        tensors[i] = [sliced]
+        with pytest.raises(ValueError, match="Lion cannot step params on the meta device"):
+            lion(*tensors, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
 
 
 def test_a_momentum_on_the_meta_device_in_a_state_dict_is_refused_by_name():

@@ -137,55 +137,82 @@ def _kind_table(flags: int) -> dict[tuple[torch.dtype, torch.dtype, torch.dtype]
     return table
 
 
-def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]]:
+def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool,
+             checked: list[tuple[np.ndarray, tuple[list[torch.dtype], ...]]] | None = None) -> list[list[int]]:
     """One kernel call over every tensor of every group that it takes; returns, per group, the
     indices of the tensors it left (see the module docstring), which it has not touched. The
-    tensors are plain, local, checked and free of overlap (the dispatcher's checks)."""
+    tensors are plain, local, checked and free of overlap (the dispatcher's checks). ``checked``:
+    per group, as the dispatcher's check read them this step when every tensor is contiguous, the
+    data_ptrs of its params, grads, momenta, then of its Kahan residuals there are and its block
+    scale tensors there are, and the dtypes of its params, grads and momenta; else these are read
+    here."""
     function = kernel()
     if function is None:
         return [list(range(len(group.params))) for group in groups]
     ps: list[Tensor] = []
-    gs: list[Tensor] = []
+    gs: list[Tensor] = []  # held until the call: an upcast grad lives only here
     ms: list[Tensor] = []
     cs: list[Tensor | None] = []
     scales: list[Tensor | None] = []
-    kinds: list[int] = []
-    members: list[int] = []
+    kinds: list[np.ndarray] = []
+    members: list[np.ndarray] = []
     seed_rows: list[np.ndarray] = []
+    columns: list[np.ndarray] = []  # per group, (5, n) pointers: params, grads, momenta, residuals, scales
     lefts: list[list[int]] = []
     hyper = np.empty((len(groups), 7), dtype=np.float32)
     for index, group in enumerate(groups):
         hyper[index] = (group.lr, group.decay, group.beta1, 1.0 - group.beta1, group.beta2, 1.0 - group.beta2,
                         -1.0 if group.maximize else 1.0)
-        taken, left = _split_contiguous(group)
+        read, (p_dtypes, g_dtypes, m_dtypes) = (None, (None,) * 3) if checked is None else checked[index]
+        taken, left = (group, []) if read is not None else _split_contiguous(group)
         lefts.append(left)
         n = len(taken.params)
         if not n:
             continue
-        p_dtypes = list(map(_DTYPE, taken.params))
+        if read is None:
+            p_dtypes, g_dtypes, m_dtypes = (list(map(_DTYPE, ts)) for ts in (taken.params, taken.grads,
+                                                                              taken.exp_avgs))
         grads = taken.grads
-        if list(map(_DTYPE, grads)) != p_dtypes:
+        if g_dtypes != p_dtypes:
             # A grad of a third dtype is upcast as lion_tensor upcasts it (fp32 from bf16/fp16 is exact).
-            grads = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float()
-                     for p, g in zip(taken.params, grads)]
+            upcast = [g if g.dtype == p.dtype or g.dtype == torch.float32 else g.float()
+                      for p, g in zip(taken.params, grads)]
+            if any(g is not h for g, h in zip(grads, upcast)):
+                grads, g_dtypes, read = upcast, list(map(_DTYPE, upcast)), None  # new grads: their pointers read here
         table = _kind_table(_ROUNDING_KIND[group.param_rounding] | (_CAUTIOUS if group.cautious else 0))
-        kinds += map(table.__getitem__, zip(p_dtypes, map(_DTYPE, grads), map(_DTYPE, taken.exp_avgs)))
-        members += [index] * n
+        kinds.append(np.fromiter(map(table.__getitem__, zip(p_dtypes, g_dtypes, m_dtypes)), np.int32, n))
+        members.append(np.full(n, index, dtype=np.int32))
         seed_rows.append(np.zeros((n, 2), dtype=np.int32) if taken.seeds is None else taken.seeds.numpy())
+        group_scales = taken.scales()
+        if read is None:
+            residuals = [p if c is None else c for p, c in zip(taken.params, taken.kahan_comps)]  # the kernel
+            scale_tensors = [p if s is None else s for p, s in zip(taken.params, group_scales)]  # reads only real ones
+            column = np.fromiter(map(Tensor.data_ptr, [*taken.params, *grads, *taken.exp_avgs, *residuals,
+                                                       *scale_tensors]), np.int64, 5 * n).reshape(5, n)
+        else:
+            column = np.empty((5, n), dtype=np.int64)
+            column[:3] = read[:3 * n].reshape(3, n)
+            column[3:] = column[0]  # where there is no residual or scale, the param's (never read)
+            stored = 3 * n
+            for row, optional in ((3, taken.kahan_comps), (4, group_scales)):
+                present = [t is not None for t in optional]
+                if True in present:
+                    count = present.count(True)
+                    column[row, np.flatnonzero(present)] = read[stored:stored + count]
+                    stored += count
+        columns.append(column)
         ps += taken.params
         gs += grads
         ms += taken.exp_avgs
         cs += taken.kahan_comps
-        scales += taken.scales()
+        scales += group_scales
     n = len(ps)
     if n == 0:
         return lefts
-    residuals = [p if c is None else c for p, c in zip(ps, cs)]  # the kernel reads only real ones
-    scale_tensors = [p if s is None else s for p, s in zip(ps, scales)]  # likewise
-    pointers = np.fromiter(map(Tensor.data_ptr, [*ps, *gs, *ms, *residuals, *scale_tensors]), np.int64, 5 * n)
+    pointers = np.ascontiguousarray(columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1))
     numels = np.fromiter(map(Tensor.numel, ps), np.int64, n)
-    kind_array = np.array(kinds, dtype=np.int32)
-    member_array = np.array(members, dtype=np.int32)
+    kind_array = kinds[0] if len(kinds) == 1 else np.concatenate(kinds)
+    member_array = members[0] if len(members) == 1 else np.concatenate(members)
     seeds = seed_rows[0] if len(seed_rows) == 1 else np.concatenate(seed_rows)
     seeds = np.ascontiguousarray(seeds, dtype=np.int32)
     address = pointers.ctypes.data  # params, grads, momenta, residuals, scales: n pointers each
@@ -194,7 +221,8 @@ def cpp_lion(groups: list[StepGroup], *, skip_nonfinite: bool) -> list[list[int]
                        kind_array.ctypes.data, member_array.ctypes.data, seeds.ctypes.data, hyper.ctypes.data,
                        skip_nonfinite, torch.get_num_threads())
     if unknown:  # _kind and the kernel disagree: a bug here, never a silent no-op
-        raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of {sorted(set(kinds))}")
+        raise RuntimeError(f"Lion: the cpp kernel does not know {unknown} tensor kind(s) of "
+                           f"{sorted(set(kind_array.tolist()))}")
     # Written through raw pointers, which autograd cannot see: bump the version counters as an
     # in-place op would (a stale saved tensor is then caught, as in the other impls).
     increment_version([*ps, *ms, *[c for c in cs if c is not None], *[s for s in scales if s is not None]])

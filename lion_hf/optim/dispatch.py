@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +44,7 @@ from lion_hf.optim.numerics import (
     all_finite,
     local,
     offset_seed,
+    ranges_overlap,
     row_chunks,
     sparse_rows,
     step_may_proceed,
@@ -50,7 +52,7 @@ from lion_hf.optim.numerics import (
 )
 from lion_hf.optim.options import IMPLS
 from lion_hf.optim.signs import TRITS_PER_BYTE, ZERO_SIGNS_BYTE, combine_signs, pack_trits, packed_nbytes
-from lion_hf.optim.validation import check_step_tensors, overlapping, readable_grads
+from lion_hf.optim.validation import StepMemory, check_step_tensors, overlapping, readable_grads
 
 __all__ = [
     "PreparedStep",
@@ -181,12 +183,15 @@ def _explicit_impl_checked(impl: str, device: torch.device, cxx_setting: str | N
 
 class PreparedStep(NamedTuple):
     """A step ready to run: the groups' local, readable, checked tensors (with their seeds, once
-    drawn), the impl of each device they are on (in order of first appearance), and whether an
-    element with a NaN/inf gradient is to be left unchanged."""
+    drawn), the impl of each device they are on (in order of first appearance), whether an
+    element with a NaN/inf gradient is to be left unchanged, and where each group's tensors lie
+    (``memory``, as the check read them, one entry per group: None where it did not) for
+    :func:`apply_step` when it steps these very groups."""
 
     groups: list[StepGroup]
     impls: dict[torch.device, str]
     skip_nonfinite: bool
+    memory: list[StepMemory | None] | None = None
 
 
 def prepare_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str, grad_norm: float | Tensor | None = None,
@@ -202,10 +207,13 @@ def prepare_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str, gra
     gate_grads = [g for group in groups for g in group.grads]  # DTensors kept: the gate agrees over their mesh
     groups = [_local(group) for group in groups if group.params]
     devices: dict[torch.device, None] = {}  # ordered: the first group's device first
+    memory: list[StepMemory | None] | None = []
     for group in groups:
         devices.update(dict.fromkeys(check_step_tensors(group.params, group.grads, group.exp_avgs,
                                                         group.kahan_comps, group.param_rounding,
-                                                        group.exp_avg_scales)))
+                                                        group.exp_avg_scales, memory=memory)))
+    if len(memory) != len(groups):  # a check that does not say where the tensors lie (a test's stand-in)
+        memory = None
     cxx = os.environ.get("CXX")
     impls = {device: _resolve(impl, device) if impl == "auto" else _explicit_impl_checked(impl, device, cxx)
              for device in devices}
@@ -214,8 +222,9 @@ def prepare_step(groups: list[StepGroup], *, impl: str, nonfinite_grad: str, gra
         if not step_may_proceed(nonfinite_grad, gate_grads, grad_norm):
             return None
     if draw_seeds and groups:
-        groups = with_seeds(groups)
-    return PreparedStep(groups, impls, skip_nonfinite)
+        groups = with_seeds(groups, None if memory is None else [None if m is None else (m.dtypes[0], m.dtypes[2])
+                                                                 for m in memory])
+    return PreparedStep(groups, impls, skip_nonfinite, memory)
 
 
 def _on_device(prepared: PreparedStep, device: torch.device) -> list[StepGroup]:
@@ -226,18 +235,27 @@ def _on_device(prepared: PreparedStep, device: torch.device) -> list[StepGroup]:
     return [group for group in on_device if group.params]
 
 
-def _shares_memory(groups: list[StepGroup]) -> bool:
-    # One check over every tensor of the step on a device, by their strided extents.
+def _shares_memory(groups: list[StepGroup], memory: list[StepMemory] | None = None) -> bool:
+    # One check over every tensor of the step on a device, by their strided extents: those the
+    # tensor check read for these groups (``memory``), else read now.
+    if memory is not None:
+        return ranges_overlap(np.concatenate([m.starts for m in memory]), np.concatenate([m.extents for m in memory]))
     return overlapping([t for group in groups for ts in (*group[:4], group.scales()) for t in ts if t is not None])
 
 
-def _run(concrete: str, groups: list[StepGroup], skip_nonfinite: bool) -> None:
+def _run(concrete: str, groups: list[StepGroup], skip_nonfinite: bool,
+         memory: list[StepMemory] | None = None) -> None:
     # The impl of the device on these groups; what a fused kernel leaves runs in foreach, tensors
-    # that share memory in for_loop.
-    if concrete != "for_loop" and _shares_memory(groups):
+    # that share memory in for_loop. ``memory``: where these groups' tensors lie, when the check read it.
+    if concrete != "for_loop" and _shares_memory(groups, memory):
         for_loop_lion(groups, skip_nonfinite=skip_nonfinite)
         return
-    lefts = _IMPL_FUNCTIONS[concrete](groups, skip_nonfinite=skip_nonfinite)
+    if concrete == "cpp" and memory is not None and all(m.contiguous for m in memory):
+        # The kernel's pointers and dtypes as the check read them (every tensor contiguous: it takes them all).
+        lefts = _IMPL_FUNCTIONS[concrete](groups, skip_nonfinite=skip_nonfinite,
+                                          checked=[(m.starts, m.dtypes) for m in memory])
+    else:
+        lefts = _IMPL_FUNCTIONS[concrete](groups, skip_nonfinite=skip_nonfinite)
     rest = [group.subset(left) for group, left in zip(groups, lefts) if left]
     if rest:
         foreach_lion(rest, skip_nonfinite=skip_nonfinite)
@@ -251,6 +269,9 @@ def apply_step(prepared: PreparedStep) -> None:
     skip_nonfinite = prepared.skip_nonfinite
     for device, concrete in prepared.impls.items():
         on_device = _on_device(prepared, device)
+        memory = prepared.memory
+        if on_device is not prepared.groups or memory is None or len(memory) != len(on_device) or None in memory:
+            memory = None  # read again over the tensors stepped here
         sparse_steps = []
         if any(g.is_sparse for group in on_device for g in group.grads):
             dense_groups = []
@@ -260,9 +281,9 @@ def apply_step(prepared: PreparedStep) -> None:
                 kept = [i for i in range(len(group.params)) if i not in sparse]
                 if kept:
                     dense_groups.append(group.subset(kept))
-            on_device = dense_groups
+            on_device, memory = dense_groups, None
         if on_device:
-            _run(concrete, on_device, skip_nonfinite)
+            _run(concrete, on_device, skip_nonfinite, memory)
         for group in sparse_steps:
             _step_sparse(concrete, group, skip_nonfinite)
 

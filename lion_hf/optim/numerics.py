@@ -11,6 +11,7 @@ them to :func:`lion_tensor`.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE = operator.attrgetter("dtype")
+_FP32_ONLY = {torch.float32}
 
 # The tensor types that are their own local shard (anything else may be a DTensor).
 PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
@@ -182,7 +185,8 @@ def round_to(x32: Tensor, dtype: torch.dtype, seed: Tensor | int | None) -> Tens
     return stochastic_round_to_fp16(x32, seed)
 
 
-def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
+def with_seeds(groups: list[StepGroup],
+               dtypes: list[tuple[list[torch.dtype], list[torch.dtype]] | None] | None = None) -> list[StepGroup]:
     """The groups with their stochastic-rounding seeds: per tensor an int32 CPU row of the param's
     and the momentum's seed (0 where that store is not stochastic; None for a group where none
     is). Drawn from torch's CPU generator (so ``manual_seed`` reproduces a run and HF's
@@ -190,30 +194,39 @@ def with_seeds(groups: list[StepGroup]) -> list[StepGroup]:
     after group, would draw them: a non-empty tensor's param seed, then its momentum seed.
     ``for_loop``, ``foreach`` and the C++ kernel round with these, so a step split between them
     rounds as one impl would; the Triton kernel keys its Philox bits by a hash of them, drawing
-    nothing more, so the generator advances alike under every impl (its bits differ)."""
-    needed = []
-    for group in groups:
-        if {p.dtype for p in group.params} == {torch.float32} and {m.dtype for m in group.exp_avgs} == {torch.float32}:
+    nothing more, so the generator advances alike under every impl (its bits differ).
+    ``dtypes``: per group, the dtypes of its params and momenta where the caller has read them
+    this step (None where not), else they are read here."""
+    needed: list[np.ndarray | None] = []
+    count = 0
+    for index, group in enumerate(groups):
+        read = None if dtypes is None else dtypes[index]
+        p_dtypes, m_dtypes = (list(map(_DTYPE, group.params)), list(map(_DTYPE, group.exp_avgs))) if read is None \
+            else read
+        if set(p_dtypes) == _FP32_ONLY and set(m_dtypes) == _FP32_ONLY:
             needed.append(None)
             continue
-        needed.append([(bool(p.numel()) and param_stochastic(p.dtype, group.param_rounding),
-                        bool(p.numel()) and momentum_stochastic(m.dtype))
-                       for p, m in zip(group.params, group.exp_avgs)])
-    count = sum(a + b for flags in needed if flags is not None for a, b in flags)
+        # One row per tensor, (param, momentum): each dtype's verdict looked up, not asked per tensor.
+        param_verdict = {d: param_stochastic(d, group.param_rounding) for d in set(p_dtypes)}
+        momentum_verdict = {d: momentum_stochastic(d) for d in set(m_dtypes)}
+        flags = np.array([list(map(param_verdict.__getitem__, p_dtypes)),
+                          list(map(momentum_verdict.__getitem__, m_dtypes))], dtype=bool).T
+        flags &= np.array(list(map(Tensor.numel, group.params)), dtype=bool)[:, None]  # an empty tensor draws none
+        needed.append(flags)
+        count += int(flags.sum())
     if not count:
         return groups
-    drawn = torch.randint(0, 1 << 16, (count,), device="cpu", dtype=torch.int32)
+    drawn = torch.randint(0, 1 << 16, (count,), device="cpu", dtype=torch.int32).numpy()
     out, used = [], 0
     for group, flags in zip(groups, needed):
-        mask = None if flags is None else torch.tensor(flags, dtype=torch.bool).view(-1, 2)
-        n = 0 if mask is None else int(mask.sum())
+        n = 0 if flags is None else int(flags.sum())
         if not n:
             out.append(group)
             continue
-        seeds = torch.zeros(mask.shape, dtype=torch.int32)
-        seeds[mask] = drawn[used:used + n]  # row-major: each tensor's param seed before its momentum seed
+        seeds = np.zeros(flags.shape, dtype=np.int32)
+        seeds[flags] = drawn[used:used + n]  # row-major: each tensor's param seed before its momentum seed
         used += n
-        out.append(group._replace(seeds=seeds))
+        out.append(group._replace(seeds=torch.from_numpy(seeds)))
     return out
 
 

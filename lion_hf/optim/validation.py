@@ -20,7 +20,7 @@ import math
 import numbers
 import operator
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from lion_hf.optim.numerics import EIGHT_BIT_MAX_CODE, PARAM_DTYPES, eight_bit_s
 from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, PARAM_ROUNDINGS, STATE_DTYPES
 
 __all__ = [
+    "StepMemory",
     "as_float",
     "check_eight_bit_state",
     "check_loaded_state",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 _MOMENTUM_DTYPES = tuple(STATE_DTYPES.values())
+_MOMENTUM_DTYPE_SET, _PARAM_DTYPE_SET = frozenset(_MOMENTUM_DTYPES), frozenset(PARAM_DTYPES)
 # Param-group keys of torch's other optimizers (Adam/AdamW, SGD, ...) that Lion's groups never hold:
 # a group is refused with one (Lion(..., [{"params": ..., "eps": 1e-8}]) would silently ignore it), so
 # that a checkpoint holding one always comes from another optimizer.
@@ -57,6 +59,21 @@ _DTYPE, _LAYOUT, _IS_META, _NBYTES = (operator.attrgetter(name) for name in ("dt
 # and a larger value is inf there (the weights then become inf or NaN without any error).
 _FP32_MAX = float(np.finfo(np.float32).max)
 _GROUP_KEYS = ("lr", "betas", "weight_decay", "maximize", "cautious", "state_dtype", "param_rounding")
+
+
+class StepMemory(NamedTuple):
+    """Where the tensors of one group's step lie, as :func:`check_step_tensors` read them: the
+    ``data_ptr`` (``starts``) and strided extent in bytes (``extents``, :func:`spans`) of each
+    param, then each grad, each momentum, each Kahan residual there is and each block scale tensor
+    there is, in that order; whether every param, grad, momentum and residual is contiguous; and
+    the dtypes of the params, the grads and the momenta. Read once per step, for the seeds, the
+    step's overlap check and the C++ kernel's pointers and kinds, by the caller that holds these
+    very tensors until they are stepped."""
+
+    starts: np.ndarray
+    extents: np.ndarray
+    contiguous: bool
+    dtypes: tuple[list[torch.dtype], list[torch.dtype], list[torch.dtype]]
 
 
 def as_float(value: Any, what: str) -> float:
@@ -273,7 +290,8 @@ def readable_grads(grads: list[Tensor]) -> list[Tensor]:
 
 def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        kahan_comps: list[Tensor | None], param_rounding: str,
-                       exp_avg_scales: list[Tensor | None] | None = None) -> list[torch.device]:
+                       exp_avg_scales: list[Tensor | None] | None = None,
+                       memory: list[StepMemory | None] | None = None) -> list[torch.device]:
     """The tensors of one group's step (local shards), for every impl alike: each grad and momentum
     has its param's shape and device; dtypes are ones Lion computes with; no param is on the meta
     device; nothing the step writes is an inference tensor (outside inference mode); a Kahan
@@ -281,7 +299,34 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     and no other momentum has any; a sparse grad is COO, sparse along the first dim (stepped a
     chunk of dense rows at a time by the dispatcher). ValueError naming the tensor. Fast on the
     common case (list comparisons).
-    Returns the devices the params are on, in order of first appearance."""
+    Returns the devices the params are on, in order of first appearance. With ``memory`` (a list),
+    appends where the tensors lie (:class:`StepMemory`), or None where the common case's path did
+    not read it."""
+    plain = _plain_step(params, grads, exp_avgs, kahan_comps)
+    if plain is not None:  # every check before the block scales' has passed
+        dtypes, indices, starts, extents, contiguous = plain
+        m_dtypes = dtypes[2]
+        no_scales = exp_avg_scales is None or (type(exp_avg_scales) is list and len(exp_avg_scales) == len(exp_avgs)
+                                               and all([scale is None for scale in exp_avg_scales]))
+        if torch.int8 in m_dtypes or not no_scales:
+            _check_scales(exp_avgs, exp_avg_scales)  # else it would pass: no int8 momentum, no scale
+        devices = _first_devices(params, indices)
+        if param_rounding == "kahan":
+            _check_kahan_comps(params, kahan_comps)
+        if memory is not None:
+            if not no_scales:
+                scales = [scale for scale in exp_avg_scales if scale is not None]
+                try:
+                    starts = np.concatenate([starts, np.fromiter(map(Tensor.data_ptr, scales), np.int64, len(scales))])
+                except Exception:  # scales without storage: the step's memory is read tensor by tensor
+                    memory.append(None)
+                    return devices
+                extents = np.concatenate([extents, spans(scales)])
+            memory.append(StepMemory(starts, extents, contiguous, dtypes))
+        return devices
+    if memory is not None:
+        memory.append(None)
+    # Something is unusual (or wrong): the checks one after the other, the first that fails raising.
     if not len(params) == len(grads) == len(exp_avgs) == len(kahan_comps):
         raise ValueError(f"Lion: params, grads, exp_avgs and kahan_comps must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(exp_avgs)} and {len(kahan_comps)}")
@@ -346,20 +391,88 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         i = _first([not p.device == g.device == m.device for p, g, m in zip(params, grads, exp_avgs)])
         raise ValueError(f"Lion: param {i} is on {params[i].device} but its grad is on {grads[i].device} and its "
                          f"momentum on {exp_avgs[i].device}")
+    devices = _first_devices(params, indices)
+    if param_rounding == "kahan":
+        _check_kahan_comps(params, kahan_comps)
+    return devices
+
+
+def _first_devices(params: list[Tensor], indices: list[int]) -> list[torch.device]:
+    # The devices of the params (device indices ``indices``), in order of first appearance.
     first_of_each = {}
     for i, index in enumerate(indices):
         first_of_each.setdefault(index, i)
-    devices = [params[i].device for i in first_of_each.values()]
-    if param_rounding == "kahan":
-        for i, (p, c) in enumerate(zip(params, kahan_comps)):
-            if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape
-                                             or c.device != p.device):
-                raise ValueError(
-                    f"Lion: param_rounding='kahan' needs a compensation tensor (the Kahan residual) of the param's "
-                    f"dtype, shape and device for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) "
-                    f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
-                )
-    return devices
+    return [params[i].device for i in first_of_each.values()]
+
+
+def _check_kahan_comps(params: list[Tensor], kahan_comps: list[Tensor | None]) -> None:
+    for i, (p, c) in enumerate(zip(params, kahan_comps)):
+        if p.dtype != torch.float32 and (c is None or c.dtype != p.dtype or c.shape != p.shape
+                                         or c.device != p.device):
+            raise ValueError(
+                f"Lion: param_rounding='kahan' needs a compensation tensor (the Kahan residual) of the param's "
+                f"dtype, shape and device for every bf16/fp16 param; param {i} ({p.dtype}, {tuple(p.shape)}) "
+                f"has {None if c is None else (c.dtype, tuple(c.shape), str(c.device))}"
+            )
+
+
+def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                kahan_comps: list[Tensor | None]) -> tuple[tuple[list[torch.dtype], list[torch.dtype],
+                                                                 list[torch.dtype]], list[int], np.ndarray,
+                                                           np.ndarray, bool] | None:
+    """:func:`check_step_tensors` up to the block scales, on the common case: every tensor dense,
+    non-empty, in memory of its own. Each fact is read once, over the params, grads, momenta and
+    residuals at a time, and one bounds check covers them all; a storage whose data_ptr is not 0
+    rules out a meta tensor (its storage holds no memory) and a zero tensor (whose storage has no
+    data_ptr to read). Returns the dtypes of the params, grads and momenta, the params' device
+    indices, the tensors' data_ptrs and extents (params, grads, momenta, residuals) and whether
+    all are contiguous; or None as soon as anything differs from that case, without raising: the
+    checks one after the other then raise the error, or take what this path leaves (an empty
+    tensor, a sparse grad, a tensor without storage)."""
+    n = len(params)
+    if not n == len(grads) == len(exp_avgs) == len(kahan_comps):
+        return None
+    try:
+        shapes = list(map(Tensor.size, params))
+        if list(map(Tensor.size, grads)) != shapes or list(map(Tensor.size, exp_avgs)) != shapes:
+            return None
+        if True in [layout is not torch.strided for layout in map(_LAYOUT, grads)]:
+            return None
+        dtypes = list(map(_DTYPE, params)), list(map(_DTYPE, grads)), list(map(_DTYPE, exp_avgs))
+        if (not set(dtypes[0]) <= _PARAM_DTYPE_SET or not set(dtypes[2]) <= _MOMENTUM_DTYPE_SET
+                or not all(d.is_floating_point for d in set(dtypes[1]))):
+            return None
+        comps = [c for c in kahan_comps if c is not None]
+        tensors = [*params, *grads, *exp_avgs, *comps]
+        starts = list(map(Tensor.data_ptr, tensors))
+        storages = list(map(Tensor.untyped_storage, tensors))
+        lows = list(map(torch.UntypedStorage.data_ptr, storages))
+        if 0 in starts or 0 in lows:  # empty, freed, a meta tensor
+            return None
+        if not torch.is_inference_mode_enabled() and (True in map(Tensor.is_inference, params)
+                                                      or True in map(Tensor.is_inference, exp_avgs)
+                                                      or True in map(Tensor.is_inference, comps)):
+            return None
+        contiguous = False not in map(Tensor.is_contiguous, tensors)
+        if not contiguous:
+            if True in map(_overlaps_itself, params) or True in map(_overlaps_itself, exp_avgs):
+                return None
+            extents = spans(tensors)
+        else:
+            extents = np.fromiter(map(_NBYTES, tensors), np.int64, len(tensors))
+        if True in map(Tensor.is_neg, tensors):
+            return None
+        low = np.array(lows, dtype=np.int64)
+        high = low + np.fromiter(map(torch.UntypedStorage.nbytes, storages), np.int64, len(tensors))
+        starts_array = np.array(starts, dtype=np.int64)
+        if ((extents > 0) & ((starts_array < low) | (starts_array + extents > high))).any():
+            return None
+        indices = list(map(Tensor.get_device, params))
+        if list(map(Tensor.get_device, grads)) != indices or list(map(Tensor.get_device, exp_avgs)) != indices:
+            return None
+    except Exception:  # what the checks one after the other make of it
+        return None
+    return dtypes, indices, starts_array, extents, contiguous
 
 
 def _check_sparse_grads(grads: list[Tensor], indices: list[int]) -> None:
