@@ -1004,9 +1004,22 @@ extern "C" int64_t lion_hf_cpu_step(int64_t n_tensors, void* const* params, cons
       s.fractions[t] = fraction < 1e-3f ? 1e-3f : fraction;
     }
   }
-  // Static schedule: each thread streams one contiguous run of blocks.
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-  for (int64_t b = 0; b < n_blocks; ++b) update_block_of_kind(s, b);
+  // Each thread streams one contiguous run of blocks, the runs about equal in elements (a tensor
+  // smaller than a block is a block of its own, so equal numbers of blocks can be unequal work).
+  std::vector<int64_t> first_block(n_threads + 1, n_blocks);
+  first_block[0] = 0;
+  int64_t total = 0;
+  for (int64_t t = 0; t < n_tensors; ++t) total += numels[t];
+  int64_t done = 0;
+  for (int64_t b = 0, next = 1; b < n_blocks && next < n_threads; ++b) {
+    while (next < n_threads && done >= total / n_threads * next) first_block[next++] = b;
+    const int64_t left = numels[s.block_tensor[b]] - s.block_start[b];
+    done += left < kBlock ? left : kBlock;
+  }
+#pragma omp parallel for schedule(static, 1) num_threads(n_threads)
+  for (int thread = 0; thread < n_threads; ++thread) {
+    for (int64_t b = first_block[thread]; b < first_block[thread + 1]; ++b) update_block_of_kind(s, b);
+  }
   return 0;
 }
 
