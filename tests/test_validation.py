@@ -291,6 +291,33 @@ def test_a_param_or_momentum_that_cannot_be_written_in_place_is_refused(which, k
             lion([p], [g], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
 
 
+def test_an_expanded_kahan_residual_is_refused_before_anything_is_written():
+    """A Kahan residual whose elements share memory (an expanded view) cannot be written in place:
+    the same ValueError as an expanded param, before the fp32 param beside it is stepped."""
+    q, p = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)
+    residual = torch.zeros(1, dtype=torch.bfloat16).expand(8)
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=r"the Kahan residual of param 1 \(shape \(8,\), strides \(0,\)\) has "
+                                             "elements that share memory"):
+            lion([q, p], [torch.ones(8), torch.ones(8, dtype=torch.bfloat16)],
+                 [torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)], kahan_comps=[None, residual], lr=0.1,
+                 beta1=0.9, beta2=0.99, weight_decay=0.0, param_rounding="kahan", impl=impl)
+        assert not q.any()
+
+
+@pytest.mark.parametrize("which", ["param", "momentum (exp_avg)"])
+def test_a_sparse_param_or_momentum_is_refused_naming_its_layout(which):
+    p, m = torch.zeros(8), torch.zeros(8)
+    if which == "param":
+        p = p.to_sparse()
+    else:
+        m = m.to_sparse()
+    prefix = "param 0" if which == "param" else r"the momentum \(exp_avg\) of param 0"
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=rf"{prefix} has layout torch.sparse_coo; params and momenta must be"):
+            lion([p], [torch.ones(8)], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, impl=impl)
+
+
 # --------------------------------------------------------------------------------------
 # Options changed mid-run, what torch accepts, and whole state dicts checked before loading
 # --------------------------------------------------------------------------------------

@@ -336,11 +336,14 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
             i = _first([t.shape != s for t, s in zip(tensors, shapes)])
             raise ValueError(f"Lion: param {i} has shape {tuple(shapes[i])} but its {name} has shape "
                              f"{tuple(tensors[i].shape)}")
+    for name, tensors in (("param", params), ("momentum (exp_avg)", exp_avgs)):
+        if True in [layout is not torch.strided for layout in map(_LAYOUT, tensors)]:
+            i = _first([t.layout is not torch.strided for t in tensors])
+            raise ValueError(f"Lion: {_which(name, i)} has layout {tensors[i].layout}; params and momenta must be "
+                             "dense (strided) tensors, only gradients may be sparse")
     sparse = [layout is not torch.strided for layout in map(_LAYOUT, grads)]
     if True in sparse:
         _check_sparse_grads([g for g, s in zip(grads, sparse) if s], [i for i, s in enumerate(sparse) if s])
-        if any(t.layout is not torch.strided for t in params + exp_avgs):
-            raise ValueError("Lion: params and momenta are dense tensors (only gradients may be sparse)")
     p_dtypes, g_dtypes, m_dtypes = (set(map(_DTYPE, ts)) for ts in (params, grads, exp_avgs))
     if not p_dtypes <= set(PARAM_DTYPES):
         i = _first([p.dtype not in PARAM_DTYPES for p in params])
@@ -367,13 +370,16 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                 raise ValueError(f"Lion: {_which(name, i)} is an inference tensor (made under torch.inference_mode()): "
                                  "it cannot be updated in place outside inference mode. Make it outside inference "
                                  "mode (or step a .clone() of it made there).")
-    for name, tensors in (("param", params), ("momentum (exp_avg)", exp_avgs)):
+    comp_indices = [i for i, c in enumerate(kahan_comps) if c is not None]
+    for name, tensors, indices in (("param", params, None), ("momentum (exp_avg)", exp_avgs, None),
+                                   ("Kahan residual", [kahan_comps[i] for i in comp_indices], comp_indices)):
         if not all(map(Tensor.is_contiguous, tensors)):
             for i, t in enumerate(tensors):
                 if _overlaps_itself(t):
-                    raise ValueError(f"Lion: the {name} of param {i} (shape {tuple(t.shape)}, strides {t.stride()}) "
-                                     "has elements that share memory (an expanded or overlapping view): it cannot "
-                                     "be updated in place. Use a tensor of its own (.clone()).")
+                    raise ValueError(f"Lion: {_which(name, i if indices is None else indices[i])} (shape "
+                                     f"{tuple(t.shape)}, strides {t.stride()}) has elements that share memory (an "
+                                     "expanded or overlapping view): it cannot be updated in place. Use a tensor of "
+                                     "its own (.clone()).")
     _check_memory("param", params)
     if True in sparse:  # a sparse gradient's values are read by torch ops, a chunk of dense rows at a time
         dense_grads = [i for i, s in enumerate(sparse) if not s]
@@ -381,7 +387,6 @@ def check_step_tensors(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     else:
         _check_memory("grad", grads)
     _check_memory("momentum (exp_avg)", exp_avgs)
-    comp_indices = [i for i, c in enumerate(kahan_comps) if c is not None]
     _check_memory("Kahan residual", [kahan_comps[i] for i in comp_indices], comp_indices)
     if exp_avg_scales is not None or torch.int8 in m_dtypes:
         _check_scales(exp_avgs, exp_avg_scales)
@@ -455,7 +460,8 @@ def _plain_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             return None
         contiguous = False not in map(Tensor.is_contiguous, tensors)
         if not contiguous:
-            if True in map(_overlaps_itself, params) or True in map(_overlaps_itself, exp_avgs):
+            if True in map(_overlaps_itself, params) or True in map(_overlaps_itself, exp_avgs) or True in map(
+                    _overlaps_itself, comps):
                 return None
             extents = spans(tensors)
         else:
