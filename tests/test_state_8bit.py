@@ -175,8 +175,9 @@ def _special_blocks(p_dtype, g_dtype, param_rounding):
     partial last block of 37 elements (two runs of 16 and 5 left over: the C++ kernel codes 16
     lanes at once where the CPU has AVX-512, and element by element for the rest). Blocks 7 to 12 are
     about the C++ kernel's vector coding, which divides by a block's scale through its reciprocal only
-    for a scale in [2**-50, 2**100] and widens old codes with one product unless the scale times 2**12
-    overflows: scales on both sides of each bound, one past 2**116, and tiny quotients beside a large one."""
+    for a scale in [2**-50, 2**100] and widens old codes with one product unless the scale times 2**8
+    overflows: scales on both sides of each bound, one of 2**120 (times 2**8 is inf), and tiny quotients
+    beside a large one."""
     gen = torch.Generator().manual_seed(7)
     blocks = 13
     n = blocks * EIGHT_BIT_BLOCK + 37
