@@ -693,6 +693,11 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
     const __m512i p_noise = kRounding == kStochastic ? random_bits16_x32(i, p_seed) : zeros;
     __m512i c_raw = zeros;
     if constexpr (kRounding == kKahan) c_raw = _mm512_loadu_si512(c + i);
+    // Whether any of the 32 grads is NaN or inf (a bf16 exponent of all ones), for skip_elements: most
+    // runs of 32 have none, and then the elements' non-finite test and the blends that keep old values
+    // are left out.
+    const __m512i exponent16 = _mm512_set1_epi16(0x7F80);
+    const bool any_bad = skip && _mm512_cmpeq_epi16_mask(_mm512_and_si512(g_raw, exponent16), exponent16) != 0;
     __m512i stored[2], residual[2];
     for (int half = 0; half < 2; ++half) {
       const __m512 mi = Q8::scaled16(half ? _mm512_extracti64x4_epi64(halves, 1) : _mm512_castsi512_si256(halves),
@@ -712,7 +717,7 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
       const __m512 new_w = _mm512_sub_ps(_mm512_mul_ps(wi, decay), step);
       const __m512 new_m = _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(gi, one_minus_beta2));
       // nonfinite_mask: NaN or inf (quiet or signalling NaN, +inf, -inf).
-      const __mmask16 bad = skip ? _mm512_fpclass_ps_mask(gi, 0x99) : 0;
+      const __mmask16 bad = any_bad ? _mm512_fpclass_ps_mask(gi, 0x99) : 0;
       // The new param's bf16 pattern in the high half of the lane (Bf16::stochastic / nearest before
       // their shift), a NaN as the quiet 0x7FC0.
       const __m512i w_bits = _mm512_castps_si512(new_w);
@@ -725,14 +730,20 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
         rounded = _mm512_add_epi32(_mm512_add_epi32(w_bits, _mm512_set1_epi32(0x7FFF)), odd);
       }
       rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(new_w, new_w, _CMP_UNORD_Q), quiet_nan);
-      stored[half] = _mm512_srli_epi32(_mm512_mask_blend_epi32(bad, rounded, p_bits), 16);
+      __m512i kept_p = rounded;
+      __m512 kept_m = new_m;
+      if (any_bad) {
+        kept_p = _mm512_mask_blend_epi32(bad, rounded, p_bits);
+        kept_m = _mm512_mask_blend_ps(bad, new_m, mi);
+      }
+      stored[half] = _mm512_srli_epi32(kept_p, 16);
       if constexpr (kRounding == kKahan) {
         const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
         const __m512i c_bits = half ? _mm512_unpackhi_epi16(zeros, c_raw) : _mm512_unpacklo_epi16(zeros, c_raw);
-        const __m512i new_c = _mm512_slli_epi32(bf16_nearest_x16(_mm512_sub_ps(new_w, kept)), 16);
-        residual[half] = _mm512_srli_epi32(_mm512_mask_blend_epi32(bad, new_c, c_bits), 16);
+        __m512i new_c = _mm512_slli_epi32(bf16_nearest_x16(_mm512_sub_ps(new_w, kept)), 16);
+        if (any_bad) new_c = _mm512_mask_blend_epi32(bad, new_c, c_bits);
+        residual[half] = _mm512_srli_epi32(new_c, 16);
       }
-      const __m512 kept_m = _mm512_mask_blend_ps(bad, new_m, mi);
       _mm512_store_ps(m32 + j + 16 * half, kept_m);
       absmax16 = _mm512_max_epu32(absmax16, _mm512_and_si512(_mm512_castps_si512(kept_m), magnitude));
     }
