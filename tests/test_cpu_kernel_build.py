@@ -168,6 +168,10 @@ def test_a_damaged_library_is_rebuilt_once_and_never_crashes_the_process(fresh_c
     assert load_library() is not None  # the rebuild is whole: it loads here too, without a warning
 
 
+# Two builds each, like the damaged-library cases above: with -m slow, so that the default run stays under
+# 10 minutes on 2 cores (it reached 10 min 21 s with them, 2026-12-07); damaged_library[truncated] keeps a
+# rebuild in the default run.
+@pytest.mark.slow
 def test_a_cut_short_library_whose_record_matches_it_is_rebuilt_not_a_bus_error(fresh_cache):
     """A library cut short with a checksum record of the short file (a compiler wrapper or a full
     disk that reported success, and the record was written from what it left) used to pass the
@@ -344,6 +348,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow  # two builds (see the cut-short case)
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts descriptors in /proc/self/fd")
 def test_a_record_that_is_not_text_is_a_mismatch_and_leaks_no_descriptor(fresh_cache):
     """Non-UTF-8 bytes in the .sha256 record used to raise UnicodeDecodeError at every step (and
