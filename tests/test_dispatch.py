@@ -103,7 +103,12 @@ def test_a_step_over_two_devices_runs_each_devices_impl(monkeypatch):
     cpu = [torch.zeros(3)]
     meta = [torch.zeros(3, device="meta")]
     # meta stands in for a second device; run_step refuses meta params, so route around the check.
-    monkeypatch.setattr(dispatch, "check_step_tensors", lambda params, *args, **kwargs: [p.device for p in params])
+    def devices_unchecked(params, *args, memory=None, **kwargs):
+        if memory is not None:
+            memory.append(None)  # as the check says of tensors whose memory it did not read
+        return [p.device for p in params]
+
+    monkeypatch.setattr(dispatch, "check_step_tensors", devices_unchecked)
     monkeypatch.setattr(dispatch, "overlapping", lambda tensors: False)  # meta tensors all sit at address 0
     _run(cpu + meta, [torch.ones(3), torch.ones(3, device="meta")], [torch.zeros(3), torch.zeros(3, device="meta")],
          "auto")

@@ -264,10 +264,17 @@ struct Q8 {
     static_assert(kExponentBits <= 5 && kMantissaBits <= 10, "a code's fields fit an fp16's");
     return _mm512_ternarylogic_epi32(shifted, c, _mm512_set1_epi16(INT16_MIN), 0xF8);  // a | (b & c)
   }
-  static LION_INLINE __m512 scaled16(__m256i halves, __m512 scale, __m512 shifted_scale, bool shifted_is_exact) {
+  struct OldScale {  // a block's scale as scaled16 takes it
+    __m512 scale, shifted_scale;
+    bool shifted_is_exact;
+    explicit OldScale(float s)
+        : scale(_mm512_set1_ps(s)), shifted_scale(_mm512_set1_ps(s * kHalfToValue)),
+          shifted_is_exact(!(std::isinf(s * kHalfToValue) && !std::isinf(s))) {}
+  };
+  static LION_INLINE __m512 scaled16(__m256i halves, const OldScale& old) {
     const __m512 widened = _mm512_cvtph_ps(halves);
-    if (shifted_is_exact) return _mm512_mul_ps(widened, shifted_scale);
-    return _mm512_mul_ps(_mm512_mul_ps(widened, _mm512_set1_ps(kHalfToValue)), scale);
+    if (old.shifted_is_exact) return _mm512_mul_ps(widened, old.shifted_scale);
+    return _mm512_mul_ps(_mm512_mul_ps(widened, _mm512_set1_ps(kHalfToValue)), old.scale);
   }
 
   // x / scale, correctly rounded as the division rounds it, from the block's reciprocal r = 1 / scale
@@ -287,6 +294,13 @@ struct Q8 {
     const __m512 q1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, scale, x), reciprocal, q0);
     return _mm512_fmadd_ps(_mm512_fnmadd_ps(q1, scale, x), reciprocal, q1);
   }
+  struct NewScale {  // a block's new scale (its absmax's bits, not 0) as code16 takes it
+    __m512 scale, reciprocal;
+    bool by_reciprocal;
+    explicit NewScale(uint32_t absmax)
+        : scale(_mm512_set1_ps(float_of(absmax))), reciprocal(_mm512_set1_ps(1.f / float_of(absmax))),
+          by_reciprocal(divides_by_reciprocal(absmax)) {}
+  };
 
   // 16 values of x = m / scale as codes, one per 32-bit lane; `noise`: 16 random bits per lane. A
   // NaN lane is made 0 first, which codes as 0 on the linear path (a caller whose block has a finite
@@ -308,6 +322,11 @@ struct Q8 {
     const __m512i k = _mm512_mask_blend_epi32(low, normal, subnormal);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     return _mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k);
+  }
+  // codes16 of x / scale (a finite nonzero scale in the reciprocal's range gives no NaN quotient).
+  static LION_INLINE __m512i code16(__m512 x, const NewScale& s, __m512i noise) {
+    return s.by_reciprocal ? codes16<false>(quotient16(x, s.scale, s.reciprocal), noise)
+                           : codes16<true>(_mm512_div_ps(x, s.scale), noise);
   }
 #endif
 };
@@ -681,9 +700,7 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), quiet_nan = _mm512_set1_epi32(0x7FC00000);
   const __m256i unpacked_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   const float old_scale = scale[start >> Q8::kBlockShift];
-  const float shifted_scale = old_scale * Q8::kHalfToValue;
-  const bool shifted_is_exact = !(std::isinf(shifted_scale) && !std::isinf(old_scale));
-  const __m512 old_scale16 = _mm512_set1_ps(old_scale), shifted_scale16 = _mm512_set1_ps(shifted_scale);
+  const Q8::OldScale old(old_scale);
   __m512i absmax16 = zeros;
   for (int64_t j = 0; j < Q8::kBlockSize; j += 32) {
     const int64_t i = start + j;
@@ -701,7 +718,7 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
     __m512i stored[2], residual[2];
     for (int half = 0; half < 2; ++half) {
       const __m512 mi = Q8::scaled16(half ? _mm512_extracti64x4_epi64(halves, 1) : _mm512_castsi512_si256(halves),
-                                     old_scale16, shifted_scale16, shifted_is_exact);
+                                     old);
       // bf16 values in the high half of 32-bit lanes: their fp32 patterns.
       const __m512i p_bits = half ? _mm512_unpackhi_epi16(zeros, p_raw) : _mm512_unpacklo_epi16(zeros, p_raw);
       // g' = g * grad_sign; times +1 it is g itself, so that product is left out unless maximizing.
@@ -757,16 +774,14 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
     std::memset(m + start, 0, Q8::kBlockSize);
     return;
   }
-  const __m512 new_scale16 = _mm512_set1_ps(new_scale), reciprocal16 = _mm512_set1_ps(1.f / new_scale);
-  const bool by_reciprocal = Q8::divides_by_reciprocal(absmax);
+  const Q8::NewScale divisor(absmax);
   for (int64_t j = 0; j < Q8::kBlockSize; j += 32) {
     const __m512i noise = random_bits16_x32(start + j, m_seed);
     __m512i k[2];
     for (int half = 0; half < 2; ++half) {
       const __m512 x = _mm512_load_ps(m32 + j + 16 * half);
       const __m512i bits = half ? _mm512_unpackhi_epi16(noise, zeros) : _mm512_unpacklo_epi16(noise, zeros);
-      k[half] = by_reciprocal ? Q8::codes16<false>(Q8::quotient16(x, new_scale16, reciprocal16), bits)
-                              : Q8::codes16<true>(_mm512_div_ps(x, new_scale16), bits);
+      k[half] = Q8::code16(x, divisor, bits);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(m + start + j), _mm512_cvtepi16_epi8(_mm512_packs_epi32(k[0], k[1])));
   }
@@ -779,7 +794,7 @@ void update_block_q8_bf16(uint16_t* p, const uint16_t* g, int8_t* m, uint16_t* c
 // widened value), then the block's new scale (the absmax, on bit patterns as numerics.py takes it,
 // so a NaN wins) and its codes. Bit for bit numerics.lion_tensor with quantize_momentum. With
 // AVX-512 the widening, the absmax and the coding run 16 lanes at a time (Q8::halves32, scaled16,
-// quotient16, codes16, the random bits looked up as the bf16 loop looks them up), the scalar code
+// quotient16, code16, the random bits looked up as the bf16 loop looks them up), the scalar code
 // taking a partial block's last elements; the block stays in L1 between the passes; a whole block of
 // a pure bf16 tensor takes update_block_q8_bf16. A block whose momentum is all zeros (scale 0: every
 // quotient 0 / 0 is NaN, coded 0) is coded 0 without its last pass.
@@ -811,15 +826,11 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     const float old_scale = scale[block];
     int64_t j = 0;
 #if defined(LION_FP16_AVX512)
-    const float shifted_scale = old_scale * Q8::kHalfToValue;
-    const bool shifted_is_exact = !(std::isinf(shifted_scale) && !std::isinf(old_scale));
-    const __m512 old_scale16 = _mm512_set1_ps(old_scale), shifted_scale16 = _mm512_set1_ps(shifted_scale);
+    const Q8::OldScale old(old_scale);
     for (; j + 32 <= n; j += 32) {
       const __m512i halves = Q8::halves32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + start + j)));
-      _mm512_store_ps(m32 + j, Q8::scaled16(_mm512_castsi512_si256(halves), old_scale16, shifted_scale16,
-                                            shifted_is_exact));
-      _mm512_store_ps(m32 + j + 16, Q8::scaled16(_mm512_extracti64x4_epi64(halves, 1), old_scale16, shifted_scale16,
-                                                 shifted_is_exact));
+      _mm512_store_ps(m32 + j, Q8::scaled16(_mm512_castsi512_si256(halves), old));
+      _mm512_store_ps(m32 + j + 16, Q8::scaled16(_mm512_extracti64x4_epi64(halves, 1), old));
     }
 #endif
     for (; j < n; ++j) m32[j] = Q8::value(m[start + j]) * old_scale;
@@ -847,13 +858,9 @@ void update_block_q8(void* p_, const void* g_, void* m_, void* c_, void* scale_,
     }
     j = 0;
 #if defined(LION_FP16_AVX512)
-    const bool by_reciprocal = Q8::divides_by_reciprocal(absmax);
-    const __m512 new_scale16 = _mm512_set1_ps(new_scale), reciprocal16 = _mm512_set1_ps(1.f / new_scale);
+    const Q8::NewScale divisor(absmax);
     for (; j + 16 <= n; j += 16) {
-      const __m512 x = _mm512_load_ps(m32 + j);
-      const __m512i noise = random_bits16_x16(start + j, m_seed);
-      const __m512i k = by_reciprocal ? Q8::codes16<false>(Q8::quotient16(x, new_scale16, reciprocal16), noise)
-                                      : Q8::codes16<true>(_mm512_div_ps(x, new_scale16), noise);
+      const __m512i k = Q8::code16(_mm512_load_ps(m32 + j), divisor, random_bits16_x16(start + j, m_seed));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(m + start + j), _mm512_cvtepi32_epi8(k));
     }
 #endif

@@ -198,13 +198,14 @@ def with_seeds(groups: list[StepGroup],
     ``dtypes``: per group, the dtypes of its params and momenta where the caller has read them
     this step (None where not), else they are read here."""
     needed: list[np.ndarray | None] = []
-    count = 0
+    counts: list[int] = []  # seeds drawn per group
     for index, group in enumerate(groups):
         read = None if dtypes is None else dtypes[index]
         p_dtypes, m_dtypes = (list(map(_DTYPE, group.params)), list(map(_DTYPE, group.exp_avgs))) if read is None \
             else read
         if set(p_dtypes) == _FP32_ONLY and set(m_dtypes) == _FP32_ONLY:
             needed.append(None)
+            counts.append(0)
             continue
         # One row per tensor, (param, momentum): each dtype's verdict looked up, not asked per tensor.
         param_verdict = {d: param_stochastic(d, group.param_rounding) for d in set(p_dtypes)}
@@ -213,13 +214,13 @@ def with_seeds(groups: list[StepGroup],
                           list(map(momentum_verdict.__getitem__, m_dtypes))], dtype=bool).T
         flags &= np.array(list(map(Tensor.numel, group.params)), dtype=bool)[:, None]  # an empty tensor draws none
         needed.append(flags)
-        count += int(flags.sum())
+        counts.append(int(flags.sum()))
+    count = sum(counts)
     if not count:
         return groups
     drawn = torch.randint(0, 1 << 16, (count,), device="cpu", dtype=torch.int32).numpy()
     out, used = [], 0
-    for group, flags in zip(groups, needed):
-        n = 0 if flags is None else int(flags.sum())
+    for group, flags, n in zip(groups, needed, counts):
         if not n:
             out.append(group)
             continue
