@@ -7,7 +7,7 @@ transformers on first use, and the Triton kernel loads only when ``impl="triton"
 from importlib import import_module
 from typing import Any
 
-from lion_hf.optim import DistributedLion, GradientRelease, Lion
+from lion_hf.optim import ChunkedOutputGrad, DistributedLion, GradientRelease, Lion
 from lion_hf.optim.lion import lion
 
 __version__ = "0.1.0"
@@ -22,7 +22,7 @@ _LAZY = {
     "lion_param_groups": "lion_hf.param_groups",
 }
 
-__all__ = ["DistributedLion", "GradientRelease", "Lion", "lion", "__version__", *_LAZY]
+__all__ = ["ChunkedOutputGrad", "DistributedLion", "GradientRelease", "Lion", "lion", "__version__", *_LAZY]
 
 
 def __dir__() -> list[str]:

@@ -21,7 +21,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from lion_hf.optim import OPTIONS, DistributedLion, GradientRelease, Lion
+from lion_hf.optim import OPTIONS, ChunkedOutputGrad, DistributedLion, GradientRelease, Lion
 from lion_hf.optim.options import NOT_LION_ARGUMENTS
 from lion_hf.optim.validation import validate_group, validate_options
 from lion_hf.param_groups import lion_param_groups, matrices_only
@@ -30,6 +30,7 @@ from lion_hf.training_args import LionTrainingArguments, default_nonfinite_polic
 __all__ = [
     "LionFactory",
     "LionTrainer",
+    "check_chunked_output",
     "check_distributed_lion",
     "check_gradient_release",
     "lion_optimizer_cls_and_kwargs",
@@ -116,6 +117,19 @@ def check_gradient_release(args: TrainingArguments, *, deepspeed: bool, fsdp: bo
     return True
 
 
+def check_chunked_output(args: TrainingArguments, *, deepspeed: bool, fsdp: bool) -> bool:
+    """Whether ``args`` asks for the output layer's gradient in ranges of rows
+    (``lion_chunked_output_grad``); a ValueError under DeepSpeed or FSDP, whose engines hold the
+    output layer's weight as flattened or sharded storage, not the module's own tensor."""
+    if not getattr(args, "lion_chunked_output_grad", False):
+        return False
+    if deepspeed or fsdp:
+        raise ValueError(f"lion_chunked_output_grad=True cannot run under {'DeepSpeed' if deepspeed else 'FSDP'}: its "
+                         "engine holds the output layer's weight as flattened or sharded storage, which the chunked "
+                         "backward does not compute into. Use DDP or one process, or lion_chunked_output_grad=False.")
+    return True
+
+
 class LionTrainer(Trainer):
     """``transformers.Trainer`` that optimises with :class:`lion_hf.Lion`.
 
@@ -143,6 +157,11 @@ class LionTrainer(Trainer):
     each micro-batch); under DDP by a communication hook that steps each bucket after its
     all-reduce. HF's ``optimizer.step()`` then updates nothing, the scheduler steps as usual, and
     no gradient norm is computed or logged (clipping is off, see ``LionTrainingArguments``).
+
+    With ``lion_chunked_output_grad=True`` the model's output layer computes its weight gradient a
+    range of rows at a time (:class:`lion_hf.ChunkedOutputGrad`, attached at the first training
+    step, with or without release, and removed when ``train()`` ends): under release in one
+    process each range is stepped as it is computed.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -154,6 +173,9 @@ class LionTrainer(Trainer):
         self._lion_release_wanted = check_gradient_release(self.args, deepspeed=self.is_deepspeed_enabled,
                                                            fsdp=self.is_fsdp_enabled)
         self._lion_release: GradientRelease | None = None
+        self._lion_chunked_output_wanted = check_chunked_output(self.args, deepspeed=self.is_deepspeed_enabled,
+                                                                fsdp=self.is_fsdp_enabled)
+        self._lion_chunked_output: ChunkedOutputGrad | None = None
         if self._lion_vote is not None:
             if self.args.world_size > 1:
                 # Each rank's loss must be its own mean: no count of the other ranks' items, no
@@ -301,6 +323,8 @@ class LionTrainer(Trainer):
                         "lion_distributed='none'.")
                 model.register_comm_hook(None, local_gradients_hook)
                 model._lion_local_gradients = True
+        if getattr(self, "_lion_chunked_output_wanted", False):
+            self._attach_chunked_output()
         if getattr(self, "_lion_release_wanted", False):
             self._attach_gradient_release(model)
         return super().training_step(model, *args, **kwargs)
@@ -313,12 +337,27 @@ class LionTrainer(Trainer):
             # Trainer (or optimizer) on the same model afterwards must not find them stepping its params.
             if getattr(self, "_lion_release", None) is not None:
                 self._lion_release.remove()
+            if getattr(self, "_lion_chunked_output", None) is not None:
+                self._lion_chunked_output.remove()
+                self._lion_chunked_output = None
 
     @property
     def gradient_release(self) -> GradientRelease | None:
         """The :class:`lion_hf.GradientRelease` stepping the params in backward (None before the first
         training step, and without ``lion_gradient_release``)."""
         return getattr(self, "_lion_release", None)
+
+    def _attach_chunked_output(self) -> None:
+        """The output layer's chunked weight gradient, taken once per train() (a warning where it cannot be)."""
+        if self._lion_chunked_output is not None:
+            return
+        reason = ChunkedOutputGrad.unavailable(self.model)
+        if reason is not None:
+            self._lion_chunked_output_wanted = False  # warned once; the layer's own backward runs
+            warnings.warn(f"lion_chunked_output_grad=True: {reason}, so its weight gradient is computed whole.",
+                          stacklevel=2)
+            return
+        self._lion_chunked_output = ChunkedOutputGrad(self.model)
 
     def _attach_gradient_release(self, model: nn.Module) -> None:
         """The release of the optimizer HF steps, attached once (again if train() built another)."""

@@ -126,6 +126,12 @@ class LionTrainingArguments(TrainingArguments):
             weight gets its gradient from one lookup per backward (a warning says when it does not:
             a weight also used by another op turns dense, two lookups in one loss may round
             differently). Off by default.
+        lion_chunked_output_grad: the output layer's weight gradient (the LM head, vocab x
+            hidden) computed a range of rows at a time (:class:`lion_hf.ChunkedOutputGrad`):
+            under ``lion_gradient_release`` in one process each range is stepped as it is
+            computed, so that gradient never exists whole; otherwise the ranges make the whole
+            gradient. Released and ordinary runs with it compute the same bits. Not under FSDP or
+            DeepSpeed. Off by default.
     """
 
     optim: str = field(
@@ -164,6 +170,14 @@ class LionTrainingArguments(TrainingArguments):
                           "(a row per token), expanded a chunk of rows at a time by the step, so its dense gradient "
                           "never exists; the same update where the weight gets its gradient from one lookup per "
                           "backward (docs/gradient_release.md)."},
+    )
+
+    lion_chunked_output_grad: bool = field(
+        default=False,
+        metadata={"help": "The output layer's (LM head's) weight gradient computed a range of rows at a time: under "
+                          "lion_gradient_release in one process each range is stepped as computed, so that gradient "
+                          "never exists whole; with or without release the same bits (docs/gradient_release.md). "
+                          "Not under FSDP or DeepSpeed."},
     )
 
     lion_distributed: str = field(
@@ -209,7 +223,8 @@ class LionTrainingArguments(TrainingArguments):
                    for name in ("impl", "state_dtype", "nonfinite_grad", "param_rounding", "cautious",
                                 "gradient_release")}
         for name, allowed in {**choices, "lion_distributed": LION_DISTRIBUTED,
-                              "lion_sparse_embedding": (False, True)}.items():
+                              "lion_sparse_embedding": (False, True),
+                              "lion_chunked_output_grad": (False, True)}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("lion_beta1", "lion_beta2"):  # Lion's range, checked whether or not Lion trains

@@ -43,7 +43,10 @@ Setups (``--setups``; default: all that can run here):
   for bf16) with its own gradient release, handed to HF's Trainer with ``optimizers=``.
 
 ``--sparse-embedding`` runs the released setups with ``lion_sparse_embedding=True`` (the input
-embedding's gradient sparse, expanded a chunk of rows at a time by the step).
+embedding's gradient sparse, expanded a chunk of rows at a time by the step), and
+``--chunked-output`` runs every LionTrainer setup with ``lion_chunked_output_grad=True`` (the
+output layer's weight gradient a range of rows at a time, each range stepped as computed under
+release).
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -109,11 +112,11 @@ def _available(setup: str) -> str | None:
 
 
 def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = False,
-          sparse_embedding: bool = False) -> dict:
+          sparse_embedding: bool = False, chunked_output: bool = False) -> dict:
     """One setup in this process: build, train ``steps`` steps, measure. Returns the row. ``warm_up``:
     train the same setup on the tiny model first, before the baseline (see the module's help)."""
     if warm_up:
-        child("tiny", setup, steps, seq)
+        child("tiny", setup, steps, seq, sparse_embedding=sparse_embedding, chunked_output=chunked_output)
     import torch
     from transformers import (
         BertConfig,
@@ -195,7 +198,8 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
             release = setup.endswith("_release")
             args = LionTrainingArguments(learning_rate=LION_LR, lion_state_dtype=state_dtype,
                                          lion_gradient_release=release, max_grad_norm=0.0 if release else 1.0,
-                                         lion_sparse_embedding=sparse_embedding, **common)
+                                         lion_sparse_embedding=sparse_embedding and release,
+                                         lion_chunked_output_grad=chunked_output, **common)
     trainer_cls = Trainer if setup == "optimi_lion_bf16_release" else LionTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=Repeat(), callbacks=[losses], optimizers=optimizers)
     trainer.train()
@@ -214,6 +218,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
         "warm_up": warm_up,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "sparse_embedding": sparse_embedding,
+        "chunked_output": chunked_output,
     }
 
 
@@ -244,11 +249,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for the children (e.g. 65536: freed buffers go back)")
     parser.add_argument("--sparse-embedding", action="store_true",
                         help="released setups make the input embedding's gradient sparse (lion_sparse_embedding=True)")
+    parser.add_argument("--chunked-output", action="store_true",
+                        help="LionTrainer setups compute the output layer's weight gradient a range of rows at a time "
+                             "(lion_chunked_output_grad=True)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         row = child(*args.child, steps=args.steps, seq=args.seq, warm_up=args.warm_up,
-                    sparse_embedding=args.sparse_embedding)
+                    sparse_embedding=args.sparse_embedding, chunked_output=args.chunked_output)
         print("ROW " + json.dumps(row), flush=True)
         return
 
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cmd = [sys.executable, __file__, "--child", model_name, setup, "--steps", str(args.steps), "--seq",
                    str(args.seq), *(["--warm-up"] if args.warm_up else []),
-                   *(["--sparse-embedding"] if args.sparse_embedding else [])]
+                   *(["--sparse-embedding"] if args.sparse_embedding else []),
+                   *(["--chunked-output"] if args.chunked_output else [])]
             env = dict(os.environ)
             if args.malloc_mmap_threshold is not None:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "steps": args.steps,
             "batch": f"1 x {args.seq} tokens", "warm_up": args.warm_up,
-            "malloc_mmap_threshold": args.malloc_mmap_threshold, "sparse_embedding": args.sparse_embedding}
+            "malloc_mmap_threshold": args.malloc_mmap_threshold, "sparse_embedding": args.sparse_embedding,
+            "chunked_output": args.chunked_output}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
         f"# Peak memory per parameter (scripts/bench_memory.py)\n\n`{meta['command']}`\n\n"

@@ -12,7 +12,8 @@ Layers, bottom to top (imports flow one way; ``tests/test_layout.py`` checks):
   Distributed Lion's two passes);
 * ``lion``: the ``Lion`` class and the functional ``lion()``;
 * ``distributed``: ``DistributedLion`` (each rank its own momentum, signs exchanged and voted);
-* ``release``: ``GradientRelease`` (each param stepped during backward, its gradient freed).
+* ``release``: ``GradientRelease`` (each param stepped during backward, its gradient freed) and
+  ``ChunkedOutputGrad`` (an output layer's weight gradient a range of rows at a time).
 
 The functional step is ``lion_hf.lion`` (defined in ``lion_hf.optim.lion``); it is not
 re-exported here, so that ``lion_hf.optim.lion`` keeps naming the module.
@@ -22,7 +23,7 @@ from lion_hf.optim.dispatch import impl_unavailable, resolve_impl
 from lion_hf.optim.distributed import DistributedLion, combine_signs, pack_signs, unpack_signs
 from lion_hf.optim.lion import Lion
 from lion_hf.optim.options import IMPLS, NONFINITE_POLICIES, OPTIONS, PARAM_ROUNDINGS, STATE_DTYPES, VOTES
-from lion_hf.optim.release import GradientRelease
+from lion_hf.optim.release import ChunkedOutputGrad, GradientRelease
 
 __all__ = [
     "IMPLS",
@@ -31,6 +32,7 @@ __all__ = [
     "PARAM_ROUNDINGS",
     "STATE_DTYPES",
     "VOTES",
+    "ChunkedOutputGrad",
     "DistributedLion",
     "GradientRelease",
     "Lion",

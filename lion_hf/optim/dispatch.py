@@ -57,6 +57,7 @@ from lion_hf.optim.validation import StepMemory, check_step_tensors, overlapping
 __all__ = [
     "PreparedStep",
     "apply_step",
+    "apply_step_by_rows",
     "impl_unavailable",
     "prepare_step",
     "resolve_impl",
@@ -286,20 +287,58 @@ def apply_step(prepared: PreparedStep) -> None:
 
 
 def _step_sparse(concrete: str, group: StepGroup, skip_nonfinite: bool) -> None:
-    # One param with a sparse gradient, a chunk of rows at a time: each chunk's dense gradient made
-    # alone (numerics.sparse_rows), with its slice of the state, its block scales and its offset
-    # seeds. Cautious rescales by a mean over the whole tensor, and a strided param or state has no
-    # row slices of flat memory: those take the whole gradient.
-    p, g, m, comp, scale = group.params[0], group.grads[0], group.exp_avgs[0], group.kahan_comps[0], group.scales()[0]
+    # One param with a sparse gradient: each chunk of rows gets its dense gradient made alone
+    # (numerics.sparse_rows).
+    p, g, scale = group.params[0], group.grads[0], group.scales()[0]
+    _step_rows(concrete, group, functools.partial(sparse_rows, g), row_chunks(p.shape, scale is not None),
+               skip_nonfinite)
+
+
+def apply_step_by_rows(prepared: PreparedStep, grad_rows: Callable[[int, int], Tensor],
+                       ranges: list[tuple[int, int]]) -> None:
+    """The second stage for one param whose gradient is never whole: ``grad_rows(first, last)``
+    returns its rows ``first:last`` (dense, the param's dtype) for each ``(first, last)`` of
+    ``ranges`` (row ranges covering the param in order; with 8-bit momentum each must start on a
+    block boundary, as :func:`~lion_hf.optim.numerics.row_chunks` with ``eight_bit`` cuts them),
+    and the param is stepped a range at a time: the same bits as one step on the whole gradient.
+    Where a step needs the whole gradient at once (cautious, a param or state without row slices
+    of flat memory) it gets ``grad_rows(0, rows)``. ``prepared`` holds that one param, its grad a
+    stand-in of its shape and dtype (e.g. an expanded zero). Gradient release steps an output
+    layer's weight this way inside its backward."""
+    sizes = [len(group.params) for group in prepared.groups]
+    if sizes != [1]:
+        raise ValueError(f"apply_step_by_rows steps one param, got groups of {sizes} params")
+    group = prepared.groups[0]
+    p, scale = group.params[0], group.scales()[0]
+    if p.dim() == 0:
+        raise ValueError("apply_step_by_rows steps a param with rows, got a 0-dim param")
+    ends = [0]
+    for first, last in ranges:
+        ends += [last] if first == ends[-1] and last > first else [-1]
+    if ends[-1] != p.shape[0] or -1 in ends:
+        raise ValueError(f"apply_step_by_rows: ranges must cover rows 0..{p.shape[0]} in order, got {ranges}")
+    row_numel = p[0].numel()
+    if scale is not None and any(first * row_numel % EIGHT_BIT_BLOCK for first, _ in ranges):
+        raise ValueError(f"apply_step_by_rows: with 8-bit momentum each range must start on a block of "
+                         f"{EIGHT_BIT_BLOCK} elements (rows of {row_numel}), got {ranges}")
+    _step_rows(prepared.impls[p.device], group, grad_rows, ranges, prepared.skip_nonfinite)
+
+
+def _step_rows(concrete: str, group: StepGroup, grad_rows: Callable[[int, int], Tensor],
+               ranges: list[tuple[int, int]], skip_nonfinite: bool) -> None:
+    # One param's step a range of rows at a time, each range with its slice of the state, its block
+    # scales and its offset seeds. Cautious rescales by a mean over the whole tensor, and a strided
+    # param or state has no row slices of flat memory: those take the whole gradient.
+    p, m, comp, scale = group.params[0], group.exp_avgs[0], group.kahan_comps[0], group.scales()[0]
     state = (p, m) if comp is None else (p, m, comp)
     if group.cautious or not all(t.is_contiguous() for t in state):
-        _run(concrete, [group._replace(grads=[sparse_rows(g, 0, p.shape[0])])], skip_nonfinite)
+        _run(concrete, [group._replace(grads=[grad_rows(0, p.shape[0])])], skip_nonfinite)
         return
     row_numel = p[0].numel()
-    for first, last in row_chunks(p.shape, scale is not None):
+    for first, last in ranges:
         start, stop = first * row_numel, last * row_numel
         chunk = group._replace(
-            params=[p[first:last]], grads=[sparse_rows(g, first, last)], exp_avgs=[m[first:last]],
+            params=[p[first:last]], grads=[grad_rows(first, last)], exp_avgs=[m[first:last]],
             kahan_comps=[None if comp is None else comp[first:last]],
             seeds=None if group.seeds is None else offset_seed(group.seeds, start),
             exp_avg_scales=None if group.exp_avg_scales is None else [

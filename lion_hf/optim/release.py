@@ -56,12 +56,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lion_hf.optim.dispatch import apply_step, prepare_step
+from lion_hf.optim.dispatch import apply_step, apply_step_by_rows, prepare_step
 from lion_hf.optim.lion import Lion
-from lion_hf.optim.numerics import sparse_rows, with_seeds
+from lion_hf.optim.numerics import row_chunks, sparse_rows, with_seeds
 from lion_hf.optim.validation import check_step_scalars, validate_options
 
-__all__ = ["DEFAULT_BUCKET_NUMEL", "RELEASE_POLICIES", "GradientRelease"]
+__all__ = ["DEFAULT_BUCKET_NUMEL", "RELEASE_POLICIES", "ChunkedOutputGrad", "GradientRelease"]
 
 # Ready params are stepped together once their gradients hold this many elements (or at the end
 # of backward): one dispatch per bucket instead of per param, for at most this many gradient
@@ -307,20 +307,25 @@ class GradientRelease:
 
     # ------------------------------------------------------------------ the step in backward
 
+    def _entered(self, p: Tensor) -> None:
+        """Called where a backward hands over param ``p`` (its hook, or an output layer's backward
+        stepping it in rows): at a backward's first, ask whether it is the step's last
+        micro-batch, once, and close the backward when the engine has run every node."""
+        if self._in_backward:
+            return
+        self._in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        # After a backward that ended nested in another's node (reentrant checkpointing) the outer
+        # one may go on firing hooks of the same step: a param not stepped yet continues it.
+        continuing = self._nested_end and self._last and id(p) not in self._stepped
+        self._nested_end = False
+        if not continuing:
+            self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
+            if self._last:
+                self._begin_step()
+
     def _hook(self, p: Tensor) -> None:
-        if not self._in_backward:
-            # A backward's first hook: ask whether it is the step's last micro-batch, once, and
-            # close the backward when the engine has run every node.
-            self._in_backward = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-            # After a backward that ended nested in another's node (reentrant checkpointing) the outer
-            # one may go on firing hooks of the same step: a param not stepped yet continues it.
-            continuing = self._nested_end and self._last and id(p) not in self._stepped
-            self._nested_end = False
-            if not continuing:
-                self._last = True if self.last_micro_batch is None else bool(self.last_micro_batch())
-                if self._last:
-                    self._begin_step()
+        self._entered(p)
         if id(p) in self._embeddings:
             self._sparse_grad(p)
         if self._last and p.grad is not None:
@@ -425,6 +430,30 @@ class GradientRelease:
         if prepared is not None:  # only the skip_step / raise gate returns None; refused above
             apply_step(prepared)
 
+    def _takes_rows(self, p: Tensor) -> bool:
+        """Whether an output layer's backward (:class:`ChunkedOutputGrad`) hands ``p``'s gradient to
+        this release now, a range of rows at a time: in the backward of a step's last micro-batch,
+        outside DDP, with no gradient of earlier micro-batches held (that sum is stepped whole, by
+        the hook, after autograd adds this backward's part to it)."""
+        if not (self.active and self._ddp is None and id(p) in self._index and p.grad is None):
+            return False
+        self._entered(p)
+        return self._last
+
+    def _step_rows(self, p: Tensor, grad_rows: Callable[[int, int], Tensor], ranges: list[tuple[int, int]]) -> None:
+        """Step ``p`` now, its gradient given a range of rows at a time by ``grad_rows``
+        (:func:`~lion_hf.optim.dispatch.apply_step_by_rows`), with the seeds drawn for it."""
+        opt = self.optimizer
+        self._check_once(p)
+        stand_in = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)  # shape and dtype, no memory
+        step = opt.step_group(self._index[id(p)], [p], [stand_in])
+        row = self._seeds.get(id(p)) if self._seeds is not None else None
+        if row is not None:
+            step = step._replace(seeds=row)
+        prepared = prepare_step([step], impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
+        if prepared is not None:  # only the skip_step / raise gate returns None; refused at _begin_step
+            apply_step_by_rows(prepared, grad_rows, ranges)
+
     def check_stepped(self) -> None:
         """Called by :meth:`Lion.step` while this release is attached: every param's gradient should
         have been stepped and freed in backward. A gradient still held means the last backward was
@@ -440,6 +469,139 @@ class GradientRelease:
                 "micro-batch, and the last backward was not marked as one (last_micro_batch returned False), or "
                 "these params had no hook (requires_grad set after the release was attached). Mark the last "
                 "micro-batch, or remove() the release to step them here.")
+
+
+class ChunkedOutputGrad:
+    """Compute the weight gradient of ``model``'s output layer (its ``get_output_embeddings()``, the
+    LM head: vocab x hidden, as large as the input embedding) a range of rows at a time.
+
+    Under a :class:`GradientRelease` stepping that weight, in the backward of a step's last
+    micro-batch each range is stepped as soon as it is computed, so the layer's whole gradient
+    never exists (with the input embedding's made sparse, :meth:`GradientRelease.sparse_embedding`,
+    the largest gradients of a language model are then never at the peak). Otherwise (no release,
+    an earlier micro-batch, DDP) the ranges are written into the whole gradient, returned as
+    autograd's own. Either way each range is the same product (``grad[:, a:b].T @ x`` for the rows
+    ``a:b`` of :func:`~lion_hf.optim.numerics.row_chunks`, each into a fresh tensor), so a released
+    run and an ordinary run that both use this compute the same bits by construction. Against the
+    layer's own backward (one product for the whole weight) a BLAS may round a row of a smaller
+    product differently; docs/gradient_release.md says where that was measured. The input's
+    gradient is the layer's own (``grad @ weight``, before the weight is stepped).
+
+    Taken: a ``torch.nn.Linear`` without bias whose weight requires a gradient and is used by no
+    other module (a tied input embedding would add its gradient to the same tensor). Its forward
+    runs the chunked backward while the module is taken and gradients are enabled, outside autocast
+    and ``torch.compile``'s tracing; otherwise (and after :meth:`remove`, or in a copy of the model)
+    it is the module's own. ``ChunkedOutputGrad.unavailable(model)`` says why a model cannot be
+    taken (None when it can); the constructor raises ValueError with that reason.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        reason = self.unavailable(model)
+        if reason is not None:
+            raise ValueError(f"ChunkedOutputGrad cannot take this model's output layer: {reason}")
+        self.module: torch.nn.Linear = model.get_output_embeddings()
+        self.module.forward = _ChunkedForward(self.module)
+        _CHUNKED_OUTPUTS[self.module] = self
+
+    @staticmethod
+    def unavailable(model: torch.nn.Module) -> str | None:
+        """Why ``model``'s output layer cannot be taken, or None."""
+        get_output = getattr(model, "get_output_embeddings", None)
+        output = get_output() if callable(get_output) else None
+        if output is None:
+            return "the model has no output layer (get_output_embeddings() returned none)"
+        if type(output) is not torch.nn.Linear:
+            return f"its output layer is a {type(output).__name__}, not a torch.nn.Linear"
+        if output.bias is not None:
+            return "its output layer has a bias"
+        if not output.weight.requires_grad:
+            return "its output layer's weight is frozen"
+        if sum(q is output.weight for _, q in model.named_parameters(remove_duplicate=False)) != 1:
+            return "its output layer's weight is shared with another module (tied to the input embedding?)"
+        if output in _CHUNKED_OUTPUTS or "forward" in vars(output):
+            return "its output layer's forward is already replaced (taken by another ChunkedOutputGrad?)"
+        return None
+
+    @property
+    def active(self) -> bool:
+        return _CHUNKED_OUTPUTS.get(self.module) is self
+
+    def remove(self) -> None:
+        """Give the layer its own forward back."""
+        if self.active:
+            del _CHUNKED_OUTPUTS[self.module]
+            if isinstance(vars(self.module).get("forward"), _ChunkedForward):
+                del self.module.forward
+
+    def __enter__(self) -> ChunkedOutputGrad:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+class _ChunkedForward:
+    """The taken output layer's forward. It holds the module weakly (the module holds it), and a
+    copy of the model, whose module is not in the map, runs the module's own forward."""
+
+    def __init__(self, module: torch.nn.Linear) -> None:
+        self._module = weakref.ref(module)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        module = self._module()
+        if (module is not None and module in _CHUNKED_OUTPUTS and torch.is_grad_enabled()
+                and module.weight.requires_grad and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling()):
+            return _OutputRows.apply(x, module.weight)
+        return torch.nn.Linear.forward(module, x)
+
+    def __reduce__(self) -> tuple:
+        # Copies and pickles of the model bind a new one to the copied module (pickle memoizes the
+        # module before its attributes), which is not taken: it runs the module's own forward.
+        return (_ChunkedForward, (self._module(),))
+
+
+class _OutputRows(torch.autograd.Function):
+    """``x @ weight.T`` whose backward computes the weight's gradient a range of rows at a time
+    (see :class:`ChunkedOutputGrad`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        # The input's gradient first: a release steps the weight in place below.
+        grad_x = grad2d.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None
+        ranges = row_chunks(weight.shape, True)
+        starts = {first: last for first, last in ranges}
+
+        def grad_rows(first: int, last: int) -> Tensor:
+            # Rows first:last as the products of the ranges they hold, each computed alone.
+            parts = []
+            while first < last:
+                parts.append(grad2d[:, first:starts[first]].t().mm(x2d))
+                first = starts[first]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        for release in list(_RELEASES):
+            if release._takes_rows(weight):
+                release._step_rows(weight, grad_rows, ranges)
+                return grad_x, None
+        whole = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
+        for first, last in ranges:
+            whole[first:last] = grad_rows(first, last)
+        return grad_x, whole
+
+
+# Each output layer a ChunkedOutputGrad has taken, and that object (a weak map: see _ChunkedForward).
+_CHUNKED_OUTPUTS: weakref.WeakKeyDictionary[torch.nn.Linear, ChunkedOutputGrad] = weakref.WeakKeyDictionary()
 
 
 # Each input embedding a release makes sparse, and that release: a weak map, so that the module
