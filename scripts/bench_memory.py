@@ -47,6 +47,8 @@ embedding's gradient sparse, expanded a chunk of rows at a time by the step), an
 ``--chunked-output`` runs every LionTrainer setup with ``lion_chunked_output_grad=True`` (the
 output layer's weight gradient a range of rows at a time, each range stepped as computed under
 release).
+``--gradient-checkpointing`` runs every setup with HF's ``gradient_checkpointing=True`` (each decoder
+layer's activations recomputed in backward instead of kept from the forward).
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -112,11 +114,12 @@ def _available(setup: str) -> str | None:
 
 
 def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = False,
-          sparse_embedding: bool = False, chunked_output: bool = False) -> dict:
+          sparse_embedding: bool = False, chunked_output: bool = False, checkpointing: bool = False) -> dict:
     """One setup in this process: build, train ``steps`` steps, measure. Returns the row. ``warm_up``:
     train the same setup on the tiny model first, before the baseline (see the module's help)."""
     if warm_up:
-        child("tiny", setup, steps, seq, sparse_embedding=sparse_embedding, chunked_output=chunked_output)
+        child("tiny", setup, steps, seq, sparse_embedding=sparse_embedding, chunked_output=chunked_output,
+              checkpointing=checkpointing)
     import torch
     from transformers import (
         BertConfig,
@@ -178,7 +181,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
     out = tempfile.mkdtemp(prefix="bench_memory_")
     common = dict(output_dir=out, per_device_train_batch_size=1, max_steps=steps, logging_steps=1, save_strategy="no",
                   report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
-                  lr_scheduler_type="constant", weight_decay=0.0)
+                  lr_scheduler_type="constant", weight_decay=0.0, gradient_checkpointing=checkpointing)
     losses = Losses()
     optimizers = (None, None)
     with warnings.catch_warnings():
@@ -219,6 +222,7 @@ def child(model_name: str, setup: str, steps: int, seq: int, warm_up: bool = Fal
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "sparse_embedding": sparse_embedding,
         "chunked_output": chunked_output,
+        "gradient_checkpointing": checkpointing,
     }
 
 
@@ -252,11 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunked-output", action="store_true",
                         help="LionTrainer setups compute the output layer's weight gradient a range of rows at a time "
                              "(lion_chunked_output_grad=True)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every setup with HF's gradient_checkpointing=True")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         row = child(*args.child, steps=args.steps, seq=args.seq, warm_up=args.warm_up,
-                    sparse_embedding=args.sparse_embedding, chunked_output=args.chunked_output)
+                    sparse_embedding=args.sparse_embedding, chunked_output=args.chunked_output,
+                    checkpointing=args.gradient_checkpointing)
         print("ROW " + json.dumps(row), flush=True)
         return
 
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, __file__, "--child", model_name, setup, "--steps", str(args.steps), "--seq",
                    str(args.seq), *(["--warm-up"] if args.warm_up else []),
                    *(["--sparse-embedding"] if args.sparse_embedding else []),
-                   *(["--chunked-output"] if args.chunked_output else [])]
+                   *(["--chunked-output"] if args.chunked_output else []),
+                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
             env = dict(os.environ)
             if args.malloc_mmap_threshold is not None:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "transformers": transformers.__version__, "steps": args.steps,
             "batch": f"1 x {args.seq} tokens", "warm_up": args.warm_up,
             "malloc_mmap_threshold": args.malloc_mmap_threshold, "sparse_embedding": args.sparse_embedding,
-            "chunked_output": args.chunked_output}
+            "chunked_output": args.chunked_output, "gradient_checkpointing": args.gradient_checkpointing}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
         f"# Peak memory per parameter (scripts/bench_memory.py)\n\n`{meta['command']}`\n\n"
