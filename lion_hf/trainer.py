@@ -340,6 +340,7 @@ class LionTrainer(Trainer):
             if getattr(self, "_lion_chunked_output", None) is not None:
                 self._lion_chunked_output.remove()
                 self._lion_chunked_output = None
+            self._lion_chunked_output_skipped = False
 
     @property
     def gradient_release(self) -> GradientRelease | None:
@@ -349,13 +350,15 @@ class LionTrainer(Trainer):
 
     def _attach_chunked_output(self) -> None:
         """The output layer's chunked weight gradient, taken once per train() (a warning where it cannot be)."""
-        if self._lion_chunked_output is not None:
+        if self._lion_chunked_output is not None or getattr(self, "_lion_chunked_output_skipped", False):
             return
         reason = ChunkedOutputGrad.unavailable(self.model)
+        if reason is None and (self.args.bf16 or self.args.fp16 or self.args.torch_compile):
+            reason = ("under mixed precision (bf16/fp16, autocast) or torch_compile the layer's own forward and "
+                      "backward run (for pure bf16 convert the model with model.to(torch.bfloat16) instead)")
         if reason is not None:
-            self._lion_chunked_output_wanted = False  # warned once; the layer's own backward runs
-            warnings.warn(f"lion_chunked_output_grad=True: {reason}, so its weight gradient is computed whole.",
-                          stacklevel=2)
+            self._lion_chunked_output_skipped = True  # warned once per train()
+            warnings.warn(f"lion_chunked_output_grad=True does nothing here: {reason}.", stacklevel=2)
             return
         self._lion_chunked_output = ChunkedOutputGrad(self.model)
 

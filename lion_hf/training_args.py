@@ -131,7 +131,8 @@ class LionTrainingArguments(TrainingArguments):
             under ``lion_gradient_release`` in one process each range is stepped as it is
             computed, so that gradient never exists whole; otherwise the ranges make the whole
             gradient. Released and ordinary runs with it compute the same bits. Not under FSDP or
-            DeepSpeed. Off by default.
+            DeepSpeed; under mixed precision (``bf16``/``fp16``) or ``torch_compile`` it does
+            nothing (a warning says so). Off by default.
     """
 
     optim: str = field(

@@ -119,7 +119,7 @@ def test_chunked_output_takes_what_it_can_compute_exactly_and_remove_restores_it
     model = tiny_llama()
     handle = ChunkedOutputGrad(model)
     assert handle.active and "forward" in vars(model.lm_head)
-    with pytest.raises(ValueError, match="already replaced"):
+    with pytest.raises(ValueError, match="already taken"):
         ChunkedOutputGrad(model)
     handle.remove()
     assert not handle.active and "forward" not in vars(model.lm_head)
@@ -134,8 +134,48 @@ def test_chunked_output_takes_what_it_can_compute_exactly_and_remove_restores_it
     assert "bias" in ChunkedOutputGrad.unavailable(biased)
     assert "no output layer" in ChunkedOutputGrad.unavailable(tiny_bert())
     assert "no output layer" in ChunkedOutputGrad.unavailable(torch.nn.Linear(3, 4))
-    with pytest.raises(ValueError, match="cannot take this model's output layer: .*tied"):
+    with pytest.raises(ValueError, match=r"cannot take this model's output layer: .*tied"):
         ChunkedOutputGrad(tied)
+
+
+def test_a_backward_that_does_not_want_the_weights_gradient_leaves_the_layer_alone(small_chunks):
+    # torch.autograd.grad over the hidden states, or backward(inputs=...) without the weight: the
+    # release must not step the output layer (its gradient is not part of this backward).
+    model = tiny_llama()
+    opt = Lion(model.parameters(), lr=1e-2)
+    ChunkedOutputGrad(model)
+    release = GradientRelease(opt)
+    before = model.lm_head.weight.detach().clone()
+    ids = CausalTokens().ids[:2]
+    out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    torch.autograd.grad(out.loss, [out.hidden_states[-1]])
+    model(input_ids=ids, labels=ids).loss.backward(inputs=[model.model.norm.weight])
+    assert torch.equal(model.lm_head.weight, before)
+    assert model.lm_head.weight.grad is None and release.steps == 1  # the second backward stepped the norm alone
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+def test_a_layer_called_twice_in_one_backward_steps_the_summed_gradient(small_chunks, state_dtype):
+    # A loss over two slices of the sequence calls the layer twice: each call's gradient is whole,
+    # autograd adds them, and the hook steps the sum, as in the ordinary run.
+    runs = []
+    for release in (False, True):
+        model = tiny_llama().to(torch.bfloat16)
+        opt = Lion(model.parameters(), lr=1e-2, state_dtype=state_dtype)
+        ChunkedOutputGrad(model)
+        if release:
+            GradientRelease(opt)
+        ids = CausalTokens().ids[:2]
+        for _ in range(2):
+            hidden = model.model(input_ids=ids).last_hidden_state
+            loss = sum(torch.nn.functional.cross_entropy(model.lm_head(h).flatten(0, 1).float(), t.flatten())
+                       for h, t in ((hidden[:, :8], ids[:, 1:9]), (hidden[:, 8:-1], ids[:, 9:])))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(model)
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_copies_and_pickles_of_a_taken_model_run_the_layers_own_forward():
@@ -146,6 +186,7 @@ def test_copies_and_pickles_of_a_taken_model_run_the_layers_own_forward():
         out = other(input_ids=ids)
         assert type(out.logits.grad_fn).__name__ != "_OutputRowsBackward"
         assert torch.equal(out.logits, model(input_ids=ids).logits)
+        assert ChunkedOutputGrad.unavailable(other) is None  # and a copy can be taken itself
     assert type(model(input_ids=ids).logits.grad_fn).__name__ == "_OutputRowsBackward"
 
 
@@ -166,11 +207,18 @@ def test_apply_step_by_rows_refuses_ranges_it_cannot_step_exactly():
     stand_in = torch.zeros(()).expand_as(p)
     prepared = dispatch.prepare_step([opt.step_group(0, [p], [stand_in])], impl="foreach",
                                      nonfinite_grad="skip_elements")
-    rows = lambda a, b: torch.ones(b - a, 32)  # noqa: E731
+    def rows(a, b):
+        return torch.ones(b - a, 32)
+
     for bad in ([(0, 32), (33, 256)], [(0, 256), (256, 256)], [(0, 32)], [], [(0, 4), (4, 256)]):
-        with pytest.raises(ValueError, match="ranges must|block of 256"):
+        with pytest.raises(ValueError, match=r"ranges must|block of 256"):
             dispatch.apply_step_by_rows(prepared, rows, bad)
-    dispatch.apply_step_by_rows(prepared, rows, [(0, 8), (8, 256)])
+    with pytest.raises(ValueError, match=r"grad_rows\(0, 8\) must return a dense tensor of shape \(8, 32\)"):
+        dispatch.apply_step_by_rows(prepared, lambda a, b: torch.ones(b - a, 16), [(0, 8), (8, 256)])
+    with pytest.raises(ValueError, match=r"torch.float32 on cpu; got Tensor of shape .* torch.float64"):
+        dispatch.apply_step_by_rows(prepared, lambda a, b: torch.ones(b - a, 32, dtype=torch.float64), [(0, 256)])
+    assert torch.all(p == 0)
+    dispatch.apply_step_by_rows(prepared, rows, zip((0, 8), (8, 256)))  # any iterable of pairs
     assert torch.all(p == -1e-4)  # lr 1e-4, sign(+1): every row stepped once
 
 
@@ -211,5 +259,10 @@ def test_lion_trainer_chunked_output_with_and_without_release(tmp_path):
                                  deepspeed=engine == "deepspeed", fsdp=engine == "fsdp")
     tied = LionTrainer(model=tiny_llama(tied=True), train_dataset=CausalTokens(),
                        args=_trainer_args(tmp_path / "tied", lion_chunked_output_grad=True))
-    with pytest.warns(UserWarning, match="lion_chunked_output_grad=True: its output layer's weight is shared"):
+    with pytest.warns(UserWarning, match="lion_chunked_output_grad=True does nothing here: its output layer's weight"):
         tied.train()
+    mixed = LionTrainer(model=tiny_llama(), train_dataset=CausalTokens(),
+                        args=_trainer_args(tmp_path / "mixed", lion_chunked_output_grad=True, bf16=True))
+    with pytest.warns(UserWarning, match="does nothing here: under mixed precision"):
+        mixed.train()
+    assert "forward" not in vars(mixed.model.lm_head)

@@ -303,8 +303,11 @@ def apply_step_by_rows(prepared: PreparedStep, grad_rows: Callable[[int, int], T
     and the param is stepped a range at a time: the same bits as one step on the whole gradient.
     Where a step needs the whole gradient at once (cautious, a param or state without row slices
     of flat memory) it gets ``grad_rows(0, rows)``. ``prepared`` holds that one param, its grad a
-    stand-in of its shape and dtype (e.g. an expanded zero). Gradient release steps an output
-    layer's weight this way inside its backward."""
+    stand-in of its shape and dtype (e.g. an expanded zero), so the ``skip_step`` / ``raise`` gate
+    of :func:`prepare_step` cannot see the gradient: the caller runs only the element-wise policies
+    (gradient release refuses the others). Gradient release steps an output layer's weight this way
+    inside its backward."""
+    ranges = [tuple(pair) for pair in ranges]  # read once: an iterator would be spent by the checks
     sizes = [len(group.params) for group in prepared.groups]
     if sizes != [1]:
         raise ValueError(f"apply_step_by_rows steps one param, got groups of {sizes} params")
@@ -321,7 +324,19 @@ def apply_step_by_rows(prepared: PreparedStep, grad_rows: Callable[[int, int], T
     if scale is not None and any(first * row_numel % EIGHT_BIT_BLOCK for first, _ in ranges):
         raise ValueError(f"apply_step_by_rows: with 8-bit momentum each range must start on a block of "
                          f"{EIGHT_BIT_BLOCK} elements (rows of {row_numel}), got {ranges}")
-    _step_rows(prepared.impls[p.device], group, grad_rows, ranges, prepared.skip_nonfinite)
+
+    def checked_rows(first: int, last: int) -> Tensor:
+        rows = grad_rows(first, last)
+        want = p[first:last]
+        if not isinstance(rows, Tensor) or rows.shape != want.shape or rows.dtype != p.dtype \
+                or rows.device != p.device or rows.is_sparse:
+            got = (f"{type(rows).__name__} of shape {tuple(rows.shape)}, {rows.dtype} on {rows.device}"
+                   if isinstance(rows, Tensor) else type(rows).__name__)
+            raise ValueError(f"apply_step_by_rows: grad_rows({first}, {last}) must return a dense tensor of shape "
+                             f"{tuple(want.shape)}, {p.dtype} on {p.device}; got {got}")
+        return rows
+
+    _step_rows(prepared.impls[p.device], group, checked_rows, ranges, prepared.skip_nonfinite)
 
 
 def _step_rows(concrete: str, group: StepGroup, grad_rows: Callable[[int, int], Tensor],

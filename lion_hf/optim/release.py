@@ -398,7 +398,8 @@ class GradientRelease:
                 "would be stepped twice on partial gradients (reentrant activation checkpointing with the param also "
                 "used outside the checkpoint, or several backward calls for one micro-batch). Use non-reentrant "
                 "checkpointing (HF's default), one backward per micro-batch, or mark the earlier backwards as not "
-                "the last micro-batch (last_micro_batch).")
+                "the last micro-batch (last_micro_batch). With ChunkedOutputGrad (lion_chunked_output_grad), the "
+                "output layer's weight must not also be used outside its module (a loss term on the weight itself).")
         self._stepped.add(id(p))
 
     def _step(self, params: list[Tensor], grads: list[Tensor] | None) -> None:
@@ -479,19 +480,24 @@ class ChunkedOutputGrad:
     micro-batch each range is stepped as soon as it is computed, so the layer's whole gradient
     never exists (with the input embedding's made sparse, :meth:`GradientRelease.sparse_embedding`,
     the largest gradients of a language model are then never at the peak). Otherwise (no release,
-    an earlier micro-batch, DDP) the ranges are written into the whole gradient, returned as
-    autograd's own. Either way each range is the same product (``grad[:, a:b].T @ x`` for the rows
-    ``a:b`` of :func:`~lion_hf.optim.numerics.row_chunks`, each into a fresh tensor), so a released
-    run and an ordinary run that both use this compute the same bits by construction. Against the
-    layer's own backward (one product for the whole weight) a BLAS may round a row of a smaller
-    product differently; docs/gradient_release.md says where that was measured. The input's
-    gradient is the layer's own (``grad @ weight``, before the weight is stepped).
+    an earlier micro-batch, DDP, a step that needs the whole gradient such as ``cautious``, or a
+    backward in which the layer was called more than once) the ranges are written into the whole
+    gradient, returned as autograd's own. The weight must not also be used outside the module (a
+    loss term on the weight itself): its part would reach the release after the ranges were
+    stepped, which the release refuses (RuntimeError). Either way each range is the same product
+    (``grad[:, a:b].T @ x`` for the rows ``a:b`` of :func:`~lion_hf.optim.numerics.row_chunks`,
+    each into a fresh tensor), so a released run and an ordinary run that both use this compute the
+    same bits by construction. Against the layer's own backward (one product for the whole weight)
+    a BLAS may round a row of a smaller product differently; docs/gradient_release.md says where
+    that was measured. The input's gradient is the layer's own (``grad @ weight``, before the
+    weight is stepped).
 
     Taken: a ``torch.nn.Linear`` without bias whose weight requires a gradient and is used by no
     other module (a tied input embedding would add its gradient to the same tensor). Its forward
-    runs the chunked backward while the module is taken and gradients are enabled, outside autocast
-    and ``torch.compile``'s tracing; otherwise (and after :meth:`remove`, or in a copy of the model)
-    it is the module's own. ``ChunkedOutputGrad.unavailable(model)`` says why a model cannot be
+    runs the chunked backward while the module is taken and gradients are enabled, outside
+    autocast, ``torch.compile``'s tracing and ``torch.func`` transforms; otherwise (and after
+    :meth:`remove`, or in a copy of the model) it is the module's own.
+    ``ChunkedOutputGrad.unavailable(model)`` says why a model cannot be
     taken (None when it can); the constructor raises ValueError with that reason.
     """
 
@@ -500,6 +506,7 @@ class ChunkedOutputGrad:
         if reason is not None:
             raise ValueError(f"ChunkedOutputGrad cannot take this model's output layer: {reason}")
         self.module: torch.nn.Linear = model.get_output_embeddings()
+        self._nodes: weakref.WeakSet = weakref.WeakSet()  # live backward nodes of the layer's calls
         self.module.forward = _ChunkedForward(self.module)
         _CHUNKED_OUTPUTS[self.module] = self
 
@@ -518,8 +525,10 @@ class ChunkedOutputGrad:
             return "its output layer's weight is frozen"
         if sum(q is output.weight for _, q in model.named_parameters(remove_duplicate=False)) != 1:
             return "its output layer's weight is shared with another module (tied to the input embedding?)"
-        if output in _CHUNKED_OUTPUTS or "forward" in vars(output):
-            return "its output layer's forward is already replaced (taken by another ChunkedOutputGrad?)"
+        if output in _CHUNKED_OUTPUTS:
+            return "its output layer is already taken by another ChunkedOutputGrad"
+        if "forward" in vars(output) and not isinstance(vars(output)["forward"], _ChunkedForward):
+            return "its output layer's forward is replaced by something else (a hook of another library?)"
         return None
 
     @property
@@ -551,8 +560,8 @@ class _ChunkedForward:
         module = self._module()
         if (module is not None and module in _CHUNKED_OUTPUTS and torch.is_grad_enabled()
                 and module.weight.requires_grad and not torch.is_autocast_enabled(x.device.type)
-                and not torch.compiler.is_compiling()):
-            return _OutputRows.apply(x, module.weight)
+                and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+            return _OutputRows.apply(x, module.weight, _CHUNKED_OUTPUTS[module]._nodes)
         return torch.nn.Linear.forward(module, x)
 
     def __reduce__(self) -> tuple:
@@ -566,38 +575,49 @@ class _OutputRows(torch.autograd.Function):
     (see :class:`ChunkedOutputGrad`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, nodes: weakref.WeakSet) -> Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.nodes = nodes
+        nodes.add(ctx)
         return torch.nn.functional.linear(x, weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight = ctx.saved_tensors
         grad2d = grad.reshape(-1, grad.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         # The input's gradient first: a release steps the weight in place below.
         grad_x = grad2d.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        if not ctx.needs_input_grad[1]:
-            return grad_x, None
+        # needs_input_grad is fixed at the forward: whether this backward wants the weight's gradient
+        # (torch.autograd.grad over other inputs, backward(inputs=...)) is the engine's to say.
+        if not (ctx.needs_input_grad[1] and torch._C._will_engine_execute_node(ctx.next_functions[1][0])):
+            return grad_x, None, None
         ranges = row_chunks(weight.shape, True)
         starts = {first: last for first, last in ranges}
 
         def grad_rows(first: int, last: int) -> Tensor:
-            # Rows first:last as the products of the ranges they hold, each computed alone.
-            parts = []
-            while first < last:
-                parts.append(grad2d[:, first:starts[first]].t().mm(x2d))
-                first = starts[first]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            # Rows first:last as the products of the ranges they hold, each computed alone into a
+            # fresh tensor (the same call whether it is stepped or joined), then joined in place.
+            if starts.get(first) == last:
+                return grad2d[:, first:last].t().mm(x2d)
+            rows = torch.empty((last - first, *weight.shape[1:]), dtype=grad.dtype, device=grad.device)
+            at = first
+            while at < last:
+                stop = starts[at]
+                rows[at - first:stop - first] = grad2d[:, at:stop].t().mm(x2d)
+                at = stop
+            return rows
 
-        for release in list(_RELEASES):
-            if release._takes_rows(weight):
-                release._step_rows(weight, grad_rows, ranges)
-                return grad_x, None
-        whole = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
-        for first, last in ranges:
-            whole[first:last] = grad_rows(first, last)
-        return grad_x, whole
+        # Stepped in rows only where this node is the only use of the weight in this backward: the
+        # gradients of two calls of the layer (a loss over slices of the sequence) are added by
+        # autograd before the weight's hook, as in the ordinary run.
+        uses = sum(torch._C._will_engine_execute_node(node) for node in list(ctx.nodes))
+        if uses == 1:
+            for release in list(_RELEASES):
+                if release._takes_rows(weight):
+                    release._step_rows(weight, grad_rows, ranges)
+                    return grad_x, None, None
+        return grad_x, grad_rows(0, weight.shape[0]), None
 
 
 # Each output layer a ChunkedOutputGrad has taken, and that object (a weak map: see _ChunkedForward).
