@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import torch
 
@@ -96,3 +97,17 @@ def assert_triton_signs_are_foreachs(groups, device, *, zero_nonfinite: bool) ->
     assert triton_signs(groups, got, zero_nonfinite=zero_nonfinite)
     assert torch.equal(got, want)
     assert len(set(want.tolist())) == 3
+
+
+def release_trainer_args(output_dir, **overrides):
+    """LionTrainingArguments of the release tests' small LionTrainer runs (CPU, foreach, no clipping, no saving),
+    built without the warnings the settings raise (clipping off under release, the lr scale)."""
+    from lion_hf import LionTrainingArguments
+
+    base = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
+                weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                lion_impl="foreach", disable_tqdm=True, max_grad_norm=0.0)
+    base.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LionTrainingArguments(**base)

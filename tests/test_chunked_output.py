@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import copy
 import pickle
-import warnings
 
 import pytest
 import torch
+from optim_helpers import release_trainer_args  # tests/ is on sys.path under pytest
 from tiny_models import CausalTokens, tiny_bert, tiny_llama  # tests/ is on sys.path under pytest
 
 import lion_hf.optim.dispatch as dispatch
 import lion_hf.optim.numerics as numerics
-from lion_hf import ChunkedOutputGrad, GradientRelease, Lion, LionTrainer, LionTrainingArguments
+from lion_hf import ChunkedOutputGrad, GradientRelease, Lion, LionTrainer
 from lion_hf.optim import impl_unavailable
 from lion_hf.optim.numerics import row_chunks
 from lion_hf.trainer import check_chunked_output
@@ -223,13 +223,7 @@ def test_apply_step_by_rows_refuses_ranges_it_cannot_step_exactly():
 
 
 def _trainer_args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3,
-                weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                lion_impl="foreach", disable_tqdm=True, max_grad_norm=0.0)
-    base.update(overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LionTrainingArguments(**base)
+    return release_trainer_args(tmp_path, **{"per_device_train_batch_size": 4, "max_steps": 4, **overrides})
 
 
 def test_lion_trainer_chunked_output_with_and_without_release(tmp_path):

@@ -16,11 +16,12 @@ import warnings
 
 import pytest
 import torch
+from optim_helpers import release_trainer_args  # tests/ is on sys.path under pytest
 from tiny_models import CausalTokens, TokenDataset, tiny_bert, tiny_llama  # tests/ is on sys.path under pytest
 
 import lion_hf.optim.dispatch as dispatch
 import lion_hf.optim.numerics as numerics
-from lion_hf import GradientRelease, Lion, LionTrainer, LionTrainingArguments
+from lion_hf import GradientRelease, Lion, LionTrainer
 from lion_hf.optim import impl_unavailable
 from lion_hf.optim.numerics import EIGHT_BIT_BLOCK, row_chunks, sparse_rows
 
@@ -366,16 +367,6 @@ def test_two_releases_over_the_same_params_are_refused():
     GradientRelease(Lion(model.parameters(), lr=1e-3))
 
 
-def _trainer_args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
-                weight_decay=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                lion_impl="foreach", disable_tqdm=True, max_grad_norm=0.0)
-    base.update(overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LionTrainingArguments(**base)
-
-
 def test_lion_trainer_release_makes_the_word_embedding_sparse_when_asked(tmp_path):
     runs = {}
     for name, kw in (("ordinary", {}), ("dense", dict(lion_gradient_release=True)),
@@ -384,7 +375,8 @@ def test_lion_trainer_release_makes_the_word_embedding_sparse_when_asked(tmp_pat
         layouts = []
         model.bert.embeddings.word_embeddings.weight.register_post_accumulate_grad_hook(
             lambda q, layouts=layouts: layouts.append(q.grad.layout))
-        trainer = LionTrainer(model=model, args=_trainer_args(tmp_path / name, **kw), train_dataset=TokenDataset())
+        trainer = LionTrainer(model=model, args=release_trainer_args(tmp_path / name, **kw),
+                              train_dataset=TokenDataset())
         trainer.train()
         runs[name] = trainer, set(layouts)
     assert runs["sparse"][1] == {torch.sparse_coo}
@@ -393,12 +385,13 @@ def test_lion_trainer_release_makes_the_word_embedding_sparse_when_asked(tmp_pat
         for (label, p), q in zip(runs["ordinary"][0].model.named_parameters(), runs[name][0].model.parameters()):
             assert torch.equal(p, q), (name, label)
     with pytest.raises(ValueError, match="lion_sparse_embedding must be one of"):
-        _trainer_args(tmp_path, lion_gradient_release=True, lion_sparse_embedding="sometimes")
+        release_trainer_args(tmp_path, lion_gradient_release=True, lion_sparse_embedding="sometimes")
     with pytest.raises(ValueError, match="lion_sparse_embedding=True needs lion_gradient_release=True"):
-        _trainer_args(tmp_path, lion_sparse_embedding=True)
+        release_trainer_args(tmp_path, lion_sparse_embedding=True)
     # A model whose embedding cannot be taken (tied to its output layer) trains dense, with a warning.
     tied = LionTrainer(model=tiny_llama(tied=True), train_dataset=CausalTokens(),
-                       args=_trainer_args(tmp_path / "tied", lion_gradient_release=True, lion_sparse_embedding=True))
+                       args=release_trainer_args(tmp_path / "tied", lion_gradient_release=True,
+                                                 lion_sparse_embedding=True))
     with pytest.warns(UserWarning, match="input embedding cannot be made sparse"):
         tied.train()
 
@@ -408,15 +401,15 @@ def test_a_second_lion_trainer_on_the_same_model_steps_each_param_once(tmp_path)
     # fresh model with the first run's weights trains to.
     model = tiny_bert()
     kw = dict(lion_gradient_release=True, lion_sparse_embedding=True)
-    first = LionTrainer(model=model, args=_trainer_args(tmp_path / "a", **kw), train_dataset=TokenDataset())
+    first = LionTrainer(model=model, args=release_trainer_args(tmp_path / "a", **kw), train_dataset=TokenDataset())
     first.train()
     assert not first.gradient_release.active
     assert not model.bert.embeddings.word_embeddings._forward_pre_hooks
     fresh = tiny_bert()
     fresh.load_state_dict(model.state_dict())
-    second = LionTrainer(model=model, args=_trainer_args(tmp_path / "b", **kw), train_dataset=TokenDataset())
+    second = LionTrainer(model=model, args=release_trainer_args(tmp_path / "b", **kw), train_dataset=TokenDataset())
     second.train()
-    alone = LionTrainer(model=fresh, args=_trainer_args(tmp_path / "c", **kw), train_dataset=TokenDataset())
+    alone = LionTrainer(model=fresh, args=release_trainer_args(tmp_path / "c", **kw), train_dataset=TokenDataset())
     alone.train()
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
