@@ -176,6 +176,7 @@ class LionTrainer(Trainer):
         self._lion_chunked_output_wanted = check_chunked_output(self.args, deepspeed=self.is_deepspeed_enabled,
                                                                 fsdp=self.is_fsdp_enabled)
         self._lion_chunked_output: ChunkedOutputGrad | None = None
+        self._lion_chunked_output_skipped = False  # the layer could not be taken in this train(): warned
         if self._lion_vote is not None:
             if self.args.world_size > 1:
                 # Each rank's loss must be its own mean: no count of the other ranks' items, no
@@ -350,14 +351,14 @@ class LionTrainer(Trainer):
 
     def _attach_chunked_output(self) -> None:
         """The output layer's chunked weight gradient, taken once per train() (a warning where it cannot be)."""
-        if self._lion_chunked_output is not None or getattr(self, "_lion_chunked_output_skipped", False):
+        if self._lion_chunked_output is not None or self._lion_chunked_output_skipped:
             return
         reason = ChunkedOutputGrad.unavailable(self.model)
         if reason is None and (self.args.bf16 or self.args.fp16 or self.args.torch_compile):
             reason = ("under mixed precision (bf16/fp16, autocast) or torch_compile the layer's own forward and "
                       "backward run (for pure bf16 convert the model with model.to(torch.bfloat16) instead)")
         if reason is not None:
-            self._lion_chunked_output_skipped = True  # warned once per train()
+            self._lion_chunked_output_skipped = True
             warnings.warn(f"lion_chunked_output_grad=True does nothing here: {reason}.", stacklevel=2)
             return
         self._lion_chunked_output = ChunkedOutputGrad(self.model)

@@ -315,10 +315,9 @@ def apply_step_by_rows(prepared: PreparedStep, grad_rows: Callable[[int, int], T
     p, scale = group.params[0], group.scales()[0]
     if p.dim() == 0:
         raise ValueError("apply_step_by_rows steps a param with rows, got a 0-dim param")
-    ends = [0]
-    for first, last in ranges:
-        ends += [last] if first == ends[-1] and last > first else [-1]
-    if ends[-1] != p.shape[0] or -1 in ends:
+    stops = [last for _, last in ranges]
+    if not ranges or [first for first, _ in ranges] != [0, *stops[:-1]] or stops[-1] != p.shape[0] \
+            or any(first >= last for first, last in ranges):
         raise ValueError(f"apply_step_by_rows: ranges must cover rows 0..{p.shape[0]} in order, got {ranges}")
     row_numel = p[0].numel()
     if scale is not None and any(first * row_numel % EIGHT_BIT_BLOCK for first, _ in ranges):

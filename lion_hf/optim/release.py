@@ -378,8 +378,7 @@ class GradientRelease:
             trainable = [p for p in group["params"] if p.requires_grad]
             if not trainable:
                 continue
-            stand_ins = [p.grad if p.grad is not None else torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
-                         for p in trainable]
+            stand_ins = [p.grad if p.grad is not None else _stand_in(p) for p in trainable]
             templates.append(opt.step_group(index, trainable, stand_ins))
             params.append(trainable)
         seeds: dict[int, Tensor | None] = {}
@@ -402,10 +401,13 @@ class GradientRelease:
                 "output layer's weight must not also be used outside its module (a loss term on the weight itself).")
         self._stepped.add(id(p))
 
-    def _step(self, params: list[Tensor], grads: list[Tensor] | None) -> None:
+    def _step(self, params: list[Tensor], grads: list[Tensor] | None,
+              by_rows: tuple[Callable[[int, int], Tensor], list[tuple[int, int]]] | None = None) -> None:
         """Lion's step of ``params`` (gradients ``grads``, default their ``.grad``): each group's slice
         (:meth:`Lion.step_group`) with the seeds drawn for its params, through the dispatcher's
-        prepare and apply stages in one call, as :meth:`Lion.step` runs all its groups."""
+        prepare and apply stages in one call, as :meth:`Lion.step` runs all its groups. With
+        ``by_rows`` (``grad_rows, ranges``: one param, its ``grads`` a stand-in of its shape) the
+        apply stage is :func:`~lion_hf.optim.dispatch.apply_step_by_rows`."""
         opt = self.optimizer
         if self._seeds is None:  # a bucket outside a begun step (should not happen): begin one
             self._begin_step()
@@ -428,8 +430,12 @@ class GradientRelease:
         if not steps:
             return
         prepared = prepare_step(steps, impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
-        if prepared is not None:  # only the skip_step / raise gate returns None; refused above
+        if prepared is None:  # only the skip_step / raise gate returns None; refused at _begin_step
+            return
+        if by_rows is None:
             apply_step(prepared)
+        else:
+            apply_step_by_rows(prepared, *by_rows)
 
     def _takes_rows(self, p: Tensor) -> bool:
         """Whether an output layer's backward (:class:`ChunkedOutputGrad`) hands ``p``'s gradient to
@@ -442,18 +448,8 @@ class GradientRelease:
         return self._last
 
     def _step_rows(self, p: Tensor, grad_rows: Callable[[int, int], Tensor], ranges: list[tuple[int, int]]) -> None:
-        """Step ``p`` now, its gradient given a range of rows at a time by ``grad_rows``
-        (:func:`~lion_hf.optim.dispatch.apply_step_by_rows`), with the seeds drawn for it."""
-        opt = self.optimizer
-        self._check_once(p)
-        stand_in = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)  # shape and dtype, no memory
-        step = opt.step_group(self._index[id(p)], [p], [stand_in])
-        row = self._seeds.get(id(p)) if self._seeds is not None else None
-        if row is not None:
-            step = step._replace(seeds=row)
-        prepared = prepare_step([step], impl=opt.impl, nonfinite_grad=opt.nonfinite_grad, draw_seeds=False)
-        if prepared is not None:  # only the skip_step / raise gate returns None; refused at _begin_step
-            apply_step_by_rows(prepared, grad_rows, ranges)
+        """Step ``p`` now, its gradient given a range of rows at a time by ``grad_rows``."""
+        self._step([p], [_stand_in(p)], (grad_rows, ranges))
 
     def check_stepped(self) -> None:
         """Called by :meth:`Lion.step` while this release is attached: every param's gradient should
@@ -470,6 +466,12 @@ class GradientRelease:
                 "micro-batch, and the last backward was not marked as one (last_micro_batch returned False), or "
                 "these params had no hook (requires_grad set after the release was attached). Mark the last "
                 "micro-batch, or remove() the release to step them here.")
+
+
+def _stand_in(p: Tensor) -> Tensor:
+    # A gradient of p's shape, dtype and device that takes no memory (an expanded zero), where a step
+    # needs one for its checks and state but reads its values elsewhere or not at all.
+    return torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
 
 
 class ChunkedOutputGrad:
